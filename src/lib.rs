@@ -1,0 +1,17 @@
+//! cvchain: turns Azure Custom Vision's storage-queue notifications into an event-driven MLOps chain.
+//!
+//! One notification flows one way: an entry point (`server`) decodes the transport (`host`),
+//! `plan` decides in pure code what to do with the typed `notification`, and `process` carries the
+//! actions out through the adapters (`history`, `storage`).
+
+pub mod history;
+pub mod host;
+pub mod notification;
+pub mod plan;
+pub mod process;
+pub mod redact;
+pub mod server;
+pub mod settings;
+pub mod stage;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,169 @@
+//! `cvchain serve`: the HTTP side of the Functions custom-handler protocol. Decoding lives in
+//! `host`, decisions in `plan`, effects in `process`; this file only maps them to HTTP.
+
+use crate::history::Received;
+use crate::host::{FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING, decode_queue_invocation};
+use crate::process::{Disposition, Processor};
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+/// A queue message is at most 64 KiB; its envelope, double-encoded, stays well below this.
+const MAX_BODY: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub processor: Arc<Processor>,
+}
+
+/// The handler's routes, usable without a socket (`tower::ServiceExt::oneshot`).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(ready))
+        .route(&format!("/{FUNCTION_NAME}"), post(invoke))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// The host polls `GET /` until any answer: answer at once, without touching storage.
+async fn ready() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ready" }))
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(InvocationResponse::with_logs(vec![format!(
+            "cvchain handles only POST /{FUNCTION_NAME}"
+        )])),
+    )
+        .into_response()
+}
+
+async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let invocation_id = headers
+        .get("x-azure-functions-invocationid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let span = tracing::info_span!("invocation", id = %invocation_id);
+    handle(state, body).instrument(span).await
+}
+
+async fn handle(state: AppState, body: Bytes) -> Response {
+    let received_at = OffsetDateTime::now_utc();
+
+    let (result, notes) = match decode_queue_invocation(&body, TRIGGER_BINDING) {
+        Ok(inv) => {
+            let received = Received {
+                text: inv.message_text,
+                message_id: inv.message_id,
+                dequeue_count: inv.dequeue_count,
+                received_at,
+            };
+            (state.processor.process(&received).await, inv.notes)
+        }
+        Err(e) => {
+            // Nothing to retry: record what arrived so it is not lost.
+            let received = Received {
+                text: String::from_utf8_lossy(&body).into_owned(),
+                message_id: None,
+                dequeue_count: 1,
+                received_at,
+            };
+            tracing::warn!(error = %e, "unreadable invocation body");
+            (
+                state
+                    .processor
+                    .process_unreadable(&received, &e.to_string())
+                    .await,
+                Vec::new(),
+            )
+        }
+    };
+
+    match result {
+        Ok(outcome) => {
+            let mut logs = notes;
+            logs.extend(outcome.logs);
+            match outcome.disposition {
+                Disposition::Recorded => tracing::info!(
+                    row = %outcome.row, duplicate = outcome.duplicate, "notification recorded"
+                ),
+                Disposition::Rejected => tracing::warn!(
+                    row = %outcome.row, duplicate = outcome.duplicate, "message rejected and recorded"
+                ),
+            }
+            (StatusCode::OK, Json(InvocationResponse::with_logs(logs))).into_response()
+        }
+        Err(e) => {
+            // The host drops a non-2xx body, so the reason goes to stderr first.
+            tracing::error!(
+                error = %e,
+                transient = e.is_transient(),
+                "invocation failed; the host will retry the message"
+            );
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(InvocationResponse::with_logs(vec![e.to_string()])),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Serves on `addr` until SIGTERM or SIGINT, then lets in-flight invocations finish (up to
+/// `drain`). Binding 127.0.0.1: the host always connects there.
+pub async fn serve(listener: TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "cvchain handler listening");
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight invocations");
+        let _ = tx.send(true);
+    });
+    let server = tokio::spawn(async move { server.await });
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => return res.map_err(std::io::Error::other)?,
+        _ = rx.wait_for(|v| *v) => {}
+    }
+    match tokio::time::timeout(drain, &mut server).await {
+        Ok(res) => res.map_err(std::io::Error::other)?,
+        Err(_) => {
+            tracing::warn!(
+                ?drain,
+                "in-flight invocations did not finish in time; exiting"
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

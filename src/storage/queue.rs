@@ -1,0 +1,98 @@
+//! Queue helpers over the SDK: sending text (creating the queue when missing), used for the
+//! poison copy of rejected messages.
+
+use super::StorageError;
+use azure_core::http::StatusCode;
+use azure_storage_queue::{QueueClient, models::QueueMessage};
+use base64::Engine as _;
+
+/// The queue the Functions host moves failed messages to; cvchain copies rejected ones there too.
+pub fn poison_queue_name(queue: &str) -> String {
+    format!("{queue}-poison")
+}
+
+/// How a text was put on the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SentAs {
+    /// As it is.
+    Text,
+    /// Base64 of its UTF-8 bytes, because XML 1.0 cannot carry some of its characters.
+    Base64,
+}
+
+impl SentAs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SentAs::Text => "text",
+            SentAs::Base64 => "base64",
+        }
+    }
+}
+
+/// Characters a queue message (an XML 1.0 document) can hold.
+fn xml_safe(text: &str) -> bool {
+    text.chars().all(|c| {
+        matches!(c, '\t' | '\n' | '\r')
+            || ('\u{20}'..='\u{D7FF}').contains(&c)
+            || ('\u{E000}'..='\u{FFFD}').contains(&c)
+            || c >= '\u{10000}'
+    })
+}
+
+/// Sends `text`, creating the queue if it does not exist yet.
+pub async fn send_text(client: &QueueClient, text: &str) -> Result<SentAs, StorageError> {
+    let (body, sent_as) = if xml_safe(text) {
+        (text.to_owned(), SentAs::Text)
+    } else {
+        (
+            base64::engine::general_purpose::STANDARD.encode(text),
+            SentAs::Base64,
+        )
+    };
+    let message = || -> Result<_, StorageError> {
+        QueueMessage {
+            message_text: Some(body.clone()),
+        }
+        .try_into()
+        .map_err(|e: azure_core::Error| StorageError::from_azure("queue", &e))
+    };
+    match client.send_message(message()?, None).await {
+        Ok(_) => Ok(sent_as),
+        Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
+            create_if_missing(client).await?;
+            client
+                .send_message(message()?, None)
+                .await
+                .map_err(|e| StorageError::from_azure("queue", &e))?;
+            Ok(sent_as)
+        }
+        Err(e) => Err(StorageError::from_azure("queue", &e)),
+    }
+}
+
+/// Creates the queue; an existing queue is fine.
+pub async fn create_if_missing(client: &QueueClient) -> Result<(), StorageError> {
+    match client.create(None).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.http_status() == Some(StatusCode::Conflict) => Ok(()),
+        Err(e) => Err(StorageError::from_azure("queue", &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_unsafe_text_is_detected() {
+        assert!(xml_safe("{\"a\":\"ü\t\n\"}"));
+        assert!(!xml_safe("a\u{0}b"));
+        assert!(!xml_safe("a\u{1b}b"));
+        assert!(!xml_safe("\u{FFFE}"));
+    }
+
+    #[test]
+    fn poison_queue_is_named_like_the_hosts() {
+        assert_eq!(poison_queue_name("cv"), "cv-poison");
+    }
+}

@@ -1,0 +1,275 @@
+//! Test helpers: an Azurite of the test's own (free loopback ports, own data folder, stopped on
+//! drop), and the `cvchain serve` process driven as the Functions host drives it.
+#![allow(dead_code)]
+
+use cvchain::settings::{DEV_ACCOUNT, DEV_ACCOUNT_KEY, StorageSettings, parse_connection_string};
+use std::{
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// An Azurite process with its own ports and data folder.
+pub struct Azurite {
+    child: Option<Child>,
+    pub blob_port: u16,
+    pub queue_port: u16,
+    pub table_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut a = Self {
+            child: None,
+            blob_port: free_port(),
+            queue_port: free_port(),
+            table_port: free_port(),
+            dir,
+        };
+        a.spawn();
+        a
+    }
+
+    fn executable() -> PathBuf {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/.bin/azurite");
+        assert!(
+            path.exists(),
+            "Azurite is not installed at {}: run `npm ci` in the repository root",
+            path.display()
+        );
+        path
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(Self::executable())
+            .args([
+                "--silent",
+                "--disableTelemetry",
+                "--skipApiVersionCheck",
+                "--location",
+            ])
+            .arg(self.dir.path())
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--queueHost",
+                "127.0.0.1",
+                "--tableHost",
+                "127.0.0.1",
+            ])
+            .args(["--blobPort", &self.blob_port.to_string()])
+            .args(["--queuePort", &self.queue_port.to_string()])
+            .args(["--tablePort", &self.table_port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Azurite");
+        self.child = Some(child);
+        for port in [self.blob_port, self.queue_port, self.table_port] {
+            assert!(
+                wait_for_port(port, Duration::from_secs(30)),
+                "Azurite did not open port {port}"
+            );
+        }
+    }
+
+    /// Stops Azurite, keeping its data, so a test can see what an outage does.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_ACCOUNT_KEY};\
+             BlobEndpoint=http://127.0.0.1:{}/{DEV_ACCOUNT};\
+             QueueEndpoint=http://127.0.0.1:{}/{DEV_ACCOUNT};\
+             TableEndpoint=http://127.0.0.1:{}/{DEV_ACCOUNT};",
+            self.blob_port, self.queue_port, self.table_port
+        )
+    }
+
+    pub fn storage_settings(&self) -> StorageSettings {
+        parse_connection_string("CVCHAIN_STORAGE", &self.connection_string()).unwrap()
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A unique lowercase suffix for queue and table names within one Azurite.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `cvchain serve`, started as the host starts it: app settings as environment variables and a
+/// port in FUNCTIONS_CUSTOMHANDLER_PORT; ready once `GET /` answers.
+pub struct Handler {
+    child: Option<Child>,
+    pub port: u16,
+    pub stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Handler {
+    pub fn start(env: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvchain"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("FUNCTIONS_WORKER_RUNTIME", "custom")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start cvchain serve");
+        let mut h = Self {
+            child: Some(child),
+            port,
+            stderr_path,
+            _dir: dir,
+        };
+        h.wait_ready();
+        h
+    }
+
+    /// The host's readiness probe: `GET /` every 25 ms until any answer, for up to 30 s.
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        let url = format!("http://127.0.0.1:{}/", self.port);
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cvchain serve exited early ({status}): {}", self.stderr());
+            }
+            if blocking_get(&url).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("cvchain serve never answered GET /: {}", self.stderr());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits for the exit status, up to `timeout`.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: &str,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET over std, for readiness polling without an async runtime.
+fn blocking_get(url: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
+    let mut s = TcpStream::connect_timeout(&host.parse().ok()?, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 32];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The envelope the host POSTs for a queue message: the text JSON-encoded twice, numbers as
+/// strings, `Id` and `PopReceipt` double-encoded, `sys` a real object.
+pub fn host_envelope(message_text: &str, message_id: &str, dequeue_count: u32) -> String {
+    let twice = |s: &str| serde_json::to_string(&serde_json::to_string(s).unwrap()).unwrap();
+    format!(
+        r#"{{"Data":{{"notification":{}}},"Metadata":{{"DequeueCount":"{dequeue_count}","ExpirationTime":"2026-12-03T10:00:00+00:00","Id":{},"InsertionTime":"2026-11-26T10:00:00+00:00","NextVisibleTime":"2026-11-26T10:10:00+00:00","PopReceipt":{},"sys":{{"MethodName":"CustomVisionNotification","RandGuid":"e59556b5-0000-0000-0000-000000000000","UtcNow":"2026-11-26T10:00:00.1234567Z"}}}}}}"#,
+        twice(message_text),
+        twice(message_id),
+        twice("MThGZWIyMDI1MDM6MDY6MjA3NjM1"),
+    )
+}
+
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/notifications")
+            .join(name),
+    )
+    .unwrap()
+}

@@ -1,0 +1,232 @@
+//! The two pieces the SDK lacks, against a real Azurite: SharedKey signing (Blob, Queue, Table)
+//! and the Table client.
+
+mod common;
+
+use azure_core::http::RequestContent;
+use azure_storage_queue::models::QueueMessage;
+use common::{Azurite, unique};
+use cvchain::settings::parse_connection_string;
+use cvchain::storage::{
+    StorageError,
+    connection::{RetryPolicy, StorageClients},
+    queue::{SentAs, send_text},
+    table::{UpdateMode, WriteOutcome, filter_eq},
+};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn clients(azurite: &Azurite) -> StorageClients {
+    StorageClients::new(&azurite.storage_settings()).unwrap()
+}
+
+fn entity(pk: &str, rk: &str, extra: Value) -> serde_json::Map<String, Value> {
+    let mut e = extra.as_object().cloned().unwrap_or_default();
+    e.insert("PartitionKey".into(), pk.into());
+    e.insert("RowKey".into(), rk.into());
+    e
+}
+
+#[tokio::test]
+async fn shared_key_signs_blob_requests_including_names_with_spaces() {
+    let azurite = Azurite::start();
+    let service = clients(&azurite).blob_service().unwrap();
+    let container = service.blob_container_client(&unique("c"));
+    container.create(None).await.unwrap();
+    let name = "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f - 3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d.ONNX";
+    let blob = container.blob_client(name);
+    let body: RequestContent<azure_core::Bytes, azure_core::http::NoFormat> =
+        RequestContent::from(b"model bytes".to_vec());
+    blob.upload(body, None).await.unwrap();
+    let downloaded = blob.download(None).await.unwrap();
+    let bytes = downloaded.body.collect().await.unwrap();
+    assert_eq!(&bytes[..], b"model bytes");
+}
+
+#[tokio::test]
+async fn shared_key_signs_queue_requests() {
+    let azurite = Azurite::start();
+    let queue = clients(&azurite).queue(&unique("q")).unwrap();
+    // The queue does not exist yet: send_text creates it.
+    assert_eq!(send_text(&queue, "{\"a\":1}").await.unwrap(), SentAs::Text);
+    assert_eq!(
+        send_text(&queue, "bell\u{7}").await.unwrap(),
+        SentAs::Base64
+    );
+    let got = queue
+        .receive_messages(None)
+        .await
+        .unwrap()
+        .into_model()
+        .unwrap();
+    let texts: Vec<String> = got
+        .items
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.message_text)
+        .collect();
+    assert_eq!(texts, vec!["{\"a\":1}".to_owned()]);
+    let msg: RequestContent<QueueMessage, azure_core::http::XmlFormat> = QueueMessage {
+        message_text: Some("x".into()),
+    }
+    .try_into()
+    .unwrap();
+    queue.send_message(msg, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_account_key_gives_a_clear_permanent_error() {
+    let azurite = Azurite::start();
+    let wrong = azurite.connection_string().replace(
+        cvchain::settings::DEV_ACCOUNT_KEY,
+        "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3JvbmdrZXk=",
+    );
+    let settings = parse_connection_string("CVCHAIN_STORAGE", &wrong).unwrap();
+    let clients = StorageClients::new(&settings).unwrap();
+    let table = clients.table("WrongKey").unwrap();
+    let err = table.create_if_missing().await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::Denied { status: 403, .. }),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    let text = err.to_string();
+    assert!(text.contains("check the account key"), "{text}");
+    assert!(!text.contains("d3Jvbmdr"), "{text}");
+
+    let queue = clients.queue("wrongkey").unwrap();
+    let err = send_text(&queue, "x").await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::Denied { status: 403, .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_account_is_transient() {
+    let mut azurite = Azurite::start();
+    let clients = clients(&azurite).with_retry(RetryPolicy {
+        max_retries: 1,
+        max_total: Duration::from_secs(2),
+    });
+    azurite.stop();
+    let err = clients
+        .table("Gone")
+        .unwrap()
+        .create_if_missing()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Unreachable { .. }), "{err:?}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn table_client_inserts_reads_and_updates_conditionally() {
+    let azurite = Azurite::start();
+    let table = clients(&azurite).table(&unique("T")).unwrap();
+    assert!(table.create_if_missing().await.unwrap());
+    assert!(!table.create_if_missing().await.unwrap());
+
+    let e = entity("p'1", "r 1", json!({"Status": "new", "Count": 1}));
+    let WriteOutcome::Written { etag } = table.insert(&e).await.unwrap() else {
+        panic!("insert should write")
+    };
+    assert!(!etag.is_empty());
+    assert_eq!(table.insert(&e).await.unwrap(), WriteOutcome::AlreadyExists);
+
+    let got = table.get("p'1", "r 1").await.unwrap().unwrap();
+    assert_eq!(got.entity["Status"], "new");
+    assert_eq!(got.entity["Count"], 1);
+    assert_eq!(got.etag, etag);
+    assert!(table.get("p'1", "missing").await.unwrap().is_none());
+
+    // Merge keeps other properties; the old ETag no longer matches.
+    let patch = entity("p'1", "r 1", json!({"Status": "done"}));
+    let WriteOutcome::Written { etag: etag2 } = table
+        .update(&patch, UpdateMode::Merge, &etag)
+        .await
+        .unwrap()
+    else {
+        panic!("update with the current ETag should write")
+    };
+    assert_eq!(
+        table
+            .update(&patch, UpdateMode::Replace, &etag)
+            .await
+            .unwrap(),
+        WriteOutcome::Conflict
+    );
+    let got = table.get("p'1", "r 1").await.unwrap().unwrap();
+    assert_eq!(got.entity["Status"], "done");
+    assert_eq!(got.entity["Count"], 1);
+
+    // Replace drops what is not sent.
+    table
+        .update(
+            &entity("p'1", "r 1", json!({"Only": true})),
+            UpdateMode::Replace,
+            &etag2,
+        )
+        .await
+        .unwrap();
+    let got = table.get("p'1", "r 1").await.unwrap().unwrap();
+    assert_eq!(got.entity.get("Count"), None);
+    assert_eq!(got.entity["Only"], true);
+
+    // Upserts create and overwrite without conditions.
+    table
+        .upsert(&entity("p2", "r", json!({"V": 1})), UpdateMode::Replace)
+        .await
+        .unwrap();
+    table
+        .upsert(&entity("p2", "r", json!({"W": 2})), UpdateMode::Merge)
+        .await
+        .unwrap();
+    let got = table.get("p2", "r").await.unwrap().unwrap();
+    assert_eq!(
+        (got.entity["V"].clone(), got.entity["W"].clone()),
+        (json!(1), json!(2))
+    );
+
+    // Conditional delete.
+    assert_eq!(
+        table.delete("p2", "r", "W/\"stale\"").await.unwrap(),
+        WriteOutcome::Conflict
+    );
+    assert!(matches!(
+        table.delete("p2", "r", "*").await.unwrap(),
+        WriteOutcome::Written { .. }
+    ));
+    assert!(table.get("p2", "r").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn table_queries_follow_continuations() {
+    let azurite = Azurite::start();
+    let table = clients(&azurite).table(&unique("Q")).unwrap();
+    table.create_if_missing().await.unwrap();
+    for i in 0..25 {
+        let kind = if i % 2 == 0 { "even" } else { "odd" };
+        table
+            .insert(&entity("p", &format!("r{i:03}"), json!({"Kind": kind})))
+            .await
+            .unwrap();
+    }
+    let first = table.query_page(None, Some(10), None).await.unwrap();
+    assert_eq!(first.entities.len(), 10);
+    assert!(first.next.is_some(), "a $top page should continue");
+    let all = table.query(None, 1000).await.unwrap();
+    assert_eq!(all.len(), 25);
+    assert!(all.iter().all(|e| !e.etag.is_empty()));
+    let filter = filter_eq("Kind", "even");
+    let even = table.query(Some(&filter), 1000).await.unwrap();
+    assert_eq!(even.len(), 13);
+    let limited = table.query(None, 7).await.unwrap();
+    assert_eq!(limited.len(), 7);
+    // A quote in a filter value stays inside the literal.
+    let injected = table
+        .query(Some(&filter_eq("Kind", "x' or Kind eq 'even")), 1000)
+        .await
+        .unwrap();
+    assert!(injected.is_empty());
+}
