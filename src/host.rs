@@ -141,9 +141,47 @@ impl InvocationResponse {
     }
 }
 
+/// The body the host POSTs for a queue message, built the way the host builds it (for
+/// `cvchain invoke` and local runs): the text JSON-encoded twice, the count as a string, the id
+/// double-encoded.
+pub fn encode_queue_invocation(message_text: &str, message_id: &str, dequeue_count: u32) -> String {
+    let twice = |s: &str| Value::String(Value::String(s.to_owned()).to_string());
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    serde_json::json!({
+        "Data": { TRIGGER_BINDING: twice(message_text) },
+        "Metadata": {
+            "DequeueCount": dequeue_count.to_string(),
+            "Id": twice(message_id),
+            "InsertionTime": now,
+            "PopReceipt": twice("cvchain-invoke"),
+            "sys": { "MethodName": FUNCTION_NAME, "UtcNow": now, "RandGuid": uuid::Uuid::new_v4().to_string() }
+        }
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_encoder_produces_what_the_decoder_reads_in_the_hosts_shape() {
+        let text = r#"{"version":"1.0","type":"ConnectionTest"}"#;
+        let body = encode_queue_invocation(text, "id-1", 4);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["Metadata"]["DequeueCount"], "4");
+        assert_eq!(v["Metadata"]["Id"], "\"id-1\"");
+        assert_eq!(
+            v["Data"]["notification"],
+            serde_json::to_string(text).unwrap()
+        );
+        let inv = decode_queue_invocation(body.as_bytes(), TRIGGER_BINDING).unwrap();
+        assert_eq!(inv.message_text, text);
+        assert_eq!(inv.message_id.as_deref(), Some("id-1"));
+        assert_eq!(inv.dequeue_count, 4);
+    }
 
     /// The captured request from the reference, with the binding renamed.
     const CAPTURED: &str = r#"{"Data": {"notification": "\"hello!!\""},

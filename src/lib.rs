@@ -4,6 +4,7 @@
 //! `plan` decides in pure code what to do with the typed `notification`, and `process` carries the
 //! actions out through the adapters (`history`, `storage`).
 
+pub mod cli;
 pub mod history;
 pub mod host;
 pub mod notification;

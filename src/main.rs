@@ -1,7 +1,10 @@
 //! The `cvchain` command line. Each subcommand is a thin shell over the library.
 
 use anyhow::{Context, bail};
-use cvchain::{server, settings, stage, storage::connection::StorageClients, telemetry};
+use cvchain::{
+    cli, history::store::HistoryStore, process::Processor, server, settings, stage,
+    storage::connection::StorageClients, telemetry,
+};
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 const USAGE: &str = "\
@@ -10,6 +13,11 @@ cvchain: Azure Custom Vision notifications → an event-driven MLOps chain
 USAGE:
   cvchain serve                 Run as the Azure Functions custom handler
                                 (listens on 127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT)
+  cvchain history [--project ID] [--json] [--limit N]
+                                List the recorded history, newest first
+  cvchain invoke [--url URL] [--id ID] [--dequeue-count N] FILE|-
+                                Deliver a queue message to a running handler exactly as
+                                the Functions host does (default URL http://127.0.0.1:7072/)
   cvchain stage-app [OUT]       Stage the Functions app folder (default dist/app) with this
                                 binary as the handler, ready for `func start --script-root OUT`
                                 and zip deploy. Run from the repository root.
@@ -22,10 +30,16 @@ const DRAIN: Duration = Duration::from_secs(20);
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("serve") if args.len() == 1 => serve(),
-        Some("stage-app") if args.len() <= 2 => {
-            let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("dist/app"));
+    let Some((command, rest)) = args.split_first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    match command.as_str() {
+        "serve" if rest.is_empty() => serve(),
+        "history" => history(rest),
+        "invoke" => invoke(rest),
+        "stage-app" if rest.len() <= 1 => {
+            let out = PathBuf::from(rest.first().map(String::as_str).unwrap_or("dist/app"));
             let binary = std::env::current_exe().context("cannot find this executable")?;
             let layout = stage::stage(std::path::Path::new("."), &out, &binary)?;
             println!(
@@ -36,26 +50,29 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some("--version") | Some("-V") => {
+        "--version" | "-V" => {
             println!("cvchain {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Some("help") | Some("--help") | Some("-h") | None => {
+        "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
         }
-        Some(_) => bail!("unknown arguments {args:?}\n\n{USAGE}"),
+        _ => bail!("unknown arguments {args:?}\n\n{USAGE}"),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
 fn serve() -> anyhow::Result<()> {
     telemetry::init(settings::log_format_from_env());
     let settings = settings::from_env()?;
     let port = settings::handler_port(&|k| std::env::var(k).ok())?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let clients = StorageClients::new(&settings.storage)?;
-        let processor = cvchain::process::Processor::new(&settings, &clients)?;
+        let processor = Processor::new(&settings, &clients)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
@@ -71,4 +88,85 @@ fn serve() -> anyhow::Result<()> {
         server::serve(listener, state, DRAIN).await?;
         Ok(())
     })
+}
+
+/// `--name value` options, then positional arguments.
+fn options<'a>(
+    args: &'a [String],
+    known: &[&str],
+    flags: &[&str],
+) -> anyhow::Result<(Vec<(&'a str, &'a str)>, Vec<&'a str>)> {
+    let mut opts = Vec::new();
+    let mut positional = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if flags.contains(&a.as_str()) {
+            opts.push((a.as_str(), ""));
+        } else if known.contains(&a.as_str()) {
+            let v = it.next().with_context(|| format!("{a} needs a value"))?;
+            opts.push((a.as_str(), v.as_str()));
+        } else if a.starts_with("--") {
+            bail!("unknown option {a}\n\n{USAGE}");
+        } else {
+            positional.push(a.as_str());
+        }
+    }
+    Ok((opts, positional))
+}
+
+fn opt<'a>(opts: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
+    opts.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+}
+
+fn history(args: &[String]) -> anyhow::Result<()> {
+    let (opts, positional) = options(args, &["--project", "--limit"], &["--json"])?;
+    if !positional.is_empty() {
+        bail!("history takes no positional arguments\n\n{USAGE}");
+    }
+    let limit: usize = opt(&opts, "--limit")
+        .map(str::parse)
+        .transpose()
+        .context("--limit must be a number")?
+        .unwrap_or(200);
+    let settings = settings::from_env()?;
+    runtime()?.block_on(async move {
+        let clients = StorageClients::new(&settings.storage)?;
+        let store = HistoryStore::new(clients.table(&settings.history_table)?);
+        let rows = cli::history_rows(&store, opt(&opts, "--project"), limit).await?;
+        if opt(&opts, "--json").is_some() {
+            for r in &rows {
+                println!("{}", serde_json::to_string(&r.entity)?);
+            }
+        } else {
+            print!("{}", cli::render_table(&rows));
+        }
+        Ok(())
+    })
+}
+
+fn invoke(args: &[String]) -> anyhow::Result<()> {
+    let (opts, positional) = options(args, &["--url", "--id", "--dequeue-count"], &[])?;
+    let [file] = positional[..] else {
+        bail!("invoke takes one FILE (or - for standard input)\n\n{USAGE}");
+    };
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
+    };
+    let url = opt(&opts, "--url").unwrap_or("http://127.0.0.1:7072/");
+    let id = opt(&opts, "--id")
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let dequeue: u32 = opt(&opts, "--dequeue-count")
+        .map(str::parse)
+        .transpose()
+        .context("--dequeue-count must be a number")?
+        .unwrap_or(1);
+    let (status, body) = runtime()?.block_on(cli::invoke(url, &text, &id, dequeue))?;
+    println!("HTTP {status} {body}");
+    if !(200..300).contains(&status) {
+        bail!("the handler answered HTTP {status}");
+    }
+    Ok(())
 }

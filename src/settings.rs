@@ -547,7 +547,8 @@ mod tests {
 
     #[test]
     fn each_error_names_the_wrong_setting() {
-        let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+        type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+        let cases: Vec<Case> = vec![
             (vec![], "CVCHAIN_STORAGE", "not set"),
             (
                 vec![("CVCHAIN_STORAGE", "garbage")],

@@ -196,12 +196,19 @@ pub fn rejected_row(received: &Received, reason: &str, field: Option<&str>) -> H
     }
 }
 
+/// `Edm.DateTime` holds 100 ns ticks: seven fractional digits at most, always UTC.
+pub fn table_datetime(t: OffsetDateTime) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:7]Z"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .unwrap_or_else(|_| t.format(&Rfc3339).unwrap_or_default())
+}
+
 fn common_properties(received: &Received) -> Entity {
     let mut p = Entity::new();
-    let at = received
-        .received_at
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| received.received_at.unix_timestamp().to_string());
+    let at = table_datetime(received.received_at);
     p.insert("ReceivedAt".into(), json!(at));
     p.insert("ReceivedAt@odata.type".into(), json!("Edm.DateTime"));
     p.insert(
@@ -237,8 +244,7 @@ fn insert_raw(p: &mut Entity, text: &str, decoded: Option<(&str, Encoding)>) {
 /// At most `max` characters, control characters other than whitespace escaped.
 fn truncate(s: &str, max: usize) -> (String, bool) {
     let mut out = String::with_capacity(s.len().min(max * 4));
-    let mut count = 0;
-    for c in s.chars() {
+    for (count, c) in s.chars().enumerate() {
         if count >= max {
             return (out, true);
         }
@@ -247,7 +253,6 @@ fn truncate(s: &str, max: usize) -> (String, bool) {
         } else {
             out.push(c);
         }
-        count += 1;
     }
     (out, false)
 }

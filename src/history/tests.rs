@@ -83,7 +83,7 @@ fn rows_carry_the_required_properties() {
     assert_eq!(p["Status"], "ExportCompleted");
     assert_eq!(p["IterationId"], I);
     assert_eq!(p["DequeueCount"], 2);
-    assert_eq!(p["ReceivedAt"], "2026-11-26T10:00:00Z");
+    assert_eq!(p["ReceivedAt"], "2026-11-26T10:00:00.0000000Z");
     assert_eq!(p["ReceivedAt@odata.type"], "Edm.DateTime");
     assert_eq!(
         p["ModelUri"],
@@ -145,6 +145,14 @@ fn rejected_rows_live_apart_and_say_why() {
             .as_str()
             .unwrap()
             .starts_with("invalid JSON")
+    );
+}
+
+#[test]
+fn table_datetimes_have_at_most_seven_fractional_digits() {
+    assert_eq!(
+        table_datetime(datetime!(2026-11-26 10:00:00.123456789 +02:00)),
+        "2026-11-26T08:00:00.1234567Z"
     );
 }
 
