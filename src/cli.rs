@@ -36,7 +36,7 @@ pub async fn history_rows(
 ) -> anyhow::Result<Vec<StoredEntity>> {
     let filter = project.map(|p| filter_eq("PartitionKey", p));
     let mut rows = store.query(filter.as_deref(), limit).await?;
-    rows.sort_by(|a, b| text(b, "ReceivedAt").cmp(&text(a, "ReceivedAt")));
+    rows.sort_by_key(|r| std::cmp::Reverse(text(r, "ReceivedAt")));
     Ok(rows)
 }
 
