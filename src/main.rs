@@ -90,12 +90,11 @@ fn serve() -> anyhow::Result<()> {
     })
 }
 
+/// Parsed `--name value` options and positional arguments.
+type Parsed<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>);
+
 /// `--name value` options, then positional arguments.
-fn options<'a>(
-    args: &'a [String],
-    known: &[&str],
-    flags: &[&str],
-) -> anyhow::Result<(Vec<(&'a str, &'a str)>, Vec<&'a str>)> {
+fn options<'a>(args: &'a [String], known: &[&str], flags: &[&str]) -> anyhow::Result<Parsed<'a>> {
     let mut opts = Vec::new();
     let mut positional = Vec::new();
     let mut it = args.iter();
