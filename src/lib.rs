@@ -4,7 +4,9 @@
 //! `plan` decides in pure code what to do with the typed `notification`, and `process` carries the
 //! actions out through the adapters (`history`, `storage`).
 
+pub mod chain;
 pub mod cli;
+pub mod customvision;
 pub mod history;
 pub mod host;
 pub mod notification;

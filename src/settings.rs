@@ -16,6 +16,17 @@ pub const LOG_FORMAT_SETTING: &str = "CVCHAIN_LOG_FORMAT";
 pub const PORT_SETTING: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
 const LEGACY_PORT_SETTING: &str = "FUNCTIONS_HTTPWORKER_PORT";
 
+pub const CV_ENDPOINT_SETTING: &str = "CUSTOM_VISION_ENDPOINT";
+pub const CV_KEY_SETTING: &str = "CUSTOM_VISION_TRAINING_KEY";
+pub const CV_CREDENTIAL_SETTING: &str = "CUSTOM_VISION_CREDENTIAL";
+pub const CV_CLIENT_ID_SETTING: &str = "CUSTOM_VISION_CLIENT_ID";
+pub const CV_MAX_RPS_SETTING: &str = "CVCHAIN_CV_MAX_RPS";
+pub const EXPORTS_SETTING: &str = "CVCHAIN_EXPORTS";
+pub const PUBLISH_NAME_SETTING: &str = "CVCHAIN_PUBLISH_NAME";
+pub const PREDICTION_RESOURCE_SETTING: &str = "CVCHAIN_PREDICTION_RESOURCE_ID";
+/// The service's quota: 10 transactions per second.
+pub const DEFAULT_CV_MAX_RPS: u32 = 10;
+
 pub const DEFAULT_QUEUE: &str = "customvision-notifications";
 pub const DEFAULT_HISTORY_TABLE: &str = "CustomVisionHistory";
 /// Used by `cvchain serve` when no host gave it a port.
@@ -47,6 +58,52 @@ pub struct Settings {
     pub queue_name: String,
     pub history_table: String,
     pub log_format: LogFormat,
+    /// `None`: no Custom Vision endpoint, so cvchain only records notifications.
+    pub custom_vision: Option<CustomVisionSettings>,
+    pub chain: ChainSettings,
+}
+
+/// Where the Training API is and how to authenticate to it.
+#[derive(Clone)]
+pub struct CustomVisionSettings {
+    pub endpoint: Url,
+    pub auth: CvAuthSetting,
+    pub max_rps: u32,
+}
+
+#[derive(Clone)]
+pub enum CvAuthSetting {
+    Key(Secret),
+    ManagedIdentity { client_id: Option<String> },
+}
+
+impl fmt::Debug for CustomVisionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match &self.auth {
+            CvAuthSetting::Key(_) => "Training-Key".to_owned(),
+            CvAuthSetting::ManagedIdentity { client_id } => {
+                format!("ManagedIdentity(client_id={client_id:?})")
+            }
+        };
+        f.debug_struct("CustomVisionSettings")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("auth", &auth)
+            .field("max_rps", &self.max_rps)
+            .finish()
+    }
+}
+
+/// What happens after training: the exports, in order, and optional publishing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainSettings {
+    pub exports: Vec<crate::chain::ExportTarget>,
+    pub publish: Option<PublishSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishSettings {
+    pub name: String,
+    pub prediction_resource_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,12 +185,122 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
         Some(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
         Some(_) => return Err(err(LOG_FORMAT_SETTING, "must be `text` or `json`")),
     };
+    let chain = chain_from_lookup(&get)?;
+    let custom_vision = custom_vision_from_lookup(&get)?;
+    if custom_vision.is_none() {
+        let needs = if !chain.exports.is_empty() {
+            Some(EXPORTS_SETTING)
+        } else if chain.publish.is_some() {
+            Some(PUBLISH_NAME_SETTING)
+        } else {
+            None
+        };
+        if let Some(by) = needs {
+            return Err(err(
+                CV_ENDPOINT_SETTING,
+                format!("is required when {by} is set (e.g. https://<name>.cognitiveservices.azure.com)"),
+            ));
+        }
+    }
     Ok(Settings {
         storage,
         queue_name,
         history_table,
         log_format,
+        custom_vision,
+        chain,
     })
+}
+
+fn chain_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<ChainSettings, SettingsError> {
+    let exports = match get(EXPORTS_SETTING) {
+        Some(v) => crate::chain::parse_chain(&v).map_err(|p| err(EXPORTS_SETTING, p))?,
+        None => Vec::new(),
+    };
+    let publish = match (get(PUBLISH_NAME_SETTING), get(PREDICTION_RESOURCE_SETTING)) {
+        (None, None) => None,
+        (Some(name), Some(id)) => {
+            let name = name.trim().to_owned();
+            if name.chars().any(|c| c.is_whitespace() || c == '/') {
+                return Err(err(PUBLISH_NAME_SETTING, "must not contain spaces or `/`"));
+            }
+            let id = id.trim().to_owned();
+            if !id.starts_with("/subscriptions/") {
+                return Err(err(
+                    PREDICTION_RESOURCE_SETTING,
+                    "must be the prediction resource's id (/subscriptions/…/providers/Microsoft.CognitiveServices/accounts/…)",
+                ));
+            }
+            Some(PublishSettings {
+                name,
+                prediction_resource_id: id,
+            })
+        }
+        (Some(_), None) => {
+            return Err(err(
+                PREDICTION_RESOURCE_SETTING,
+                format!("is required when {PUBLISH_NAME_SETTING} is set"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                PUBLISH_NAME_SETTING,
+                format!("is required when {PREDICTION_RESOURCE_SETTING} is set"),
+            ));
+        }
+    };
+    Ok(ChainSettings { exports, publish })
+}
+
+fn custom_vision_from_lookup(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<CustomVisionSettings>, SettingsError> {
+    let Some(endpoint) = get(CV_ENDPOINT_SETTING) else {
+        return Ok(None);
+    };
+    let endpoint = parse_url(CV_ENDPOINT_SETTING, "value", &endpoint)?;
+    let auth = match get(CV_CREDENTIAL_SETTING) {
+        Some(c) if c.trim().eq_ignore_ascii_case("managedidentity") => {
+            if endpoint.scheme() != "https" {
+                return Err(err(
+                    CV_ENDPOINT_SETTING,
+                    "must use https with Microsoft Entra ID (a custom-subdomain endpoint)",
+                ));
+            }
+            CvAuthSetting::ManagedIdentity {
+                client_id: get(CV_CLIENT_ID_SETTING).map(|c| c.trim().to_owned()),
+            }
+        }
+        Some(_) => {
+            return Err(err(
+                CV_CREDENTIAL_SETTING,
+                format!("must be `managedidentity` (or unset to use {CV_KEY_SETTING})"),
+            ));
+        }
+        None => match get(CV_KEY_SETTING) {
+            Some(k) => CvAuthSetting::Key(Secret::new(k.trim().to_owned())),
+            None => {
+                return Err(err(
+                    CV_KEY_SETTING,
+                    format!(
+                        "is required with {CV_ENDPOINT_SETTING} (or set {CV_CREDENTIAL_SETTING}=managedidentity)"
+                    ),
+                ));
+            }
+        },
+    };
+    let max_rps = match get(CV_MAX_RPS_SETTING) {
+        None => DEFAULT_CV_MAX_RPS,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return Err(err(CV_MAX_RPS_SETTING, "must be a whole number from 1 to 1000")),
+        },
+    };
+    Ok(Some(CustomVisionSettings {
+        endpoint,
+        auth,
+        max_rps,
+    }))
 }
 
 /// Reads settings from the process environment.
@@ -641,6 +808,72 @@ mod tests {
             assert!(e.problem.contains(problem), "{vars:?}: {e}");
             assert!(e.to_string().starts_with(&format!("setting {setting}:")));
             assert!(!e.to_string().contains("***notbase64***"), "{e}");
+        }
+    }
+
+    #[test]
+    fn custom_vision_and_chain_settings() {
+        let base = ("CVCHAIN_STORAGE", "UseDevelopmentStorage=true");
+        let s = settings(&[base]).unwrap();
+        assert!(s.custom_vision.is_none());
+        assert_eq!(s.chain, ChainSettings::default());
+        let s = settings(&[
+            base,
+            ("CUSTOM_VISION_ENDPOINT", "https://cv.cognitiveservices.azure.com"),
+            ("CUSTOM_VISION_TRAINING_KEY", "k3y-value"),
+            ("CVCHAIN_EXPORTS", "onnx, tensorflow:tensorflowlite"),
+            ("CVCHAIN_PUBLISH_NAME", "prod"),
+            (
+                "CVCHAIN_PREDICTION_RESOURCE_ID",
+                "/subscriptions/s/resourceGroups/g/providers/Microsoft.CognitiveServices/accounts/p",
+            ),
+        ])
+        .unwrap();
+        let cv = s.custom_vision.as_ref().unwrap();
+        assert_eq!(cv.max_rps, 10);
+        assert!(!format!("{s:?}").contains("k3y-value"));
+        assert_eq!(s.chain.exports.len(), 2);
+        assert_eq!(s.chain.publish.as_ref().unwrap().name, "prod");
+        let s = settings(&[
+            base,
+            ("CUSTOM_VISION_ENDPOINT", "https://cv.cognitiveservices.azure.com"),
+            ("CUSTOM_VISION_CREDENTIAL", "ManagedIdentity"),
+            ("CVCHAIN_CV_MAX_RPS", "5"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            s.custom_vision.unwrap().auth,
+            CvAuthSetting::ManagedIdentity { client_id: None }
+        ));
+    }
+
+    #[test]
+    fn custom_vision_errors_name_the_setting() {
+        let base = ("CVCHAIN_STORAGE", "UseDevelopmentStorage=true");
+        let ep = ("CUSTOM_VISION_ENDPOINT", "https://cv.cognitiveservices.azure.com");
+        let key = ("CUSTOM_VISION_TRAINING_KEY", "k");
+        for (vars, setting) in [
+            (vec![base, ("CVCHAIN_EXPORTS", "ONNX")], "CUSTOM_VISION_ENDPOINT"),
+            (vec![base, ep], "CUSTOM_VISION_TRAINING_KEY"),
+            (vec![base, ep, key, ("CVCHAIN_EXPORTS", "Nope")], "CVCHAIN_EXPORTS"),
+            (vec![base, ep, key, ("CVCHAIN_CV_MAX_RPS", "0")], "CVCHAIN_CV_MAX_RPS"),
+            (vec![base, ep, ("CUSTOM_VISION_CREDENTIAL", "cli")], "CUSTOM_VISION_CREDENTIAL"),
+            (
+                vec![base, ("CUSTOM_VISION_ENDPOINT", "http://x"), ("CUSTOM_VISION_CREDENTIAL", "managedidentity")],
+                "CUSTOM_VISION_ENDPOINT",
+            ),
+            (vec![base, ep, key, ("CVCHAIN_PUBLISH_NAME", "p")], "CVCHAIN_PREDICTION_RESOURCE_ID"),
+            (
+                vec![base, ep, key, ("CVCHAIN_PREDICTION_RESOURCE_ID", "/subscriptions/x")],
+                "CVCHAIN_PUBLISH_NAME",
+            ),
+            (
+                vec![base, ep, key, ("CVCHAIN_PUBLISH_NAME", "p"), ("CVCHAIN_PREDICTION_RESOURCE_ID", "x")],
+                "CVCHAIN_PREDICTION_RESOURCE_ID",
+            ),
+        ] {
+            let e = settings(&vars).expect_err(&format!("{vars:?}"));
+            assert_eq!(e.setting, setting, "{vars:?}: {e}");
         }
     }
 
