@@ -128,6 +128,8 @@ pub enum EntryState {
     Failed,
     /// The iteration's domain cannot export to this platform (`exportableTo`).
     Skipped,
+    /// The service refused the request for good (recorded; the chain moves on).
+    Refused,
 }
 
 impl EntryState {
@@ -138,6 +140,7 @@ impl EntryState {
             EntryState::Done => "Done",
             EntryState::Failed => "Failed",
             EntryState::Skipped => "Skipped",
+            EntryState::Refused => "Refused",
         }
     }
 
@@ -145,7 +148,7 @@ impl EntryState {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            EntryState::Done | EntryState::Failed | EntryState::Skipped
+            EntryState::Done | EntryState::Failed | EntryState::Skipped | EntryState::Refused
         )
     }
 }
@@ -175,8 +178,14 @@ pub struct ChainPlan {
 }
 
 /// Decides the next export from the chain, the iteration and GetExports. Entries run one at a
-/// time, in order: an entry that is exporting holds back the ones after it.
-pub fn plan_chain(chain: &[ExportTarget], iteration: &Iteration, exports: &[Export]) -> ChainPlan {
+/// time, in order: an entry that is exporting holds back the ones after it. `refused` are
+/// entries the service refused earlier (from their step rows): they are not asked again.
+pub fn plan_chain(
+    chain: &[ExportTarget],
+    iteration: &Iteration,
+    exports: &[Export],
+    refused: &[ExportTarget],
+) -> ChainPlan {
     if chain.is_empty() {
         return ChainPlan {
             entries: Vec::new(),
@@ -211,6 +220,7 @@ pub fn plan_chain(chain: &[ExportTarget], iteration: &Iteration, exports: &[Expo
                 Some(e) if e.is_failed() => EntryState::Failed,
                 Some(_) => EntryState::Exporting,
                 None if !iteration.can_export_to(&t.platform) => EntryState::Skipped,
+                None if refused.contains(t) => EntryState::Refused,
                 None => EntryState::Pending,
             };
             (t.clone(), state)
@@ -236,6 +246,10 @@ mod tests {
             platform: p.into(),
             flavor: f.map(Into::into),
         }
+    }
+
+    fn plan3(chain: &[ExportTarget], it: &Iteration, exports: &[Export]) -> ChainPlan {
+        plan_chain(chain, it, exports, &[])
     }
 
     fn chain() -> Vec<ExportTarget> {
@@ -298,19 +312,19 @@ mod tests {
 
     #[test]
     fn a_fresh_iteration_requests_the_first_entry() {
-        let plan = plan_chain(&chain(), &iteration(), &[]);
+        let plan = plan3(&chain(), &iteration(), &[]);
         assert_eq!(plan.next, Next::Request(t("ONNX", None)));
         assert!(plan.entries.iter().all(|(_, s)| *s == EntryState::Pending));
     }
 
     #[test]
     fn each_finished_export_moves_to_the_next_failed_or_not() {
-        let plan = plan_chain(&chain(), &iteration(), &[export("ONNX", None, "Done")]);
+        let plan = plan3(&chain(), &iteration(), &[export("ONNX", None, "Done")]);
         assert_eq!(
             plan.next,
             Next::Request(t("TensorFlow", Some("TensorFlowLite")))
         );
-        let plan = plan_chain(
+        let plan = plan3(
             &chain(),
             &iteration(),
             &[
@@ -324,7 +338,7 @@ mod tests {
 
     #[test]
     fn a_running_export_holds_the_chain() {
-        let plan = plan_chain(&chain(), &iteration(), &[export("onnx", None, "Exporting")]);
+        let plan = plan3(&chain(), &iteration(), &[export("onnx", None, "Exporting")]);
         assert_eq!(plan.next, Next::Wait(t("ONNX", None)));
     }
 
@@ -337,7 +351,7 @@ mod tests {
         ];
         for _ in 0..3 {
             assert_eq!(
-                plan_chain(&chain(), &iteration(), &exports).next,
+                plan3(&chain(), &iteration(), &exports).next,
                 Next::Wait(t("TensorFlow", Some("TensorFlowLite")))
             );
         }
@@ -350,7 +364,7 @@ mod tests {
             export("TensorFlow", Some("TensorFlowLite"), "Done"),
             export("DockerFile", Some("Linux"), "Failed"),
         ];
-        let plan = plan_chain(&chain(), &iteration(), &exports);
+        let plan = plan3(&chain(), &iteration(), &exports);
         assert_eq!(plan.next, Next::Complete);
     }
 
@@ -358,19 +372,19 @@ mod tests {
     fn entries_the_iteration_cannot_export_to_are_skipped() {
         let mut it = iteration();
         it.exportable_to = vec!["DockerFile".into()];
-        let plan = plan_chain(&chain(), &it, &[]);
+        let plan = plan3(&chain(), &it, &[]);
         assert_eq!(plan.entries[0].1, EntryState::Skipped);
         assert_eq!(plan.entries[1].1, EntryState::Skipped);
         assert_eq!(plan.next, Next::Request(t("DockerFile", Some("Linux"))));
         // All skipped: complete.
         it.exportable_to = vec!["CoreML".into()];
-        assert_eq!(plan_chain(&chain(), &it, &[]).next, Next::Complete);
+        assert_eq!(plan3(&chain(), &it, &[]).next, Next::Complete);
     }
 
     #[test]
     fn a_flavor_must_match_but_no_flavor_matches_any() {
         // TensorFlow without the configured flavor does not count as the TensorFlowLite entry.
-        let plan = plan_chain(
+        let plan = plan3(
             &chain(),
             &iteration(),
             &[
@@ -386,18 +400,27 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_entry_is_not_asked_again_and_the_chain_moves_on() {
+        let plan = plan_chain(
+            &chain(),
+            &iteration(),
+            &[export("ONNX", None, "Done")],
+            &[t("TensorFlow", Some("TensorFlowLite"))],
+        );
+        assert_eq!(plan.entries[1].1, EntryState::Refused);
+        assert_eq!(plan.next, Next::Request(t("DockerFile", Some("Linux"))));
+    }
+
+    #[test]
     fn empty_chain_and_unusable_iterations() {
-        assert_eq!(plan_chain(&[], &iteration(), &[]).next, Next::Empty);
+        assert_eq!(plan3(&[], &iteration(), &[]).next, Next::Empty);
         let mut it = iteration();
         it.exportable = false;
-        let plan = plan_chain(&chain(), &it, &[]);
+        let plan = plan3(&chain(), &it, &[]);
         assert!(matches!(plan.next, Next::NotExportable(_)));
         assert!(plan.entries.iter().all(|(_, s)| *s == EntryState::Skipped));
         let mut it = iteration();
         it.status = "Training".into();
-        assert!(matches!(
-            plan_chain(&chain(), &it, &[]).next,
-            Next::NotReady(_)
-        ));
+        assert!(matches!(plan3(&chain(), &it, &[]).next, Next::NotReady(_)));
     }
 }

@@ -72,7 +72,12 @@ fn serve() -> anyhow::Result<()> {
     let port = settings::handler_port(&|k| std::env::var(k).ok())?;
     runtime()?.block_on(async move {
         let clients = StorageClients::new(&settings.storage)?;
-        let processor = Processor::new(&settings, &clients)?;
+        let cv = cvchain::process::training_client(&settings)?
+            .map(|c| Arc::new(c) as Arc<dyn cvchain::customvision::TrainingApi>);
+        if cv.is_none() {
+            tracing::info!("no CUSTOM_VISION_ENDPOINT: recording notifications only");
+        }
+        let processor = Processor::new(&settings, &clients, cv)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
@@ -80,6 +85,8 @@ fn serve() -> anyhow::Result<()> {
             storage = ?settings.storage,
             queue = %settings.queue_name,
             table = %settings.history_table,
+            custom_vision = ?settings.custom_vision,
+            exports = %settings.chain.exports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             "settings validated"
         );
         let state = server::AppState {

@@ -1,9 +1,19 @@
-//! What to do with a message: a pure function of the message and the settings. The adapters in
-//! `process` carry the actions out.
+//! What to do with a message: pure functions of the message, the settings and what was observed
+//! (Custom Vision's answers, the history rows). The adapters in `process` gather the
+//! observations and carry the actions out.
 
-use crate::history::{HistoryRow, Received, notification_row, rejected_row};
-use crate::notification::{Parsed, parse};
-use serde_json::json;
+use crate::chain::{ChainPlan, EntryState, ExportTarget, Next};
+use crate::customvision::{CvError, Export, Iteration, IterationPerformance, Project, codes};
+use crate::history::{
+    HistoryRow, Received, enrich_training, notification_row, rejected_row, step_row, step_row_key,
+    time_property,
+};
+use crate::notification::{Notification, ParseError, Parsed, TrainingStatus};
+use crate::settings::ChainSettings;
+use crate::storage::table::{Entity, StoredEntity};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// What cvchain made of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +25,8 @@ pub enum Decision {
         reason: String,
         field: Option<String>,
     },
+    /// Custom Vision is not ready yet (an iteration still training): try again later.
+    Retry(String),
 }
 
 /// One effect to carry out, in order.
@@ -24,28 +36,86 @@ pub enum Action {
     Record(HistoryRow),
     /// Copy the message text to the poison queue, once per recorded row.
     CopyToPoison { queue: String, text: String },
+    /// Publish the iteration (its outcome goes into the Training row).
+    Publish {
+        project: Uuid,
+        iteration: Uuid,
+        name: String,
+        prediction_id: String,
+    },
+    /// Run the export chain for the iteration (see `process`: it requests the next export).
+    Chain { project: Uuid, iteration: Uuid },
 }
 
 /// What the planner needs from the settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PlanConfig {
     pub poison_queue: String,
+    pub chain: ChainSettings,
+    /// A Custom Vision endpoint is configured.
+    pub custom_vision: bool,
 }
 
-/// Decides for a queue message.
-pub fn plan(received: &Received, config: &PlanConfig) -> (Decision, Vec<Action>) {
-    match parse(&received.text) {
-        Ok(parsed) => {
-            let row = notification_row(received, &parsed);
-            (Decision::Accepted(parsed), vec![Action::Record(row)])
-        }
-        Err(e) => reject(
+/// What to look up in Custom Vision and the history before deciding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub project: bool,
+    pub iteration: bool,
+    pub performance: bool,
+    pub exports: bool,
+}
+
+/// What was observed, as far as `Needs` asked.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub project: Option<Project>,
+    pub iteration: Option<Iteration>,
+    pub performance: Option<IterationPerformance>,
+    pub exports: Option<Vec<Export>>,
+    /// A permanent Custom Vision refusal while looking (iteration gone…): recorded; the chain
+    /// stops for this message.
+    pub problem: Option<String>,
+}
+
+/// What a notification needs looked up.
+pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
+    if !config.custom_vision {
+        return Needs::default();
+    }
+    let chain = !config.chain.exports.is_empty();
+    match n {
+        Notification::Training {
+            status: TrainingStatus::Completed,
+            ..
+        } => Needs {
+            project: true,
+            iteration: true,
+            performance: true,
+            exports: chain,
+        },
+        Notification::Export { .. } if chain => Needs {
+            project: false,
+            iteration: true,
+            performance: false,
+            exports: true,
+        },
+        _ => Needs::default(),
+    }
+}
+
+/// Parses the message, or plans its rejection.
+pub fn parse_or_reject(
+    received: &Received,
+    config: &PlanConfig,
+) -> Result<Parsed, (Decision, Vec<Action>)> {
+    crate::notification::parse(&received.text).map_err(|e: ParseError| {
+        reject(
             received,
             &e.to_string(),
             e.field().map(str::to_owned),
             config,
-        ),
-    }
+        )
+    })
 }
 
 /// Decides for something that arrived but could not even be read as a message (a broken envelope).
@@ -82,95 +152,250 @@ fn reject(
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::history::REJECTED_PARTITION;
-    use time::macros::datetime;
-
-    fn received(text: &str) -> Received {
-        Received {
-            text: text.to_owned(),
-            message_id: Some("m-1".into()),
-            dequeue_count: 1,
-            received_at: datetime!(2026-11-26 10:00 UTC),
-        }
-    }
-
-    fn config() -> PlanConfig {
-        PlanConfig {
-            poison_queue: "cv-poison".into(),
-        }
-    }
-
-    #[test]
-    fn a_notification_is_recorded_once_and_nothing_else() {
-        let text = r#"{"version":"1.0","type":"ConnectionTest","Content":{"projectId":"b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f"}}"#;
-        let (decision, actions) = plan(&received(text), &config());
-        assert!(matches!(decision, Decision::Accepted(_)));
-        assert_eq!(actions.len(), 1);
-        let Action::Record(row) = &actions[0] else {
-            panic!("expected a record")
-        };
-        assert_eq!(row.partition_key, "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f");
-        assert_eq!(row.row_key, "ConnectionTest_m-1");
-    }
-
-    #[test]
-    fn an_unknown_kind_is_recorded_not_rejected() {
-        let (decision, actions) = plan(
-            &received(r#"{"version":"1.0","type":"Publish","Content":{}}"#),
-            &config(),
+/// Decides for a notification that parsed, given what was observed. The history row comes
+/// last, so a failure before it leaves no row and the redelivery does the work again.
+pub fn plan_notification(
+    received: &Received,
+    parsed: &Parsed,
+    observed: &Observed,
+    config: &PlanConfig,
+) -> (Decision, Vec<Action>) {
+    let n = &parsed.notification;
+    let mut row = notification_row(received, parsed);
+    let mut actions = Vec::new();
+    let chain_configured = config.custom_vision && !config.chain.exports.is_empty();
+    if let Some(problem) = &observed.problem {
+        row.properties
+            .insert("ChainStatus".into(), json!(format!("stopped: {problem}")));
+        return (
+            Decision::Accepted(parsed.clone()),
+            vec![Action::Record(row)],
         );
-        assert!(matches!(decision, Decision::Accepted(_)));
-        assert!(matches!(&actions[..], [Action::Record(r)] if r.row_key == "Unknown_m-1"));
     }
-
-    #[test]
-    fn a_malformed_message_is_recorded_and_copied_to_the_poison_queue() {
-        let (decision, actions) = plan(&received("{not json"), &config());
-        let Decision::Rejected { reason, field } = decision else {
-            panic!("expected a rejection")
-        };
-        assert!(
-            reason.starts_with("invalid JSON at line 1, column 2"),
-            "{reason}"
-        );
-        assert_eq!(field, None);
-        match &actions[..] {
-            [Action::Record(row), Action::CopyToPoison { queue, text }] => {
-                assert_eq!(row.partition_key, REJECTED_PARTITION);
-                assert_eq!(row.properties["PoisonCopy"], "pending");
-                assert_eq!(queue, "cv-poison");
-                assert_eq!(text, "{not json");
+    match n {
+        Notification::Training {
+            project_id,
+            iteration_id,
+            status: TrainingStatus::Completed,
+        } if config.custom_vision => {
+            enrich_training(
+                &mut row,
+                observed.project.as_ref(),
+                observed.iteration.as_ref(),
+                observed.performance.as_ref(),
+            );
+            if let Some(it) = &observed.iteration
+                && !it.status.eq_ignore_ascii_case("Completed")
+            {
+                return (
+                    Decision::Retry(format!(
+                        "Custom Vision still reports iteration {iteration_id} as {:?}",
+                        it.status
+                    )),
+                    Vec::new(),
+                );
             }
-            other => panic!("unexpected actions {other:?}"),
+            if let (Some(publish), Some(it)) = (&config.chain.publish, &observed.iteration) {
+                if it.is_published() {
+                    row.properties.insert(
+                        "PublishStatus".into(),
+                        json!(format!(
+                            "already published as {}",
+                            it.publish_name.clone().unwrap_or_default()
+                        )),
+                    );
+                } else {
+                    actions.push(Action::Publish {
+                        project: *project_id,
+                        iteration: *iteration_id,
+                        name: publish.name.clone(),
+                        prediction_id: publish.prediction_resource_id.clone(),
+                    });
+                }
+            }
+            if chain_configured {
+                actions.push(Action::Chain {
+                    project: *project_id,
+                    iteration: *iteration_id,
+                });
+            }
+        }
+        Notification::Export {
+            project_id,
+            iteration_id,
+            ..
+        } if chain_configured => {
+            actions.push(Action::Chain {
+                project: *project_id,
+                iteration: *iteration_id,
+            });
+        }
+        _ => {}
+    }
+    actions.push(Action::Record(row));
+    (Decision::Accepted(parsed.clone()), actions)
+}
+
+/// Reads the refused entries from an iteration's step rows.
+pub fn refused_targets(chain: &[ExportTarget], steps: &[StoredEntity]) -> Vec<ExportTarget> {
+    chain
+        .iter()
+        .filter(|t| {
+            steps.iter().any(|s| {
+                s.entity.get("Platform") == Some(&json!(t.platform))
+                    && s.entity.get("Flavor") == Some(&json!(t.flavor.clone().unwrap_or_default()))
+                    && s.entity.get("Status") == Some(&json!("Refused"))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// A write to an export step row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepWrite {
+    /// A new row (inserted if absent).
+    Insert(HistoryRow),
+    /// Properties to merge into an existing row.
+    Merge {
+        partition_key: String,
+        row_key: String,
+        properties: Entity,
+    },
+}
+
+/// Brings the step rows in line with the chain's state. Writes only what differs, so a
+/// redelivered message writes nothing.
+pub fn step_writes(
+    project: Uuid,
+    iteration: Uuid,
+    plan: &ChainPlan,
+    steps: &[StoredEntity],
+    now: OffsetDateTime,
+) -> Vec<StepWrite> {
+    let mut out = Vec::new();
+    for (position, (target, state)) in plan.entries.iter().enumerate() {
+        let status = match state {
+            EntryState::Pending | EntryState::Refused => continue,
+            other => other.as_str(),
+        };
+        let rk = step_row_key(iteration, target);
+        let existing = steps
+            .iter()
+            .find(|s| s.entity.get("RowKey") == Some(&json!(rk)));
+        match existing {
+            None => {
+                let mut row = step_row(project, iteration, position, target, status);
+                if state.is_final() {
+                    time_property(&mut row.properties, "EndedAt", now);
+                }
+                if *state == EntryState::Skipped {
+                    row.properties.insert(
+                        "Reason".into(),
+                        json!("the iteration cannot export to this platform (exportableTo)"),
+                    );
+                }
+                out.push(StepWrite::Insert(row));
+            }
+            Some(row) => {
+                let current = row.entity.get("Status").and_then(Value::as_str);
+                // A final status never goes back (a later GetExports cannot undo an end).
+                let current_final =
+                    matches!(current, Some("Done" | "Failed" | "Skipped" | "Refused"));
+                if current == Some(status) || current_final {
+                    continue;
+                }
+                let mut props = Entity::new();
+                props.insert("Status".into(), json!(status));
+                if state.is_final() && !row.entity.contains_key("EndedAt") {
+                    time_property(&mut props, "EndedAt", now);
+                }
+                out.push(StepWrite::Merge {
+                    partition_key: project.to_string(),
+                    row_key: rk,
+                    properties: props,
+                });
+            }
         }
     }
+    out
+}
 
-    #[test]
-    fn a_rejection_names_the_field() {
-        let (decision, _) = plan(
-            &received(r#"{"version":"1.0","type":"Training","Content":{"projectId":"x"}}"#),
-            &config(),
-        );
-        assert_eq!(
-            decision,
-            Decision::Rejected {
-                reason: "field `Content.projectId` must be a UUID, found \"x\"".into(),
-                field: Some("Content.projectId".into()),
+/// How an ExportIteration call ended, for the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Accepted (or already in progress, which counts as done): the entry is exporting.
+    Exporting { note: Option<String> },
+    /// Refused for good: recorded, and the chain moves to the next entry.
+    Refused(String),
+    /// Try the whole message again later.
+    Transient,
+}
+
+/// Classifies the answer to ExportIteration.
+pub fn request_outcome(result: &Result<Export, CvError>) -> RequestOutcome {
+    match result {
+        Ok(_) => RequestOutcome::Exporting { note: None },
+        Err(e) if e.code() == Some(codes::EXPORT_ALREADY_IN_PROGRESS) => {
+            RequestOutcome::Exporting {
+                note: Some("already in progress".into()),
             }
-        );
-    }
-
-    #[test]
-    fn an_unreadable_envelope_is_rejected_with_its_reason() {
-        let (decision, actions) = plan_unreadable(
-            &received("garbage"),
-            "invocation body is not JSON",
-            &config(),
-        );
-        assert!(matches!(decision, Decision::Rejected { .. }));
-        assert_eq!(actions.len(), 2);
+        }
+        Err(e) if e.is_transient() || e.code() == Some(codes::EXPORT_WHILE_TRAINING) => {
+            RequestOutcome::Transient
+        }
+        Err(e) => RequestOutcome::Refused(e.to_string()),
     }
 }
+
+/// The step row write after a request.
+pub fn step_after_request(
+    project: Uuid,
+    iteration: Uuid,
+    position: usize,
+    target: &ExportTarget,
+    outcome: &RequestOutcome,
+    existed: bool,
+    now: OffsetDateTime,
+) -> Option<StepWrite> {
+    let (status, reason) = match outcome {
+        RequestOutcome::Exporting { note } => ("Exporting", note.clone()),
+        RequestOutcome::Refused(r) => ("Refused", Some(r.clone())),
+        RequestOutcome::Transient => return None,
+    };
+    let mut props = Entity::new();
+    props.insert("Status".into(), json!(status));
+    time_property(&mut props, "RequestedAt", now);
+    if status == "Refused" {
+        time_property(&mut props, "EndedAt", now);
+    }
+    if let Some(r) = reason {
+        props.insert("Reason".into(), json!(crate::redact::redact(&r)));
+    }
+    Some(if existed {
+        StepWrite::Merge {
+            partition_key: project.to_string(),
+            row_key: step_row_key(iteration, target),
+            properties: props,
+        }
+    } else {
+        let mut row = step_row(project, iteration, position, target, status);
+        row.properties.extend(props);
+        StepWrite::Insert(row)
+    })
+}
+
+/// One line on where the chain stands, for the row and the logs.
+pub fn describe_next(next: &Next) -> String {
+    match next {
+        Next::Empty => "no exports configured".into(),
+        Next::Request(t) => format!("requested {t}"),
+        Next::Wait(t) => format!("waiting for {t}"),
+        Next::Complete => "complete".into(),
+        Next::NotExportable(r) => format!("not exportable: {r}"),
+        Next::NotReady(r) => format!("not ready: {r}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

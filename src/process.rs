@@ -1,19 +1,35 @@
-//! `process(message) -> Outcome`: plan, then carry the actions out against storage. Every entry
-//! point (the Functions handler, later the queue worker) goes through here.
+//! `process(message) -> Outcome`: parse, gather what the plan needs, plan, then carry the actions
+//! out against storage and Custom Vision. Every entry point (the Functions handler, later the
+//! queue worker) goes through here.
 
+use crate::chain::{Next, plan_chain};
+use crate::customvision::{
+    CvError, TrainingApi,
+    client::{CvAuth, CvRetry, TrainingClient},
+    codes,
+};
 use crate::history::{
-    Received,
+    Received, step_key_range, step_row_key,
     store::{HistoryStore, Recorded},
 };
-use crate::plan::{Action, Decision, PlanConfig, plan, plan_unreadable};
-use crate::settings::Settings;
+use crate::notification::Notification;
+use crate::plan::{
+    Action, Decision, Observed, PlanConfig, RequestOutcome, StepWrite, describe_next, needs,
+    parse_or_reject, plan_notification, plan_unreadable, refused_targets, request_outcome,
+    step_after_request, step_writes,
+};
+use crate::settings::{CvAuthSetting, Settings};
 use crate::storage::{
     StorageError,
     connection::StorageClients,
     queue::{poison_queue_name, send_text},
+    table::{StoredEntity, filter_eq},
 };
 use azure_storage_queue::QueueClient;
 use serde_json::json;
+use std::sync::Arc;
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// How a message ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +44,7 @@ pub enum Disposition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub disposition: Disposition,
-    /// `PartitionKey/RowKey` of the history row.
+    /// `table/PartitionKey/RowKey` of the history row.
     pub row: String,
     /// True when the row was already there: a redelivery, nothing changed.
     pub duplicate: bool,
@@ -39,8 +55,12 @@ pub struct Outcome {
 /// Why a message could not be processed now. It stays on the queue and is retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProcessError {
-    #[error("could not record the message: {0}")]
+    #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("{0}")]
+    CustomVision(#[from] CvError),
+    #[error("not ready: {0}")]
+    NotReady(String),
 }
 
 impl ProcessError {
@@ -48,6 +68,8 @@ impl ProcessError {
     pub fn is_transient(&self) -> bool {
         match self {
             ProcessError::Storage(e) => e.is_transient(),
+            ProcessError::CustomVision(e) => e.is_transient(),
+            ProcessError::NotReady(_) => true,
         }
     }
 }
@@ -58,6 +80,7 @@ pub struct Processor {
     poison: QueueClient,
     config: PlanConfig,
     table_name: String,
+    cv: Option<Arc<dyn TrainingApi>>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -65,18 +88,56 @@ impl std::fmt::Debug for Processor {
         f.debug_struct("Processor")
             .field("history", &self.history)
             .field("poison_queue", &self.config.poison_queue)
+            .field("custom_vision", &self.cv.is_some())
             .finish()
     }
 }
 
+/// The Training API client the settings describe.
+pub fn training_client(settings: &Settings) -> Result<Option<TrainingClient>, CvError> {
+    let Some(cv) = &settings.custom_vision else {
+        return Ok(None);
+    };
+    let auth = match &cv.auth {
+        CvAuthSetting::Key(k) => CvAuth::Key(k.clone()),
+        CvAuthSetting::ManagedIdentity { client_id } => {
+            let options = azure_identity::ManagedIdentityCredentialOptions {
+                user_assigned_id: client_id
+                    .clone()
+                    .map(azure_identity::UserAssignedId::ClientId),
+                ..Default::default()
+            };
+            let cred = azure_identity::ManagedIdentityCredential::new(Some(options))
+                .map_err(|e| CvError::Credential(crate::redact::redact(&e.to_string())))?;
+            CvAuth::Token(cred)
+        }
+    };
+    Ok(Some(TrainingClient::new(
+        &cv.endpoint,
+        auth,
+        cv.max_rps,
+        CvRetry::default(),
+    )))
+}
+
 impl Processor {
-    pub fn new(settings: &Settings, clients: &StorageClients) -> Result<Self, StorageError> {
+    /// Storage from `clients`; Custom Vision as given (`None`: record only).
+    pub fn new(
+        settings: &Settings,
+        clients: &StorageClients,
+        cv: Option<Arc<dyn TrainingApi>>,
+    ) -> Result<Self, StorageError> {
         let poison_queue = poison_queue_name(&settings.queue_name);
         Ok(Self {
             history: HistoryStore::new(clients.table(&settings.history_table)?),
             poison: clients.queue(&poison_queue)?,
-            config: PlanConfig { poison_queue },
+            config: PlanConfig {
+                poison_queue,
+                chain: settings.chain.clone(),
+                custom_vision: cv.is_some(),
+            },
             table_name: settings.history_table.clone(),
+            cv,
         })
     }
 
@@ -86,8 +147,16 @@ impl Processor {
 
     /// Processes one queue message.
     pub async fn process(&self, received: &Received) -> Result<Outcome, ProcessError> {
-        let (decision, actions) = plan(received, &self.config);
-        self.carry_out(decision, actions).await
+        let parsed = match parse_or_reject(received, &self.config) {
+            Ok(p) => p,
+            Err((decision, actions)) => return self.carry_out(decision, actions, None).await,
+        };
+        let observed = self.observe(&parsed.notification).await?;
+        let (decision, actions) = plan_notification(received, &parsed, &observed, &self.config);
+        if let Decision::Retry(reason) = &decision {
+            return Err(ProcessError::NotReady(reason.clone()));
+        }
+        self.carry_out(decision, actions, Some(&observed)).await
     }
 
     /// Records something that arrived but could not be read as a message at all.
@@ -97,22 +166,109 @@ impl Processor {
         reason: &str,
     ) -> Result<Outcome, ProcessError> {
         let (decision, actions) = plan_unreadable(received, reason, &self.config);
-        self.carry_out(decision, actions).await
+        self.carry_out(decision, actions, None).await
+    }
+
+    /// Asks Custom Vision what the plan needs. Transient failures end the invocation (the
+    /// message is retried); permanent ones are observations the plan records.
+    async fn observe(&self, n: &Notification) -> Result<Observed, ProcessError> {
+        let mut o = Observed::default();
+        let needs = needs(n, &self.config);
+        let (Some(cv), Some(project), Some(iteration)) =
+            (&self.cv, n.project_id(), n.iteration_id())
+        else {
+            return Ok(o);
+        };
+        let permanent = |what: &str, e: &CvError| -> Result<String, ProcessError> {
+            if e.is_transient() {
+                Err(ProcessError::CustomVision(e.clone()))
+            } else if e.is_not_found() {
+                Ok(format!("{what} not found ({})", e.code().unwrap_or("404")))
+            } else {
+                Ok(format!("{what}: {e}"))
+            }
+        };
+        if needs.iteration {
+            match cv.get_iteration(project, iteration).await {
+                Ok(it) => o.iteration = Some(it),
+                Err(e) => {
+                    o.problem = Some(permanent("iteration", &e)?);
+                    return Ok(o);
+                }
+            }
+        }
+        if needs.project {
+            match cv.get_project(project).await {
+                Ok(p) => o.project = Some(p),
+                Err(e) => {
+                    o.problem = Some(permanent("project", &e)?);
+                    return Ok(o);
+                }
+            }
+        }
+        if needs.performance {
+            match cv.get_iteration_performance(project, iteration).await {
+                Ok(p) => o.performance = Some(p),
+                // No performance is no reason to stop the chain.
+                Err(e) => {
+                    permanent("performance", &e)?;
+                }
+            }
+        }
+        if needs.exports {
+            match cv.get_exports(project, iteration).await {
+                Ok(e) => o.exports = Some(e),
+                Err(e) => {
+                    o.problem = Some(permanent("exports", &e)?);
+                    return Ok(o);
+                }
+            }
+        }
+        Ok(o)
     }
 
     async fn carry_out(
         &self,
         decision: Decision,
         actions: Vec<Action>,
+        observed: Option<&Observed>,
     ) -> Result<Outcome, ProcessError> {
+        let now = OffsetDateTime::now_utc();
         let mut logs = Vec::new();
         let mut row_desc = String::new();
         let mut duplicate = false;
         let mut poison_already_sent = false;
         let mut recorded_row: Option<(String, String)> = None;
+        let mut chain_status: Option<String> = None;
+        let mut publish_status: Option<String> = None;
         for action in actions {
             match action {
-                Action::Record(row) => {
+                Action::Publish {
+                    project,
+                    iteration,
+                    name,
+                    prediction_id,
+                } => {
+                    let status = self
+                        .publish(project, iteration, &name, &prediction_id)
+                        .await?;
+                    logs.push(format!("publish: {status}"));
+                    publish_status = Some(status);
+                }
+                Action::Chain { project, iteration } => {
+                    let status = self
+                        .run_chain(project, iteration, observed, now, &mut logs)
+                        .await?;
+                    logs.push(format!("export chain: {status}"));
+                    chain_status = Some(status);
+                }
+                Action::Record(mut row) => {
+                    if let Some(s) = &chain_status {
+                        row.properties.insert("ChainStatus".into(), json!(s));
+                    }
+                    if let Some(s) = &publish_status {
+                        row.properties.insert("PublishStatus".into(), json!(s));
+                    }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
                     match self.history.record(&row).await? {
                         Recorded::Inserted => {
@@ -159,6 +315,7 @@ impl Processor {
                 logs.insert(0, format!("rejected: {}", crate::redact::redact(reason)));
                 Disposition::Rejected
             }
+            Decision::Retry(reason) => return Err(ProcessError::NotReady(reason.clone())),
         };
         Ok(Outcome {
             disposition,
@@ -166,5 +323,127 @@ impl Processor {
             duplicate,
             logs,
         })
+    }
+
+    async fn publish(
+        &self,
+        project: Uuid,
+        iteration: Uuid,
+        name: &str,
+        prediction_id: &str,
+    ) -> Result<String, ProcessError> {
+        let Some(cv) = &self.cv else {
+            return Ok("no Custom Vision endpoint".into());
+        };
+        match cv
+            .publish_iteration(project, iteration, name, prediction_id)
+            .await
+        {
+            Ok(_) => Ok(format!("published as {name}")),
+            Err(e) if e.code() == Some(codes::ITERATION_IS_PUBLISHED) => {
+                Ok("already published".into())
+            }
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => Ok(format!("refused: {e}")),
+        }
+    }
+
+    /// Requests the next export of the chain. The decisions are pure (`plan_chain`,
+    /// `step_writes`, `request_outcome`); this loop only carries them out, and asks again when
+    /// the service refuses an entry for good, so the chain moves on.
+    async fn run_chain(
+        &self,
+        project: Uuid,
+        iteration: Uuid,
+        observed: Option<&Observed>,
+        now: OffsetDateTime,
+        logs: &mut Vec<String>,
+    ) -> Result<String, ProcessError> {
+        let chain = &self.config.chain.exports;
+        let (Some(cv), Some(it)) = (&self.cv, observed.and_then(|o| o.iteration.as_ref())) else {
+            return Ok("no iteration to export".into());
+        };
+        let exports = observed.and_then(|o| o.exports.clone()).unwrap_or_default();
+        let mut steps = self.load_steps(project, iteration).await?;
+        let mut refused = refused_targets(chain, &steps);
+        for _ in 0..=chain.len() {
+            let plan = plan_chain(chain, it, &exports, &refused);
+            for w in step_writes(project, iteration, &plan, &steps, now) {
+                self.write_step(&w).await?;
+            }
+            let Next::Request(target) = &plan.next else {
+                if let Next::NotReady(r) = &plan.next {
+                    return Err(ProcessError::NotReady(r.clone()));
+                }
+                return Ok(describe_next(&plan.next));
+            };
+            let position = chain.iter().position(|c| c == target).unwrap_or(0);
+            let result = cv
+                .export_iteration(
+                    project,
+                    iteration,
+                    &target.platform,
+                    target.flavor.as_deref(),
+                )
+                .await;
+            let outcome = request_outcome(&result);
+            if outcome == RequestOutcome::Transient {
+                return Err(result
+                    .err()
+                    .map(ProcessError::CustomVision)
+                    .unwrap_or_else(|| ProcessError::NotReady("export".into())));
+            }
+            let rk = step_row_key(iteration, target);
+            let existed = steps
+                .iter()
+                .any(|s| s.entity.get("RowKey") == Some(&json!(rk)));
+            if let Some(w) =
+                step_after_request(project, iteration, position, target, &outcome, existed, now)
+            {
+                self.write_step(&w).await?;
+            }
+            match outcome {
+                RequestOutcome::Refused(reason) => {
+                    logs.push(format!("export {target} refused: {reason}"));
+                    refused.push(target.clone());
+                    steps = self.load_steps(project, iteration).await?;
+                }
+                _ => return Ok(describe_next(&plan.next)),
+            }
+        }
+        Ok("stopped after refusals".into())
+    }
+
+    async fn load_steps(
+        &self,
+        project: Uuid,
+        iteration: Uuid,
+    ) -> Result<Vec<StoredEntity>, ProcessError> {
+        let (from, to) = step_key_range(iteration);
+        let filter = format!(
+            "{} and {} and {}",
+            filter_eq("PartitionKey", &project.to_string()),
+            format_args!("RowKey ge '{}'", from.replace('\'', "''")),
+            format_args!("RowKey lt '{}'", to.replace('\'', "''")),
+        );
+        Ok(self.history.query(Some(&filter), 1000).await?)
+    }
+
+    async fn write_step(&self, w: &StepWrite) -> Result<(), ProcessError> {
+        match w {
+            StepWrite::Insert(row) => {
+                self.history.record(row).await?;
+            }
+            StepWrite::Merge {
+                partition_key,
+                row_key,
+                properties,
+            } => {
+                self.history
+                    .merge(partition_key, row_key, properties.clone())
+                    .await?;
+            }
+        }
+        Ok(())
     }
 }

@@ -198,7 +198,9 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
         if let Some(by) = needs {
             return Err(err(
                 CV_ENDPOINT_SETTING,
-                format!("is required when {by} is set (e.g. https://<name>.cognitiveservices.azure.com)"),
+                format!(
+                    "is required when {by} is set (e.g. https://<name>.cognitiveservices.azure.com)"
+                ),
             ));
         }
     }
@@ -293,7 +295,12 @@ fn custom_vision_from_lookup(
         None => DEFAULT_CV_MAX_RPS,
         Some(v) => match v.trim().parse::<u32>() {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(err(CV_MAX_RPS_SETTING, "must be a whole number from 1 to 1000")),
+            _ => {
+                return Err(err(
+                    CV_MAX_RPS_SETTING,
+                    "must be a whole number from 1 to 1000",
+                ));
+            }
         },
     };
     Ok(Some(CustomVisionSettings {
@@ -836,7 +843,10 @@ mod tests {
         assert_eq!(s.chain.publish.as_ref().unwrap().name, "prod");
         let s = settings(&[
             base,
-            ("CUSTOM_VISION_ENDPOINT", "https://cv.cognitiveservices.azure.com"),
+            (
+                "CUSTOM_VISION_ENDPOINT",
+                "https://cv.cognitiveservices.azure.com",
+            ),
             ("CUSTOM_VISION_CREDENTIAL", "ManagedIdentity"),
             ("CVCHAIN_CV_MAX_RPS", "5"),
         ])
@@ -850,25 +860,58 @@ mod tests {
     #[test]
     fn custom_vision_errors_name_the_setting() {
         let base = ("CVCHAIN_STORAGE", "UseDevelopmentStorage=true");
-        let ep = ("CUSTOM_VISION_ENDPOINT", "https://cv.cognitiveservices.azure.com");
+        let ep = (
+            "CUSTOM_VISION_ENDPOINT",
+            "https://cv.cognitiveservices.azure.com",
+        );
         let key = ("CUSTOM_VISION_TRAINING_KEY", "k");
         for (vars, setting) in [
-            (vec![base, ("CVCHAIN_EXPORTS", "ONNX")], "CUSTOM_VISION_ENDPOINT"),
-            (vec![base, ep], "CUSTOM_VISION_TRAINING_KEY"),
-            (vec![base, ep, key, ("CVCHAIN_EXPORTS", "Nope")], "CVCHAIN_EXPORTS"),
-            (vec![base, ep, key, ("CVCHAIN_CV_MAX_RPS", "0")], "CVCHAIN_CV_MAX_RPS"),
-            (vec![base, ep, ("CUSTOM_VISION_CREDENTIAL", "cli")], "CUSTOM_VISION_CREDENTIAL"),
             (
-                vec![base, ("CUSTOM_VISION_ENDPOINT", "http://x"), ("CUSTOM_VISION_CREDENTIAL", "managedidentity")],
+                vec![base, ("CVCHAIN_EXPORTS", "ONNX")],
                 "CUSTOM_VISION_ENDPOINT",
             ),
-            (vec![base, ep, key, ("CVCHAIN_PUBLISH_NAME", "p")], "CVCHAIN_PREDICTION_RESOURCE_ID"),
+            (vec![base, ep], "CUSTOM_VISION_TRAINING_KEY"),
             (
-                vec![base, ep, key, ("CVCHAIN_PREDICTION_RESOURCE_ID", "/subscriptions/x")],
+                vec![base, ep, key, ("CVCHAIN_EXPORTS", "Nope")],
+                "CVCHAIN_EXPORTS",
+            ),
+            (
+                vec![base, ep, key, ("CVCHAIN_CV_MAX_RPS", "0")],
+                "CVCHAIN_CV_MAX_RPS",
+            ),
+            (
+                vec![base, ep, ("CUSTOM_VISION_CREDENTIAL", "cli")],
+                "CUSTOM_VISION_CREDENTIAL",
+            ),
+            (
+                vec![
+                    base,
+                    ("CUSTOM_VISION_ENDPOINT", "http://x"),
+                    ("CUSTOM_VISION_CREDENTIAL", "managedidentity"),
+                ],
+                "CUSTOM_VISION_ENDPOINT",
+            ),
+            (
+                vec![base, ep, key, ("CVCHAIN_PUBLISH_NAME", "p")],
+                "CVCHAIN_PREDICTION_RESOURCE_ID",
+            ),
+            (
+                vec![
+                    base,
+                    ep,
+                    key,
+                    ("CVCHAIN_PREDICTION_RESOURCE_ID", "/subscriptions/x"),
+                ],
                 "CVCHAIN_PUBLISH_NAME",
             ),
             (
-                vec![base, ep, key, ("CVCHAIN_PUBLISH_NAME", "p"), ("CVCHAIN_PREDICTION_RESOURCE_ID", "x")],
+                vec![
+                    base,
+                    ep,
+                    key,
+                    ("CVCHAIN_PUBLISH_NAME", "p"),
+                    ("CVCHAIN_PREDICTION_RESOURCE_ID", "x"),
+                ],
                 "CVCHAIN_PREDICTION_RESOURCE_ID",
             ),
         ] {

@@ -30,7 +30,7 @@ fn state_without_storage() -> AppState {
             max_total: Duration::from_secs(1),
         });
     AppState {
-        processor: Arc::new(Processor::new(&settings, &clients).unwrap()),
+        processor: Arc::new(Processor::new(&settings, &clients, None).unwrap()),
     }
 }
 

@@ -95,8 +95,10 @@ impl Default for StandinConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Faults {
-    /// Share of API calls answered with an error, half 429 and half 500.
+    /// Share of API calls answered with an error: 429 (with Retry-After) or 500.
     pub failure_rate: f64,
+    /// Share of those errors that are 429 (default one half).
+    pub throttle_share: Option<f64>,
     /// Share of API calls answered after `slow_ms`.
     pub slow_rate: f64,
     pub slow_ms: u64,
@@ -321,8 +323,8 @@ async fn gate(State(s): State<S>, req: axum::extract::Request, next: Next) -> Re
         let f = st.faults.clone();
         let roll = next_f64(&mut st.rng);
         let fault = if roll < f.failure_rate {
-            // Half 429, half 500.
-            Some(if roll < f.failure_rate / 2.0 {
+            let share = f.throttle_share.unwrap_or(0.5).clamp(0.0, 1.0);
+            Some(if roll < f.failure_rate * share {
                 429
             } else {
                 500

@@ -3,6 +3,8 @@
 
 pub mod store;
 
+use crate::chain::ExportTarget;
+use crate::customvision::{Iteration, IterationPerformance, Project};
 use crate::notification::{Encoding, Notification, Parsed, unwrap_text};
 use crate::redact::{redact, url_without_secrets};
 use crate::storage::table::{Entity, is_valid_key};
@@ -10,6 +12,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
 
 /// Rejected messages live in their own partition, apart from any project.
 pub const REJECTED_PARTITION: &str = "_rejected";
@@ -169,6 +172,100 @@ pub fn notification_row(received: &Received, parsed: &Parsed) -> HistoryRow {
         row_key: safe_key(row_key),
         properties: p,
     }
+}
+
+/// Adds what Custom Vision reports about a trained iteration to its Training row.
+pub fn enrich_training(
+    row: &mut HistoryRow,
+    project: Option<&Project>,
+    iteration: Option<&Iteration>,
+    performance: Option<&IterationPerformance>,
+) {
+    let p = &mut row.properties;
+    if let Some(project) = project {
+        p.insert("ProjectName".into(), json!(truncate(&project.name, 256).0));
+    }
+    if let Some(it) = iteration {
+        p.insert("IterationName".into(), json!(truncate(&it.name, 256).0));
+        p.insert("IterationStatus".into(), json!(it.status));
+        if let Some(at) = it.trained_at.as_deref().and_then(parse_service_time) {
+            p.insert("TrainedAt".into(), json!(table_datetime(at)));
+            p.insert("TrainedAt@odata.type".into(), json!("Edm.DateTime"));
+        }
+        if let Some(m) = it.training_time_in_minutes {
+            p.insert("TrainingTimeInMinutes".into(), json!(m));
+        }
+        if let Some(d) = it.domain_id {
+            p.insert("DomainId".into(), json!(d.to_string()));
+        }
+        if let Some(t) = &it.training_type {
+            p.insert("TrainingType".into(), json!(t));
+        }
+        p.insert("Exportable".into(), json!(it.exportable));
+        p.insert("ExportableTo".into(), json!(it.exportable_to.join(",")));
+    }
+    if let Some(perf) = performance {
+        for (name, v) in [
+            ("Precision", perf.precision),
+            ("Recall", perf.recall),
+            ("AveragePrecision", perf.average_precision),
+        ] {
+            if let Some(v) = v.filter(|v| v.is_finite()) {
+                p.insert(name.into(), json!(v));
+                p.insert(format!("{name}@odata.type"), json!("Edm.Double"));
+            }
+        }
+    }
+}
+
+/// The service writes RFC 3339 times.
+pub fn parse_service_time(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+/// The row key of an export step: one row per chain entry of an iteration.
+pub fn step_row_key(iteration: Uuid, target: &ExportTarget) -> String {
+    safe_key(format!("ExportStep_{iteration}_{}", target.key()))
+}
+
+/// Row keys of an iteration's export steps lie in `[prefix, prefix_end)`.
+pub fn step_key_range(iteration: Uuid) -> (String, String) {
+    (
+        format!("ExportStep_{iteration}_"),
+        format!("ExportStep_{iteration}`"),
+    )
+}
+
+/// A new export step row.
+pub fn step_row(
+    project: Uuid,
+    iteration: Uuid,
+    position: usize,
+    target: &ExportTarget,
+    status: &str,
+) -> HistoryRow {
+    let mut p = Entity::new();
+    p.insert("EventType".into(), json!("ExportStep"));
+    p.insert("ProjectId".into(), json!(project.to_string()));
+    p.insert("IterationId".into(), json!(iteration.to_string()));
+    p.insert("Platform".into(), json!(target.platform));
+    p.insert(
+        "Flavor".into(),
+        json!(target.flavor.clone().unwrap_or_default()),
+    );
+    p.insert("ChainPosition".into(), json!(position + 1));
+    p.insert("Status".into(), json!(status));
+    HistoryRow {
+        partition_key: project.to_string(),
+        row_key: step_row_key(iteration, target),
+        properties: p,
+    }
+}
+
+/// A time property with its `Edm.DateTime` annotation.
+pub fn time_property(p: &mut Entity, name: &str, at: OffsetDateTime) {
+    p.insert(name.into(), json!(table_datetime(at)));
+    p.insert(format!("{name}@odata.type"), json!("Edm.DateTime"));
 }
 
 /// The row for a message that was rejected (it is also copied to the poison queue).

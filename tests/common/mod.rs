@@ -273,3 +273,134 @@ pub fn fixture(name: &str) -> String {
     )
     .unwrap()
 }
+
+/// Plays the Functions host's queue trigger against a running handler: receives messages with a
+/// visibility lease, POSTs each as the host does, deletes on 2xx, leaves it for a retry on
+/// non-2xx, and moves it to `<queue>-poison` once `DequeueCount` reaches `max_dequeue`.
+pub struct HostEmulator {
+    pub queue: azure_storage_queue::QueueClient,
+    pub poison: azure_storage_queue::QueueClient,
+    pub handler_url: String,
+    pub http: reqwest::Client,
+    pub max_dequeue: i64,
+    /// How many times each message is POSTed before it is deleted (1 = the host's normal case;
+    /// more plays redeliveries).
+    pub deliveries: u32,
+    pub visibility_seconds: i32,
+}
+
+/// What a pump did.
+#[derive(Debug, Default, Clone)]
+pub struct PumpStats {
+    pub posts: u32,
+    pub failures: u32,
+    pub completed: u32,
+    pub poisoned: u32,
+}
+
+impl HostEmulator {
+    pub fn new(
+        clients: &cvchain::storage::connection::StorageClients,
+        queue: &str,
+        handler_url: String,
+    ) -> Self {
+        Self {
+            queue: clients.queue(queue).unwrap(),
+            poison: clients.queue(&format!("{queue}-poison")).unwrap(),
+            handler_url,
+            http: reqwest::Client::new(),
+            max_dequeue: 5,
+            deliveries: 1,
+            visibility_seconds: 2,
+        }
+    }
+
+    /// One receive-and-deliver round; returns how many messages it saw.
+    pub async fn round(&self, stats: &mut PumpStats) -> usize {
+        use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
+        let got = match self
+            .queue
+            .receive_messages(Some(QueueClientReceiveMessagesOptions {
+                number_of_messages: Some(16),
+                visibility_timeout: Some(self.visibility_seconds),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(rsp) => rsp.into_model().unwrap(),
+            Err(e) if e.http_status() == Some(azure_core::http::StatusCode::NotFound) => {
+                return 0;
+            }
+            Err(e) => panic!("receive: {e}"),
+        };
+        let messages = got.items.unwrap_or_default();
+        let n = messages.len();
+        for m in messages {
+            let text = m.message_text.clone().unwrap_or_default();
+            let id = m.message_id.clone().unwrap_or_default();
+            let pop = m.pop_receipt.clone().unwrap_or_default();
+            let count = m.dequeue_count.unwrap_or(1);
+            let mut ok = false;
+            for extra in 0..self.deliveries {
+                let body = host_envelope(&text, &id, (count as u32) + extra);
+                let rsp = self
+                    .http
+                    .post(format!("{}/CustomVisionNotification", self.handler_url))
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(body)
+                    .send()
+                    .await;
+                stats.posts += 1;
+                ok = matches!(&rsp, Ok(r) if r.status().is_success());
+                if !ok {
+                    stats.failures += 1;
+                    break;
+                }
+            }
+            if ok {
+                self.queue.delete_message(&id, &pop, None).await.unwrap();
+                stats.completed += 1;
+            } else if count >= self.max_dequeue {
+                cvchain::storage::queue::send_text(&self.poison, &text)
+                    .await
+                    .unwrap();
+                self.queue.delete_message(&id, &pop, None).await.unwrap();
+                stats.poisoned += 1;
+            }
+        }
+        n
+    }
+
+    /// Pumps until `done()` holds after a round, or `timeout` passes.
+    pub async fn pump_until<F, Fut>(&self, timeout: Duration, mut done: F) -> PumpStats
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut stats = PumpStats::default();
+        let start = Instant::now();
+        loop {
+            let n = self.round(&mut stats).await;
+            if done().await {
+                return stats;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "gave up after {timeout:?}: {stats:?}"
+            );
+            if n == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The stand-in's call log over HTTP, as any client would read it.
+pub async fn standin_calls(endpoint: &str) -> cvchain::customvision::standin::CallLog {
+    reqwest::get(format!("{endpoint}/_standin/calls"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

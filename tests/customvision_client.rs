@@ -1,0 +1,309 @@
+//! The Training API client against the Custom Vision stand-in, over HTTP: operations, both error
+//! shapes, retries that honour Retry-After, timeouts, the rate limit, and no key in any error.
+
+mod common;
+
+use cvchain::customvision::{
+    CvError, Iteration, TrainingApi,
+    client::{CvAuth, CvRetry, TrainingClient},
+    codes,
+    standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig},
+};
+use std::time::Duration;
+use url::Url;
+use uuid::Uuid;
+
+const KEY: &str = "standin-key-0123456789";
+
+async fn standin() -> Standin {
+    Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        train_delay: Duration::from_millis(20),
+        export_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn client(s: &Standin, retry: CvRetry, rps: u32) -> TrainingClient {
+    TrainingClient::new(
+        &Url::parse(&s.endpoint()).unwrap(),
+        CvAuth::Key(azure_core::credentials::Secret::new(KEY)),
+        rps,
+        retry,
+    )
+}
+
+fn quick() -> CvRetry {
+    CvRetry {
+        max_attempts: 6,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_secs(2),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Creates a project on a compact domain and trains it, through the stand-in's REST API.
+async fn trained(s: &Standin, c: &TrainingClient, domain: &str) -> (Uuid, Iteration) {
+    let http = reqwest::Client::new();
+    let base = format!("{}/customvision/v3.3/Training", s.endpoint());
+    let project: serde_json::Value = http
+        .post(format!("{base}/projects?name=Widgets&domainId={domain}"))
+        .header("Training-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = Uuid::parse_str(project["id"].as_str().unwrap()).unwrap();
+    let it: serde_json::Value = http
+        .post(format!("{base}/projects/{pid}/train"))
+        .header("Training-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let iid = Uuid::parse_str(it["id"].as_str().unwrap()).unwrap();
+    for _ in 0..200 {
+        let it = c.get_iteration(pid, iid).await.unwrap();
+        if it.status == "Completed" {
+            return (pid, it);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("training never completed");
+}
+
+#[tokio::test]
+async fn operations_follow_the_spec() {
+    let s = standin().await;
+    let c = client(&s, quick(), 100);
+    let (pid, it) = trained(&s, &c, COMPACT_DOMAIN).await;
+    assert!(it.exportable);
+    assert!(it.can_export_to("onnx"));
+    assert!(it.trained_at.is_some());
+
+    let project = c.get_project(pid).await.unwrap();
+    assert_eq!(project.name, "Widgets");
+    let perf = c.get_iteration_performance(pid, it.id).await.unwrap();
+    assert!(perf.precision.unwrap() > 0.0);
+    assert!(c.get_exports(pid, it.id).await.unwrap().is_empty());
+
+    let e = c
+        .export_iteration(pid, it.id, "tensorflow", Some("tensorflowlite"))
+        .await
+        .unwrap();
+    assert_eq!(e.status, "Exporting");
+    assert_eq!(e.platform, "TensorFlow");
+    assert_eq!(e.flavor.as_deref(), Some("TensorFlowLite"));
+    // The same export again: the service's documented refusal.
+    let err = c
+        .export_iteration(pid, it.id, "TensorFlow", Some("TensorFlowLite"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(codes::EXPORT_ALREADY_IN_PROGRESS));
+    assert!(!err.is_transient());
+
+    // It finishes on its own.
+    let mut done = false;
+    for _ in 0..200 {
+        let exports = c.get_exports(pid, it.id).await.unwrap();
+        if exports.iter().any(|e| e.is_done()) {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(done);
+
+    assert!(
+        c.publish_iteration(
+            pid,
+            it.id,
+            "prod",
+            "/subscriptions/x/resourceGroups/g/providers/Microsoft.CognitiveServices/accounts/p"
+        )
+        .await
+        .unwrap()
+    );
+    let err = c
+        .publish_iteration(pid, it.id, "prod", "/subscriptions/x")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(codes::ITERATION_IS_PUBLISHED));
+    assert_eq!(
+        c.get_iteration(pid, it.id)
+            .await
+            .unwrap()
+            .publish_name
+            .as_deref(),
+        Some("prod")
+    );
+}
+
+#[tokio::test]
+async fn requests_the_spec_forbids_get_the_services_errors() {
+    let s = standin().await;
+    let c = client(&s, quick(), 100);
+    let (pid, it) = trained(&s, &c, COMPACT_DOMAIN).await;
+    for (platform, flavor, code) in [
+        ("Caffe", None, "BadRequestExportValidationFailed"),
+        ("ONNX", Some("ONNX99"), "BadRequestExportValidationFailed"),
+        ("VAIDK", None, codes::UNSUPPORTED_EXPORT_PLATFORM),
+    ] {
+        let err = c
+            .export_iteration(pid, it.id, platform, flavor)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(code), "{platform} {flavor:?}: {err}");
+    }
+    let missing = Uuid::new_v4();
+    let err = c.get_iteration(pid, missing).await.unwrap_err();
+    assert_eq!(err.code(), Some(codes::NOT_FOUND_ITERATION));
+    assert!(err.is_not_found() && !err.is_transient());
+    let err = c.get_project(missing).await.unwrap_err();
+    assert_eq!(err.code(), Some(codes::NOT_FOUND_PROJECT));
+
+    // A non-compact domain exports nothing.
+    let (pid, it) = trained(&s, &c, "ee85a74c-405e-4adc-bb47-ffa8ca0c9f31").await;
+    assert!(!it.exportable);
+    let err = c
+        .export_iteration(pid, it.id, "ONNX", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(codes::UNSUPPORTED_EXPORT_PLATFORM));
+
+    // A missing required parameter, straight over HTTP.
+    let rsp = reqwest::Client::new()
+        .post(format!(
+            "{}/customvision/v3.3/training/projects/{pid}/iterations/{}/export",
+            s.endpoint(),
+            it.id
+        ))
+        .header("Training-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 400);
+    let body: serde_json::Value = rsp.json().await.unwrap();
+    assert_eq!(body["code"], "BadRequestRequiredParamIsNull");
+}
+
+#[tokio::test]
+async fn a_wrong_key_gets_the_gateway_error_without_echoing_the_key() {
+    let s = standin().await;
+    let c = TrainingClient::new(
+        &Url::parse(&s.endpoint()).unwrap(),
+        CvAuth::Key(azure_core::credentials::Secret::new("wrong-key-abcdef")),
+        10,
+        quick(),
+    );
+    let err = c.get_project(Uuid::new_v4()).await.unwrap_err();
+    assert!(
+        matches!(&err, CvError::Service { status: 401, code, .. } if code == "401"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("Access denied"));
+    assert!(!err.to_string().contains("wrong-key-abcdef"));
+    assert!(!format!("{err:?}").contains("wrong-key-abcdef"));
+    assert!(!format!("{c:?}").contains("wrong-key-abcdef"));
+}
+
+#[tokio::test]
+async fn failures_are_retried_and_retry_after_is_honoured() {
+    let s = standin().await;
+    let c = client(&s, quick(), 100);
+    let (pid, it) = trained(&s, &c, COMPACT_DOMAIN).await;
+    s.set_faults(Faults {
+        failure_rate: 0.5,
+        retry_after_seconds: 0,
+        ..Default::default()
+    });
+    for _ in 0..20 {
+        c.get_iteration(pid, it.id).await.unwrap();
+    }
+    let calls = s.calls();
+    assert!(calls.faults["GetIteration"] > 0, "{:?}", calls.faults);
+
+    // Every answer a 429 with Retry-After: 1 → the client waits a second between attempts.
+    s.set_faults(Faults {
+        failure_rate: 1.0,
+        throttle_share: Some(1.0),
+        retry_after_seconds: 1,
+        ..Default::default()
+    });
+    let before = s.calls().timeline_ms.len();
+    let retry = CvRetry {
+        max_attempts: 3,
+        ..quick()
+    };
+    let err = client(&s, retry, 100)
+        .get_exports(pid, it.id)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let timeline = s.calls().timeline_ms;
+    let attempts = &timeline[before..];
+    assert_eq!(attempts.len(), 3);
+    // The client's own backoff would be 10-20 ms; the header says one second.
+    for pair in attempts.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1000,
+            "Retry-After not honoured: {attempts:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn slow_answers_time_out() {
+    let s = standin().await;
+    let c = client(&s, quick(), 100);
+    let (pid, it) = trained(&s, &c, COMPACT_DOMAIN).await;
+    s.set_faults(Faults {
+        slow_rate: 1.0,
+        slow_ms: 3_000,
+        ..Default::default()
+    });
+    let retry = CvRetry {
+        max_attempts: 1,
+        timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    let err = client(&s, retry, 100)
+        .get_iteration(pid, it.id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CvError::Timeout { .. }), "{err:?}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_rate_limit() {
+    let s = standin().await;
+    let setup = client(&s, quick(), 100);
+    let (pid, it) = trained(&s, &setup, COMPACT_DOMAIN).await;
+    let c = client(&s, quick(), 5);
+    let before = s.calls().timeline_ms.len();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get_iteration(pid, it.id).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let timeline = s.calls().timeline_ms[before..].to_vec();
+    assert_eq!(timeline.len(), 12);
+    let mut sorted = timeline.clone();
+    sorted.sort();
+    // At 5 per second, any 6 consecutive calls span at least a second (less scheduling jitter).
+    for w in sorted.windows(6) {
+        assert!(w[5] - w[0] >= 950, "{sorted:?}");
+    }
+}
