@@ -47,6 +47,9 @@ pub enum Action {
     Chain { project: Uuid, iteration: Uuid },
 }
 
+/// A decision and the actions that carry it out.
+pub type Plan = (Decision, Vec<Action>);
+
 /// What the planner needs from the settings.
 #[derive(Debug, Clone, Default)]
 pub struct PlanConfig {
@@ -104,17 +107,14 @@ pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
 }
 
 /// Parses the message, or plans its rejection.
-pub fn parse_or_reject(
-    received: &Received,
-    config: &PlanConfig,
-) -> Result<Parsed, (Decision, Vec<Action>)> {
+pub fn parse_or_reject(received: &Received, config: &PlanConfig) -> Result<Parsed, Box<Plan>> {
     crate::notification::parse(&received.text).map_err(|e: ParseError| {
-        reject(
+        Box::new(reject(
             received,
             &e.to_string(),
             e.field().map(str::to_owned),
             config,
-        )
+        ))
     })
 }
 

@@ -149,7 +149,10 @@ impl Processor {
     pub async fn process(&self, received: &Received) -> Result<Outcome, ProcessError> {
         let parsed = match parse_or_reject(received, &self.config) {
             Ok(p) => p,
-            Err((decision, actions)) => return self.carry_out(decision, actions, None).await,
+            Err(rejection) => {
+                let (decision, actions) = *rejection;
+                return self.carry_out(decision, actions, None).await;
+            }
         };
         let observed = self.observe(&parsed.notification).await?;
         let (decision, actions) = plan_notification(received, &parsed, &observed, &self.config);

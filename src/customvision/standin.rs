@@ -49,6 +49,12 @@ pub const DOMAINS: &[(&str, &str, bool)] = &[
 ];
 pub const COMPACT_DOMAIN: &str = "0732100f-1a38-4e49-a514-c9b44c697ab5";
 const EXPORTABLE_TO: &[&str] = &["ONNX", "DockerFile", "TensorFlow", "CoreML"];
+/// Blob names in URLs: everything but RFC 3986 unreserved characters escaped.
+const URL_PATH_ESCAPE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 /// Where models live when a project has no backup container (the service's own storage).
 pub const INTERNAL_CONTAINER: &str = "standin-exports";
 
@@ -1069,11 +1075,8 @@ async fn finish_export(
         // The backup in the user's container, named as the documentation says.
         model_uri = match (&container, &container_url) {
             (Some(c), Some(curl)) => upload(storage, c, &blob_name, &body).await.map(|_| {
-                let enc: String = percent_encoding::utf8_percent_encode(
-                    &blob_name,
-                    percent_encoding::NON_ALPHANUMERIC,
-                )
-                .to_string();
+                let enc: String =
+                    percent_encoding::utf8_percent_encode(&blob_name, URL_PATH_ESCAPE).to_string();
                 format!("{curl}/{enc}")
             }),
             _ => Some(download_uri.clone()),

@@ -57,7 +57,7 @@ fn plan_text(text: &str, observed: &Observed, config: &PlanConfig) -> (Decision,
     let r = received(text);
     match parse_or_reject(&r, config) {
         Ok(parsed) => plan_notification(&r, &parsed, observed, config),
-        Err(rejection) => rejection,
+        Err(rejection) => *rejection,
     }
 }
 

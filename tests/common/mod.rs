@@ -287,6 +287,8 @@ pub struct HostEmulator {
     /// more plays redeliveries).
     pub deliveries: u32,
     pub visibility_seconds: i32,
+    /// Every message completed, as (text, id), in order.
+    pub completed: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// What a pump did.
@@ -312,6 +314,7 @@ impl HostEmulator {
             max_dequeue: 5,
             deliveries: 1,
             visibility_seconds: 2,
+            completed: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -359,6 +362,10 @@ impl HostEmulator {
             }
             if ok {
                 self.queue.delete_message(&id, &pop, None).await.unwrap();
+                self.completed
+                    .lock()
+                    .unwrap()
+                    .push((text.clone(), id.clone()));
                 stats.completed += 1;
             } else if count >= self.max_dequeue {
                 cvchain::storage::queue::send_text(&self.poison, &text)
@@ -369,6 +376,19 @@ impl HostEmulator {
             }
         }
         n
+    }
+
+    /// POSTs a message again, as a redelivery would; returns the HTTP status.
+    pub async fn redeliver(&self, text: &str, id: &str, dequeue_count: u32) -> u16 {
+        self.http
+            .post(format!("{}/CustomVisionNotification", self.handler_url))
+            .header("content-type", "application/json; charset=utf-8")
+            .body(host_envelope(text, id, dequeue_count))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 
     /// Pumps until `done()` holds after a round, or `timeout` passes.

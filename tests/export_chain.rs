@@ -1,0 +1,314 @@
+//! End to end: Azurite, the Custom Vision stand-in and `cvchain serve`, driven exactly as the
+//! Functions host drives it (messages taken from the queue, POSTed in the host's envelope,
+//! deleted on 2xx, retried on anything else).
+
+mod common;
+
+use common::{Azurite, Handler, HostEmulator, standin_calls, unique};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
+use cvchain::storage::{connection::StorageClients, table::StoredEntity};
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+const KEY: &str = "e2e-training-key-5f3c";
+const CHAIN: &str = "ONNX, TensorFlow:TensorFlowLite, DockerFile:Linux";
+
+struct World {
+    azurite: Azurite,
+    standin: Standin,
+    _handler: Handler,
+    host: HostEmulator,
+    table: String,
+    project: Uuid,
+}
+
+async fn world(faults: Option<Faults>, chain: &str) -> World {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let queue = unique("cvq");
+    let table = unique("History");
+    let standin = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(100),
+        export_delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let handler = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_QUEUE", queue.clone()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+        ("CVCHAIN_EXPORTS", chain.into()),
+    ]);
+    let host = HostEmulator::new(&clients, &queue, handler.url(""));
+    if let Some(f) = faults {
+        standin.set_faults(f);
+    }
+    // The user's set-up: a project on a compact domain wired to the queue and a backup
+    // container, then a training run.
+    let http = reqwest::Client::new();
+    let base = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let queue_uri = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/{queue}",
+        azurite.queue_port
+    );
+    let container_uri = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
+        azurite.blob_port
+    );
+    let mut project = None;
+    // The stand-in may be injecting faults: retry the set-up calls like any client would.
+    for _ in 0..50 {
+        let rsp = http
+            .post(format!("{base}/projects"))
+            .query(&[
+                ("name", "Widgets"),
+                ("domainId", COMPACT_DOMAIN),
+                ("notificationQueueUri", &queue_uri),
+                ("exportModelContainerUri", &container_uri),
+            ])
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        if rsp.status().is_success() {
+            let v: Value = rsp.json().await.unwrap();
+            project = Some(Uuid::parse_str(v["id"].as_str().unwrap()).unwrap());
+            break;
+        }
+    }
+    let project = project.expect("CreateProject");
+    for _ in 0..50 {
+        let rsp = http
+            .post(format!("{base}/projects/{project}/train"))
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        if rsp.status().is_success() {
+            break;
+        }
+    }
+    World {
+        azurite,
+        standin,
+        _handler: handler,
+        host,
+        table,
+        project,
+    }
+}
+
+impl World {
+    async fn rows(&self) -> Vec<StoredEntity> {
+        let clients = StorageClients::new(&self.azurite.storage_settings()).unwrap();
+        let table = clients.table(&self.table).unwrap();
+        // Before the first message the table does not exist yet.
+        table.query(None, 10_000).await.unwrap_or_default()
+    }
+
+    async fn rows_of(&self, event: &str) -> Vec<StoredEntity> {
+        let mut rows: Vec<StoredEntity> = self
+            .rows()
+            .await
+            .into_iter()
+            .filter(|r| r.entity["EventType"] == event)
+            .collect();
+        rows.sort_by_key(|r| r.entity["RowKey"].as_str().unwrap_or_default().to_owned());
+        rows
+    }
+
+    /// Pumps until the chain has ended: every export's notification recorded.
+    async fn run_chain(&self, exports: usize, timeout: Duration) -> common::PumpStats {
+        self.host
+            .pump_until(timeout, || async {
+                let steps = self.rows_of("ExportStep").await;
+                let ended = steps
+                    .iter()
+                    .filter(|r| matches!(r.entity["Status"].as_str(), Some("Done" | "Failed")))
+                    .count();
+                ended == exports && self.rows_of("Export").await.len() == exports
+            })
+            .await
+    }
+}
+
+fn accepted(calls: &cvchain::customvision::standin::CallLog) -> Vec<(String, Option<String>)> {
+    calls
+        .exports
+        .iter()
+        .filter(|e| e.outcome == "accepted")
+        .map(|e| (e.platform.clone(), e.flavor.clone()))
+        .collect()
+}
+
+fn expected_order() -> Vec<(String, Option<String>)> {
+    vec![
+        ("ONNX".into(), None),
+        ("TensorFlow".into(), Some("TensorFlowLite".into())),
+        ("DockerFile".into(), Some("Linux".into())),
+    ]
+}
+
+#[tokio::test]
+async fn training_runs_the_three_exports_in_order_exactly_once() {
+    let w = world(None, CHAIN).await;
+    let stats = w.run_chain(3, Duration::from_secs(60)).await;
+    assert_eq!(stats.failures, 0, "{stats:?}");
+
+    let calls = standin_calls(&w.standin.endpoint()).await;
+    assert_eq!(
+        calls.counts.get("ExportIteration"),
+        Some(&3),
+        "{:?}",
+        calls.exports
+    );
+    assert_eq!(accepted(&calls), expected_order());
+
+    // The training row, enriched from GetIteration, GetIterationPerformance and GetProject.
+    let training = w.rows_of("Training").await;
+    assert_eq!(training.len(), 1);
+    let t = &training[0].entity;
+    assert_eq!(t["PartitionKey"], w.project.to_string());
+    assert_eq!(t["Status"], "TrainingCompleted");
+    assert_eq!(t["ProjectName"], "Widgets");
+    assert_eq!(t["IterationName"], "Iteration 1");
+    assert_eq!(t["TrainingTimeInMinutes"], 1);
+    assert_eq!(t["DomainId"], COMPACT_DOMAIN);
+    assert!(t["TrainedAt"].as_str().unwrap().ends_with('Z'));
+    for m in ["Precision", "Recall", "AveragePrecision"] {
+        let v = t[m].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{m}={v}");
+    }
+    assert_eq!(t["ChainStatus"], "requested ONNX");
+
+    // One row per export, in chain order, with when it was requested and when it ended.
+    let steps = w.rows_of("ExportStep").await;
+    assert_eq!(steps.len(), 3);
+    let mut by_position: Vec<&serde_json::Map<String, Value>> =
+        steps.iter().map(|s| &s.entity).collect();
+    by_position.sort_by_key(|e| e["ChainPosition"].as_i64());
+    for (e, (platform, flavor)) in by_position.iter().zip(expected_order()) {
+        assert_eq!(e["Platform"], platform.as_str());
+        assert_eq!(e["Flavor"], flavor.unwrap_or_default().as_str());
+        assert_eq!(e["Status"], "Done");
+        let requested = e["RequestedAt"].as_str().unwrap();
+        let ended = e["EndedAt"].as_str().unwrap();
+        assert!(requested <= ended, "{requested} > {ended}");
+    }
+
+    // Each export's notification has its row, and the last one says the chain is complete.
+    let exports = w.rows_of("Export").await;
+    assert_eq!(exports.len(), 3);
+    let statuses: Vec<&str> = exports
+        .iter()
+        .map(|r| r.entity["ChainStatus"].as_str().unwrap())
+        .collect();
+    assert!(statuses.contains(&"complete"), "{statuses:?}");
+    assert!(
+        statuses.contains(&"requested TensorFlow:TensorFlowLite"),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&"requested DockerFile:Linux"),
+        "{statuses:?}"
+    );
+    assert_eq!(w.rows_of("ConnectionTest").await.len(), 1);
+
+    if std::env::var("CVCHAIN_SHOW_ROWS").is_ok() {
+        for r in w.rows().await {
+            eprintln!("{}", serde_json::to_string(&r.entity).unwrap());
+        }
+    }
+    // Every message delivered twice more, as the host may: nothing changes, not even an ETag.
+    let before = w.rows().await;
+    let messages = w.host.completed.lock().unwrap().clone();
+    assert_eq!(
+        messages.len(),
+        5,
+        "ConnectionTest, Training and three Exports"
+    );
+    for (text, id) in &messages {
+        for count in [2, 3] {
+            assert_eq!(w.host.redeliver(text, id, count).await, 200);
+        }
+    }
+    assert_eq!(w.rows().await, before);
+    let calls = standin_calls(&w.standin.endpoint()).await;
+    assert_eq!(calls.counts.get("ExportIteration"), Some(&3));
+}
+
+#[tokio::test]
+async fn a_flaky_custom_vision_and_triple_deliveries_still_export_each_entry_once() {
+    let faults = Faults {
+        failure_rate: 0.2,
+        retry_after_seconds: 0,
+        ..Default::default()
+    };
+    let mut w = world(Some(faults), CHAIN).await;
+    w.host.deliveries = 3;
+    w.run_chain(3, Duration::from_secs(120)).await;
+    let calls = standin_calls(&w.standin.endpoint()).await;
+    assert!(
+        calls.faults.values().sum::<u64>() > 0,
+        "the stand-in should have injected faults: {:?}",
+        calls.counts
+    );
+    // Retries, but no export requested twice: each accepted exactly once, in order.
+    assert_eq!(accepted(&calls), expected_order(), "{:?}", calls.exports);
+    let steps = w.rows_of("ExportStep").await;
+    assert_eq!(steps.len(), 3);
+    assert!(steps.iter().all(|s| s.entity["Status"] == "Done"));
+    assert_eq!(w.rows_of("Training").await.len(), 1);
+    assert_eq!(w.rows_of("Export").await.len(), 3);
+}
+
+#[tokio::test]
+async fn skipped_and_failed_exports_are_recorded_and_the_chain_moves_on() {
+    // VAIDK is not in the stand-in's exportableTo; ONNX exports fail.
+    let faults = Faults {
+        fail_export_platforms: vec!["ONNX".into()],
+        ..Default::default()
+    };
+    let w = world(Some(faults), "VAIDK, ONNX, CoreML").await;
+    w.host
+        .pump_until(Duration::from_secs(60), || async {
+            let steps = w.rows_of("ExportStep").await;
+            steps.len() == 3
+                && steps.iter().all(|s| {
+                    matches!(
+                        s.entity["Status"].as_str(),
+                        Some("Done" | "Failed" | "Skipped")
+                    )
+                })
+                && w.rows_of("Export").await.len() == 2
+        })
+        .await;
+    let steps = w.rows_of("ExportStep").await;
+    let status = |platform: &str| {
+        steps
+            .iter()
+            .find(|s| s.entity["Platform"] == platform)
+            .map(|s| s.entity["Status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status("VAIDK").as_deref(), Some("Skipped"));
+    assert_eq!(status("ONNX").as_deref(), Some("Failed"));
+    assert_eq!(status("CoreML").as_deref(), Some("Done"));
+    let calls = standin_calls(&w.standin.endpoint()).await;
+    assert_eq!(
+        accepted(&calls),
+        vec![("ONNX".to_owned(), None), ("CoreML".to_owned(), None)]
+    );
+    let failed: Vec<StoredEntity> = w
+        .rows_of("Export")
+        .await
+        .into_iter()
+        .filter(|r| r.entity["Status"] == "ExportFailed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+}
