@@ -307,3 +307,59 @@ async fn concurrent_calls_share_one_rate_limit() {
         assert!(w[5] - w[0] >= 950, "{sorted:?}");
     }
 }
+
+#[tokio::test]
+async fn microsoft_entra_id_tokens_are_sent_over_https_for_the_cognitive_services_scope() {
+    let ca = common::TestCa::generate();
+    let s = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        tls: Some((ca.cert.clone(), ca.key.clone())),
+        accept_bearer: Some("token-for:https://cognitiveservices.azure.com/.default".into()),
+        train_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(s.endpoint().starts_with("https://"));
+    let cred = std::sync::Arc::new(common::RecordingCredential::default());
+    let c = TrainingClient::with_transport(
+        &Url::parse(&s.endpoint()).unwrap(),
+        CvAuth::Token(cred.clone()),
+        10,
+        quick(),
+        Some(ca.transport()),
+    );
+    // The key client sets up a project; the token client reads it.
+    let key_client = TrainingClient::with_transport(
+        &Url::parse(&s.endpoint()).unwrap(),
+        CvAuth::Key(azure_core::credentials::Secret::new(KEY)),
+        10,
+        quick(),
+        Some(ca.transport()),
+    );
+    let http = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca.ca_cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let project: serde_json::Value = http
+        .post(format!(
+            "{}/customvision/v3.3/training/projects?name=Tokens&domainId={COMPACT_DOMAIN}",
+            s.endpoint()
+        ))
+        .header("Training-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = Uuid::parse_str(project["id"].as_str().unwrap()).unwrap();
+    assert_eq!(c.get_project(pid).await.unwrap().name, "Tokens");
+    assert_eq!(key_client.get_project(pid).await.unwrap().name, "Tokens");
+    assert_eq!(
+        cred.scopes.lock().unwrap().first().map(String::as_str),
+        Some("https://cognitiveservices.azure.com/.default")
+    );
+}

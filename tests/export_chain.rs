@@ -24,6 +24,10 @@ struct World {
 }
 
 async fn world(faults: Option<Faults>, chain: &str) -> World {
+    world_with(faults, chain, &[]).await
+}
+
+async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)]) -> World {
     let azurite = Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let queue = unique("cvq");
@@ -37,14 +41,16 @@ async fn world(faults: Option<Faults>, chain: &str) -> World {
     })
     .await
     .unwrap();
-    let handler = Handler::start(&[
+    let mut env = vec![
         ("CVCHAIN_STORAGE", azurite.connection_string()),
         ("CVCHAIN_QUEUE", queue.clone()),
         ("CVCHAIN_HISTORY_TABLE", table.clone()),
         ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
         ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
         ("CVCHAIN_EXPORTS", chain.into()),
-    ]);
+    ];
+    env.extend(extra.iter().cloned());
+    let handler = Handler::start(&env);
     let host = HostEmulator::new(&clients, &queue, handler.url(""));
     if let Some(f) = faults {
         standin.set_faults(f);
@@ -311,4 +317,45 @@ async fn skipped_and_failed_exports_are_recorded_and_the_chain_moves_on() {
         .filter(|r| r.entity["Status"] == "ExportFailed")
         .collect();
     assert_eq!(failed.len(), 1);
+}
+
+#[tokio::test]
+async fn training_completed_publishes_the_iteration_once() {
+    let prediction =
+        "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/pred";
+    let mut w = world_with(
+        None,
+        "ONNX",
+        &[
+            ("CVCHAIN_PUBLISH_NAME", "production".into()),
+            ("CVCHAIN_PREDICTION_RESOURCE_ID", prediction.into()),
+        ],
+    )
+    .await;
+    w.host.deliveries = 2;
+    w.run_chain(1, Duration::from_secs(60)).await;
+    let training = w.rows_of("Training").await;
+    assert_eq!(
+        training[0].entity["PublishStatus"],
+        "published as production"
+    );
+    let calls = standin_calls(&w.standin.endpoint()).await;
+    // The redelivery found the iteration published and did not ask again.
+    assert_eq!(calls.counts.get("PublishIteration"), Some(&1));
+    let iteration: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/customvision/v3.3/training/projects/{}/iterations/{}",
+            w.standin.endpoint(),
+            w.project,
+            training[0].entity["IterationId"].as_str().unwrap()
+        ))
+        .header("Training-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(iteration["publishName"], "production");
+    assert_eq!(iteration["originalPublishResourceId"], prediction);
 }

@@ -120,6 +120,17 @@ pub fn api_base(endpoint: &Url) -> Url {
 
 impl TrainingClient {
     pub fn new(endpoint: &Url, auth: CvAuth, max_rps: u32, retry: CvRetry) -> Self {
+        Self::with_transport(endpoint, auth, max_rps, retry, None)
+    }
+
+    /// As `new`, over a given HTTP transport (a client that trusts a test CA, a proxy…).
+    pub fn with_transport(
+        endpoint: &Url,
+        auth: CvAuth,
+        max_rps: u32,
+        retry: CvRetry,
+        transport: Option<azure_core::http::Transport>,
+    ) -> Self {
         let mut per_try: Vec<Arc<dyn Policy>> = Vec::new();
         match auth {
             CvAuth::Key(key) => per_try.push(Arc::new(TrainingKeyPolicy(key))),
@@ -132,6 +143,7 @@ impl TrainingClient {
             // Retries are ours: they honour Retry-After, count against the rate limit and stop
             // at the per-call budget.
             retry: RetryOptions::none(),
+            transport,
             ..Default::default()
         };
         let pipeline = Pipeline::new(

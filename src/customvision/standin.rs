@@ -72,6 +72,11 @@ pub struct StandinConfig {
     pub base64_messages: bool,
     pub model_size: usize,
     pub seed: u64,
+    /// Serve https with this PEM certificate chain and key (for Microsoft Entra ID clients,
+    /// which send tokens only over https).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A Bearer token to accept besides the key (any other token is refused).
+    pub accept_bearer: Option<String>,
 }
 
 impl std::fmt::Debug for StandinConfig {
@@ -93,6 +98,8 @@ impl Default for StandinConfig {
             base64_messages: false,
             model_size: 64 * 1024,
             seed: 7,
+            tls: None,
+            accept_bearer: None,
         }
     }
 }
@@ -198,13 +205,24 @@ impl Standin {
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let tls = match &shared.config.tls {
+            Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+            None => None,
+        };
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = rx.await;
+                        })
+                        .await;
+                });
+            }
+            Some(acceptor) => {
+                tokio::spawn(serve_tls(listener, app, acceptor, rx));
+            }
+        }
         Ok(Self {
             addr,
             shared,
@@ -214,7 +232,12 @@ impl Standin {
 
     /// The endpoint to give cvchain as `CUSTOM_VISION_ENDPOINT`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn training_key(&self) -> &str {
@@ -234,6 +257,54 @@ impl Drop for Standin {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+    }
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| invalid(format!("{}: {e}", cert.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| invalid(format!("{}: {e}", key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| invalid(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// axum over rustls: one hyper HTTP/1 connection per accepted TLS stream.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
         }
     }
 }
@@ -316,11 +387,10 @@ async fn gate(State(s): State<S>, req: axum::extract::Request, next: Next) -> Re
         .or_else(|| req.headers().get("ocp-apim-subscription-key"))
         .and_then(|v| v.to_str().ok())
         .is_some_and(|k| k == s.config.training_key);
-    let bearer = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("Bearer ") && v.len() > 7);
+    let bearer = match (&s.config.accept_bearer, req.headers().get("authorization")) {
+        (Some(token), Some(v)) => v.to_str().ok() == Some(format!("Bearer {token}").as_str()),
+        _ => false,
+    };
     let (fault, slow, retry_after) = {
         let mut st = s.state.lock().expect("state");
         *st.calls.counts.entry(op.to_owned()).or_default() += 1;

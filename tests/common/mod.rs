@@ -424,3 +424,127 @@ pub async fn standin_calls(endpoint: &str) -> cvchain::customvision::standin::Ca
         .await
         .unwrap()
 }
+
+/// A small CA and a leaf certificate for 127.0.0.1 (CA:FALSE, as rustls wants), made with the
+/// `openssl` command line.
+pub struct TestCa {
+    _dir: tempfile::TempDir,
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name);
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("the openssl command line");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cvchain test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        run(&ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&csr);
+        std::fs::write(
+            p("leaf.ext"),
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ]);
+        Self {
+            ca_cert: p("ca.pem"),
+            cert: p("leaf.pem"),
+            key: p("leaf.key"),
+            _dir: dir,
+        }
+    }
+
+    /// An `azure_core` transport whose HTTP client trusts this CA.
+    pub fn transport(&self) -> azure_core::http::Transport {
+        let pem = std::fs::read(&self.ca_cert).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        azure_core::http::Transport::new(std::sync::Arc::new(client))
+    }
+}
+
+/// A token credential that hands out `token-for:<scopes>` and remembers what it was asked for.
+#[derive(Debug, Default)]
+pub struct RecordingCredential {
+    pub scopes: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for RecordingCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        let joined = scopes.join(" ");
+        self.scopes.lock().unwrap().push(joined.clone());
+        Ok(azure_core::credentials::AccessToken::new(
+            azure_core::credentials::Secret::new(format!("token-for:{joined}")),
+            azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+        ))
+    }
+}

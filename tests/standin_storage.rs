@@ -1,0 +1,241 @@
+//! The stand-in's storage integration against Azurite: the ConnectionTest on set-up, the
+//! documented notifications, the backup blob name, and a downloadUri whose SAS Azurite accepts.
+
+mod common;
+
+use base64::Engine as _;
+use common::{Azurite, unique};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig, model_bytes};
+use cvchain::notification::{Notification, parse};
+use cvchain::storage::connection::StorageClients;
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+const KEY: &str = "k";
+
+struct Setup {
+    azurite: Azurite,
+    standin: Standin,
+    clients: StorageClients,
+    queue: String,
+}
+
+async fn setup(base64_messages: bool) -> Setup {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let standin = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(20),
+        export_delay: Duration::from_millis(20),
+        base64_messages,
+        model_size: 10_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    Setup {
+        azurite,
+        standin,
+        clients,
+        queue: unique("sq"),
+    }
+}
+
+impl Setup {
+    fn api(&self, path: &str) -> String {
+        format!(
+            "{}/customvision/v3.3/training/{path}",
+            self.standin.endpoint()
+        )
+    }
+
+    async fn post(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        let rsp = reqwest::Client::new()
+            .post(self.api(path))
+            .query(query)
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert!(rsp.status().is_success(), "{path}: {}", rsp.status());
+        rsp.json().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        reqwest::Client::new()
+            .get(self.api(path))
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits for `n` messages on the queue and takes them.
+    async fn messages(&self, n: usize) -> Vec<String> {
+        use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
+        let q = self.clients.queue(&self.queue).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..300 {
+            if let Ok(rsp) = q
+                .receive_messages(Some(QueueClientReceiveMessagesOptions {
+                    number_of_messages: Some(32),
+                    ..Default::default()
+                }))
+                .await
+            {
+                let items = rsp.into_model().unwrap().items.unwrap_or_default();
+                for m in items {
+                    out.push(m.message_text.clone().unwrap_or_default());
+                    q.delete_message(
+                        m.message_id.as_deref().unwrap(),
+                        m.pop_receipt.as_deref().unwrap(),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+            if out.len() >= n {
+                return out;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("only {} of {n} messages arrived", out.len());
+    }
+
+    async fn project(&self, with_container: bool) -> Uuid {
+        let queue_uri = format!(
+            "http://127.0.0.1:{}/devstoreaccount1/{}",
+            self.azurite.queue_port, self.queue
+        );
+        let container_uri = format!(
+            "http://127.0.0.1:{}/devstoreaccount1/backups",
+            self.azurite.blob_port
+        );
+        let mut q = vec![
+            ("name", "Widgets"),
+            ("domainId", COMPACT_DOMAIN),
+            ("notificationQueueUri", queue_uri.as_str()),
+        ];
+        if with_container {
+            q.push(("exportModelContainerUri", container_uri.as_str()));
+        }
+        let p = self.post("projects", &q).await;
+        Uuid::parse_str(p["id"].as_str().unwrap()).unwrap()
+    }
+
+    async fn download(&self, container: &str, name: &str) -> Vec<u8> {
+        let blob = self
+            .clients
+            .blob_service()
+            .unwrap()
+            .blob_container_client(container)
+            .blob_client(name);
+        blob.download(None)
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+}
+
+#[tokio::test]
+async fn set_up_training_and_export_write_what_the_service_writes() {
+    let s = setup(false).await;
+    let pid = s.project(true).await;
+
+    let msgs = s.messages(1).await;
+    assert_eq!(
+        parse(&msgs[0]).unwrap().notification,
+        Notification::ConnectionTest { project_id: pid }
+    );
+
+    let it = s.post(&format!("projects/{pid}/train"), &[]).await;
+    let iid = Uuid::parse_str(it["id"].as_str().unwrap()).unwrap();
+    let msgs = s.messages(1).await;
+    assert!(matches!(
+        parse(&msgs[0]).unwrap().notification,
+        Notification::Training { project_id, iteration_id, .. } if project_id == pid && iteration_id == iid
+    ));
+
+    s.post(
+        &format!("projects/{pid}/iterations/{iid}/export"),
+        &[("platform", "ONNX")],
+    )
+    .await;
+    let msgs = s.messages(1).await;
+    let Notification::Export {
+        model_uri: Some(model_uri),
+        ..
+    } = parse(&msgs[0]).unwrap().notification
+    else {
+        panic!("{msgs:?}")
+    };
+    // The backup blob, named as the documentation says, holds the model.
+    let name = format!("{pid} - {iid}.ONNX");
+    assert!(
+        model_uri.ends_with(&format!("/backups/{pid}%20-%20{iid}.ONNX")),
+        "{model_uri}"
+    );
+    let expected = model_bytes(pid, iid, "ONNX", None, 10_000);
+    assert_eq!(s.download("backups", &name).await, expected);
+
+    // GetExports' downloadUri carries a SAS Azurite accepts, with no other credential.
+    let exports = s
+        .get(&format!("projects/{pid}/iterations/{iid}/export"))
+        .await;
+    assert_eq!(exports[0]["status"], "Done");
+    let uri = exports[0]["downloadUri"].as_str().unwrap();
+    assert!(uri.contains("sig="), "{uri}");
+    let rsp = reqwest::get(uri).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.bytes().await.unwrap().to_vec(), expected);
+}
+
+#[tokio::test]
+async fn without_a_backup_container_model_uri_is_the_sas_url_and_base64_works() {
+    let s = setup(true).await;
+    let pid = s.project(false).await;
+    let msgs = s.messages(1).await;
+    // Base64 text, which cvchain's parser unwraps.
+    assert!(!msgs[0].starts_with('{'));
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&msgs[0])
+        .unwrap();
+    assert!(String::from_utf8(raw).unwrap().contains("ConnectionTest"));
+    assert_eq!(
+        parse(&msgs[0]).unwrap().encoding,
+        cvchain::notification::Encoding::Base64
+    );
+
+    let it = s.post(&format!("projects/{pid}/train"), &[]).await;
+    let iid = it["id"].as_str().unwrap().to_owned();
+    s.messages(1).await;
+    s.post(
+        &format!("projects/{pid}/iterations/{iid}/export"),
+        &[("platform", "DockerFile"), ("flavor", "ARM")],
+    )
+    .await;
+    let msgs = s.messages(1).await;
+    let Notification::Export {
+        model_uri: Some(model_uri),
+        ..
+    } = parse(&msgs[0]).unwrap().notification
+    else {
+        panic!("{msgs:?}")
+    };
+    let exports = s
+        .get(&format!("projects/{pid}/iterations/{iid}/export"))
+        .await;
+    assert_eq!(exports[0]["flavor"], "ARM");
+    assert_eq!(exports[0]["downloadUri"].as_str().unwrap(), model_uri);
+    assert!(model_uri.contains("sig="));
+}
