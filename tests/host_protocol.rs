@@ -341,3 +341,49 @@ async fn invalid_settings_stop_the_handler_with_the_setting_named() {
     assert!(stderr.contains("setting CVCHAIN_STORAGE"), "{stderr}");
     assert!(!stderr.contains("not*base64*secret"), "{stderr}");
 }
+
+#[tokio::test]
+async fn logs_are_json_on_request_and_follow_rust_log() {
+    let azurite = Azurite::start();
+    let mut handler = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_LOG_FORMAT", "json".into()),
+    ]);
+    let http = reqwest::Client::new();
+    http.post(handler.url("/CustomVisionNotification"))
+        .body(host_envelope(&fixture("connection-test.json"), "j-1", 1))
+        .send()
+        .await
+        .unwrap();
+    handler
+        .signal_and_wait("TERM", Duration::from_secs(25))
+        .unwrap();
+    let stderr = handler.stderr();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{stderr}");
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(stderr.contains("notification recorded"));
+    // No account key in any line, even though the settings were logged.
+    assert!(!stderr.contains(cvchain::settings::DEV_ACCOUNT_KEY));
+
+    let mut quiet = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("RUST_LOG", "warn".into()),
+    ]);
+    http.post(quiet.url("/CustomVisionNotification"))
+        .body(host_envelope(&fixture("connection-test.json"), "j-2", 1))
+        .send()
+        .await
+        .unwrap();
+    quiet
+        .signal_and_wait("TERM", Duration::from_secs(25))
+        .unwrap();
+    assert!(
+        !quiet.stderr().contains("notification recorded"),
+        "{}",
+        quiet.stderr()
+    );
+}
