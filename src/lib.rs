@@ -13,6 +13,7 @@ pub mod notification;
 pub mod plan;
 pub mod process;
 pub mod redact;
+pub mod release;
 pub mod server;
 pub mod settings;
 pub mod stage;

@@ -8,11 +8,13 @@ use crate::history::{
     HistoryRow, Received, enrich_training, notification_row, rejected_row, step_row, step_row_key,
     time_property,
 };
-use crate::notification::{Notification, ParseError, Parsed, TrainingStatus};
+use crate::notification::{ExportStatus, Notification, ParseError, Parsed, TrainingStatus};
+use crate::release::{ModelUri, classify_model_uri};
 use crate::settings::ChainSettings;
 use crate::storage::table::{Entity, StoredEntity};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+use url::Url;
 use uuid::Uuid;
 
 /// What cvchain made of a message.
@@ -45,6 +47,12 @@ pub enum Action {
     },
     /// Run the export chain for the iteration (see `process`: it requests the next export).
     Chain { project: Uuid, iteration: Uuid },
+    /// Copy the iteration's finished exports into the release container (see `release`).
+    Release {
+        project: Uuid,
+        iteration: Uuid,
+        model_uri: ModelUri,
+    },
 }
 
 /// A decision and the actions that carry it out.
@@ -57,6 +65,8 @@ pub struct PlanConfig {
     pub chain: ChainSettings,
     /// A Custom Vision endpoint is configured.
     pub custom_vision: bool,
+    /// The container Custom Vision backs models up to (`exportModelContainerUri`).
+    pub backup_container: Option<Url>,
 }
 
 /// What to look up in Custom Vision and the history before deciding.
@@ -95,6 +105,16 @@ pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
             iteration: true,
             performance: true,
             exports: chain,
+        },
+        // A finished export is released: names, performance and GetExports are needed.
+        Notification::Export {
+            status: ExportStatus::Completed,
+            ..
+        } => Needs {
+            project: true,
+            iteration: true,
+            performance: true,
+            exports: true,
         },
         Notification::Export { .. } if chain => Needs {
             project: false,
@@ -223,12 +243,44 @@ pub fn plan_notification(
         Notification::Export {
             project_id,
             iteration_id,
-            ..
-        } if chain_configured => {
-            actions.push(Action::Chain {
-                project: *project_id,
-                iteration: *iteration_id,
-            });
+            status,
+            model_uri,
+        } if config.custom_vision => {
+            if *status == ExportStatus::Completed {
+                let class =
+                    classify_model_uri(model_uri.as_deref(), config.backup_container.as_ref());
+                let note = match &class {
+                    ModelUri::None => "none".to_owned(),
+                    ModelUri::InBackup { .. } => "accepted: inside the backup container".to_owned(),
+                    ModelUri::Refused { reason } => {
+                        format!(
+                            "refused ({reason}); not fetched, GetExports' downloadUri used instead"
+                        )
+                    }
+                };
+                row.properties.insert("ModelUriStatus".into(), json!(note));
+                if matches!(class, ModelUri::Refused { .. }) {
+                    // The platform in an untrusted URL proves nothing: such a message gets a row
+                    // of its own instead of passing for the genuine event.
+                    row.row_key = format!(
+                        "Export_{iteration_id}_msg-{}_{}",
+                        received.message_key(),
+                        status.as_str()
+                    );
+                    row.properties.remove("ModelPlatform");
+                }
+                actions.push(Action::Release {
+                    project: *project_id,
+                    iteration: *iteration_id,
+                    model_uri: class,
+                });
+            }
+            if chain_configured {
+                actions.push(Action::Chain {
+                    project: *project_id,
+                    iteration: *iteration_id,
+                });
+            }
         }
         _ => {}
     }
@@ -383,6 +435,68 @@ pub fn step_after_request(
         row.properties.extend(props);
         StepWrite::Insert(row)
     })
+}
+
+/// Records a release copy on the export's step row: the chain entry the export answers, or a
+/// row of its own (`ChainPosition` 0) for an export outside the chain.
+pub fn release_writes(
+    project: Uuid,
+    iteration: Uuid,
+    chain: &[ExportTarget],
+    export: &ExportTarget,
+    released: &crate::storage::blobs::Released,
+    steps: &[StoredEntity],
+    now: OffsetDateTime,
+) -> Vec<StepWrite> {
+    let as_export = Export {
+        platform: export.platform.clone(),
+        flavor: export.flavor.clone(),
+        status: "Done".into(),
+        ..Default::default()
+    };
+    let in_chain = chain
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.matches(&as_export))
+        .map(|(i, t)| (i, t.clone()));
+    let target = in_chain
+        .as_ref()
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| export.clone());
+    let mut props = Entity::new();
+    props.insert("ReleaseUrl".into(), json!(released.url));
+    props.insert("ReleasePath".into(), json!(released.path));
+    // OData JSON carries Int64 values as strings.
+    props.insert("ReleaseSize".into(), json!(released.size.to_string()));
+    props.insert("ReleaseSize@odata.type".into(), json!("Edm.Int64"));
+    props.insert("CopyMillis".into(), json!(released.millis.to_string()));
+    props.insert("CopyMillis@odata.type".into(), json!("Edm.Int64"));
+    time_property(&mut props, "ReleasedAt", now);
+    let rk = step_row_key(iteration, &target);
+    if steps
+        .iter()
+        .any(|s| s.entity.get("RowKey") == Some(&json!(rk)))
+    {
+        vec![StepWrite::Merge {
+            partition_key: project.to_string(),
+            row_key: rk,
+            properties: props,
+        }]
+    } else {
+        let mut row = step_row(
+            project,
+            iteration,
+            in_chain.as_ref().map_or(0, |(i, _)| *i),
+            &target,
+            "Done",
+        );
+        if in_chain.is_none() {
+            row.properties.insert("ChainPosition".into(), json!(0));
+        }
+        time_property(&mut row.properties, "EndedAt", now);
+        row.properties.extend(props);
+        vec![StepWrite::Insert(row)]
+    }
 }
 
 /// One line on where the chain stands, for the row and the logs.

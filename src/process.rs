@@ -2,7 +2,7 @@
 //! out against storage and Custom Vision. Every entry point (the Functions handler, later the
 //! queue worker) goes through here.
 
-use crate::chain::{Next, plan_chain};
+use crate::chain::{ExportTarget, Next, plan_chain};
 use crate::customvision::{
     CvError, TrainingApi,
     client::{CvAuth, CvRetry, TrainingClient},
@@ -15,10 +15,12 @@ use crate::history::{
 use crate::notification::Notification;
 use crate::plan::{
     Action, Decision, Observed, PlanConfig, RequestOutcome, StepWrite, describe_next, needs,
-    parse_or_reject, plan_notification, plan_unreadable, refused_targets, request_outcome,
-    step_after_request, step_writes,
+    parse_or_reject, plan_notification, plan_unreadable, refused_targets, release_writes,
+    request_outcome, step_after_request, step_writes,
 };
+use crate::release::{ModelUri, ReleaseNames, plan_releases};
 use crate::settings::{CvAuthSetting, Settings};
+use crate::storage::blobs::{ReleaseFacts, ReleaseStore};
 use crate::storage::{
     StorageError,
     connection::StorageClients,
@@ -81,6 +83,7 @@ pub struct Processor {
     config: PlanConfig,
     table_name: String,
     cv: Option<Arc<dyn TrainingApi>>,
+    releases: ReleaseStore,
 }
 
 impl std::fmt::Debug for Processor {
@@ -135,7 +138,14 @@ impl Processor {
                 poison_queue,
                 chain: settings.chain.clone(),
                 custom_vision: cv.is_some(),
+                backup_container: settings.release.backup_container.clone(),
             },
+            releases: ReleaseStore::new(
+                clients,
+                &settings.release.container,
+                settings.release.backup_container.clone(),
+                settings.release.template.clone(),
+            )?,
             table_name: settings.history_table.clone(),
             cv,
         })
@@ -257,6 +267,14 @@ impl Processor {
                         .await?;
                     logs.push(format!("publish: {status}"));
                     publish_status = Some(status);
+                }
+                Action::Release {
+                    project,
+                    iteration,
+                    model_uri,
+                } => {
+                    self.release(project, iteration, &model_uri, observed, now, &mut logs)
+                        .await?;
                 }
                 Action::Chain { project, iteration } => {
                     let status = self
@@ -415,6 +433,85 @@ impl Processor {
             }
         }
         Ok("stopped after refusals".into())
+    }
+
+    /// Copies every finished export of the iteration that has no current release copy, and
+    /// records each copy on its export step row.
+    async fn release(
+        &self,
+        project: Uuid,
+        iteration: Uuid,
+        model_uri: &ModelUri,
+        observed: Option<&Observed>,
+        now: OffsetDateTime,
+        logs: &mut Vec<String>,
+    ) -> Result<(), ProcessError> {
+        let Some(observed) = observed else {
+            return Ok(());
+        };
+        let exports = observed.exports.clone().unwrap_or_default();
+        let plans = plan_releases(
+            project,
+            iteration,
+            &exports,
+            model_uri,
+            self.config.backup_container.is_some(),
+        );
+        if plans.is_empty() {
+            return Ok(());
+        }
+        let steps = self.load_steps(project, iteration).await?;
+        let facts = ReleaseFacts {
+            precision: observed.performance.as_ref().and_then(|p| p.precision),
+            recall: observed.performance.as_ref().and_then(|p| p.recall),
+            exported_at: crate::history::table_datetime(now),
+        };
+        for plan in plans {
+            let names = ReleaseNames {
+                project_id: project,
+                project_name: observed
+                    .project
+                    .as_ref()
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
+                iteration_id: iteration,
+                iteration_name: observed
+                    .iteration
+                    .as_ref()
+                    .map(|i| i.name.clone())
+                    .unwrap_or_default(),
+                platform: plan.platform.clone(),
+                flavor: plan.flavor.clone(),
+            };
+            let released = self.releases.release(&plan, &names, &facts).await?;
+            let target = ExportTarget {
+                platform: plan.platform.clone(),
+                flavor: plan.flavor.clone(),
+            };
+            if !released.copied {
+                logs.push(format!("release of {target} is current: {}", released.path));
+                continue;
+            }
+            logs.push(format!(
+                "released {target} to {}/{} ({} bytes, {} ms)",
+                self.releases.container_name(),
+                released.path,
+                released.size,
+                released.millis
+            ));
+            for w in release_writes(
+                project,
+                iteration,
+                &self.config.chain.exports,
+                &target,
+                &released,
+                &steps,
+                now,
+            ) {
+                self.write_step(&w).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn load_steps(

@@ -24,6 +24,9 @@ pub const CV_MAX_RPS_SETTING: &str = "CVCHAIN_CV_MAX_RPS";
 pub const EXPORTS_SETTING: &str = "CVCHAIN_EXPORTS";
 pub const PUBLISH_NAME_SETTING: &str = "CVCHAIN_PUBLISH_NAME";
 pub const PREDICTION_RESOURCE_SETTING: &str = "CVCHAIN_PREDICTION_RESOURCE_ID";
+pub const BACKUP_CONTAINER_SETTING: &str = "CVCHAIN_BACKUP_CONTAINER";
+pub const RELEASE_CONTAINER_SETTING: &str = "CVCHAIN_RELEASE_CONTAINER";
+pub const RELEASE_PATH_SETTING: &str = "CVCHAIN_RELEASE_PATH";
 /// The service's quota: 10 transactions per second.
 pub const DEFAULT_CV_MAX_RPS: u32 = 10;
 
@@ -61,6 +64,29 @@ pub struct Settings {
     /// `None`: no Custom Vision endpoint, so cvchain only records notifications.
     pub custom_vision: Option<CustomVisionSettings>,
     pub chain: ChainSettings,
+    pub release: ReleaseSettings,
+}
+
+/// Where exported models are copied from and to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseSettings {
+    /// The container given to Custom Vision as `exportModelContainerUri`; a `modelUri` is used
+    /// only when it lies inside it.
+    pub backup_container: Option<Url>,
+    /// The container in cvchain's account that receives the release copies.
+    pub container: String,
+    pub template: crate::release::PathTemplate,
+}
+
+impl Default for ReleaseSettings {
+    fn default() -> Self {
+        Self {
+            backup_container: None,
+            container: crate::release::DEFAULT_CONTAINER.to_owned(),
+            template: crate::release::PathTemplate::parse(crate::release::DEFAULT_TEMPLATE)
+                .expect("the default template is valid"),
+        }
+    }
 }
 
 /// Where the Training API is and how to authenticate to it.
@@ -186,6 +212,7 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
         Some(_) => return Err(err(LOG_FORMAT_SETTING, "must be `text` or `json`")),
     };
     let chain = chain_from_lookup(&get)?;
+    let release = release_from_lookup(&get)?;
     let custom_vision = custom_vision_from_lookup(&get)?;
     if custom_vision.is_none() {
         let needs = if !chain.exports.is_empty() {
@@ -211,7 +238,57 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
         log_format,
         custom_vision,
         chain,
+        release,
     })
+}
+
+fn release_from_lookup(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<ReleaseSettings, SettingsError> {
+    let mut r = ReleaseSettings::default();
+    if let Some(v) = get(BACKUP_CONTAINER_SETTING) {
+        let url = parse_url(BACKUP_CONTAINER_SETTING, "value", &v)?;
+        let container = url
+            .path_segments()
+            .and_then(|mut s| s.rfind(|p| !p.is_empty()))
+            .unwrap_or_default()
+            .to_owned();
+        validate_container_name(&container).map_err(|p| {
+            err(
+                BACKUP_CONTAINER_SETTING,
+                format!("must be a container URL such as https://<account>.blob.core.windows.net/<container>: {p}"),
+            )
+        })?;
+        r.backup_container = Some(url);
+    }
+    if let Some(v) = get(RELEASE_CONTAINER_SETTING) {
+        let name = v.trim().to_owned();
+        validate_container_name(&name).map_err(|p| err(RELEASE_CONTAINER_SETTING, p))?;
+        r.container = name;
+    }
+    if let Some(v) = get(RELEASE_PATH_SETTING) {
+        r.template =
+            crate::release::PathTemplate::parse(&v).map_err(|p| err(RELEASE_PATH_SETTING, p))?;
+    }
+    Ok(r)
+}
+
+/// Azure container names: 3-63 lowercase letters, digits and single hyphens.
+pub fn validate_container_name(name: &str) -> Result<(), String> {
+    let ok = (3..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid container name (3-63 lowercase letters, digits and single hyphens)"
+        ))
+    }
 }
 
 fn chain_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<ChainSettings, SettingsError> {
@@ -917,6 +994,62 @@ mod tests {
         ] {
             let e = settings(&vars).expect_err(&format!("{vars:?}"));
             assert_eq!(e.setting, setting, "{vars:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn release_settings_are_validated() {
+        let base = ("CVCHAIN_STORAGE", "UseDevelopmentStorage=true");
+        let s = settings(&[base]).unwrap();
+        assert_eq!(s.release, ReleaseSettings::default());
+        assert_eq!(s.release.container, "models");
+        let s = settings(&[
+            base,
+            (
+                "CVCHAIN_BACKUP_CONTAINER",
+                "http://127.0.0.1:10000/devstoreaccount1/cvbackups",
+            ),
+            ("CVCHAIN_RELEASE_CONTAINER", "releases"),
+            (
+                "CVCHAIN_RELEASE_PATH",
+                "{projectId}/{iterationId}/{platform}-{flavor}.bin",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.release.container, "releases");
+        assert!(s.release.backup_container.is_some());
+        for (vars, setting) in [
+            (
+                vec![
+                    base,
+                    (
+                        "CVCHAIN_BACKUP_CONTAINER",
+                        "https://a.blob.core.windows.net/",
+                    ),
+                ],
+                "CVCHAIN_BACKUP_CONTAINER",
+            ),
+            (
+                vec![
+                    base,
+                    (
+                        "CVCHAIN_BACKUP_CONTAINER",
+                        "https://a.blob.core.windows.net/c?sv=1",
+                    ),
+                ],
+                "CVCHAIN_BACKUP_CONTAINER",
+            ),
+            (
+                vec![base, ("CVCHAIN_RELEASE_CONTAINER", "Models")],
+                "CVCHAIN_RELEASE_CONTAINER",
+            ),
+            (
+                vec![base, ("CVCHAIN_RELEASE_PATH", "{projectName}/{platform}")],
+                "CVCHAIN_RELEASE_PATH",
+            ),
+        ] {
+            let e = settings(&vars).expect_err(&format!("{vars:?}"));
+            assert_eq!(e.setting, setting, "{e}");
         }
     }
 

@@ -32,6 +32,10 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let queue = unique("cvq");
     let table = unique("History");
+    let container_uri = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
+        azurite.blob_port
+    );
     let standin = Standin::start(StandinConfig {
         training_key: KEY.into(),
         storage: Some(clients.clone()),
@@ -48,6 +52,8 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
         ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
         ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
         ("CVCHAIN_EXPORTS", chain.into()),
+        ("CVCHAIN_BACKUP_CONTAINER", container_uri.clone()),
+        ("CVCHAIN_RELEASE_CONTAINER", "models".into()),
     ];
     env.extend(extra.iter().cloned());
     let handler = Handler::start(&env);
@@ -62,10 +68,6 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
-    );
-    let container_uri = format!(
-        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
-        azurite.blob_port
     );
     let mut project = None;
     // The stand-in may be injecting faults: retry the set-up calls like any client would.
@@ -110,7 +112,86 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     }
 }
 
+/// A release blob as seen by `find_blobs_by_tags` and its properties.
+#[derive(Debug, PartialEq)]
+struct ReleaseBlob {
+    name: String,
+    tags: std::collections::HashMap<String, String>,
+    etag: String,
+    metadata: std::collections::HashMap<String, String>,
+    content: Vec<u8>,
+}
+
 impl World {
+    fn clients(&self) -> StorageClients {
+        StorageClients::new(&self.azurite.storage_settings()).unwrap()
+    }
+
+    /// The release and backup blobs of one iteration, found by their index tags.
+    async fn releases(&self, iteration: &str) -> Vec<ReleaseBlob> {
+        use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
+        use futures::TryStreamExt;
+        let service = self.clients().blob_service().unwrap();
+        let filter = format!(
+            "\"projectId\"='{}' AND \"iterationId\"='{iteration}'",
+            self.project
+        );
+        let mut pages = service
+            .find_blobs_by_tags(&filter, None)
+            .unwrap()
+            .into_pages();
+        let mut out = Vec::new();
+        while let Some(page) = pages.try_next().await.unwrap() {
+            for item in page.into_model().unwrap().blob_items {
+                let container = item.container_name.clone().unwrap();
+                let name = item.name.clone().unwrap();
+                let blob = service.blob_container_client(&container).blob_client(&name);
+                let props = blob.get_properties(None).await.unwrap();
+                let tags: std::collections::HashMap<String, String> = blob
+                    .get_tags(None)
+                    .await
+                    .unwrap()
+                    .into_model()
+                    .unwrap()
+                    .into();
+                let content = blob
+                    .download(None)
+                    .await
+                    .unwrap()
+                    .body
+                    .collect()
+                    .await
+                    .unwrap();
+                out.push(ReleaseBlob {
+                    name: format!("{container}/{name}"),
+                    tags,
+                    etag: props.etag().unwrap().unwrap().to_string(),
+                    metadata: props.metadata().unwrap(),
+                    content: content.to_vec(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    async fn backup(&self, iteration: &str, platform: &str) -> Vec<u8> {
+        let blob = self
+            .clients()
+            .blob_service()
+            .unwrap()
+            .blob_container_client("cvbackups")
+            .blob_client(&format!("{} - {iteration}.{platform}", self.project));
+        blob.download(None)
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
     async fn rows(&self) -> Vec<StoredEntity> {
         let clients = StorageClients::new(&self.azurite.storage_settings()).unwrap();
         let table = clients.table(&self.table).unwrap();
@@ -231,6 +312,64 @@ async fn training_runs_the_three_exports_in_order_exactly_once() {
             eprintln!("{}", serde_json::to_string(&r.entity).unwrap());
         }
     }
+    // One release blob per export, found by its tags, with the backup's content.
+    let iteration = t["IterationId"].as_str().unwrap().to_owned();
+    let releases = w.releases(&iteration).await;
+    let release_names: Vec<&str> = releases
+        .iter()
+        .filter(|r| r.name.starts_with("models/"))
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        release_names,
+        vec![
+            "models/Widgets/Iteration-1/DockerFile-Linux.zip",
+            "models/Widgets/Iteration-1/ONNX.zip",
+            "models/Widgets/Iteration-1/TensorFlow-TensorFlowLite.zip",
+        ]
+    );
+    for r in releases.iter().filter(|r| r.name.starts_with("models/")) {
+        let platform = &r.tags["platform"];
+        assert_eq!(
+            r.content,
+            w.backup(&iteration, platform).await,
+            "{}",
+            r.name
+        );
+        assert_eq!(r.tags["source"], "customvision");
+        assert_eq!(r.tags["iterationId"], iteration);
+        assert_eq!(r.metadata["projectname"], "Widgets");
+        assert_eq!(r.metadata["iterationname"], "Iteration 1");
+        assert!(r.metadata["precision"].parse::<f64>().is_ok());
+        assert!(r.metadata["recall"].parse::<f64>().is_ok());
+        assert!(!r.metadata["source"].contains("sig="), "{:?}", r.metadata);
+        assert!(
+            r.metadata["source"].contains("/cvbackups/"),
+            "{:?}",
+            r.metadata
+        );
+    }
+    // The backups are tagged too.
+    assert_eq!(
+        releases
+            .iter()
+            .filter(|r| r.name.starts_with("cvbackups/"))
+            .count(),
+        3
+    );
+    // Each export's row records its release (URL without a SAS, size, copy time).
+    let steps = w.rows_of("ExportStep").await;
+    for e in steps.iter().map(|s| &s.entity) {
+        let url = e["ReleaseUrl"].as_str().unwrap();
+        assert!(
+            url.contains("/models/Widgets/Iteration-1/") && !url.contains('?'),
+            "{url}"
+        );
+        let size: u64 = e["ReleaseSize"].as_str().unwrap().parse().unwrap();
+        assert!(size > 0);
+        assert!(e.contains_key("CopyMillis"));
+    }
+
     // Every message delivered twice more, as the host may: nothing changes, not even an ETag.
     let before = w.rows().await;
     let messages = w.host.completed.lock().unwrap().clone();
@@ -247,6 +386,52 @@ async fn training_runs_the_three_exports_in_order_exactly_once() {
     assert_eq!(w.rows().await, before);
     let calls = standin_calls(&w.standin.endpoint()).await;
     assert_eq!(calls.counts.get("ExportIteration"), Some(&3));
+    // ... and the release container is exactly as it was.
+    assert_eq!(w.releases(&iteration).await, releases);
+}
+
+#[tokio::test]
+async fn a_forged_model_uri_is_refused_without_a_request_to_its_host() {
+    let w = world(None, "ONNX").await;
+    let stats = w.run_chain(1, Duration::from_secs(60)).await;
+    assert_eq!(stats.failures, 0);
+    let iteration = w.rows_of("Training").await[0].entity["IterationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = w.releases(&iteration).await;
+
+    // A host that counts every connection it gets.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = trap.local_addr().unwrap().port();
+    trap.set_nonblocking(true).unwrap();
+    let forged = format!(
+        r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{}","iterationId":"{iteration}","exportStatus":"ExportCompleted","modelUri":"http://127.0.0.1:{port}/cvbackups/{} - {iteration}.ONNX?sig=forged"}}}}"#,
+        w.project, w.project
+    );
+    assert_eq!(w.host.redeliver(&forged, "forged-1", 1).await, 200);
+    assert!(
+        trap.accept().is_err(),
+        "cvchain connected to the forged modelUri's host"
+    );
+    let row = w
+        .rows_of("Export")
+        .await
+        .into_iter()
+        .find(|r| r.entity["MessageId"] == "forged-1")
+        .expect("a row for the forged message");
+    let note = row.entity["ModelUriStatus"].as_str().unwrap();
+    assert!(
+        note.starts_with("refused (outside the backup container)"),
+        "{note}"
+    );
+    assert!(
+        !serde_json::to_string(&row.entity)
+            .unwrap()
+            .contains("sig=forged")
+    );
+    // The release stays as it was.
+    assert_eq!(w.releases(&iteration).await, before);
 }
 
 #[tokio::test]

@@ -38,6 +38,7 @@ fn chain_config() -> PlanConfig {
             publish: None,
         },
         custom_vision: true,
+        backup_container: Some(Url::parse("https://acct.blob.core.windows.net/cvbackups").unwrap()),
     }
 }
 
@@ -260,6 +261,16 @@ fn export_notifications_run_the_chain_only_when_one_is_configured() {
     let (_, actions) = plan_text(&export_completed(), &Observed::default(), &chain_config());
     assert!(matches!(
         &actions[..],
+        [
+            Action::Release { .. },
+            Action::Chain { .. },
+            Action::Record(_)
+        ]
+    ));
+    let failed = export_completed().replace("ExportCompleted", "ExportFailed");
+    let (_, actions) = plan_text(&failed, &Observed::default(), &chain_config());
+    assert!(matches!(
+        &actions[..],
         [Action::Chain { .. }, Action::Record(_)]
     ));
     let (_, actions) = plan_text(&export_completed(), &Observed::default(), &config());
@@ -268,6 +279,43 @@ fn export_notifications_run_the_chain_only_when_one_is_configured() {
     no_chain.chain.exports.clear();
     let (_, actions) = plan_text(&training_completed(), &Observed::default(), &no_chain);
     assert!(matches!(&actions[..], [Action::Record(_)]));
+    // Without a chain a finished export is still released.
+    let (_, actions) = plan_text(&export_completed(), &Observed::default(), &no_chain);
+    assert!(matches!(
+        &actions[..],
+        [Action::Release { .. }, Action::Record(_)]
+    ));
+}
+
+#[test]
+fn a_forged_model_uri_is_refused_and_said_so() {
+    let forged = format!(
+        r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{P}","iterationId":"{I}","exportStatus":"ExportCompleted","modelUri":"https://evil.example.com/x.zip?sig=abc"}}}}"#
+    );
+    let (_, actions) = plan_text(&forged, &Observed::default(), &chain_config());
+    let Action::Release { model_uri, .. } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    assert!(matches!(model_uri, ModelUri::Refused { .. }));
+    let Some(Action::Record(row)) = actions.last() else {
+        panic!()
+    };
+    let note = row.properties["ModelUriStatus"].as_str().unwrap();
+    assert!(
+        note.starts_with("refused (outside the backup container)"),
+        "{note}"
+    );
+    let inside = format!(
+        r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{P}","iterationId":"{I}","exportStatus":"ExportCompleted","modelUri":"https://acct.blob.core.windows.net/cvbackups/{P}%20-%20{I}.ONNX"}}}}"#
+    );
+    let (_, actions) = plan_text(&inside, &Observed::default(), &chain_config());
+    assert!(matches!(
+        &actions[0],
+        Action::Release {
+            model_uri: ModelUri::InBackup { .. },
+            ..
+        }
+    ));
 }
 
 fn stored(row: &HistoryRow) -> StoredEntity {

@@ -19,7 +19,9 @@ use azure_identity::{
     DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
     UserAssignedId,
 };
-use azure_storage_blob::{BlobServiceClient, BlobServiceClientOptions};
+use azure_storage_blob::{
+    BlobClient, BlobClientOptions, BlobServiceClient, BlobServiceClientOptions,
+};
 use azure_storage_queue::{QueueClient, QueueClientOptions};
 use std::sync::Arc;
 
@@ -168,6 +170,32 @@ impl StorageClients {
             ..Default::default()
         };
         BlobServiceClient::new(url, self.credential.clone(), Some(options))
+            .map_err(|e| StorageError::from_azure("blob", &e))
+    }
+
+    /// A client for a blob at `url` in this account, with this connection's authentication.
+    pub fn blob_at(&self, url: &Url) -> Result<BlobClient, StorageError> {
+        let options = BlobClientOptions {
+            client_options: self.client_options(Service::Blob),
+            ..Default::default()
+        };
+        BlobClient::new(
+            self.with_sas(url.clone()),
+            self.credential.clone(),
+            Some(options),
+        )
+        .map_err(|e| StorageError::from_azure("blob", &e))
+    }
+
+    /// A client for a blob URL that carries its own SAS: no other authentication is added.
+    pub fn anonymous_blob(&self, url_with_sas: &Url) -> Result<BlobClient, StorageError> {
+        let mut client_options = self.client_options(Service::Blob);
+        client_options.per_try_policies.clear();
+        let options = BlobClientOptions {
+            client_options,
+            ..Default::default()
+        };
+        BlobClient::new(url_with_sas.clone(), None, Some(options))
             .map_err(|e| StorageError::from_azure("blob", &e))
     }
 

@@ -1,6 +1,7 @@
 //! Azure Storage adapters: clients built from settings, the two pieces the SDK lacks (SharedKey
 //! signing, Tables), and the poison queue.
 
+pub mod blobs;
 pub mod connection;
 pub mod queue;
 pub mod shared_key;

@@ -1,0 +1,329 @@
+//! Release copies: a server-side async Copy Blob into the release container, polled to
+//! completion and verified, with index tags and metadata. Model bytes never pass through the
+//! process.
+
+use super::{StorageError, connection::StorageClients};
+use crate::redact::url_without_secrets;
+use crate::release::{
+    META_ITERATION_ID, META_PROJECT_ID, META_SOURCE_ETAG, META_SOURCE_LENGTH, PathTemplate,
+    ReleaseNames, ReleasePlan, Source, belongs_elsewhere, index_tags, is_current, metadata_value,
+    tags_header,
+};
+use azure_core::http::{StatusCode, Url};
+use azure_storage_blob::{
+    BlobClient, BlobContainerClient,
+    models::{
+        BlobClientGetPropertiesResultHeaders, BlobClientStartCopyFromUrlOptions, BlobTags,
+        CopyStatus,
+    },
+};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+const SERVICE: &str = "blob";
+
+/// What one release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// The release blob's URL, without any SAS.
+    pub url: String,
+    /// Its path in the release container.
+    pub path: String,
+    pub size: u64,
+    /// Copy duration; 0 when the copy was already current.
+    pub millis: u64,
+    /// False when the destination already held this export and nothing was written.
+    pub copied: bool,
+}
+
+/// What the release metadata says besides names and ids.
+#[derive(Debug, Clone, Default)]
+pub struct ReleaseFacts {
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub exported_at: String,
+}
+
+/// The release container and the sources a release may read.
+pub struct ReleaseStore {
+    clients: StorageClients,
+    container: BlobContainerClient,
+    container_name: String,
+    backup_container: Option<Url>,
+    template: PathTemplate,
+    copy_timeout: Duration,
+}
+
+impl std::fmt::Debug for ReleaseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReleaseStore")
+            .field("container", &self.container_name)
+            .finish()
+    }
+}
+
+fn err(e: azure_core::Error) -> StorageError {
+    StorageError::from_azure(SERVICE, &e)
+}
+
+impl ReleaseStore {
+    pub fn new(
+        clients: &StorageClients,
+        container: &str,
+        backup_container: Option<Url>,
+        template: PathTemplate,
+    ) -> Result<Self, StorageError> {
+        Ok(Self {
+            container: clients.blob_service()?.blob_container_client(container),
+            clients: clients.clone(),
+            container_name: container.to_owned(),
+            backup_container,
+            template,
+            copy_timeout: Duration::from_secs(600),
+        })
+    }
+
+    /// A client for a blob of the backup container.
+    fn backup_blob(&self, name: &str) -> Result<BlobClient, StorageError> {
+        let Some(base) = &self.backup_container else {
+            return Err(StorageError::Other {
+                service: SERVICE,
+                detail: "no backup container configured".into(),
+            });
+        };
+        let mut url = base.clone();
+        url.path_segments_mut()
+            .map_err(|_| StorageError::Other {
+                service: SERVICE,
+                detail: "the backup container URL cannot hold a blob name".into(),
+            })?
+            .pop_if_empty()
+            .extend(name.split('/'));
+        self.clients.blob_at(&url)
+    }
+
+    /// Copies one export into the release container, unless the copy there is current.
+    pub async fn release(
+        &self,
+        plan: &ReleasePlan,
+        names: &ReleaseNames,
+        facts: &ReleaseFacts,
+    ) -> Result<Released, StorageError> {
+        // The source: its URL for the copy, its ETag and length for the currency check.
+        let (source_client, copy_source, backup) = match &plan.source {
+            Source::Backup { blob_name } => {
+                let c = self.backup_blob(blob_name)?;
+                let url = c.url().to_string();
+                (c, url, true)
+            }
+            Source::Download { url } => {
+                let parsed = Url::parse(url).map_err(|_| StorageError::Other {
+                    service: SERVICE,
+                    detail: "downloadUri is not a URL".into(),
+                })?;
+                (self.clients.anonymous_blob(&parsed)?, url.clone(), false)
+            }
+        };
+        let props = source_client.get_properties(None).await.map_err(err)?;
+        let source_etag = props
+            .etag()
+            .map_err(err)?
+            .map(|e| e.as_ref().trim_matches('"').to_owned())
+            .unwrap_or_default();
+        let source_len = props.content_length().map_err(err)?.unwrap_or(0);
+
+        // The destination: the plain path, or the id-qualified one when the plain path holds
+        // another project's or iteration's model.
+        let mut path = self.template.render(names, false);
+        let mut existing = self.metadata_of(&path).await?;
+        if let Some(meta) = &existing
+            && belongs_elsewhere(meta, names.project_id, names.iteration_id)
+        {
+            path = self.template.render(names, true);
+            existing = self.metadata_of(&path).await?;
+        }
+        let dest = self.container.blob_client(&path);
+        let dest_url = self.readable_url(&path);
+        let tags = index_tags(
+            names.project_id,
+            names.iteration_id,
+            &plan.platform,
+            plan.flavor.as_deref(),
+        );
+        if let Some(meta) = &existing
+            && is_current(meta, &source_etag, source_len)
+        {
+            return Ok(Released {
+                url: dest_url,
+                path,
+                size: source_len,
+                millis: 0,
+                copied: false,
+            });
+        }
+
+        self.ensure_container().await?;
+        let started = Instant::now();
+        let metadata = self.metadata(names, facts, &copy_source, &source_etag, source_len);
+        let options = BlobClientStartCopyFromUrlOptions {
+            metadata: Some(metadata),
+            blob_tags_string: Some(tags_header(&tags)),
+            source_if_match: Some(props.etag().map_err(err)?.unwrap_or_else(|| "*".into())),
+            ..Default::default()
+        };
+        dest.start_copy_from_url(copy_source, Some(options))
+            .await
+            .map_err(err)?;
+        let size = self.wait_for_copy(&dest).await?;
+        if size != source_len {
+            return Err(StorageError::Other {
+                service: SERVICE,
+                detail: format!(
+                    "the copy of {} holds {size} bytes, the source {source_len}",
+                    plan.platform
+                ),
+            });
+        }
+        self.ensure_tags(&dest, &tags).await?;
+        if backup {
+            self.ensure_tags(&source_client, &tags).await?;
+        }
+        Ok(Released {
+            url: dest_url,
+            path,
+            size,
+            millis: started.elapsed().as_millis() as u64,
+            copied: true,
+        })
+    }
+
+    fn metadata(
+        &self,
+        names: &ReleaseNames,
+        facts: &ReleaseFacts,
+        source: &str,
+        etag: &str,
+        len: u64,
+    ) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert(META_PROJECT_ID.into(), names.project_id.to_string());
+        m.insert(META_ITERATION_ID.into(), names.iteration_id.to_string());
+        m.insert("projectname".into(), metadata_value(&names.project_name));
+        m.insert(
+            "iterationname".into(),
+            metadata_value(&names.iteration_name),
+        );
+        m.insert("platform".into(), metadata_value(&names.platform));
+        if let Some(f) = &names.flavor {
+            m.insert("flavor".into(), metadata_value(f));
+        }
+        if let Some(p) = facts.precision {
+            m.insert("precision".into(), format!("{p:.4}"));
+        }
+        if let Some(r) = facts.recall {
+            m.insert("recall".into(), format!("{r:.4}"));
+        }
+        m.insert("exportedat".into(), facts.exported_at.clone());
+        m.insert(
+            "source".into(),
+            metadata_value(&url_without_secrets(source)),
+        );
+        m.insert(META_SOURCE_ETAG.into(), etag.to_owned());
+        m.insert(META_SOURCE_LENGTH.into(), len.to_string());
+        m
+    }
+
+    async fn metadata_of(
+        &self,
+        path: &str,
+    ) -> Result<Option<HashMap<String, String>>, StorageError> {
+        match self.container.blob_client(path).get_properties(None).await {
+            Ok(p) => Ok(Some(p.metadata().map_err(err)?)),
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    async fn ensure_container(&self) -> Result<(), StorageError> {
+        match self.container.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.http_status() == Some(StatusCode::Conflict) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Polls the destination until the copy ends; returns its length.
+    async fn wait_for_copy(&self, dest: &BlobClient) -> Result<u64, StorageError> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let p = dest.get_properties(None).await.map_err(err)?;
+            match p.copy_status().map_err(err)? {
+                Some(CopyStatus::Success) | None => {
+                    return Ok(p.content_length().map_err(err)?.unwrap_or(0));
+                }
+                Some(CopyStatus::Pending) => {}
+                Some(other) => {
+                    let why = p
+                        .copy_status_description()
+                        .map_err(err)?
+                        .unwrap_or_default();
+                    return Err(StorageError::Service {
+                        service: SERVICE,
+                        status: 500,
+                        code: format!(" Copy{other:?}"),
+                        message: crate::redact::redact(&why),
+                    });
+                }
+            }
+            if start.elapsed() > self.copy_timeout {
+                return Err(StorageError::Unreachable {
+                    service: SERVICE,
+                    detail: "the copy is still pending; the next delivery will look again".into(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Sets the tags unless the blob already has exactly these.
+    async fn ensure_tags(
+        &self,
+        blob: &BlobClient,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), StorageError> {
+        let current: HashMap<String, String> = blob
+            .get_tags(None)
+            .await
+            .map_err(err)?
+            .into_model()
+            .map_err(err)?
+            .into();
+        let wanted: HashMap<String, String> = tags.clone().into_iter().collect();
+        if current == wanted {
+            return Ok(());
+        }
+        let body: BlobTags = wanted.into();
+        blob.set_tags(body.try_into().map_err(err)?, None)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// The blob's URL with `/` kept between path segments (the SDK escapes it), no SAS.
+    fn readable_url(&self, path: &str) -> String {
+        let mut url = self.container.url().clone();
+        url.set_query(None);
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.pop_if_empty().extend(path.split('/'));
+        }
+        url_without_secrets(url.as_str())
+    }
+
+    pub fn container_name(&self) -> &str {
+        &self.container_name
+    }
+}
