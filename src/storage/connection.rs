@@ -49,6 +49,7 @@ pub struct StorageClients {
     settings: StorageSettings,
     credential: Option<Arc<dyn TokenCredential>>,
     retry: RetryPolicy,
+    transport: Option<azure_core::http::Transport>,
 }
 
 impl std::fmt::Debug for StorageClients {
@@ -82,6 +83,7 @@ impl StorageClients {
             settings: settings.clone(),
             credential,
             retry: RetryPolicy::default(),
+            transport: None,
         })
     }
 
@@ -94,7 +96,14 @@ impl StorageClients {
             settings: settings.clone(),
             credential: Some(credential),
             retry: RetryPolicy::default(),
+            transport: None,
         }
+    }
+
+    /// Sends every request through this transport (an HTTP client that trusts a test CA…).
+    pub fn with_transport(mut self, transport: azure_core::http::Transport) -> Self {
+        self.transport = Some(transport);
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -115,6 +124,7 @@ impl StorageClients {
                     .unwrap_or(Duration::seconds(10)),
                 max_delay: Duration::seconds(2),
             }),
+            transport: self.transport.clone(),
             ..Default::default()
         };
         if let StorageAuth::SharedKey { account, key } = &self.settings.auth {

@@ -1,0 +1,252 @@
+//! Production uses managed identity: the same storage code against Azurite with `--oauth basic`
+//! over https (a test CA), with Microsoft Entra ID tokens instead of an account key.
+
+mod common;
+
+use azure_core::http::RequestContent;
+use common::{Azurite, AzuriteTokenCredential, TestCa, unique};
+use cvchain::history::Received;
+use cvchain::process::Processor;
+use cvchain::release::{DEFAULT_TEMPLATE, PathTemplate, ReleaseNames, ReleasePlan, Source};
+use cvchain::storage::{
+    StorageError,
+    blobs::{ReleaseFacts, ReleaseStore},
+    connection::StorageClients,
+    queue::send_text,
+};
+use serde_json::json;
+use std::sync::{Arc, atomic::Ordering};
+use std::time::Duration;
+use uuid::Uuid;
+
+fn token_clients(azurite: &Azurite, ca: &TestCa) -> (StorageClients, Arc<AzuriteTokenCredential>) {
+    let cred = Arc::new(AzuriteTokenCredential::default());
+    let clients = StorageClients::with_credential(&azurite.identity_settings(), cred.clone())
+        .with_transport(ca.transport());
+    (clients, cred)
+}
+
+#[tokio::test]
+async fn tables_queues_and_release_copies_work_with_tokens_over_https() {
+    let ca = TestCa::generate();
+    let azurite = Azurite::start_oauth(&ca);
+    let (clients, cred) = token_clients(&azurite, &ca);
+
+    let table = clients.table(&unique("Oauth")).unwrap();
+    table.create_if_missing().await.unwrap();
+    let mut e = serde_json::Map::new();
+    e.insert("PartitionKey".into(), json!("p"));
+    e.insert("RowKey".into(), json!("r"));
+    e.insert("V".into(), json!(1));
+    table.insert(&e).await.unwrap();
+    assert_eq!(table.get("p", "r").await.unwrap().unwrap().entity["V"], 1);
+    assert_eq!(table.query(None, 10).await.unwrap().len(), 1);
+
+    send_text(&clients.queue(&unique("oauth")).unwrap(), "hello")
+        .await
+        .unwrap();
+
+    // A release copy from a backup blob in the same account.
+    let (p, i) = (Uuid::new_v4(), Uuid::new_v4());
+    let backup = unique("backup");
+    let container = clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client(&backup);
+    container.create(None).await.unwrap();
+    let name = format!("{p} - {i}.ONNX");
+    container
+        .blob_client(&name)
+        .upload(RequestContent::from(b"onnx over oauth".to_vec()), None)
+        .await
+        .unwrap();
+    let backup_url = url::Url::parse(&format!(
+        "https://127.0.0.1:{}/devstoreaccount1/{backup}",
+        azurite.blob_port
+    ))
+    .unwrap();
+    let store = ReleaseStore::new(
+        &clients,
+        &unique("models"),
+        Some(backup_url),
+        PathTemplate::parse(DEFAULT_TEMPLATE).unwrap(),
+    )
+    .unwrap();
+    let names = ReleaseNames {
+        project_id: p,
+        project_name: "Widgets".into(),
+        iteration_id: i,
+        iteration_name: "Iteration 1".into(),
+        platform: "ONNX".into(),
+        flavor: None,
+    };
+    let plan = ReleasePlan {
+        platform: "ONNX".into(),
+        flavor: None,
+        source: Source::Backup {
+            blob_name: name.clone(),
+        },
+    };
+    let done = store
+        .release(&plan, &names, &ReleaseFacts::default())
+        .await
+        .unwrap();
+    assert!(done.copied);
+    assert_eq!(done.size, 15);
+    assert!(done.url.starts_with("https://"));
+    let again = store
+        .release(&plan, &names, &ReleaseFacts::default())
+        .await
+        .unwrap();
+    assert!(!again.copied);
+    assert!(cred.requests.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test]
+async fn an_unusable_token_is_a_clear_denial() {
+    #[derive(Debug)]
+    struct Garbage;
+    #[async_trait::async_trait]
+    impl azure_core::credentials::TokenCredential for Garbage {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+            Ok(azure_core::credentials::AccessToken::new(
+                azure_core::credentials::Secret::new("not-a-jwt"),
+                azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+            ))
+        }
+    }
+    let ca = TestCa::generate();
+    let azurite = Azurite::start_oauth(&ca);
+    let clients = StorageClients::with_credential(&azurite.identity_settings(), Arc::new(Garbage))
+        .with_transport(ca.transport());
+    let err = clients
+        .table("Denied")
+        .unwrap()
+        .create_if_missing()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Denied { .. }), "{err:?}");
+    assert!(!err.to_string().contains("not-a-jwt"));
+}
+
+#[tokio::test]
+async fn the_whole_release_path_runs_with_tokens() {
+    use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+    let ca = TestCa::generate();
+    let azurite = Azurite::start_oauth(&ca);
+    let (clients, _) = token_clients(&azurite, &ca);
+    let standin = Standin::start(StandinConfig {
+        training_key: "k".into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(20),
+        export_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let queue = unique("q");
+    let backup = format!(
+        "https://127.0.0.1:{}/devstoreaccount1/cvbackups",
+        azurite.blob_port
+    );
+    let vars: std::collections::HashMap<String, String> = [
+        ("CVCHAIN_STORAGE__accountName", "unused".to_owned()),
+        ("CVCHAIN_QUEUE", queue.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", "k".into()),
+        ("CVCHAIN_EXPORTS", "ONNX".into()),
+        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings = cvchain::settings::from_lookup(&move |k| vars.get(k).cloned()).unwrap();
+    let cv = cvchain::process::training_client(&settings)
+        .unwrap()
+        .unwrap();
+    let processor = Processor::new(&settings, &clients, Some(Arc::new(cv))).unwrap();
+
+    let http = reqwest::Client::new();
+    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let queue_uri = format!(
+        "https://127.0.0.1:{}/devstoreaccount1/{queue}",
+        azurite.queue_port
+    );
+    let project: serde_json::Value = http
+        .post(format!("{api}/projects"))
+        .query(&[
+            ("name", "Widgets"),
+            ("domainId", COMPACT_DOMAIN),
+            ("notificationQueueUri", queue_uri.as_str()),
+            ("exportModelContainerUri", backup.as_str()),
+        ])
+        .header("Training-Key", "k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = project["id"].as_str().unwrap().to_owned();
+    http.post(format!("{api}/projects/{pid}/train"))
+        .header("Training-Key", "k")
+        .send()
+        .await
+        .unwrap();
+
+    // Take messages off the queue and process them in-process, until the export is released.
+    let q = clients.queue(&queue).unwrap();
+    let mut exports_seen = 0;
+    for _ in 0..300 {
+        let got = q
+            .receive_messages(None)
+            .await
+            .ok()
+            .and_then(|r| r.into_model().ok())
+            .and_then(|m| m.items)
+            .unwrap_or_default();
+        for m in got {
+            let text = m.message_text.clone().unwrap_or_default();
+            let received = Received {
+                text: text.clone(),
+                message_id: m.message_id.clone(),
+                dequeue_count: 1,
+                received_at: time::OffsetDateTime::now_utc(),
+            };
+            processor.process(&received).await.unwrap();
+            q.delete_message(
+                m.message_id.as_deref().unwrap(),
+                m.pop_receipt.as_deref().unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
+            if text.contains("ExportCompleted") {
+                exports_seen += 1;
+            }
+        }
+        if exports_seen == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(exports_seen, 1);
+    let release = clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client("models")
+        .blob_client("Widgets/Iteration-1/ONNX.zip");
+    let bytes = release
+        .download(None)
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(bytes.len(), 64 * 1024);
+}
