@@ -1,6 +1,7 @@
 use super::*;
-use crate::chain::plan_chain;
+use crate::chain::{ExportTarget, plan_chain};
 use crate::history::REJECTED_PARTITION;
+use crate::history::step_row;
 use crate::settings::PublishSettings;
 use time::macros::datetime;
 
@@ -447,4 +448,58 @@ fn refused_steps_are_read_back() {
         ),
         None
     );
+}
+
+#[test]
+fn a_release_lands_on_its_chain_entry_or_on_a_row_of_its_own() {
+    let chain = chain_config().chain.exports;
+    let now = datetime!(2026-11-26 10:05 UTC);
+    let released = crate::storage::blobs::Released {
+        url: "https://a.blob.core.windows.net/models/W/I/ONNX.zip".into(),
+        path: "W/I/ONNX.zip".into(),
+        size: 1234,
+        millis: 56,
+        copied: true,
+    };
+    let onnx12 = ExportTarget {
+        platform: "ONNX".into(),
+        flavor: Some("ONNX12".into()),
+    };
+    // The chain's ONNX entry (no flavor) answers an ONNX12 export: its row is updated.
+    let existing = step_row(pid(), iid(), 0, &chain[0], "Exporting");
+    let writes = release_writes(
+        pid(),
+        iid(),
+        &chain,
+        &onnx12,
+        &released,
+        &[stored(&existing)],
+        now,
+    );
+    let [
+        StepWrite::Merge {
+            row_key,
+            properties,
+            ..
+        },
+    ] = &writes[..]
+    else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row_key, &existing.row_key);
+    assert_eq!(properties["ReleaseSize"], "1234");
+    assert_eq!(properties["ReleaseSize@odata.type"], "Edm.Int64");
+    assert_eq!(properties["ReleaseUrl"], released.url);
+    // An export outside the chain gets its own row.
+    let coreml = ExportTarget {
+        platform: "CoreML".into(),
+        flavor: None,
+    };
+    let writes = release_writes(pid(), iid(), &chain, &coreml, &released, &[], now);
+    let [StepWrite::Insert(row)] = &writes[..] else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row.properties["ChainPosition"], 0);
+    assert_eq!(row.properties["Status"], "Done");
+    assert_eq!(row.row_key, format!("ExportStep_{I}_CoreML"));
 }
