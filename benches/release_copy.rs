@@ -7,7 +7,6 @@
 //! Needs Azurite in node_modules (`npm ci`). Prints a Markdown table.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use azure_storage_blob::models::BlockLookupList;
