@@ -109,6 +109,7 @@ fn main() {
             platform: "ONNX".into(),
             flavor: None,
             source: Source::Backup { blob_name: name },
+            fallback: None,
         };
         let names = ReleaseNames {
             project_id: p,

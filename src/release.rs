@@ -222,6 +222,8 @@ pub struct ReleasePlan {
     pub platform: String,
     pub flavor: Option<String>,
     pub source: Source,
+    /// GetExports' `downloadUri`, tried when the backup blob is not there.
+    pub fallback: Option<String>,
 }
 
 /// The releases for an iteration's finished exports. The backup blob is used when it can only
@@ -242,6 +244,11 @@ pub fn plan_releases(
                 .iter()
                 .filter(|o| o.platform.eq_ignore_ascii_case(&e.platform))
                 .count();
+            let download = e
+                .download_uri
+                .as_deref()
+                .filter(|u| Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "https" | "http")))
+                .map(str::to_owned);
             let backup_name = backup_blob_name(project, iteration, &e.platform);
             let pointed_here = matches!(model_uri, ModelUri::InBackup { blob_name } if blob_name.eq_ignore_ascii_case(&backup_name));
             let source = if same_platform == 1 && (pointed_here || backup_configured) {
@@ -252,17 +259,19 @@ pub fn plan_releases(
                     },
                 }
             } else {
-                let url = e.download_uri.as_deref().filter(|u| {
-                    Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "https" | "http"))
-                })?;
                 Source::Download {
-                    url: url.to_owned(),
+                    url: download.clone()?,
                 }
+            };
+            let fallback = match source {
+                Source::Backup { .. } => download,
+                Source::Download { .. } => None,
             };
             Some(ReleasePlan {
                 platform: e.platform.clone(),
                 flavor: e.flavor.clone().filter(|f| !f.is_empty()),
                 source,
+                fallback,
             })
         })
         .collect()

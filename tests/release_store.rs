@@ -148,6 +148,7 @@ async fn a_backup_is_copied_tagged_and_left_alone_once_current() {
         source: Source::Backup {
             blob_name: backup_name.clone(),
         },
+        fallback: None,
     };
     let store = s.store();
     let done = store
@@ -234,6 +235,7 @@ async fn a_path_taken_by_another_project_or_a_stranger_is_never_overwritten() {
         source: Source::Backup {
             blob_name: format!("{p} - {i}.TensorFlow"),
         },
+        fallback: None,
     };
     let first = store
         .release(&plan(p1), &names(p1, i, "Widgets"), &facts())
@@ -317,7 +319,8 @@ async fn a_download_uri_with_a_sas_is_copied_server_side() {
     let plan = ReleasePlan {
         platform: "ONNX".into(),
         flavor: None,
-        source: Source::Download { url },
+        source: Source::Download { url: url.clone() },
+        fallback: None,
     };
     let mut n = names(p, i, "Widgets");
     n.platform = "ONNX".into();
@@ -334,4 +337,48 @@ async fn a_download_uri_with_a_sas_is_copied_server_side() {
         .unwrap();
     assert!(!meta["source"].contains("sig"), "{meta:?}");
     assert_eq!(s.tags(&s.release, &done.path).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_missing_backup_falls_back_to_the_download_uri() {
+    let s = setup();
+    let (p, i) = (Uuid::new_v4(), Uuid::new_v4());
+    let internal = unique("cvinternal");
+    let name = format!("{p}/{i}/ONNX.zip");
+    s.put(&internal, &name, b"from the service", None).await;
+    let sas = blob_read_sas(
+        cvchain::settings::DEV_ACCOUNT,
+        &azure_core::credentials::Secret::new(cvchain::settings::DEV_ACCOUNT_KEY),
+        &internal,
+        &name,
+        "2099-01-01T00:00:00Z",
+    )
+    .unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/{internal}/{name}?{sas}",
+        s.azurite.blob_port
+    );
+    // The backup container exists, the backup blob does not.
+    s.put(&s.backup, "unrelated", b"x", None).await;
+    let plan = ReleasePlan {
+        platform: "ONNX".into(),
+        flavor: None,
+        source: Source::Backup {
+            blob_name: format!("{p} - {i}.ONNX"),
+        },
+        fallback: Some(url),
+    };
+    let mut n = names(p, i, "Widgets");
+    n.platform = "ONNX".into();
+    n.flavor = None;
+    let done = s.store().release(&plan, &n, &facts()).await.unwrap();
+    assert_eq!(s.get(&s.release, &done.path).await, b"from the service");
+    // Without a fallback, the missing backup is an error the message is retried for.
+    let plan = ReleasePlan {
+        fallback: None,
+        ..plan
+    };
+    let mut n2 = n.clone();
+    n2.iteration_id = Uuid::new_v4();
+    assert!(s.store().release(&plan, &n2, &facts()).await.is_err());
 }

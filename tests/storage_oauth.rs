@@ -86,6 +86,7 @@ async fn tables_queues_and_release_copies_work_with_tokens_over_https() {
         source: Source::Backup {
             blob_name: name.clone(),
         },
+        fallback: None,
     };
     let done = store
         .release(&plan, &names, &ReleaseFacts::default())

@@ -172,6 +172,12 @@ fn releases_cover_finished_exports_from_a_safe_source() {
             blob_name: format!("{P} - {I}.ONNX")
         }
     );
+    // If the backup is missing after all, GetExports' URL is the way back.
+    assert_eq!(
+        plans[0].fallback.as_deref(),
+        Some("https://cv.blob.core.windows.net/x/onnx.zip?sig=s")
+    );
+    assert_eq!(plans[1].fallback, None);
     // Two DockerFile flavors share one backup name: each comes from its own downloadUri.
     assert!(matches!(&plans[1].source, Source::Download { url } if url.ends_with("dl.zip?sig=s")));
     assert!(matches!(&plans[2].source, Source::Download { url } if url.ends_with("da.zip?sig=s")));

@@ -104,6 +104,14 @@ impl ReleaseStore {
         self.clients.blob_at(&url)
     }
 
+    fn download_client(&self, url: &str) -> Result<BlobClient, StorageError> {
+        let parsed = Url::parse(url).map_err(|_| StorageError::Other {
+            service: SERVICE,
+            detail: "downloadUri is not a URL".into(),
+        })?;
+        self.clients.anonymous_blob(&parsed)
+    }
+
     /// Copies one export into the release container, unless the copy there is current.
     pub async fn release(
         &self,
@@ -111,22 +119,33 @@ impl ReleaseStore {
         names: &ReleaseNames,
         facts: &ReleaseFacts,
     ) -> Result<Released, StorageError> {
-        // The source: its URL for the copy, its ETag and length for the currency check.
-        let (source_client, copy_source, backup) = match &plan.source {
+        // The source: its URL for the copy, its ETag and length for the currency check. A
+        // missing backup falls back to GetExports' downloadUri.
+        let (source_client, copy_source, backup, props) = match &plan.source {
             Source::Backup { blob_name } => {
                 let c = self.backup_blob(blob_name)?;
-                let url = c.url().to_string();
-                (c, url, true)
+                match c.get_properties(None).await {
+                    Ok(props) => {
+                        let url = c.url().to_string();
+                        (c, url, true, props)
+                    }
+                    Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
+                        let Some(url) = &plan.fallback else {
+                            return Err(err(e));
+                        };
+                        let c = self.download_client(url)?;
+                        let props = c.get_properties(None).await.map_err(err)?;
+                        (c, url.clone(), false, props)
+                    }
+                    Err(e) => return Err(err(e)),
+                }
             }
             Source::Download { url } => {
-                let parsed = Url::parse(url).map_err(|_| StorageError::Other {
-                    service: SERVICE,
-                    detail: "downloadUri is not a URL".into(),
-                })?;
-                (self.clients.anonymous_blob(&parsed)?, url.clone(), false)
+                let c = self.download_client(url)?;
+                let props = c.get_properties(None).await.map_err(err)?;
+                (c, url.clone(), false, props)
             }
         };
-        let props = source_client.get_properties(None).await.map_err(err)?;
         let source_etag = props
             .etag()
             .map_err(err)?
