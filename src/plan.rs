@@ -67,6 +67,19 @@ pub struct PlanConfig {
     pub custom_vision: bool,
     /// The container Custom Vision backs models up to (`exportModelContainerUri`).
     pub backup_container: Option<Url>,
+    /// Only these projects are acted on (`CVCHAIN_PROJECTS`); `None` means all.
+    pub projects: Option<Vec<Uuid>>,
+}
+
+impl PlanConfig {
+    /// Whether cvchain acts on this notification's project.
+    pub fn allows(&self, n: &Notification) -> bool {
+        match (&self.projects, n.project_id()) {
+            (Some(list), Some(p)) => list.contains(&p),
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
 }
 
 /// What to look up in Custom Vision and the history before deciding.
@@ -92,7 +105,7 @@ pub struct Observed {
 
 /// What a notification needs looked up.
 pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
-    if !config.custom_vision {
+    if !config.custom_vision || !config.allows(n) {
         return Needs::default();
     }
     let chain = !config.chain.exports.is_empty();
@@ -184,6 +197,17 @@ pub fn plan_notification(
     let mut row = notification_row(received, parsed);
     let mut actions = Vec::new();
     let chain_configured = config.custom_vision && !config.chain.exports.is_empty();
+    if !config.allows(n) {
+        row.properties.insert("Ignored".into(), json!(true));
+        row.properties.insert(
+            "ChainStatus".into(),
+            json!("ignored: the project is not in CVCHAIN_PROJECTS"),
+        );
+        return (
+            Decision::Accepted(parsed.clone()),
+            vec![Action::Record(row)],
+        );
+    }
     if let Some(problem) = &observed.problem {
         row.properties
             .insert("ChainStatus".into(), json!(format!("stopped: {problem}")));

@@ -9,7 +9,7 @@ use crate::customvision::{
     codes,
 };
 use crate::history::{
-    Received, step_key_range, step_row_key,
+    Received, failed_row, step_key_range, step_row_key,
     store::{HistoryStore, Recorded},
 };
 use crate::notification::Notification;
@@ -84,6 +84,7 @@ pub struct Processor {
     table_name: String,
     cv: Option<Arc<dyn TrainingApi>>,
     releases: ReleaseStore,
+    max_dequeue: u32,
 }
 
 impl std::fmt::Debug for Processor {
@@ -139,7 +140,9 @@ impl Processor {
                 chain: settings.chain.clone(),
                 custom_vision: cv.is_some(),
                 backup_container: settings.release.backup_container.clone(),
+                projects: settings.projects.clone(),
             },
+            max_dequeue: settings.max_dequeue,
             releases: ReleaseStore::new(
                 clients,
                 &settings.release.container,
@@ -155,8 +158,31 @@ impl Processor {
         &self.history
     }
 
-    /// Processes one queue message.
+    /// Processes one queue message. When it fails on the delivery the host will not retry
+    /// (`DequeueCount` at `CVCHAIN_MAX_DEQUEUE`), the final failure is recorded first, so every
+    /// poison-queue entry has a matching row.
     pub async fn process(&self, received: &Received) -> Result<Outcome, ProcessError> {
+        let result = self.process_once(received).await;
+        if let Err(e) = &result
+            && received.dequeue_count >= self.max_dequeue
+        {
+            let row = failed_row(received, &e.to_string(), e.is_transient());
+            match self.history.record(&row).await {
+                Ok(_) => tracing::error!(
+                    row = %row.describe(),
+                    "giving up after {} deliveries; the host moves the message to the poison queue",
+                    received.dequeue_count
+                ),
+                Err(record_error) => tracing::error!(
+                    error = %record_error,
+                    "giving up, and the final failure could not be recorded either"
+                ),
+            }
+        }
+        result
+    }
+
+    async fn process_once(&self, received: &Received) -> Result<Outcome, ProcessError> {
         let parsed = match parse_or_reject(received, &self.config) {
             Ok(p) => p,
             Err(rejection) => {

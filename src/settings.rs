@@ -25,6 +25,10 @@ pub const EXPORTS_SETTING: &str = "CVCHAIN_EXPORTS";
 pub const PUBLISH_NAME_SETTING: &str = "CVCHAIN_PUBLISH_NAME";
 pub const PREDICTION_RESOURCE_SETTING: &str = "CVCHAIN_PREDICTION_RESOURCE_ID";
 pub const BACKUP_CONTAINER_SETTING: &str = "CVCHAIN_BACKUP_CONTAINER";
+pub const PROJECTS_SETTING: &str = "CVCHAIN_PROJECTS";
+pub const MAX_DEQUEUE_SETTING: &str = "CVCHAIN_MAX_DEQUEUE";
+/// The same as host.json's `maxDequeueCount`.
+pub const DEFAULT_MAX_DEQUEUE: u32 = 5;
 pub const RELEASE_CONTAINER_SETTING: &str = "CVCHAIN_RELEASE_CONTAINER";
 pub const RELEASE_PATH_SETTING: &str = "CVCHAIN_RELEASE_PATH";
 /// The service's quota: 10 transactions per second.
@@ -65,6 +69,10 @@ pub struct Settings {
     pub custom_vision: Option<CustomVisionSettings>,
     pub chain: ChainSettings,
     pub release: ReleaseSettings,
+    /// `CVCHAIN_PROJECTS`: only these projects are acted on; `None` means all.
+    pub projects: Option<Vec<uuid::Uuid>>,
+    /// The delivery at which the host gives up on a message (its `maxDequeueCount`).
+    pub max_dequeue: u32,
 }
 
 /// Where exported models are copied from and to.
@@ -213,6 +221,41 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
     };
     let chain = chain_from_lookup(&get)?;
     let release = release_from_lookup(&get)?;
+    let projects = match get(PROJECTS_SETTING) {
+        None => None,
+        Some(v) => {
+            let mut ids = Vec::new();
+            for part in v
+                .split([',', ';', ' '])
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
+                let id = uuid::Uuid::parse_str(part).map_err(|_| {
+                    err(
+                        PROJECTS_SETTING,
+                        format!("{part:?} is not a project id (a UUID)"),
+                    )
+                })?;
+                ids.push(id);
+            }
+            if ids.is_empty() {
+                return Err(err(PROJECTS_SETTING, "is set but lists no project id"));
+            }
+            Some(ids)
+        }
+    };
+    let max_dequeue = match get(MAX_DEQUEUE_SETTING) {
+        None => DEFAULT_MAX_DEQUEUE,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => {
+                return Err(err(
+                    MAX_DEQUEUE_SETTING,
+                    "must be a whole number from 1 to 100 (host.json's maxDequeueCount)",
+                ));
+            }
+        },
+    };
     let custom_vision = custom_vision_from_lookup(&get)?;
     if custom_vision.is_none() {
         let needs = if !chain.exports.is_empty() {
@@ -239,6 +282,8 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
         custom_vision,
         chain,
         release,
+        projects,
+        max_dequeue,
     })
 }
 
@@ -1050,6 +1095,37 @@ mod tests {
         ] {
             let e = settings(&vars).expect_err(&format!("{vars:?}"));
             assert_eq!(e.setting, setting, "{e}");
+        }
+    }
+
+    #[test]
+    fn allow_list_and_max_dequeue() {
+        let base = ("CVCHAIN_STORAGE", "UseDevelopmentStorage=true");
+        let s = settings(&[base]).unwrap();
+        assert_eq!((s.projects, s.max_dequeue), (None, 5));
+        let s = settings(&[
+            base,
+            (
+                "CVCHAIN_PROJECTS",
+                "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f, 3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d",
+            ),
+            ("CVCHAIN_MAX_DEQUEUE", "3"),
+        ])
+        .unwrap();
+        assert_eq!(s.projects.unwrap().len(), 2);
+        assert_eq!(s.max_dequeue, 3);
+        for (vars, setting) in [
+            (
+                vec![base, ("CVCHAIN_PROJECTS", "widgets")],
+                "CVCHAIN_PROJECTS",
+            ),
+            (vec![base, ("CVCHAIN_PROJECTS", ", ,")], "CVCHAIN_PROJECTS"),
+            (
+                vec![base, ("CVCHAIN_MAX_DEQUEUE", "0")],
+                "CVCHAIN_MAX_DEQUEUE",
+            ),
+        ] {
+            assert_eq!(settings(&vars).unwrap_err().setting, setting);
         }
     }
 

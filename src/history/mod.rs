@@ -268,6 +268,29 @@ pub fn time_property(p: &mut Entity, name: &str, at: OffsetDateTime) {
     p.insert(format!("{name}@odata.type"), json!("Edm.DateTime"));
 }
 
+/// Messages whose last delivery failed: the host moves them to the poison queue.
+pub const FAILED_PARTITION: &str = "_failed";
+
+/// The row for a message the host will not retry again.
+pub fn failed_row(received: &Received, reason: &str, transient: bool) -> HistoryRow {
+    let mut p = common_properties(received);
+    p.insert("EventType".into(), json!("Failed"));
+    p.insert("Status".into(), json!("GaveUp"));
+    p.insert("Reason".into(), json!(truncate(&redact(reason), 1024).0));
+    p.insert("Transient".into(), json!(transient));
+    let decoded = unwrap_text(&received.text).ok();
+    insert_raw(
+        &mut p,
+        &received.text,
+        decoded.as_ref().map(|(t, e)| (t.as_str(), *e)),
+    );
+    HistoryRow {
+        partition_key: FAILED_PARTITION.to_owned(),
+        row_key: safe_key(received.message_key()),
+        properties: p,
+    }
+}
+
 /// The row for a message that was rejected (it is also copied to the poison queue).
 pub fn rejected_row(received: &Received, reason: &str, field: Option<&str>) -> HistoryRow {
     let mut p = common_properties(received);

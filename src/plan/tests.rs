@@ -40,6 +40,7 @@ fn chain_config() -> PlanConfig {
         },
         custom_vision: true,
         backup_container: Some(Url::parse("https://acct.blob.core.windows.net/cvbackups").unwrap()),
+        projects: None,
     }
 }
 
@@ -502,4 +503,23 @@ fn a_release_lands_on_its_chain_entry_or_on_a_row_of_its_own() {
     assert_eq!(row.properties["ChainPosition"], 0);
     assert_eq!(row.properties["Status"], "Done");
     assert_eq!(row.row_key, format!("ExportStep_{I}_CoreML"));
+}
+
+#[test]
+fn projects_outside_the_allow_list_are_recorded_as_ignored() {
+    let mut config = chain_config();
+    config.projects = Some(vec![Uuid::new_v4()]);
+    let n = crate::notification::parse(&training_completed())
+        .unwrap()
+        .notification;
+    assert_eq!(needs(&n, &config), Needs::default());
+    let (decision, actions) = plan_text(&training_completed(), &Observed::default(), &config);
+    assert!(matches!(decision, Decision::Accepted(_)));
+    let [Action::Record(row)] = &actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(row.properties["Ignored"], true);
+    config.projects = Some(vec![pid()]);
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &config);
+    assert!(matches!(&actions[0], Action::Chain { .. }));
 }
