@@ -80,7 +80,7 @@ fn cases() -> Vec<(&'static str, String, String)> {
         ("deep nesting", format!("{}{}", "[".repeat(20_000), "]".repeat(20_000)), "invalid JSON at line 1, column 128: recursion limit exceeded".into()),
         ("deep object", format!("{}{}", "{\"a\":".repeat(5_000), "}".repeat(5_000)), "invalid JSON at line 1, column 636: recursion limit exceeded".into()),
         ("over 64 KiB", format!("{}{}", training_with(&p, &i, &done), " ".repeat(MAX_MESSAGE_BYTES)), format!("message is {} bytes; a queue message holds at most 65536 bytes", training_with(&p, &i, &done).len() + MAX_MESSAGE_BYTES)),
-        ("base64 of garbage", b64(&[0x00, 0x9f, 0x92, 0x96, 0xff, 0x10]), "message is neither JSON nor base64-encoded JSON".into()),
+        ("base64 of garbage", b64(&[0x00, 0x9f, 0x92, 0x96, 0xff, 0x10]), "message is base64 but the decoded bytes are not UTF-8 (at byte 1)".into()),
         ("base64 of invalid UTF-8 JSON", b64(b"{\"type\":\"\xff\"}"), "message is base64 but the decoded bytes are not UTF-8 (at byte 9)".into()),
         ("base64 of text", b64(b"hello world"), "message is neither JSON nor base64-encoded JSON".into()),
         ("base64 of base64", b64(b64(training_with(&p, &i, &done).as_bytes()).as_bytes()), "message is neither JSON nor base64-encoded JSON".into()),
