@@ -123,6 +123,22 @@ struct ReleaseBlob {
 }
 
 impl World {
+    /// Every log line the handler wrote and every row it recorded: no key, no SAS signature.
+    async fn assert_no_secrets(&self) {
+        let secrets = [KEY, cvchain::settings::DEV_ACCOUNT_KEY];
+        common::assert_no_secrets("the handler's logs", &self._handler.stderr(), &secrets);
+        let rows = serde_json::to_string(
+            &self
+                .rows()
+                .await
+                .iter()
+                .map(|r| &r.entity)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        common::assert_no_secrets("the history rows", &rows, &secrets);
+    }
+
     fn clients(&self) -> StorageClients {
         StorageClients::new(&self.azurite.storage_settings()).unwrap()
     }
@@ -388,6 +404,7 @@ async fn training_runs_the_three_exports_in_order_exactly_once() {
     assert_eq!(calls.counts.get("ExportIteration"), Some(&3));
     // ... and the release container is exactly as it was.
     assert_eq!(w.releases(&iteration).await, releases);
+    w.assert_no_secrets().await;
 }
 
 #[tokio::test]
@@ -432,6 +449,7 @@ async fn a_forged_model_uri_is_refused_without_a_request_to_its_host() {
     );
     // The release stays as it was.
     assert_eq!(w.releases(&iteration).await, before);
+    w.assert_no_secrets().await;
 }
 
 #[tokio::test]
@@ -457,6 +475,7 @@ async fn a_flaky_custom_vision_and_triple_deliveries_still_export_each_entry_onc
     assert!(steps.iter().all(|s| s.entity["Status"] == "Done"));
     assert_eq!(w.rows_of("Training").await.len(), 1);
     assert_eq!(w.rows_of("Export").await.len(), 3);
+    w.assert_no_secrets().await;
 }
 
 #[tokio::test]
@@ -543,4 +562,108 @@ async fn training_completed_publishes_the_iteration_once() {
         .unwrap();
     assert_eq!(iteration["publishName"], "production");
     assert_eq!(iteration["originalPublishResourceId"], prediction);
+}
+
+#[tokio::test]
+async fn the_last_failed_delivery_is_recorded_before_the_message_is_poisoned() {
+    let w = world(None, CHAIN).await;
+    // Let the set-up messages through, then make Custom Vision fail every call.
+    w.host
+        .pump_until(Duration::from_secs(30), || async {
+            !w.rows_of("ConnectionTest").await.is_empty()
+        })
+        .await;
+    w.standin.set_faults(Faults {
+        failure_rate: 1.0,
+        throttle_share: Some(1.0),
+        retry_after_seconds: 0,
+        ..Default::default()
+    });
+    let message = format!(
+        r#"{{"version":"1.0","type":"Training","Content":{{"projectId":"{}","iterationId":"{}","trainingStatus":"TrainingCompleted"}}}}"#,
+        w.project,
+        Uuid::new_v4()
+    );
+    assert_eq!(w.host.redeliver(&message, "doomed-1", 2).await, 500);
+    assert!(w.rows_of("Failed").await.is_empty());
+    assert_eq!(w.host.redeliver(&message, "doomed-1", 5).await, 500);
+    let failed = w.rows_of("Failed").await;
+    assert_eq!(failed.len(), 1);
+    let f = &failed[0].entity;
+    assert_eq!(f["PartitionKey"], "_failed");
+    assert_eq!(f["RowKey"], "doomed-1");
+    assert_eq!(f["DequeueCount"], 5);
+    assert_eq!(f["Transient"], true);
+    assert!(f["Reason"].as_str().unwrap().contains("429"), "{f:?}");
+    assert_eq!(f["Raw"], message);
+    w.assert_no_secrets().await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_invocation_in_flight_finish() {
+    let mut w = world(None, "ONNX").await;
+    w.host
+        .pump_until(Duration::from_secs(30), || async {
+            !w.rows_of("ConnectionTest").await.is_empty()
+        })
+        .await;
+    // Every Custom Vision call now takes 700 ms, and a TrainingCompleted makes several.
+    w.standin.set_faults(Faults {
+        slow_rate: 1.0,
+        slow_ms: 700,
+        ..Default::default()
+    });
+    let message = format!(
+        r#"{{"version":"1.0","type":"Training","Content":{{"projectId":"{}","iterationId":"{}","trainingStatus":"TrainingCompleted"}}}}"#,
+        w.project,
+        Uuid::new_v4()
+    );
+    let url = format!("{}/CustomVisionNotification", w._handler.url(""));
+    let body = common::host_envelope(&message, "inflight-1", 1);
+    let inflight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let exit = {
+        let handler = &mut w._handler;
+        let waiter = tokio::task::spawn_blocking({
+            let pid = handler.pid();
+            move || {
+                std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .unwrap()
+            }
+        });
+        waiter.await.unwrap();
+        let status = inflight
+            .await
+            .unwrap()
+            .expect("the in-flight invocation got an answer");
+        // The iteration is unknown to Custom Vision: recorded as stopped, answered 200.
+        assert_eq!(status, 200);
+        handler.signal_and_wait("TERM", Duration::from_secs(25))
+    };
+    let exit = exit.expect("the handler exits within the drain bound");
+    assert!(exit.success(), "{exit}");
+    let stderr = w._handler.stderr();
+    assert!(stderr.contains("shutdown requested"), "{stderr}");
+    let row = w
+        .rows_of("Training")
+        .await
+        .into_iter()
+        .find(|r| r.entity["MessageId"] == "inflight-1")
+        .expect("the in-flight message was recorded");
+    assert!(
+        row.entity["ChainStatus"]
+            .as_str()
+            .unwrap()
+            .starts_with("stopped:")
+    );
 }

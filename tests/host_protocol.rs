@@ -219,9 +219,12 @@ async fn variants_unknown_kinds_and_base64_are_recorded() {
         "https://cvstore.blob.core.windows.net/exports/model.zip"
     );
     find(&rows, P, &format!("Export_{I}_msg-m-6_ExportFailed"));
-    // No SAS signature anywhere in the table.
+    // No SAS signature anywhere in the table, nor in the logs.
     let all = serde_json::to_string(&rows.iter().map(|r| &r.entity).collect::<Vec<_>>()).unwrap();
     assert!(!all.contains("SECRETsignatureVALUE"), "{all}");
+    let secrets = [cvchain::settings::DEV_ACCOUNT_KEY];
+    common::assert_no_secrets("the history rows", &all, &secrets);
+    common::assert_no_secrets("the handler's logs", &s.handler.stderr(), &secrets);
 }
 
 #[tokio::test]
@@ -385,5 +388,26 @@ async fn logs_are_json_on_request_and_follow_rust_log() {
         !quiet.stderr().contains("notification recorded"),
         "{}",
         quiet.stderr()
+    );
+}
+
+#[test]
+#[should_panic(expected = "contains a SAS signature")]
+fn the_secret_scan_catches_a_signature() {
+    common::assert_no_secrets("a log line", "GET https://a/b?sv=1&sig=abc123", &[]);
+}
+
+#[test]
+#[should_panic(expected = "contains a secret")]
+fn the_secret_scan_catches_a_key() {
+    common::assert_no_secrets("a row", "key is hunter2", &["hunter2"]);
+}
+
+#[test]
+fn the_secret_scan_passes_redacted_text() {
+    common::assert_no_secrets(
+        "a row",
+        "https://a/b?sv=1&sig=REDACTED and design=x",
+        &["k"],
     );
 }

@@ -243,6 +243,10 @@ impl Handler {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -629,5 +633,34 @@ impl azure_core::credentials::TokenCredential for RecordingCredential {
             azure_core::credentials::Secret::new(format!("token-for:{joined}")),
             azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
         ))
+    }
+}
+
+/// Fails when `text` holds one of `secrets`, or any SAS signature (`sig=` not followed by the
+/// redaction marker).
+pub fn assert_no_secrets(what: &str, text: &str, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(
+            !text.contains(secret),
+            "{what} contains a secret ({} characters)",
+            secret.len()
+        );
+    }
+    let lower = text.to_ascii_lowercase();
+    for marker in ["sig=", "sig%3d", "sig\\u003d"] {
+        let mut from = 0;
+        while let Some(at) = lower[from..].find(marker) {
+            let start = from + at;
+            let value = &lower[start + marker.len()..];
+            let preceded_by_word = start > 0 && lower.as_bytes()[start - 1].is_ascii_alphanumeric();
+            if !preceded_by_word {
+                assert!(
+                    value.is_empty() || value.starts_with("redacted"),
+                    "{what} contains a SAS signature near: {}",
+                    &text[start.saturating_sub(40)..(start + 12).min(text.len())]
+                );
+            }
+            from = start + marker.len();
+        }
     }
 }
