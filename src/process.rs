@@ -9,7 +9,9 @@ use crate::customvision::{
     codes,
 };
 use crate::history::{
-    Received, failed_row, step_key_range, step_row_key,
+    Received,
+    claims::Claims,
+    failed_row, step_key_range, step_row_key,
     store::{HistoryStore, Recorded},
 };
 use crate::notification::Notification;
@@ -76,6 +78,10 @@ impl ProcessError {
     }
 }
 
+/// How long a claim lasts: longer than any request or copy cvchain makes, short enough that a
+/// crashed instance's claim does not hold a chain up for long.
+pub const CLAIM_SECONDS: u64 = 120;
+
 /// The adapters the actions need.
 pub struct Processor {
     history: HistoryStore,
@@ -85,6 +91,7 @@ pub struct Processor {
     cv: Option<Arc<dyn TrainingApi>>,
     releases: ReleaseStore,
     max_dequeue: u32,
+    claims: Claims,
 }
 
 impl std::fmt::Debug for Processor {
@@ -143,6 +150,10 @@ impl Processor {
                 projects: settings.projects.clone(),
             },
             max_dequeue: settings.max_dequeue,
+            claims: Claims::new(
+                clients.table(&settings.history_table)?,
+                std::time::Duration::from_secs(CLAIM_SECONDS),
+            ),
             releases: ReleaseStore::new(
                 clients,
                 &settings.release.container,
@@ -410,10 +421,10 @@ impl Processor {
         let (Some(cv), Some(it)) = (&self.cv, observed.and_then(|o| o.iteration.as_ref())) else {
             return Ok("no iteration to export".into());
         };
-        let exports = observed.and_then(|o| o.exports.clone()).unwrap_or_default();
+        let mut exports = observed.and_then(|o| o.exports.clone()).unwrap_or_default();
         let mut steps = self.load_steps(project, iteration).await?;
         let mut refused = refused_targets(chain, &steps);
-        for _ in 0..=chain.len() {
+        for _ in 0..=2 * chain.len() + 1 {
             let plan = plan_chain(chain, it, &exports, &refused);
             for w in step_writes(project, iteration, &plan, &steps, now) {
                 self.write_step(&w).await?;
@@ -425,6 +436,28 @@ impl Processor {
                 return Ok(describe_next(&plan.next));
             };
             let position = chain.iter().position(|c| c == target).unwrap_or(0);
+            // One requester at a time; inside the claim, GetExports is asked again, so a request
+            // another instance made a moment ago is seen, not repeated.
+            let claim_key = format!("Claim_{iteration}_{}", target.key());
+            let Some(claim) = self
+                .claims
+                .acquire(&project.to_string(), &claim_key, "ExportIteration")
+                .await?
+            else {
+                return Ok(format!("{target} is being requested by another invocation"));
+            };
+            let fresh = match cv.get_exports(project, iteration).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    self.claims.release(&claim).await?;
+                    return Err(e.into());
+                }
+            };
+            if fresh.iter().any(|e| target.matches(e)) {
+                self.claims.release(&claim).await?;
+                exports = fresh;
+                continue;
+            }
             let result = cv
                 .export_iteration(
                     project,
@@ -434,6 +467,7 @@ impl Processor {
                 )
                 .await;
             let outcome = request_outcome(&result);
+            self.claims.release(&claim).await?;
             if outcome == RequestOutcome::Transient {
                 return Err(result
                     .err()
@@ -509,11 +543,23 @@ impl Processor {
                 platform: plan.platform.clone(),
                 flavor: plan.flavor.clone(),
             };
-            let released = self.releases.release(&plan, &names, &facts).await?;
             let target = ExportTarget {
                 platform: plan.platform.clone(),
                 flavor: plan.flavor.clone(),
             };
+            // One copier at a time per export; the store re-checks the destination inside.
+            let claim_key = format!("ReleaseClaim_{iteration}_{}", target.key());
+            let Some(claim) = self
+                .claims
+                .acquire(&project.to_string(), &claim_key, "Copy")
+                .await?
+            else {
+                logs.push(format!("{target} is being copied by another invocation"));
+                continue;
+            };
+            let released = self.releases.release(&plan, &names, &facts).await;
+            self.claims.release(&claim).await?;
+            let released = released?;
             if !released.copied {
                 logs.push(format!("release of {target} is current: {}", released.path));
                 continue;

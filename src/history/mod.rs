@@ -1,6 +1,7 @@
 //! History rows: what cvchain records for every message, under keys derived from the event so a
 //! redelivered message maps to the same row and changes nothing. Pure: building rows, no I/O.
 
+pub mod claims;
 pub mod store;
 
 use crate::chain::ExportTarget;
