@@ -1,0 +1,219 @@
+//! The same message delivered to two instances at the same moment: one export request, one copy,
+//! no conflicting rows. Claims are conditional writes, and a crashed holder's claim expires.
+
+mod common;
+
+use common::{Azurite, Handler, host_envelope, standin_calls, unique};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use cvchain::history::claims::Claims;
+use cvchain::storage::connection::StorageClients;
+use serde_json::Value;
+use std::time::Duration;
+
+const KEY: &str = "concurrency-key";
+
+#[tokio::test]
+async fn one_claim_at_a_time_and_an_expired_claim_is_taken_over_once() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let table = unique("Claims");
+    let claims = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(60));
+    let first = claims
+        .acquire("p", "Claim_x", "test")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        claims
+            .acquire("p", "Claim_x", "test")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    claims.release(&first).await.unwrap();
+    let again = claims.acquire("p", "Claim_x", "test").await.unwrap();
+    assert!(again.is_some());
+
+    // A holder that crashed: its one-second claim expires, then ten contenders race for it.
+    let short = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(1));
+    let crashed = short
+        .acquire("p", "Claim_y", "test")
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let c = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(60));
+        tasks.push(tokio::spawn(async move {
+            c.acquire("p", "Claim_y", "test").await.unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        if t.await.unwrap().is_some() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1);
+    // The crashed holder's late release does not free the new holder's claim.
+    claims.release(&crashed).await.unwrap();
+    assert!(
+        claims
+            .acquire("p", "Claim_y", "test")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn two_instances_given_the_same_messages_request_and_copy_once() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let standin = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(10),
+        export_delay: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = unique("History");
+    let backup = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
+        azurite.blob_port
+    );
+    let env = vec![
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_QUEUE", unique("q")),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+        ("CVCHAIN_EXPORTS", "ONNX".into()),
+        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
+    ];
+    let a = Handler::start(&env);
+    let b = Handler::start(&env);
+    let http = reqwest::Client::new();
+    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let project: Value = http
+        .post(format!("{api}/projects"))
+        .query(&[
+            ("name", "Race"),
+            ("domainId", COMPACT_DOMAIN),
+            ("exportModelContainerUri", backup.as_str()),
+        ])
+        .header("Training-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = project["id"].as_str().unwrap().to_owned();
+
+    let deliver_to_both = |text: String, id: String| {
+        let (ua, ub) = (
+            a.url("/CustomVisionNotification"),
+            b.url("/CustomVisionNotification"),
+        );
+        let http = http.clone();
+        async move {
+            let body = host_envelope(&text, &id, 1);
+            let (ra, rb) = tokio::join!(
+                http.post(ua).body(body.clone()).send(),
+                http.post(ub).body(body).send()
+            );
+            let mut logs = String::new();
+            for r in [ra.unwrap(), rb.unwrap()] {
+                assert_eq!(r.status(), 200);
+                logs.push_str(&r.text().await.unwrap());
+            }
+            logs
+        }
+    };
+
+    const ROUNDS: usize = 8;
+    for round in 0..ROUNDS {
+        let it: Value = http
+            .post(format!("{api}/projects/{pid}/train"))
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let iid = it["id"].as_str().unwrap().to_owned();
+        // Wait for the training to complete, as the notification would say.
+        for _ in 0..200 {
+            let it: Value = http
+                .get(format!("{api}/projects/{pid}/iterations/{iid}"))
+                .header("Training-Key", KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if it["status"] == "Completed" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let trained = format!(
+            r#"{{"version":"1.0","type":"Training","Content":{{"projectId":"{pid}","iterationId":"{iid}","trainingStatus":"TrainingCompleted"}}}}"#
+        );
+        deliver_to_both(trained, format!("t-{round}")).await;
+        let calls = standin_calls(&standin.endpoint()).await;
+        let for_this: Vec<_> = calls
+            .exports
+            .iter()
+            .filter(|e| e.iteration_id.to_string() == iid)
+            .collect();
+        assert_eq!(for_this.len(), 1, "round {round}: {for_this:?}");
+        assert_eq!(for_this[0].outcome, "accepted");
+
+        // Wait for the export to finish, then both instances get its notification at once.
+        for _ in 0..200 {
+            let exports: Value = http
+                .get(format!("{api}/projects/{pid}/iterations/{iid}/export"))
+                .header("Training-Key", KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if exports[0]["status"] == "Done" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let exported = format!(
+            r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{pid}","iterationId":"{iid}","exportStatus":"ExportCompleted","modelUri":"{backup}/{pid}%20-%20{iid}.ONNX"}}}}"#
+        );
+        let logs = deliver_to_both(exported, format!("e-{round}")).await;
+        assert_eq!(
+            logs.matches("released ONNX").count(),
+            1,
+            "round {round}: {logs}"
+        );
+    }
+    // One step row per iteration, released once; no claim left behind.
+    let rows = clients
+        .table(&table)
+        .unwrap()
+        .query(None, 10_000)
+        .await
+        .unwrap();
+    let steps: Vec<_> = rows
+        .iter()
+        .filter(|r| r.entity["EventType"] == "ExportStep")
+        .collect();
+    assert_eq!(steps.len(), ROUNDS);
+    assert!(steps.iter().all(|s| s.entity.contains_key("ReleaseUrl")));
+    assert!(!rows.iter().any(|r| r.entity["EventType"] == "Claim"));
+}
