@@ -78,10 +78,6 @@ impl ProcessError {
     }
 }
 
-/// How long a claim lasts: longer than any request or copy cvchain makes, short enough that a
-/// crashed instance's claim does not hold a chain up for long.
-pub const CLAIM_SECONDS: u64 = 120;
-
 /// The adapters the actions need.
 pub struct Processor {
     history: HistoryStore,
@@ -152,7 +148,7 @@ impl Processor {
             max_dequeue: settings.max_dequeue,
             claims: Claims::new(
                 clients.table(&settings.history_table)?,
-                std::time::Duration::from_secs(CLAIM_SECONDS),
+                std::time::Duration::from_secs(settings.claim_seconds),
             ),
             releases: ReleaseStore::new(
                 clients,
@@ -444,7 +440,11 @@ impl Processor {
                 .acquire(&project.to_string(), &claim_key, "ExportIteration")
                 .await?
             else {
-                return Ok(format!("{target} is being requested by another invocation"));
+                // Another invocation is at it (or crashed holding it: the claim expires). Ask for a
+                // retry rather than acknowledging, so the chain cannot stall on a dead claim.
+                return Err(ProcessError::NotReady(format!(
+                    "{target} is being requested by another invocation"
+                )));
             };
             let fresh = match cv.get_exports(project, iteration).await {
                 Ok(fresh) => fresh,
@@ -554,8 +554,9 @@ impl Processor {
                 .acquire(&project.to_string(), &claim_key, "Copy")
                 .await?
             else {
-                logs.push(format!("{target} is being copied by another invocation"));
-                continue;
+                return Err(ProcessError::NotReady(format!(
+                    "{target} is being copied by another invocation"
+                )));
             };
             let released = self.releases.release(&plan, &names, &facts).await;
             self.claims.release(&claim).await?;

@@ -27,6 +27,10 @@ pub const PREDICTION_RESOURCE_SETTING: &str = "CVCHAIN_PREDICTION_RESOURCE_ID";
 pub const BACKUP_CONTAINER_SETTING: &str = "CVCHAIN_BACKUP_CONTAINER";
 pub const PROJECTS_SETTING: &str = "CVCHAIN_PROJECTS";
 pub const MAX_DEQUEUE_SETTING: &str = "CVCHAIN_MAX_DEQUEUE";
+pub const CLAIM_SECONDS_SETTING: &str = "CVCHAIN_CLAIM_SECONDS";
+/// How long a claim lasts: longer than a request or a copy takes, short enough that a crashed
+/// instance's claim does not hold a chain up for long (the retries of host.json outlast it).
+pub const DEFAULT_CLAIM_SECONDS: u64 = 60;
 /// The same as host.json's `maxDequeueCount`.
 pub const DEFAULT_MAX_DEQUEUE: u32 = 5;
 pub const RELEASE_CONTAINER_SETTING: &str = "CVCHAIN_RELEASE_CONTAINER";
@@ -73,6 +77,8 @@ pub struct Settings {
     pub projects: Option<Vec<uuid::Uuid>>,
     /// The delivery at which the host gives up on a message (its `maxDequeueCount`).
     pub max_dequeue: u32,
+    /// How long a claim on an export request or a copy lasts.
+    pub claim_seconds: u64,
 }
 
 /// Where exported models are copied from and to.
@@ -244,6 +250,18 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
             Some(ids)
         }
     };
+    let claim_seconds = match get(CLAIM_SECONDS_SETTING) {
+        None => DEFAULT_CLAIM_SECONDS,
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (1..=3600).contains(&n) => n,
+            _ => {
+                return Err(err(
+                    CLAIM_SECONDS_SETTING,
+                    "must be a whole number of seconds from 1 to 3600",
+                ));
+            }
+        },
+    };
     let max_dequeue = match get(MAX_DEQUEUE_SETTING) {
         None => DEFAULT_MAX_DEQUEUE,
         Some(v) => match v.trim().parse::<u32>() {
@@ -284,6 +302,7 @@ pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Settings, 
         release,
         projects,
         max_dequeue,
+        claim_seconds,
     })
 }
 

@@ -634,13 +634,20 @@ async fn notify(storage: &StorageClients, queue: &str, n: &Notification, base64:
     if base64 {
         text = base64::engine::general_purpose::STANDARD.encode(text);
     }
-    match storage.queue(queue) {
-        Ok(q) => {
-            if let Err(e) = send_text(&q, &text).await {
-                tracing::warn!(error = %e, "stand-in could not write a notification");
+    let Ok(q) = storage.queue(queue) else {
+        tracing::warn!("stand-in has no queue client");
+        return;
+    };
+    // Like the service, keep trying while storage is unavailable: a lost notification would
+    // stall the chain for good.
+    for attempt in 0..120u32 {
+        match send_text(&q, &text).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "stand-in could not write a notification yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-        Err(e) => tracing::warn!(error = %e, "stand-in has no queue client"),
     }
 }
 
@@ -1222,18 +1229,22 @@ async fn upload(
 ) -> Option<String> {
     let service = storage.blob_service().ok()?;
     let c = service.blob_container_client(container);
-    let _ = c.create(None).await;
     let blob = c.blob_client(name);
-    match blob
-        .upload(azure_core::http::RequestContent::from(body.to_vec()), None)
-        .await
-    {
-        Ok(_) => Some(blob.url().to_string()),
-        Err(e) => {
-            tracing::warn!(error = %crate::redact::redact(&e.to_string()), "stand-in could not write a model blob");
-            None
+    // Keep trying while storage is unavailable, as the service would.
+    for attempt in 0..120u32 {
+        let _ = c.create(None).await;
+        match blob
+            .upload(azure_core::http::RequestContent::from(body.to_vec()), None)
+            .await
+        {
+            Ok(_) => return Some(blob.url().to_string()),
+            Err(e) => {
+                tracing::warn!(error = %crate::redact::redact(&e.to_string()), attempt, "stand-in could not write a model blob yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
+    None
 }
 
 fn with_sas(storage: &StorageClients, url: &str, container: &str, name: &str) -> String {

@@ -191,6 +191,7 @@ pub struct Handler {
     pub port: u16,
     pub stderr_path: PathBuf,
     _dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
 }
 
 impl Handler {
@@ -198,7 +199,41 @@ impl Handler {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut h = Self {
+            child: None,
+            port,
+            stderr_path,
+            _dir: dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        };
+        h.spawn();
+        h
+    }
+
+    /// SIGKILL, as a crashed host instance: no drain, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the handler again on the same port, as the host restarts it.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvchain"));
         cmd.arg("serve")
             .env_clear()
@@ -209,18 +244,11 @@ impl Handler {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        for (k, v) in env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start cvchain serve");
-        let mut h = Self {
-            child: Some(child),
-            port,
-            stderr_path,
-            _dir: dir,
-        };
-        h.wait_ready();
-        h
+        self.child = Some(cmd.spawn().expect("start cvchain serve"));
+        self.wait_ready();
     }
 
     /// The host's readiness probe: `GET /` every 25 ms until any answer, for up to 30 s.
@@ -378,14 +406,27 @@ impl HostEmulator {
             .await
         {
             Ok(rsp) => rsp.into_model().unwrap(),
-            Err(e) if e.http_status() == Some(azure_core::http::StatusCode::NotFound) => {
-                return 0;
-            }
-            Err(e) => panic!("receive: {e}"),
+            // No queue yet, or storage down: the host just polls again later.
+            Err(_) => return 0,
         };
         let messages = got.items.unwrap_or_default();
         let n = messages.len();
-        for m in messages {
+        // The host runs a batch's invocations concurrently.
+        let outcomes =
+            futures::future::join_all(messages.into_iter().map(|m| self.deliver(m))).await;
+        for o in outcomes {
+            stats.posts += o.posts;
+            stats.failures += o.failures;
+            stats.completed += o.completed;
+            stats.poisoned += o.poisoned;
+        }
+        n
+    }
+
+    /// One message, as the host handles it: POST, then delete, retry later or poison.
+    async fn deliver(&self, m: azure_storage_queue::models::ReceivedMessage) -> PumpStats {
+        let mut stats = PumpStats::default();
+        {
             let text = m.message_text.clone().unwrap_or_default();
             let id = m.message_id.clone().unwrap_or_default();
             let pop = m.pop_receipt.clone().unwrap_or_default();
@@ -408,21 +449,24 @@ impl HostEmulator {
                 }
             }
             if ok {
-                self.queue.delete_message(&id, &pop, None).await.unwrap();
-                self.completed
-                    .lock()
-                    .unwrap()
-                    .push((text.clone(), id.clone()));
+                // A failed delete (storage down) only means a redelivery later.
+                if self.queue.delete_message(&id, &pop, None).await.is_ok() {
+                    self.completed
+                        .lock()
+                        .unwrap()
+                        .push((text.clone(), id.clone()));
+                }
                 stats.completed += 1;
-            } else if count >= self.max_dequeue {
-                cvchain::storage::queue::send_text(&self.poison, &text)
+            } else if count >= self.max_dequeue
+                && cvchain::storage::queue::send_text(&self.poison, &text)
                     .await
-                    .unwrap();
-                self.queue.delete_message(&id, &pop, None).await.unwrap();
+                    .is_ok()
+            {
+                let _ = self.queue.delete_message(&id, &pop, None).await;
                 stats.poisoned += 1;
             }
         }
-        n
+        stats
     }
 
     /// POSTs a message again, as a redelivery would; returns the HTTP status.
