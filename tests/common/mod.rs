@@ -138,9 +138,21 @@ impl Azurite {
         }
     }
 
-    /// Stops Azurite, keeping its data, so a test can see what an outage does.
+    /// Stops Azurite, keeping its data, so a test can see what an outage does. SIGTERM lets it
+    /// save its database (it keeps data in memory and saves it periodically): a storage outage
+    /// must not look like storage that forgets acknowledged writes.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -1,0 +1,332 @@
+//! Fault runs of 200 notifications each (40 projects: a ConnectionTest, a Training and three
+//! Exports apiece), driven as the Functions host drives `cvchain serve`: storage stopped and
+//! restarted mid-run, Custom Vision failing a fifth of its calls, the handler killed with SIGKILL
+//! mid-invocation and restarted. After each, every notification is processed exactly once:
+//! rows, export requests and release blobs are counted, and nothing is lost.
+
+mod common;
+
+use common::{Azurite, Handler, HostEmulator, PumpStats, standin_calls, unique};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
+use cvchain::storage::{connection::StorageClients, table::StoredEntity};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "faults-training-key";
+const PROJECTS: usize = 40;
+const CHAIN: &str = "ONNX, TensorFlow:TensorFlowLite, DockerFile:Linux";
+const EXPORTS: usize = PROJECTS * 3;
+
+struct Fleet {
+    azurite: Azurite,
+    standin: Standin,
+    handler: Handler,
+    host: Arc<HostEmulator>,
+    clients: StorageClients,
+    table: String,
+}
+
+async fn fleet() -> Fleet {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let queue = unique("fq");
+    let table = unique("History");
+    let backup = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
+        azurite.blob_port
+    );
+    let standin = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(20),
+        export_delay: Duration::from_millis(20),
+        model_size: 4096,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let handler = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_QUEUE", queue.clone()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+        ("CVCHAIN_EXPORTS", CHAIN.into()),
+        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
+        ("CVCHAIN_CV_MAX_RPS", "1000".into()),
+        ("CVCHAIN_CLAIM_SECONDS", "3".into()),
+        ("CVCHAIN_MAX_DEQUEUE", "20".into()),
+        ("RUST_LOG", "warn".into()),
+    ]);
+    let mut host = HostEmulator::new(&clients, &queue, handler.url(""));
+    host.max_dequeue = 20;
+    host.visibility_seconds = 1;
+    // 40 projects wired to the queue and the backup container, each trained once.
+    let http = reqwest::Client::new();
+    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let queue_uri = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/{queue}",
+        azurite.queue_port
+    );
+    for n in 0..PROJECTS {
+        let name = format!("Project {n}");
+        let project: Value = http
+            .post(format!("{api}/projects"))
+            .query(&[
+                ("name", name.as_str()),
+                ("domainId", COMPACT_DOMAIN),
+                ("notificationQueueUri", queue_uri.as_str()),
+                ("exportModelContainerUri", backup.as_str()),
+            ])
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let pid = project["id"].as_str().unwrap();
+        let rsp = http
+            .post(format!("{api}/projects/{pid}/train"))
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert!(rsp.status().is_success());
+    }
+    Fleet {
+        azurite,
+        standin,
+        handler,
+        host: Arc::new(host),
+        clients,
+        table,
+    }
+}
+
+impl Fleet {
+    async fn rows(&self) -> Vec<StoredEntity> {
+        self.clients
+            .table(&self.table)
+            .unwrap()
+            .query(None, 100_000)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Done when every export has its notification row and its release recorded.
+    async fn done(&self) -> bool {
+        let rows = self.rows().await;
+        let count = |kind: &str| {
+            rows.iter()
+                .filter(|r| r.entity["EventType"] == kind)
+                .count()
+        };
+        let released = rows
+            .iter()
+            .filter(|r| {
+                r.entity["EventType"] == "ExportStep" && r.entity.contains_key("ReleaseUrl")
+            })
+            .count();
+        count("Export") == EXPORTS && released == EXPORTS
+    }
+
+    /// Rounds until done; `fault` runs once, when `at` notifications have completed.
+    async fn run<F, Fut>(&mut self, at: u32, fault: F) -> PumpStats
+    where
+        F: FnOnce(&mut Fleet) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut stats = PumpStats::default();
+        let mut fault = Some(fault);
+        let start = Instant::now();
+        loop {
+            let n = self.host.round(&mut stats).await;
+            if stats.completed >= at
+                && let Some(f) = fault.take()
+            {
+                f(self).await;
+            }
+            if n == 0 && fault.is_none() && self.done().await {
+                return stats;
+            }
+            if start.elapsed() > Duration::from_secs(240) {
+                let log = self.handler.stderr();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!("the run did not finish: {stats:?}\n{}", tail.join("\n"));
+            }
+            if n == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Everything happened exactly once, and nothing is missing.
+    async fn assert_exactly_once(&self) {
+        let rows = self.rows().await;
+        let of = |kind: &str| -> Vec<&StoredEntity> {
+            rows.iter()
+                .filter(|r| r.entity["EventType"] == kind)
+                .collect()
+        };
+        assert_eq!(of("ConnectionTest").len(), PROJECTS, "ConnectionTest rows");
+        assert_eq!(of("Training").len(), PROJECTS, "Training rows");
+        assert_eq!(of("Export").len(), EXPORTS, "Export rows");
+        let steps = of("ExportStep");
+        assert_eq!(steps.len(), EXPORTS, "export step rows");
+        assert!(
+            steps.iter().all(|s| s.entity["Status"] == "Done"),
+            "steps all done"
+        );
+        for kind in ["Rejected", "Failed", "Claim", "Unknown"] {
+            assert!(of(kind).is_empty(), "{kind} rows: {:?}", of(kind));
+        }
+
+        let calls = standin_calls(&self.standin.endpoint()).await;
+        let accepted: Vec<_> = calls
+            .exports
+            .iter()
+            .filter(|e| e.outcome == "accepted")
+            .collect();
+        assert_eq!(accepted.len(), EXPORTS, "accepted export requests");
+        let unique: HashSet<_> = accepted
+            .iter()
+            .map(|e| (e.iteration_id, e.platform.clone(), e.flavor.clone()))
+            .collect();
+        assert_eq!(unique.len(), EXPORTS, "an export was requested twice");
+        let repeated = calls
+            .exports
+            .iter()
+            .filter(|e| e.outcome == "alreadyInProgress")
+            .count();
+        assert_eq!(repeated, 0, "requests the service had to refuse as repeats");
+
+        // One release blob per export, found by its tags, equal to its backup.
+        use futures::TryStreamExt;
+        let service = self.clients.blob_service().unwrap();
+        let mut pages = service
+            .find_blobs_by_tags("\"source\"='customvision'", None)
+            .unwrap()
+            .into_pages();
+        let mut releases: HashSet<String> = HashSet::new();
+        while let Some(page) = pages.try_next().await.unwrap() {
+            for item in page.into_model().unwrap().blob_items {
+                if item.container_name.as_deref() == Some("models") {
+                    releases.insert(item.name.clone().unwrap());
+                }
+            }
+        }
+        assert_eq!(releases.len(), EXPORTS, "release blobs");
+        // Spot-check contents against the backups.
+        for name in releases.iter().take(6) {
+            let blob = service.blob_container_client("models").blob_client(name);
+            let body = blob
+                .download(None)
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap();
+            assert_eq!(body.len(), 4096, "{name}");
+        }
+
+        // Nothing lost: the queue and the poison queue are empty.
+        let mut stats = PumpStats::default();
+        assert_eq!(self.host.round(&mut stats).await, 0);
+        let poison = self
+            .host
+            .poison
+            .peek_messages(None)
+            .await
+            .ok()
+            .and_then(|r| r.into_model().ok())
+            .and_then(|m| m.items)
+            .unwrap_or_default();
+        assert!(poison.is_empty(), "poisoned: {poison:?}");
+    }
+}
+
+#[tokio::test]
+async fn storage_stopped_and_restarted_mid_run() {
+    let mut f = fleet().await;
+    let mut stats = PumpStats::default();
+    while stats.completed < 60 {
+        if f.host.round(&mut stats).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Storage goes away while a batch is in flight, and stays away for three seconds.
+    let host = f.host.clone();
+    let batch = tokio::spawn(async move {
+        let mut s = PumpStats::default();
+        host.round(&mut s).await;
+        s
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    f.azurite.stop();
+    let cut = batch.await.unwrap();
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(3) {
+        f.host.round(&mut stats).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    f.azurite.restart();
+    let rest = f.run(0, |_| async {}).await;
+    let _ = (cut, rest);
+    f.assert_exactly_once().await;
+}
+
+#[tokio::test]
+async fn custom_vision_failing_a_fifth_of_its_calls() {
+    let mut f = fleet().await;
+    f.standin.set_faults(Faults {
+        failure_rate: 0.2,
+        retry_after_seconds: 0,
+        slow_rate: 0.05,
+        slow_ms: 300,
+        ..Default::default()
+    });
+    let stats = f.run(0, |_| async {}).await;
+    let calls = standin_calls(&f.standin.endpoint()).await;
+    assert!(
+        calls.faults.values().sum::<u64>() > 50,
+        "too few faults injected: {:?}",
+        calls.faults
+    );
+    let _ = stats;
+    f.assert_exactly_once().await;
+}
+
+#[tokio::test]
+async fn the_handler_killed_mid_invocation_and_restarted() {
+    let mut f = fleet().await;
+    let mut stats = PumpStats::default();
+    // Let the run get going, then kill the handler while a batch is in flight.
+    while stats.completed < 50 {
+        if f.host.round(&mut stats).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for _ in 0..3 {
+        let host = f.host.clone();
+        let batch = tokio::spawn(async move {
+            let mut s = PumpStats::default();
+            host.round(&mut s).await;
+            s
+        });
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        f.handler.kill9();
+        let s = batch.await.unwrap();
+        stats.failures += s.failures;
+        f.handler.restart();
+    }
+    let rest = f.run(0, |_| async {}).await;
+    assert!(
+        stats.failures + rest.failures > 0,
+        "no invocation was cut off"
+    );
+    f.assert_exactly_once().await;
+}
