@@ -229,4 +229,10 @@ async fn two_instances_given_the_same_messages_request_and_copy_once() {
     assert_eq!(steps.len(), ROUNDS);
     assert!(steps.iter().all(|s| s.entity.contains_key("ReleaseUrl")));
     assert!(!rows.iter().any(|r| r.entity["EventType"] == "Claim"));
+    let secrets = [KEY, cvchain::settings::DEV_ACCOUNT_KEY];
+    let all = serde_json::to_string(&rows.iter().map(|r| &r.entity).collect::<Vec<_>>()).unwrap();
+    common::assert_no_secrets("the history rows", &all, &secrets);
+    for h in [&a, &b] {
+        common::assert_no_secrets("the handlers' logs", &h.stderr(), &secrets);
+    }
 }

@@ -246,6 +246,13 @@ impl Fleet {
             .and_then(|m| m.items)
             .unwrap_or_default();
         assert!(poison.is_empty(), "poisoned: {poison:?}");
+
+        // No key and no SAS signature in any log line or row.
+        let secrets = [KEY, cvchain::settings::DEV_ACCOUNT_KEY];
+        common::assert_no_secrets("the handler's logs", &self.handler.stderr(), &secrets);
+        let all =
+            serde_json::to_string(&rows.iter().map(|r| &r.entity).collect::<Vec<_>>()).unwrap();
+        common::assert_no_secrets("the history rows", &all, &secrets);
     }
 }
 
