@@ -3,11 +3,10 @@
 
 mod common;
 
-use common::{Azurite, Handler, host_envelope, standin_calls, unique};
+use common::{Azurite, Handler, StandinApi, host_envelope, standin_calls, unique};
 use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
 use cvchain::history::claims::Claims;
 use cvchain::storage::connection::StorageClients;
-use serde_json::Value;
 use std::time::Duration;
 
 const KEY: &str = "concurrency-key";
@@ -97,22 +96,14 @@ async fn two_instances_given_the_same_messages_request_and_copy_once() {
     let a = Handler::start(&env);
     let b = Handler::start(&env);
     let http = reqwest::Client::new();
-    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
-    let project: Value = http
-        .post(format!("{api}/projects"))
-        .query(&[
+    let api = StandinApi::new(&standin.endpoint(), KEY);
+    let pid = api
+        .create_project(&[
             ("name", "Race"),
             ("domainId", COMPACT_DOMAIN),
             ("exportModelContainerUri", backup.as_str()),
         ])
-        .header("Training-Key", KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let pid = project["id"].as_str().unwrap().to_owned();
+        .await;
 
     let deliver_to_both = |text: String, id: String| {
         let (ua, ub) = (
@@ -150,32 +141,12 @@ async fn two_instances_given_the_same_messages_request_and_copy_once() {
 
     const ROUNDS: usize = 8;
     for round in 0..ROUNDS {
-        let it: Value = http
-            .post(format!("{api}/projects/{pid}/train"))
-            .header("Training-Key", KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let iid = it["id"].as_str().unwrap().to_owned();
+        let iid = api.train(pid).await.to_string();
         // Wait for the training to complete, as the notification would say.
-        for _ in 0..200 {
-            let it: Value = http
-                .get(format!("{api}/projects/{pid}/iterations/{iid}"))
-                .header("Training-Key", KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if it["status"] == "Completed" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        api.wait_for(&format!("projects/{pid}/iterations/{iid}"), |it| {
+            it["status"] == "Completed"
+        })
+        .await;
         let trained = format!(
             r#"{{"version":"1.0","type":"Training","Content":{{"projectId":"{pid}","iterationId":"{iid}","trainingStatus":"TrainingCompleted"}}}}"#
         );
@@ -190,21 +161,10 @@ async fn two_instances_given_the_same_messages_request_and_copy_once() {
         assert_eq!(for_this[0].outcome, "accepted");
 
         // Wait for the export to finish, then both instances get its notification at once.
-        for _ in 0..200 {
-            let exports: Value = http
-                .get(format!("{api}/projects/{pid}/iterations/{iid}/export"))
-                .header("Training-Key", KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if exports[0]["status"] == "Done" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        api.wait_for(&format!("projects/{pid}/iterations/{iid}/export"), |e| {
+            e[0]["status"] == "Done"
+        })
+        .await;
         let exported = format!(
             r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{pid}","iterationId":"{iid}","exportStatus":"ExportCompleted","modelUri":"{backup}/{pid}%20-%20{iid}.ONNX"}}}}"#
         );

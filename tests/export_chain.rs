@@ -63,45 +63,21 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     }
     // The user's set-up: a project on a compact domain wired to the queue and a backup
     // container, then a training run.
-    let http = reqwest::Client::new();
-    let base = format!("{}/customvision/v3.3/training", standin.endpoint());
+    // The stand-in may be injecting faults: the helper retries like any client would.
+    let api = common::StandinApi::new(&standin.endpoint(), KEY);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
     );
-    let mut project = None;
-    // The stand-in may be injecting faults: retry the set-up calls like any client would.
-    for _ in 0..50 {
-        let rsp = http
-            .post(format!("{base}/projects"))
-            .query(&[
-                ("name", "Widgets"),
-                ("domainId", COMPACT_DOMAIN),
-                ("notificationQueueUri", &queue_uri),
-                ("exportModelContainerUri", &container_uri),
-            ])
-            .header("Training-Key", KEY)
-            .send()
-            .await
-            .unwrap();
-        if rsp.status().is_success() {
-            let v: Value = rsp.json().await.unwrap();
-            project = Some(Uuid::parse_str(v["id"].as_str().unwrap()).unwrap());
-            break;
-        }
-    }
-    let project = project.expect("CreateProject");
-    for _ in 0..50 {
-        let rsp = http
-            .post(format!("{base}/projects/{project}/train"))
-            .header("Training-Key", KEY)
-            .send()
-            .await
-            .unwrap();
-        if rsp.status().is_success() {
-            break;
-        }
-    }
+    let project = api
+        .create_project(&[
+            ("name", "Widgets"),
+            ("domainId", COMPACT_DOMAIN),
+            ("notificationQueueUri", &queue_uri),
+            ("exportModelContainerUri", &container_uri),
+        ])
+        .await;
+    api.train(project).await;
     World {
         azurite,
         standin,

@@ -9,7 +9,6 @@ mod common;
 use common::{Azurite, Handler, HostEmulator, PumpStats, standin_calls, unique};
 use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
 use cvchain::storage::{connection::StorageClients, table::StoredEntity};
-use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,37 +63,22 @@ async fn fleet() -> Fleet {
     host.max_dequeue = 20;
     host.visibility_seconds = 1;
     // 40 projects wired to the queue and the backup container, each trained once.
-    let http = reqwest::Client::new();
-    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let api = common::StandinApi::new(&standin.endpoint(), KEY);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
     );
     for n in 0..PROJECTS {
         let name = format!("Project {n}");
-        let project: Value = http
-            .post(format!("{api}/projects"))
-            .query(&[
+        let pid = api
+            .create_project(&[
                 ("name", name.as_str()),
                 ("domainId", COMPACT_DOMAIN),
                 ("notificationQueueUri", queue_uri.as_str()),
                 ("exportModelContainerUri", backup.as_str()),
             ])
-            .header("Training-Key", KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let pid = project["id"].as_str().unwrap();
-        let rsp = http
-            .post(format!("{api}/projects/{pid}/train"))
-            .header("Training-Key", KEY)
-            .send()
-            .await
-            .unwrap();
-        assert!(rsp.status().is_success());
+            .await;
+        api.train(pid).await;
     }
     Fleet {
         azurite,

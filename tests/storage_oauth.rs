@@ -171,33 +171,20 @@ async fn the_whole_release_path_runs_with_tokens() {
         .unwrap();
     let processor = Processor::new(&settings, &clients, Some(Arc::new(cv))).unwrap();
 
-    let http = reqwest::Client::new();
-    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let api = common::StandinApi::new(&standin.endpoint(), "k");
     let queue_uri = format!(
         "https://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
     );
-    let project: serde_json::Value = http
-        .post(format!("{api}/projects"))
-        .query(&[
+    let pid = api
+        .create_project(&[
             ("name", "Widgets"),
             ("domainId", COMPACT_DOMAIN),
             ("notificationQueueUri", queue_uri.as_str()),
             ("exportModelContainerUri", backup.as_str()),
         ])
-        .header("Training-Key", "k")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let pid = project["id"].as_str().unwrap().to_owned();
-    http.post(format!("{api}/projects/{pid}/train"))
-        .header("Training-Key", "k")
-        .send()
-        .await
-        .unwrap();
+        .await;
+    api.train(pid).await;
 
     // Take messages off the queue and process them in-process, until the export is released.
     let q = clients.queue(&queue).unwrap();
