@@ -20,3 +20,4 @@ pub mod settings;
 pub mod stage;
 pub mod storage;
 pub mod telemetry;
+pub mod worker;

@@ -13,6 +13,8 @@ cvchain: Azure Custom Vision notifications → an event-driven MLOps chain
 USAGE:
   cvchain serve                 Run as the Azure Functions custom handler
                                 (listens on 127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT)
+  cvchain worker                Consume the queue without a Functions host (same processing
+                                as serve; see README for the CVCHAIN_WORKER_* settings)
   cvchain history [--project ID] [--json] [--limit N]
                                 List the recorded history, newest first
   cvchain invoke [--url URL] [--id ID] [--dequeue-count N] FILE|-
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     };
     match command.as_str() {
         "serve" if rest.is_empty() => serve(),
+        "worker" if rest.is_empty() => worker(),
         "history" => history(rest),
         "invoke" => invoke(rest),
         "stage-app" if rest.len() <= 1 => {
@@ -93,6 +96,34 @@ fn serve() -> anyhow::Result<()> {
             processor: Arc::new(processor),
         };
         server::serve(listener, state, DRAIN).await?;
+        Ok(())
+    })
+}
+
+fn worker() -> anyhow::Result<()> {
+    telemetry::init(settings::log_format_from_env());
+    let settings = settings::from_env()?;
+    let options = settings::worker_options(&|k| std::env::var(k).ok(), settings.max_dequeue)?;
+    runtime()?.block_on(async move {
+        let clients = StorageClients::new(&settings.storage)?;
+        let cv = cvchain::process::training_client(&settings)?
+            .map(|c| Arc::new(c) as Arc<dyn cvchain::customvision::TrainingApi>);
+        let processor = Arc::new(Processor::new(&settings, &clients, cv)?);
+        let queue = Arc::new(clients.queue(&settings.queue_name)?);
+        let poison = Arc::new(clients.queue(&cvchain::storage::queue::poison_queue_name(
+            &settings.queue_name,
+        ))?);
+        tracing::info!(
+            storage = ?settings.storage,
+            queue = %settings.queue_name,
+            table = %settings.history_table,
+            ?options,
+            "settings validated"
+        );
+        let stats =
+            cvchain::worker::run(processor, queue, poison, options, server::shutdown_signal())
+                .await;
+        tracing::info!(?stats, "worker stopped");
         Ok(())
     })
 }

@@ -151,7 +151,8 @@ pub async fn serve(listener: TcpListener, state: AppState, drain: Duration) -> s
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -464,6 +464,44 @@ pub fn log_format_from_env() -> LogFormat {
     }
 }
 
+/// The worker's queue settings: `CVCHAIN_WORKER_BATCH` (1-32, default 16),
+/// `CVCHAIN_WORKER_VISIBILITY_SECONDS` (60), `CVCHAIN_WORKER_RETRY_SECONDS` (30),
+/// `CVCHAIN_WORKER_MAX_POLL_SECONDS` (10); the last delivery is `CVCHAIN_MAX_DEQUEUE`.
+pub fn worker_options(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    max_dequeue: u32,
+) -> Result<crate::worker::WorkerOptions, SettingsError> {
+    let number = |name: &str, default: u64, range: std::ops::RangeInclusive<u64>| match lookup(name)
+        .filter(|v| !v.trim().is_empty())
+    {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                err(
+                    name,
+                    format!(
+                        "must be a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
+    };
+    let secs = std::time::Duration::from_secs;
+    Ok(crate::worker::WorkerOptions {
+        batch: number("CVCHAIN_WORKER_BATCH", 16, 1..=32)? as u32,
+        visibility: secs(number("CVCHAIN_WORKER_VISIBILITY_SECONDS", 60, 2..=3600)?),
+        retry_delay: secs(number("CVCHAIN_WORKER_RETRY_SECONDS", 30, 0..=3600)?),
+        max_poll: secs(number("CVCHAIN_WORKER_MAX_POLL_SECONDS", 10, 1..=600)?),
+        max_dequeue,
+        drain: secs(20),
+    })
+}
+
 /// The port the host told the handler to listen on.
 pub fn handler_port(lookup: &dyn Fn(&str) -> Option<String>) -> Result<u16, SettingsError> {
     for name in [PORT_SETTING, LEGACY_PORT_SETTING] {

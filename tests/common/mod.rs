@@ -204,10 +204,21 @@ pub struct Handler {
     pub stderr_path: PathBuf,
     _dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    /// `serve` (answers GET /) or `worker` (consumes the queue itself).
+    command: &'static str,
 }
 
 impl Handler {
     pub fn start(env: &[(&str, String)]) -> Self {
+        Self::start_command("serve", env)
+    }
+
+    /// `cvchain worker` with these settings: no port, it polls the queue.
+    pub fn start_worker(env: &[(&str, String)]) -> Self {
+        Self::start_command("worker", env)
+    }
+
+    fn start_command(command: &'static str, env: &[(&str, String)]) -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr_path = dir.path().join("stderr.log");
@@ -220,6 +231,7 @@ impl Handler {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
+            command,
         };
         h.spawn();
         h
@@ -247,7 +259,7 @@ impl Handler {
             .open(&self.stderr_path)
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvchain"));
-        cmd.arg("serve")
+        cmd.arg(self.command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
@@ -259,8 +271,10 @@ impl Handler {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("start cvchain serve"));
-        self.wait_ready();
+        self.child = Some(cmd.spawn().expect("start cvchain"));
+        if self.command == "serve" {
+            self.wait_ready();
+        }
     }
 
     /// The host's readiness probe: `GET /` every 25 ms until any answer, for up to 30 s.
