@@ -7,6 +7,7 @@
 pub mod chain;
 pub mod cli;
 pub mod customvision;
+pub mod dev;
 pub mod fuzzing;
 pub mod history;
 pub mod host;

@@ -13,6 +13,9 @@ cvchain: Azure Custom Vision notifications → an event-driven MLOps chain
 USAGE:
   cvchain serve                 Run as the Azure Functions custom handler
                                 (listens on 127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT)
+  cvchain dev [--keep]          Run the whole chain locally: Azurite (from node_modules, unless
+                                CVCHAIN_STORAGE is set), the Custom Vision stand-in and the worker;
+                                train a demo project and watch the exports and copies happen
   cvchain worker                Consume the queue without a Functions host (same processing
                                 as serve; see README for the CVCHAIN_WORKER_* settings)
   cvchain history [--project ID] [--json] [--limit N]
@@ -39,6 +42,15 @@ fn main() -> anyhow::Result<()> {
     match command.as_str() {
         "serve" if rest.is_empty() => serve(),
         "worker" if rest.is_empty() => worker(),
+        "dev" if rest.is_empty() || rest == ["--keep"] => {
+            if std::env::var("RUST_LOG").is_err() {
+                // SAFETY: single-threaded here, before the runtime and logging start.
+                unsafe { std::env::set_var("RUST_LOG", "warn") };
+            }
+            telemetry::init(settings::log_format_from_env());
+            let keep = rest.first().is_some_and(|a| a == "--keep");
+            runtime()?.block_on(cvchain::dev::run(std::env::current_dir()?, keep))
+        }
         "history" => history(rest),
         "invoke" => invoke(rest),
         "stage-app" if rest.len() <= 1 => {

@@ -71,6 +71,10 @@ pub async fn run(
     let stats = Arc::new(Mutex::new(WorkerStats::default()));
     let mut tasks = JoinSet::new();
     let mut idle = Duration::from_millis(100);
+    // A fresh deployment may not have the queue yet: create it rather than poll a 404.
+    if let Err(e) = crate::storage::queue::create_if_missing(&queue).await {
+        tracing::warn!(error = %e, "cannot create the queue; polling anyway");
+    }
     tokio::pin!(shutdown);
     tracing::info!(
         batch = options.batch,

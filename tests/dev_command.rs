@@ -1,0 +1,44 @@
+//! `cvchain dev`, the README's "run it" command: the whole chain on one machine, shown as it
+//! happens, ending with the history and the release blobs.
+
+mod common;
+
+use common::Azurite;
+use std::process::Command;
+
+#[test]
+fn the_local_chain_runs_to_completion_and_shows_its_work() {
+    let azurite = Azurite::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_cvchain"))
+        .arg("dev")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // Use this test's Azurite rather than starting one in the repository.
+        .env("CVCHAIN_STORAGE", azurite.connection_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "storage integration confirmed (ConnectionTest)",
+        "Iteration 1 trained: precision",
+        "export ONNX requested",
+        "export TensorFlow:TensorFlowLite requested",
+        "export DockerFile:Linux requested",
+        "[##############################] 3/3 exports released",
+        "chain complete in",
+        "(8 rows)",
+        "models/Widget-Detector/Iteration-1/ONNX.zip",
+        "models/Widget-Detector/Iteration-1/TensorFlow-TensorFlowLite.zip",
+        "models/Widget-Detector/Iteration-1/DockerFile-Linux.zip",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+    common::assert_no_secrets(
+        "cvchain dev's output",
+        &format!("{stdout}{stderr}"),
+        &[cvchain::settings::DEV_ACCOUNT_KEY],
+    );
+}
