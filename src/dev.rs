@@ -354,7 +354,7 @@ fn pct(r: &StoredEntity, k: &str) -> String {
 
 fn progress(done: usize, total: usize) -> String {
     let width = 30;
-    let filled = if total == 0 { 0 } else { done * width / total };
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
     format!(
         "  [{}{}] {done}/{total} exports released",
         "#".repeat(filled),
