@@ -46,7 +46,9 @@ impl Drop for LocalAzurite {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn start_azurite(root: &Path) -> anyhow::Result<LocalAzurite> {
@@ -107,13 +109,18 @@ fn dev_settings(storage: &str, standin: &str, run: &str) -> anyhow::Result<Setti
     let lookup = move |k: &str| -> Option<String> {
         match k {
             // The stand-in is this run's Custom Vision: never a real endpoint by accident.
-            "CUSTOM_VISION_ENDPOINT" | "CUSTOM_VISION_TRAINING_KEY" | "CUSTOM_VISION_CREDENTIAL" => {
-                defaults.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-            }
-            _ => std::env::var(k)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .or_else(|| defaults.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())),
+            "CUSTOM_VISION_ENDPOINT"
+            | "CUSTOM_VISION_TRAINING_KEY"
+            | "CUSTOM_VISION_CREDENTIAL" => defaults
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone()),
+            _ => std::env::var(k).ok().filter(|v| !v.is_empty()).or_else(|| {
+                defaults
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            }),
         }
     };
     Ok(settings::from_lookup(&lookup)?)
@@ -214,7 +221,11 @@ pub async fn run(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     let blob = storage_blob_url(&connection)?;
     let queue_uri = format!(
         "{}/{}",
-        settings.storage.queue_endpoint.as_str().trim_end_matches('/'),
+        settings
+            .storage
+            .queue_endpoint
+            .as_str()
+            .trim_end_matches('/'),
         settings.queue_name
     );
     let backup = format!("{}/cvbackups", blob.trim_end_matches('/'));
@@ -240,7 +251,9 @@ pub async fn run(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         ordered.sort_by_key(|r| text(r, "Timestamp"));
         for r in &ordered {
             let key = format!("{}|{}", text(r, "RowKey"), text(r, "Status"));
-            if seen.insert(key) && let Some(line) = describe(r) {
+            if seen.insert(key)
+                && let Some(line) = describe(r)
+            {
                 println!("{line}");
             }
         }
@@ -267,8 +280,14 @@ pub async fn run(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         settings.history_table
     );
     let rows = crate::cli::history_rows(&store, Some(&pid), 1000).await?;
-    print!("{}", crate::cli::render_table(&rows));
-    println!("\nRelease blobs (container {}):", settings.release.container);
+    print!(
+        "{}",
+        crate::report::render(&crate::report::iterations(&rows))
+    );
+    println!(
+        "\nRelease blobs (container {}):",
+        settings.release.container
+    );
     // Found the way a deployment pipeline would: by the project's index tags.
     let service = clients.blob_service()?;
     let filter = format!("\"projectId\"='{pid}' AND \"source\"='customvision'");

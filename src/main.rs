@@ -18,8 +18,13 @@ USAGE:
                                 train a demo project and watch the exports and copies happen
   cvchain worker                Consume the queue without a Functions host (same processing
                                 as serve; see README for the CVCHAIN_WORKER_* settings)
-  cvchain history [--project ID] [--json] [--limit N]
-                                List the recorded history, newest first
+  cvchain history [--project ID] [--json] [--rows] [--limit N]
+                                The trained iterations, newest first: precision, recall, mAP,
+                                exports and release paths (--rows: the raw rows)
+  cvchain check                 Reach the queue, table, containers and Custom Vision with the
+                                configured credentials; say what to fix
+  cvchain replay [--limit N]    Move poison messages back to the queue (default 100), recording
+                                each move
   cvchain invoke [--url URL] [--id ID] [--dequeue-count N] FILE|-
                                 Deliver a queue message to a running handler exactly as
                                 the Functions host does (default URL http://127.0.0.1:7072/)
@@ -52,6 +57,8 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(cvchain::dev::run(std::env::current_dir()?, keep))
         }
         "history" => history(rest),
+        "check" if rest.is_empty() => check(),
+        "replay" => replay(rest),
         "invoke" => invoke(rest),
         "stage-app" if rest.len() <= 1 => {
             let out = PathBuf::from(rest.first().map(String::as_str).unwrap_or("dist/app"));
@@ -168,7 +175,7 @@ fn opt<'a>(opts: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
 }
 
 fn history(args: &[String]) -> anyhow::Result<()> {
-    let (opts, positional) = options(args, &["--project", "--limit"], &["--json"])?;
+    let (opts, positional) = options(args, &["--project", "--limit"], &["--json", "--rows"])?;
     if !positional.is_empty() {
         bail!("history takes no positional arguments\n\n{USAGE}");
     }
@@ -176,21 +183,81 @@ fn history(args: &[String]) -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .context("--limit must be a number")?
-        .unwrap_or(200);
+        .unwrap_or(5000);
     let settings = settings::from_env()?;
     runtime()?.block_on(async move {
         let clients = StorageClients::new(&settings.storage)?;
         let store = HistoryStore::new(clients.table(&settings.history_table)?);
         let rows = cli::history_rows(&store, opt(&opts, "--project"), limit).await?;
-        if opt(&opts, "--json").is_some() {
-            for r in &rows {
-                println!("{}", serde_json::to_string(&r.entity)?);
+        match (
+            opt(&opts, "--rows").is_some(),
+            opt(&opts, "--json").is_some(),
+        ) {
+            (true, true) => {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(&r.entity)?);
+                }
             }
-        } else {
-            print!("{}", cli::render_table(&rows));
+            (true, false) => print!("{}", cli::render_table(&rows)),
+            (false, true) => println!(
+                "{}",
+                serde_json::to_string_pretty(&cvchain::report::iterations(&rows))?
+            ),
+            (false, false) => print!(
+                "{}",
+                cvchain::report::render(&cvchain::report::iterations(&rows))
+            ),
         }
         Ok(())
     })
+}
+
+fn check() -> anyhow::Result<()> {
+    let settings = settings::from_env()?;
+    println!("✓ settings valid");
+    let failures = runtime()?.block_on(async {
+        let clients = StorageClients::new(&settings.storage)?;
+        let cv = cvchain::process::training_client(&settings)?;
+        let checks = cvchain::ops::check(
+            &settings,
+            &clients,
+            cv.as_ref()
+                .map(|c| c as &dyn cvchain::customvision::TrainingApi),
+        )
+        .await;
+        for c in &checks {
+            println!("{c}");
+        }
+        anyhow::Ok(checks.iter().filter(|c| !c.ok).count())
+    })?;
+    if failures > 0 {
+        bail!("{failures} check(s) failed");
+    }
+    Ok(())
+}
+
+fn replay(args: &[String]) -> anyhow::Result<()> {
+    let (opts, positional) = options(args, &["--limit"], &[])?;
+    if !positional.is_empty() {
+        bail!("replay takes no positional arguments\n\n{USAGE}");
+    }
+    let limit: usize = opt(&opts, "--limit")
+        .map(str::parse)
+        .transpose()
+        .context("--limit must be a number")?
+        .unwrap_or(100);
+    let settings = settings::from_env()?;
+    let moved = runtime()?.block_on(async {
+        let clients = StorageClients::new(&settings.storage)?;
+        let store = HistoryStore::new(clients.table(&settings.history_table)?);
+        anyhow::Ok(cvchain::ops::replay(&settings, &clients, &store, limit).await?)
+    })?;
+    println!(
+        "moved {moved} message(s) from {} back to {}",
+        cvchain::storage::queue::poison_queue_name(&settings.queue_name),
+        settings.queue_name
+    );
+    Ok(())
 }
 
 fn invoke(args: &[String]) -> anyhow::Result<()> {

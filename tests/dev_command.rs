@@ -29,12 +29,16 @@ fn the_local_chain_runs_to_completion_and_shows_its_work() {
         "export DockerFile:Linux requested",
         "[##############################] 3/3 exports released",
         "chain complete in",
-        "(8 rows)",
+        "Widget Detector      Iteration 1",
+        "→ Widget-Detector/Iteration-1/ONNX.zip",
         "models/Widget-Detector/Iteration-1/ONNX.zip",
         "models/Widget-Detector/Iteration-1/TensorFlow-TensorFlowLite.zip",
         "models/Widget-Detector/Iteration-1/DockerFile-Linux.zip",
     ] {
-        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
     }
     common::assert_no_secrets(
         "cvchain dev's output",
