@@ -225,3 +225,185 @@ mod tests {
         assert_eq!(render(&[]), "no trained iterations recorded yet\n");
     }
 }
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The series the chart draws, with their colours.
+pub const SERIES: &[(&str, &str)] = &[
+    ("precision", "#1f77b4"),
+    ("recall", "#d62728"),
+    ("mAP", "#2ca02c"),
+];
+
+/// An inline SVG line chart of precision, recall and mAP across iterations, oldest first.
+pub fn chart_svg(views: &[IterationView]) -> String {
+    let mut points: Vec<&IterationView> = views.iter().collect();
+    points.sort_by(|a, b| a.trained_at.cmp(&b.trained_at));
+    let (w, h, left, right, top, bottom) = (640.0, 280.0, 48.0, 16.0, 16.0, 40.0);
+    let plot_w = w - left - right;
+    let plot_h = h - top - bottom;
+    let n = points.len().max(1);
+    let x = |i: usize| {
+        if n == 1 {
+            left + plot_w / 2.0
+        } else {
+            left + plot_w * i as f64 / (n - 1) as f64
+        }
+    };
+    let y = |v: f64| top + plot_h * (1.0 - v.clamp(0.0, 1.0));
+    let mut svg = format!(
+        r#"<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="precision, recall and mAP by iteration">"#
+    );
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        svg.push_str(&format!(
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end">{:.0}%</text>"##,
+            w - right,
+            left - 6.0,
+            y(tick) + 4.0,
+            tick * 100.0,
+            y = y(tick)
+        ));
+    }
+    for (i, v) in points.iter().enumerate() {
+        let label = if v.iteration_name.is_empty() {
+            v.iteration_id.chars().take(8).collect()
+        } else {
+            v.iteration_name.clone()
+        };
+        svg.push_str(&format!(
+            r#"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
+            x(i),
+            h - bottom + 18.0,
+            esc(&label)
+        ));
+    }
+    for (name, colour) in SERIES {
+        let value = |v: &IterationView| match *name {
+            "precision" => v.precision,
+            "recall" => v.recall,
+            _ => v.average_precision,
+        };
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| value(v).map(|val| (x(i), y(val))))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+        svg.push_str(&format!(
+            r#"<polyline data-series="{name}" fill="none" stroke="{colour}" stroke-width="3" points="{}"/>"#,
+            path.join(" ")
+        ));
+        for (a, b) in pts {
+            svg.push_str(&format!(
+                r#"<circle cx="{a:.1}" cy="{b:.1}" r="5" fill="{colour}"/>"#
+            ));
+        }
+    }
+    for (i, (name, colour)) in SERIES.iter().enumerate() {
+        let lx = left + 10.0 + 110.0 * i as f64;
+        svg.push_str(&format!(
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{colour}"/><text x="{}" y="{}" font-size="12">{name}</text>"#,
+            h - 14.0,
+            lx + 16.0,
+            h - 3.0
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// The history page: the chart, then each iteration with its exports.
+pub fn html_page(title: &str, views: &[IterationView]) -> String {
+    let mut rows = String::new();
+    for v in views {
+        let exports: Vec<String> = v
+            .exports
+            .iter()
+            .map(|e| {
+                let target = if e.flavor.is_empty() {
+                    e.platform.clone()
+                } else {
+                    format!("{}:{}", e.platform, e.flavor)
+                };
+                let release = if e.release_url.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        r#" → <a href="{}">{}</a>"#,
+                        esc(&e.release_url),
+                        esc(&e.release_path)
+                    )
+                };
+                format!(
+                    "<li>{} <b>{}</b>{release}</li>",
+                    esc(&target),
+                    esc(&e.status)
+                )
+            })
+            .collect();
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><ul>{}</ul></td></tr>",
+            esc(if v.project_name.is_empty() { &v.project_id } else { &v.project_name }),
+            esc(if v.iteration_name.is_empty() { &v.iteration_id } else { &v.iteration_name }),
+            esc(&v.trained_at.chars().take(19).collect::<String>().replace('T', " ")),
+            pct(v.precision),
+            pct(v.recall),
+            pct(v.average_precision),
+            exports.join("")
+        ));
+    }
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{t}</title>
+<style>body{{font-family:sans-serif;margin:2em;background:#fff;color:#222}}table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}}ul{{margin:0;padding-left:1em}}</style>
+</head><body><h1>{t}</h1>{chart}<h2>Iterations</h2><table><tr><th>project</th><th>iteration</th><th>trained at</th><th>precision</th><th>recall</th><th>mAP</th><th>exports</th></tr>{rows}</table></body></html>"#,
+        t = esc(title),
+        chart = chart_svg(views),
+    )
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    fn view(name: &str, at: &str, p: f64) -> IterationView {
+        IterationView {
+            project_id: "p".into(),
+            project_name: "W<i>dgets".into(),
+            iteration_id: "i".into(),
+            iteration_name: name.into(),
+            status: "TrainingCompleted".into(),
+            trained_at: at.into(),
+            precision: Some(p),
+            recall: Some(p - 0.1),
+            average_precision: None,
+            exports: vec![],
+        }
+    }
+
+    #[test]
+    fn the_chart_draws_each_series_oldest_first_and_escapes_names() {
+        let views = vec![
+            view("Iteration 2", "2026-11-26", 0.9),
+            view("Iteration 1", "2026-11-20", 0.5),
+        ];
+        let svg = chart_svg(&views);
+        assert!(svg.contains(r#"data-series="precision""#));
+        assert!(svg.contains(r#"data-series="recall""#));
+        // mAP has no values: no line for it.
+        assert!(!svg.contains(r#"data-series="mAP""#));
+        // Iteration 1 (0.5) is drawn left of Iteration 2 (0.9): y 128.0 then 38.4.
+        assert!(svg.contains(r#"points="48.0,128.0 624.0,38.4""#), "{svg}");
+        let page = html_page("History", &views);
+        assert!(page.contains("W&lt;i&gt;dgets") && !page.contains("W<i>dgets"));
+    }
+}

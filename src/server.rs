@@ -7,7 +7,7 @@ use crate::process::{Disposition, Processor};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, Path, RawQuery, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -30,6 +30,10 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(ready))
         .route(&format!("/{FUNCTION_NAME}"), post(invoke))
+        // The History function: forwarded as a plain HTTP request (host.json
+        // enableForwardingHttpRequest), under the host's `api` route prefix.
+        .route("/api/history", get(history_all))
+        .route("/api/history/{project}", get(history_project))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -38,6 +42,77 @@ pub fn app(state: AppState) -> Router {
 /// The host polls `GET /` until any answer: answer at once, without touching storage.
 async fn ready() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ready" }))
+}
+
+async fn history_all(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: RawQuery,
+) -> Response {
+    history_page(state, None, &headers, query.0.as_deref()).await
+}
+
+async fn history_project(
+    State(state): State<AppState>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+) -> Response {
+    history_page(state, Some(project), &headers, query.0.as_deref()).await
+}
+
+/// JSON for API clients, HTML (with the chart) for browsers or `?format=html`.
+async fn history_page(
+    state: AppState,
+    project: Option<String>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    let project = match project.map(|p| uuid::Uuid::parse_str(&p)) {
+        None => None,
+        Some(Ok(id)) => Some(id.to_string()),
+        Some(Err(_)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": "projectId must be a UUID"})),
+            )
+                .into_response();
+        }
+    };
+    let rows = match crate::cli::history_rows(state.processor.history(), project.as_deref(), 5000)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "history page: cannot read the history table");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"error": "the history table cannot be read right now"})),
+            )
+                .into_response();
+        }
+    };
+    let views = crate::report::iterations(&rows);
+    let format = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("format="))
+        .unwrap_or_default();
+    let wants_html = format == "html"
+        || (format != "json"
+            && headers
+                .get("accept")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("text/html")));
+    if wants_html {
+        let title = match &project {
+            Some(p) => format!("cvchain history — project {p}"),
+            None => "cvchain history".to_owned(),
+        };
+        axum::response::Html(crate::report::html_page(&title, &views)).into_response()
+    } else {
+        Json(views).into_response()
+    }
 }
 
 async fn not_found() -> Response {

@@ -89,10 +89,23 @@ fn the_staged_app_follows_the_hosts_rules() {
             names.push(entry.file_name().into_string().unwrap());
         }
     }
-    assert_eq!(names, vec!["CustomVisionNotification"]);
+    names.sort();
+    assert_eq!(names, vec!["CustomVisionNotification", "History"]);
     for name in &names {
         assert!(is_function_name(name), "{name}");
     }
+    let history = json(&app.join("History/function.json"));
+    let hb = history["bindings"].as_array().unwrap();
+    assert_eq!(hb[0]["type"], "httpTrigger");
+    assert_eq!(hb[0]["route"], "history/{projectId?}");
+    assert_eq!(hb[1]["type"], "http");
+    assert!(
+        hb.iter()
+            .all(|b| is_binding_name(b["name"].as_str().unwrap()))
+    );
+    // Forwarding applies: exactly one httpTrigger in and one http out.
+    assert_eq!(hb.len(), 2);
+    assert_eq!(host["customHandler"]["enableForwardingHttpRequest"], true);
     let def = json(&app.join("CustomVisionNotification/function.json"));
     let bindings = def["bindings"].as_array().unwrap();
     assert_eq!(bindings.len(), 1);
