@@ -5,7 +5,6 @@
 
 use crate::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
 use crate::history::store::HistoryStore;
-use crate::process::Processor;
 use crate::settings::{self, Settings};
 use crate::storage::{connection::StorageClients, table::StoredEntity};
 use anyhow::{Context, bail};
@@ -183,14 +182,9 @@ pub async fn run(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     println!("● Custom Vision stand-in on {}", standin.endpoint());
 
     let settings = dev_settings(&connection, &standin.endpoint(), &run_id)?;
-    let clients = StorageClients::new(&settings.storage)?;
-    let cv = crate::process::training_client(&settings)?
-        .map(|c| Arc::new(c) as Arc<dyn crate::customvision::TrainingApi>);
-    let processor = Arc::new(Processor::new(&settings, &clients, cv)?);
-    let queue = Arc::new(clients.queue(&settings.queue_name)?);
-    let poison = Arc::new(clients.queue(&crate::storage::queue::poison_queue_name(
-        &settings.queue_name,
-    ))?);
+    let (clients, processor) = crate::process::build(&settings)?;
+    let processor = Arc::new(processor);
+    let (queue, poison) = crate::worker::queues(&settings, &clients)?;
     let mut options = settings::worker_options(&|k| std::env::var(k).ok(), settings.max_dequeue)?;
     options.max_poll = Duration::from_millis(500);
     options.retry_delay = Duration::from_secs(2);

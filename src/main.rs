@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use cvchain::{
-    cli, history::store::HistoryStore, process::Processor, server, settings, stage,
+    cli, history::store::HistoryStore, server, settings, stage,
     storage::connection::StorageClients, telemetry,
 };
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -93,13 +93,10 @@ fn serve() -> anyhow::Result<()> {
     let settings = settings::from_env()?;
     let port = settings::handler_port(&|k| std::env::var(k).ok())?;
     runtime()?.block_on(async move {
-        let clients = StorageClients::new(&settings.storage)?;
-        let cv = cvchain::process::training_client(&settings)?
-            .map(|c| Arc::new(c) as Arc<dyn cvchain::customvision::TrainingApi>);
-        if cv.is_none() {
+        let (_, processor) = cvchain::process::build(&settings)?;
+        if settings.custom_vision.is_none() {
             tracing::info!("no CUSTOM_VISION_ENDPOINT: recording notifications only");
         }
-        let processor = Processor::new(&settings, &clients, cv)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
@@ -124,14 +121,9 @@ fn worker() -> anyhow::Result<()> {
     let settings = settings::from_env()?;
     let options = settings::worker_options(&|k| std::env::var(k).ok(), settings.max_dequeue)?;
     runtime()?.block_on(async move {
-        let clients = StorageClients::new(&settings.storage)?;
-        let cv = cvchain::process::training_client(&settings)?
-            .map(|c| Arc::new(c) as Arc<dyn cvchain::customvision::TrainingApi>);
-        let processor = Arc::new(Processor::new(&settings, &clients, cv)?);
-        let queue = Arc::new(clients.queue(&settings.queue_name)?);
-        let poison = Arc::new(clients.queue(&cvchain::storage::queue::poison_queue_name(
-            &settings.queue_name,
-        ))?);
+        let (clients, processor) = cvchain::process::build(&settings)?;
+        let processor = Arc::new(processor);
+        let (queue, poison) = cvchain::worker::queues(&settings, &clients)?;
         tracing::info!(
             storage = ?settings.storage,
             queue = %settings.queue_name,

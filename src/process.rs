@@ -100,6 +100,24 @@ impl std::fmt::Debug for Processor {
     }
 }
 
+/// Why cvchain cannot start with these settings.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    CustomVision(#[from] CvError),
+}
+
+/// The storage clients and the processor the settings describe: what `serve`, `worker` and
+/// `dev` all run on.
+pub fn build(settings: &Settings) -> Result<(StorageClients, Processor), StartError> {
+    let clients = StorageClients::new(&settings.storage)?;
+    let cv = training_client(settings)?.map(|c| Arc::new(c) as Arc<dyn TrainingApi>);
+    let processor = Processor::new(settings, &clients, cv)?;
+    Ok((clients, processor))
+}
+
 /// The Training API client the settings describe.
 pub fn training_client(settings: &Settings) -> Result<Option<TrainingClient>, CvError> {
     let Some(cv) = &settings.custom_vision else {

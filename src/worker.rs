@@ -58,6 +58,19 @@ pub struct WorkerStats {
     pub poisoned: u64,
 }
 
+/// The notification queue and its poison queue, as the settings name them.
+pub fn queues(
+    settings: &crate::settings::Settings,
+    clients: &crate::storage::connection::StorageClients,
+) -> Result<(Arc<QueueClient>, Arc<QueueClient>), crate::storage::StorageError> {
+    Ok((
+        Arc::new(clients.queue(&settings.queue_name)?),
+        Arc::new(clients.queue(&crate::storage::queue::poison_queue_name(
+            &settings.queue_name,
+        ))?),
+    ))
+}
+
 /// Consumes `queue` until `shutdown` completes, then drains.
 pub async fn run(
     processor: Arc<Processor>,
