@@ -193,3 +193,35 @@ async fn count(q: &azure_storage_queue::QueueClient) -> usize {
     .unwrap_or_default()
     .len()
 }
+
+#[tokio::test]
+async fn invoke_delivers_a_file_as_the_host_would() {
+    let azurite = Azurite::start();
+    let handler = common::Handler::start(&[("CVCHAIN_STORAGE", azurite.connection_string())]);
+    let fixture = format!(
+        "{}/tests/fixtures/notifications/connection-test.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let url = handler.url("/");
+    let out = tokio::task::spawn_blocking(move || {
+        cvchain(&["invoke", "--url", &url, "--id", "inv-1", &fixture], &[])
+    })
+    .await
+    .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.starts_with("HTTP 200 "), "{t}");
+    assert!(
+        t.contains(
+            "recorded CustomVisionHistory/b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f/ConnectionTest_inv-1"
+        ),
+        "{t}"
+    );
+    // A handler that answers non-2xx makes invoke fail.
+    let out = tokio::task::spawn_blocking(|| {
+        cvchain(&["invoke", "--url", "http://127.0.0.1:9/", "-"], &[])
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+}
