@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Azurite, Handler, HostEmulator, standin_calls, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin};
 use cvchain::storage::{connection::StorageClients, table::StoredEntity};
 use serde_json::Value;
 use std::time::Duration;
@@ -32,19 +32,10 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let queue = unique("cvq");
     let table = unique("History");
-    let container_uri = format!(
-        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
-        azurite.blob_port
-    );
-    let standin = Standin::start(StandinConfig {
-        training_key: KEY.into(),
-        storage: Some(clients.clone()),
-        train_delay: Duration::from_millis(100),
-        export_delay: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let container_uri = azurite.container_url("cvbackups");
+    let standin = Standin::start(common::standin_config(&clients, KEY, 100))
+        .await
+        .unwrap();
     let mut env = vec![
         ("CVCHAIN_STORAGE", azurite.connection_string()),
         ("CVCHAIN_QUEUE", queue.clone()),

@@ -37,17 +37,10 @@ async fn fleet_with(worker: bool) -> Fleet {
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let queue = unique("fq");
     let table = unique("History");
-    let backup = format!(
-        "http://127.0.0.1:{}/devstoreaccount1/cvbackups",
-        azurite.blob_port
-    );
+    let backup = azurite.container_url("cvbackups");
     let standin = Standin::start(StandinConfig {
-        training_key: KEY.into(),
-        storage: Some(clients.clone()),
-        train_delay: Duration::from_millis(20),
-        export_delay: Duration::from_millis(20),
         model_size: 4096,
-        ..Default::default()
+        ..common::standin_config(&clients, KEY, 20)
     })
     .await
     .unwrap();

@@ -136,19 +136,13 @@ async fn an_unusable_token_is_a_clear_denial() {
 
 #[tokio::test]
 async fn the_whole_release_path_runs_with_tokens() {
-    use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+    use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin};
     let ca = TestCa::generate();
     let azurite = Azurite::start_oauth(&ca);
     let (clients, _) = token_clients(&azurite, &ca);
-    let standin = Standin::start(StandinConfig {
-        training_key: "k".into(),
-        storage: Some(clients.clone()),
-        train_delay: Duration::from_millis(20),
-        export_delay: Duration::from_millis(20),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let standin = Standin::start(common::standin_config(&clients, "k", 20))
+        .await
+        .unwrap();
     let queue = unique("q");
     let backup = format!(
         "https://127.0.0.1:{}/devstoreaccount1/cvbackups",

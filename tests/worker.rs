@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Azurite, Handler, StandinApi, standin_calls, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin};
 use cvchain::storage::{connection::StorageClients, queue::send_text, table::StoredEntity};
 use std::time::{Duration, Instant};
 
@@ -23,15 +23,9 @@ struct Setup {
 async fn setup(extra: &[(&str, &str)]) -> Setup {
     let azurite = Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
-    let standin = Standin::start(StandinConfig {
-        training_key: KEY.into(),
-        storage: Some(clients.clone()),
-        train_delay: Duration::from_millis(20),
-        export_delay: Duration::from_millis(20),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let standin = Standin::start(common::standin_config(&clients, KEY, 20))
+        .await
+        .unwrap();
     let queue = unique("wq");
     let table = unique("History");
     let mut env = vec![

@@ -804,3 +804,26 @@ impl StandinApi {
         panic!("{path} never got there");
     }
 }
+
+/// The stand-in's configuration for tests: this key, writing to `clients`' account, training and
+/// exports completing after `delay_ms`. Override fields with struct update syntax.
+pub fn standin_config(
+    clients: &cvchain::storage::connection::StorageClients,
+    key: &str,
+    delay_ms: u64,
+) -> cvchain::customvision::standin::StandinConfig {
+    cvchain::customvision::standin::StandinConfig {
+        training_key: key.into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(delay_ms),
+        export_delay: Duration::from_millis(delay_ms),
+        ..Default::default()
+    }
+}
+
+impl Azurite {
+    /// A container's URL in this (http) Azurite.
+    pub fn container_url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{DEV_ACCOUNT}/{name}", self.blob_port)
+    }
+}
