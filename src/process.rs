@@ -581,6 +581,28 @@ impl Processor {
             let released = released?;
             if !released.copied {
                 logs.push(format!("release of {target} is current: {}", released.path));
+                // A holder that crashed after copying but before recording leaves the copy
+                // unrecorded: record it now (the writes are skipped when already there).
+                for w in release_writes(
+                    project,
+                    iteration,
+                    &self.config.chain.exports,
+                    &target,
+                    &released,
+                    &steps,
+                    now,
+                ) {
+                    let recorded = match &w {
+                        StepWrite::Merge { row_key, .. } => steps.iter().any(|s| {
+                            s.entity.get("RowKey") == Some(&json!(row_key))
+                                && s.entity.get("ReleaseUrl") == Some(&json!(released.url))
+                        }),
+                        StepWrite::Insert(_) => false,
+                    };
+                    if !recorded {
+                        self.write_step(&w).await?;
+                    }
+                }
                 continue;
             }
             logs.push(format!(
