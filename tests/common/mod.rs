@@ -37,6 +37,8 @@ pub struct Azurite {
     dir: tempfile::TempDir,
     /// `--oauth basic` over https with this certificate (leaf, key, CA).
     oauth: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Azurite's `--debug` log: one line per request, for counting what a client asked.
+    pub debug_log: Option<PathBuf>,
 }
 
 impl Azurite {
@@ -47,6 +49,23 @@ impl Azurite {
             blob_port: free_port(),
             queue_port: free_port(),
             table_port: free_port(),
+            dir,
+            oauth: None,
+            debug_log: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// Azurite that logs every request to `debug.log` in its data folder.
+    pub fn start_debug() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut a = Self {
+            child: None,
+            blob_port: free_port(),
+            queue_port: free_port(),
+            table_port: free_port(),
+            debug_log: Some(dir.path().join("debug.log")),
             dir,
             oauth: None,
         };
@@ -64,6 +83,7 @@ impl Azurite {
             table_port: free_port(),
             dir,
             oauth: Some((ca.cert.clone(), ca.key.clone(), ca.ca_cert.clone())),
+            debug_log: None,
         };
         a.spawn();
         a
@@ -104,6 +124,9 @@ impl Azurite {
                 .arg(key)
                 // Copies whose source carries a SAS make Azurite fetch from itself over https.
                 .env("NODE_EXTRA_CA_CERTS", ca);
+        }
+        if let Some(log) = &self.debug_log {
+            cmd.arg("--debug").arg(log);
         }
         let child = cmd
             .args([

@@ -1,0 +1,73 @@
+//! Counts the storage requests a client made, from Azurite's `--debug` log, by kind
+//! ("Table POST insert", "Blob HEAD", …), so cvchain and the direct client can be shown to make
+//! the same calls.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Kind of each request logged since byte `from`; returns them and the new end offset.
+pub fn requests_since(log: &Path, from: usize) -> (Vec<String>, usize) {
+    let text = std::fs::read(log).unwrap_or_default();
+    let end = text.len();
+    let text = String::from_utf8_lossy(&text[from.min(end)..]).into_owned();
+    let kinds = text
+        .lines()
+        .filter_map(|l| {
+            let service = ["Blob", "Queue", "Table"]
+                .into_iter()
+                .find(|s| l.contains(&format!("{s}StorageContextMiddleware: RequestMethod=")))?;
+            let method = l
+                .split("RequestMethod=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?;
+            let url = l.split("RequestURL=").nth(1)?.split_whitespace().next()?;
+            Some(kind(service, method, url))
+        })
+        .collect();
+    (kinds, end)
+}
+
+/// A request's kind: service, method and what it addressed, without names or keys.
+pub fn kind(service: &str, method: &str, url: &str) -> String {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let what = match service {
+        "Table" => {
+            if path.ends_with("Tables") {
+                "table"
+            } else if path.ends_with("()") || query.contains("filter") {
+                "query"
+            } else if path.ends_with(')') {
+                "entity"
+            } else {
+                "insert"
+            }
+        }
+        "Blob" => {
+            if query.contains("comp=tags") {
+                "tags"
+            } else if query.contains("restype=container") {
+                "container"
+            } else {
+                "blob"
+            }
+        }
+        _ => {
+            if path.ends_with("/messages") || path.contains("/messages/") {
+                "messages"
+            } else {
+                "queue"
+            }
+        }
+    };
+    format!("{service} {method} {what}")
+}
+
+/// How many of each kind.
+pub fn tally(kinds: &[String]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for k in kinds {
+        *m.entry(k.clone()).or_insert(0) += 1;
+    }
+    m
+}

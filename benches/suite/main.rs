@@ -1,0 +1,487 @@
+//! The benchmark suite: cold start, per-notification cost, throughput, memory and the Custom
+//! Vision call rate, each beside its baseline in the same run, written as a Markdown table.
+//!
+//!     scripts/bench            # builds what it needs, runs criterion and this, prints the table
+//!
+//! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
+//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate), CVCHAIN_BENCH_OUT
+//! (target/bench/results.md). Needs Azurite in node_modules (`npm ci`).
+#[path = "../../tests/common/mod.rs"]
+mod common;
+#[path = "../support/hot_path.rs"]
+mod hot_path;
+
+mod calls;
+mod coldstart;
+mod direct;
+mod drive;
+mod workload;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use workload::{Env, FAST_CV_RPS, Kind, Message};
+
+/// Counts allocations, for the per-notification count.
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The table, one row per measure.
+#[derive(Default)]
+struct Table {
+    rows: Vec<[String; 5]>,
+}
+
+impl Table {
+    fn row(
+        &mut self,
+        measure: &str,
+        cvchain: String,
+        baseline: String,
+        ratio: String,
+        target: &str,
+    ) {
+        let r = [
+            measure.to_owned(),
+            cvchain,
+            baseline,
+            ratio,
+            target.to_owned(),
+        ];
+        println!("| {} |", r.join(" | "));
+        self.rows.push(r);
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| Measure | cvchain | Baseline | Ratio | Target |\n|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            let _ = writeln!(s, "| {} |", r.join(" | "));
+        }
+        s
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn setting(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn cvchain_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cvchain"))
+}
+
+/// The minimal axum server, built by `cargo build --release --example baseline_server`.
+fn baseline_exe() -> PathBuf {
+    let p = cvchain_exe()
+        .parent()
+        .unwrap()
+        .join("examples/baseline_server");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release --example baseline_server` (scripts/bench does)",
+        p.display()
+    );
+    p
+}
+
+fn main() {
+    let sections = setting(
+        "CVCHAIN_BENCH_SECTIONS",
+        "cold,cost,calls,throughput,memory,rate",
+    );
+    let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
+    let messages: usize = setting("CVCHAIN_BENCH_MESSAGES", "5000").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut table = Table::default();
+    println!("| Measure | cvchain | Baseline | Ratio | Target |\n|---|---|---|---|---|");
+    rt.block_on(async {
+        if on("cold") {
+            cold_start(&mut table).await;
+        }
+        if on("cost") {
+            cost(&mut table);
+        }
+        if on("calls") {
+            call_counts(&mut table).await;
+        }
+        if on("throughput") {
+            throughput(&mut table, messages).await;
+        }
+        if on("memory") {
+            memory(&mut table).await;
+        }
+        if on("rate") {
+            rate(&mut table).await;
+        }
+    });
+    let out = PathBuf::from(setting("CVCHAIN_BENCH_OUT", "target/bench/results.md"));
+    let _ = std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")));
+    let mut text = table.markdown();
+    let _ = writeln!(
+        text,
+        "\nMachine: {} cores, {}; {}.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        time::OffsetDateTime::now_utc().date()
+    );
+    std::fs::write(&out, text).unwrap();
+    println!("\nwritten to {}", out.display());
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Cold start: exec → first answer to `GET /`, beside the minimal axum server; binary sizes.
+async fn cold_start(table: &mut Table) {
+    let runs: usize = setting("CVCHAIN_BENCH_COLD_RUNS", "25").parse().unwrap();
+    let env = Env::start(false).await;
+    let settings = env.settings(FAST_CV_RPS);
+    let (exe, base) = (cvchain_exe(), baseline_exe());
+    let (c, b) = tokio::task::block_in_place(|| {
+        coldstart::compare(runs, (&exe, &["serve"], &settings), (&base, &[], &[]))
+    });
+    table.row(
+        &format!("Ready: exec to first `GET /` answer (median of {runs})"),
+        ms(c),
+        format!("{} (minimal axum)", ms(b)),
+        format!("{:.2}", c.as_secs_f64() / b.as_secs_f64()),
+        "≤ 15 ms",
+    );
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    table.row(
+        "Release binary size (stripped, thin LTO)",
+        format!("{:.1} MiB", size(&exe) as f64 / 1048576.0),
+        format!("{:.1} MiB (minimal axum)", size(&base) as f64 / 1048576.0),
+        format!("{:.2}", size(&exe) as f64 / size(&base) as f64),
+        "reported",
+    );
+}
+
+/// CPU per notification (criterion's median, when `cargo bench --bench notification_cost` ran
+/// first) and allocations per notification (counted here).
+fn cost(table: &mut Table) {
+    let (config, observed) = (hot_path::config(), hot_path::observed());
+    for case in hot_path::cases() {
+        let estimates = PathBuf::from(format!(
+            "target/criterion/notification/{}/new/estimates.json",
+            case.name
+        ));
+        let cpu = std::fs::read_to_string(&estimates)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["median"]["point_estimate"].as_f64())
+            .map_or("run notification_cost first".to_owned(), |ns| {
+                format!("{:.1} µs", ns / 1000.0)
+            });
+        hot_path::process(&case.body, &observed, &config);
+        let (a0, b0) = (
+            ALLOCS.load(Ordering::Relaxed),
+            ALLOC_BYTES.load(Ordering::Relaxed),
+        );
+        const N: u64 = 1000;
+        for _ in 0..N {
+            hot_path::process(&case.body, &observed, &config);
+        }
+        let allocs = (ALLOCS.load(Ordering::Relaxed) - a0) / N;
+        let bytes = (ALLOC_BYTES.load(Ordering::Relaxed) - b0) / N;
+        table.row(
+            &format!("{}: CPU besides I/O (criterion median)", case.name),
+            cpu,
+            "—".into(),
+            "—".into(),
+            "reported",
+        );
+        table.row(
+            &format!("{}: allocations per notification", case.name),
+            format!("{allocs} ({:.1} KiB)", bytes as f64 / 1024.0),
+            "—".into(),
+            "—".into(),
+            "reported",
+        );
+    }
+}
+
+/// Storage requests and Custom Vision calls per notification, cvchain and the direct client,
+/// from Azurite's request log and the stand-in's counts: the baseline does the same work.
+async fn call_counts(table: &mut Table) {
+    const ITERATIONS: usize = 10;
+    let count = |env: &Env, from: usize| {
+        let (kinds, _) = calls::requests_since(env.azurite.debug_log.as_ref().unwrap(), from);
+        kinds
+    };
+    // cvchain, one message at a time.
+    let env = Env::start(true).await;
+    let messages = env.prepare(ITERATIONS).await;
+    let handler = drive::start_serve(&env, FAST_CV_RPS);
+    let (_, from) = calls::requests_since(env.azurite.debug_log.as_ref().unwrap(), 0);
+    let cv0 = cv_total(&env);
+    drive::drive_serve(&handler, &messages, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ours = count(&env, from);
+    let ours_cv = cv_total(&env) - cv0;
+    drop(handler);
+    // The direct client, on an environment of its own.
+    let env = Env::start(true).await;
+    let messages = env.prepare(ITERATIONS).await;
+    let direct = direct::Direct::new(&env, 1000).await;
+    let (_, from) = calls::requests_since(env.azurite.debug_log.as_ref().unwrap(), 0);
+    let cv0 = cv_total(&env);
+    direct::run(&direct, &messages, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let theirs = count(&env, from);
+    let theirs_cv = cv_total(&env) - cv0;
+    let n = messages.len() as f64;
+    let (a, b) = (calls::tally(&ours), calls::tally(&theirs));
+    if a != b {
+        println!("request kinds differ:\n  cvchain {a:?}\n  direct  {b:?}");
+    }
+    table.row(
+        "Storage requests per notification (Azurite's log)",
+        format!("{:.2}", ours.len() as f64 / n),
+        format!("{:.2} (direct client)", theirs.len() as f64 / n),
+        format!("{:.2}", ours.len() as f64 / theirs.len() as f64),
+        "same calls",
+    );
+    table.row(
+        "Custom Vision calls per notification (stand-in's count)",
+        format!("{:.2}", ours_cv as f64 / n),
+        format!("{:.2} (direct client)", theirs_cv as f64 / n),
+        format!("{:.2}", ours_cv as f64 / theirs_cv as f64),
+        "same calls",
+    );
+}
+
+fn cv_total(env: &Env) -> u64 {
+    env.standin.calls().counts.values().sum()
+}
+
+/// The workload of `n` messages on a fresh environment.
+async fn fresh(n: usize) -> (Env, Vec<Message>) {
+    let env = Env::start(false).await;
+    let mut messages = env.prepare(n.div_ceil(3)).await;
+    messages.truncate(n);
+    (env, messages)
+}
+
+/// `n` notifications through serve (24 at once, the host's default) and worker, each beside the
+/// direct client doing the same calls; every run on a fresh Azurite and stand-in.
+async fn throughput(table: &mut Table, n: usize) {
+    const CONCURRENCY: usize = 24;
+    let (env, messages) = fresh(n).await;
+    let handler = drive::start_serve(&env, FAST_CV_RPS);
+    let idle = drive::status_kib(handler.pid(), "VmRSS:");
+    let serve = drive::drive_serve(&handler, &messages, CONCURRENCY).await;
+    let peak24 = drive::status_kib(handler.pid(), "VmHWM:");
+    drop(handler);
+    drop(env);
+
+    let (env, messages) = fresh(n).await;
+    let d = direct::Direct::new(&env, 1000).await;
+    let direct_http = direct::run(&d, &messages, CONCURRENCY).await;
+    drop(env);
+
+    let (env, messages) = fresh(n).await;
+    env.enqueue(&messages).await;
+    let (worker, handler) = drive::drive_worker(&env, messages.len(), FAST_CV_RPS).await;
+    drop(handler);
+    drop(env);
+
+    let (env, messages) = fresh(n).await;
+    env.enqueue(&messages).await;
+    let d = Arc::new(direct::Direct::new(&env, 1000).await);
+    let direct_queue = direct::run_queue(d, &env, messages.len(), 16).await;
+    drop(env);
+
+    let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64();
+    let direct_rate = rate(n, direct_http);
+    table.row(
+        &format!("Throughput, {n} notifications through `serve`, {CONCURRENCY} at once"),
+        format!("{:.0}/s ({} retried)", serve.per_second(), serve.retries),
+        format!("{direct_rate:.0}/s (direct client)"),
+        format!("{:.2}", serve.per_second() / direct_rate),
+        "≥ 0.9",
+    );
+    let direct_q = rate(n, direct_queue);
+    table.row(
+        &format!("Throughput, {n} notifications through `worker` (batch 16)"),
+        format!("{:.0}/s", worker.per_second()),
+        format!("{direct_q:.0}/s (direct queue consumer)"),
+        format!("{:.2}", worker.per_second() / direct_q),
+        "≥ 0.9",
+    );
+    table.row(
+        "Idle RSS of `serve` (ready, before the first invocation)",
+        mib(idle),
+        "—".into(),
+        "—".into(),
+        "≤ 15 MB",
+    );
+    table.row(
+        &format!("Peak RSS of `serve`, {CONCURRENCY} at once"),
+        mib(peak24),
+        "—".into(),
+        "—".into(),
+        "reported",
+    );
+}
+
+/// Peak RSS at 64 concurrent invocations, and while a 1 GiB model is copied.
+async fn memory(table: &mut Table) {
+    let (env, mut messages) = fresh(3 * 215).await;
+    // The last iteration's ONNX backup becomes a 1 GiB model; its export messages go last.
+    let big = messages.last().unwrap().iteration;
+    let big_export: Vec<Message> = messages
+        .iter()
+        .filter(|m| m.iteration == big && m.kind == Kind::ExportOnnx)
+        .cloned()
+        .collect();
+    messages.retain(|m| !(m.iteration == big && m.kind != Kind::TrainingCompleted));
+    let handler = drive::start_serve(&env, FAST_CV_RPS);
+    let base = tokio::task::block_in_place(|| {
+        let exe = baseline_exe();
+        let port = common::free_port();
+        let mut child = std::process::Command::new(&exe)
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let rss = drive::status_kib(child.id(), "VmRSS:");
+        let _ = child.kill();
+        let _ = child.wait();
+        rss
+    });
+    drive::reset_peak(handler.pid());
+    drive::drive_serve(&handler, &messages, 64).await;
+    let peak64 = drive::status_kib(handler.pid(), "VmHWM:");
+    table.row(
+        &format!(
+            "Peak RSS of `serve`, 64 at once ({} notifications)",
+            messages.len()
+        ),
+        mib(peak64),
+        format!("{} idle (minimal axum)", mib(base)),
+        "—".into(),
+        "≤ 40 MB",
+    );
+
+    let m = &big_export[0];
+    let blob = format!("{} - {}.ONNX", m.project, m.iteration);
+    write_big_blob(&env, &blob, 1 << 30).await;
+    let before = drive::status_kib(handler.pid(), "VmRSS:");
+    drive::reset_peak(handler.pid());
+    let copy = drive::drive_serve(&handler, &big_export, 1).await;
+    let peak = drive::status_kib(handler.pid(), "VmHWM:");
+    table.row(
+        "Peak RSS of `serve` while a 1 GiB model is released",
+        mib(peak),
+        format!("{} before", mib(before)),
+        format!("{:.2}", peak as f64 / before as f64),
+        &format!("flat (copy took {:.1} s)", copy.elapsed.as_secs_f64()),
+    );
+}
+
+/// Replaces a backup blob with `size` bytes, staged in 8 MiB blocks.
+async fn write_big_blob(env: &Env, name: &str, size: usize) {
+    use azure_storage_blob::models::BlockLookupList;
+    const BLOCK: usize = 8 << 20;
+    let blob = env
+        .clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client(&env.backup)
+        .blob_client(name)
+        .block_blob_client();
+    let chunk: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8).collect();
+    let mut ids = Vec::new();
+    for n in 0..size.div_ceil(BLOCK) {
+        let id = format!("block-{n:08}").into_bytes();
+        let len = BLOCK.min(size - n * BLOCK);
+        blob.stage_block(
+            &id,
+            len as u64,
+            azure_core::http::RequestContent::from(chunk[..len].to_vec()),
+            None,
+        )
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let list = BlockLookupList {
+        latest: Some(ids),
+        ..Default::default()
+    };
+    blob.commit_block_list(list.try_into().unwrap(), None)
+        .await
+        .unwrap();
+}
+
+/// With the default limit, Custom Vision never sees more calls in a second than allowed.
+async fn rate(table: &mut Table) {
+    let (env, messages) = fresh(3 * 30).await;
+    let trainings: Vec<Message> = messages
+        .into_iter()
+        .filter(|m| m.kind == Kind::TrainingCompleted)
+        .collect();
+    let limit = cvchain::settings::DEFAULT_CV_MAX_RPS;
+    let handler = drive::start_serve(&env, &limit.to_string());
+    let skip = env.standin.calls().timeline_ms.len();
+    let run = drive::drive_serve(&handler, &trainings, 24).await;
+    let mut times: Vec<u64> = env.standin.calls().timeline_ms[skip..].to_vec();
+    times.sort_unstable();
+    let max_window = (0..times.len())
+        .map(|i| times[i..].partition_point(|t| *t < times[i] + 1000))
+        .max()
+        .unwrap_or(0);
+    table.row(
+        &format!(
+            "Custom Vision calls in any 1 s window ({} calls, {} notifications at 24)",
+            times.len(),
+            trainings.len()
+        ),
+        format!("max {max_window}"),
+        format!("limit {limit}/s"),
+        format!("{:.2}", max_window as f64 / limit as f64),
+        &format!("≤ {limit} (run {:.1} s)", run.elapsed.as_secs_f64()),
+    );
+}

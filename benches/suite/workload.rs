@@ -1,0 +1,248 @@
+//! The workload: Azurite and the Custom Vision stand-in of a run's own, projects trained and
+//! exported through the stand-in's API, and the notifications the stand-in wrote for them, as
+//! the service would have. Setting up is not timed.
+
+use crate::common::{Azurite, StandinApi, standin_config, unique};
+use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use cvchain::notification::{ExportStatus, Notification, TrainingStatus};
+use cvchain::settings::DEV_ACCOUNT;
+use cvchain::storage::connection::StorageClients;
+use futures::StreamExt;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub const KEY: &str = "bench-training-key";
+/// Every iteration is trained and exported to the first two before the run: a TrainingCompleted
+/// then requests the third, and the first ExportCompleted copies all three to the release
+/// container (the third is finished by the time its iteration's export messages arrive).
+pub const CHAIN: &str = "ONNX,TensorFlow,CoreML";
+/// Above what the runs reach: the Custom Vision limit is measured in its own section.
+pub const FAST_CV_RPS: &str = "1000";
+
+/// One notification as Custom Vision wrote it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub text: String,
+    pub id: String,
+    pub kind: Kind,
+    pub project: Uuid,
+    pub iteration: Uuid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    TrainingCompleted,
+    ExportOnnx,
+    ExportTensorFlow,
+}
+
+pub struct Env {
+    pub azurite: Azurite,
+    pub clients: StorageClients,
+    pub standin: Standin,
+    /// The queue `worker` reads (the stand-in writes to `setup_queue`).
+    pub queue: String,
+    pub setup_queue: String,
+    pub table: String,
+    pub backup: String,
+    pub release: String,
+}
+
+impl Env {
+    pub async fn start(debug: bool) -> Self {
+        let azurite = tokio::task::block_in_place(|| {
+            if debug {
+                Azurite::start_debug()
+            } else {
+                Azurite::start()
+            }
+        });
+        let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+        let standin = Standin::start(StandinConfig {
+            model_size: 4096,
+            ..standin_config(&clients, KEY, 0)
+        })
+        .await
+        .unwrap();
+        let env = Self {
+            queue: unique("work"),
+            setup_queue: unique("setup"),
+            table: unique("history"),
+            backup: unique("backup"),
+            release: unique("models"),
+            azurite,
+            clients,
+            standin,
+        };
+        let blobs = env.clients.blob_service().unwrap();
+        blobs
+            .blob_container_client(&env.backup)
+            .create(None)
+            .await
+            .unwrap();
+        for q in [&env.queue, &env.setup_queue] {
+            cvchain::storage::queue::create_if_missing(&env.clients.queue(q).unwrap())
+                .await
+                .unwrap();
+        }
+        env
+    }
+
+    /// cvchain's settings for this environment (`max_rps` Custom Vision calls per second).
+    pub fn settings(&self, max_rps: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("CVCHAIN_STORAGE", self.azurite.connection_string()),
+            ("CVCHAIN_QUEUE", self.queue.clone()),
+            ("CVCHAIN_HISTORY_TABLE", self.table.clone()),
+            ("CUSTOM_VISION_ENDPOINT", self.standin.endpoint()),
+            ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+            ("CVCHAIN_EXPORTS", CHAIN.into()),
+            (
+                "CVCHAIN_BACKUP_CONTAINER",
+                self.azurite.container_url(&self.backup),
+            ),
+            ("CVCHAIN_RELEASE_CONTAINER", self.release.clone()),
+            ("CVCHAIN_CV_MAX_RPS", max_rps.into()),
+            ("RUST_LOG", "warn".into()),
+        ]
+    }
+
+    /// Trains and exports `iterations` projects (one iteration each) and returns the messages
+    /// the stand-in wrote, every TrainingCompleted first, then the ONNX exports, then the
+    /// TensorFlow ones, so no two messages of an iteration are in flight together.
+    pub async fn prepare(&self, iterations: usize) -> Vec<Message> {
+        let api = StandinApi::new(&self.standin.endpoint(), KEY);
+        let queue_uri = format!(
+            "http://127.0.0.1:{}/{DEV_ACCOUNT}/{}",
+            self.azurite.queue_port, self.setup_queue
+        );
+        let container_uri = self.azurite.container_url(&self.backup);
+        futures::stream::iter(0..iterations)
+            .map(|k| {
+                let (api, queue_uri, container_uri) = (&api, &queue_uri, &container_uri);
+                async move {
+                    let name = format!("Bench {k:05}");
+                    let project = api
+                        .create_project(&[
+                            ("name", name.as_str()),
+                            ("domainId", COMPACT_DOMAIN),
+                            ("notificationQueueUri", queue_uri),
+                            ("exportModelContainerUri", container_uri),
+                        ])
+                        .await;
+                    let iteration = api.train(project).await;
+                    let it_path = format!("projects/{project}/iterations/{iteration}");
+                    api.wait_for(&it_path, |v| v["status"] == "Completed").await;
+                    for platform in ["ONNX", "TensorFlow"] {
+                        api.post(&format!("{it_path}/export"), &[("platform", platform)])
+                            .await;
+                    }
+                    api.wait_for(&format!("{it_path}/export"), |v| {
+                        v.as_array().is_some_and(|a| {
+                            a.len() == 2 && a.iter().all(|e| e["status"] == "Done")
+                        })
+                    })
+                    .await;
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<()>>()
+            .await;
+        let mut messages = self.drain_setup_queue(3 * iterations).await;
+        messages.sort_by_key(|m| (m.kind, m.project));
+        messages
+    }
+
+    /// Reads the stand-in's notifications (skipping ConnectionTest) until `want` are in.
+    async fn drain_setup_queue(&self, want: usize) -> Vec<Message> {
+        use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
+        let q = self.clients.queue(&self.setup_queue).unwrap();
+        let mut out = Vec::with_capacity(want);
+        let mut idle = 0;
+        while out.len() < want {
+            let got = q
+                .receive_messages(Some(QueueClientReceiveMessagesOptions {
+                    number_of_messages: Some(32),
+                    visibility_timeout: Some(3600),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_model()
+                .unwrap()
+                .items
+                .unwrap_or_default();
+            if got.is_empty() {
+                idle += 1;
+                assert!(
+                    idle < 100,
+                    "the stand-in wrote {} of {want} messages",
+                    out.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            for m in got {
+                let text = m.message_text.unwrap_or_default();
+                let parsed = cvchain::notification::parse(&text).expect("stand-in message");
+                let kind = match &parsed.notification {
+                    Notification::Training {
+                        status: TrainingStatus::Completed,
+                        ..
+                    } => Kind::TrainingCompleted,
+                    Notification::Export {
+                        status: ExportStatus::Completed,
+                        model_uri: Some(uri),
+                        ..
+                    } if uri.ends_with(".ONNX") => Kind::ExportOnnx,
+                    Notification::Export {
+                        status: ExportStatus::Completed,
+                        ..
+                    } => Kind::ExportTensorFlow,
+                    _ => continue,
+                };
+                out.push(Message {
+                    project: parsed.notification.project_id().unwrap(),
+                    iteration: parsed.notification.iteration_id().unwrap(),
+                    text,
+                    id: m.message_id.unwrap_or_default(),
+                    kind,
+                });
+            }
+        }
+        out
+    }
+
+    /// Puts `messages` on the worker's queue (not timed).
+    pub async fn enqueue(&self, messages: &[Message]) {
+        let q = self.clients.queue(&self.queue).unwrap();
+        futures::stream::iter(messages)
+            .map(|m| {
+                let q = &q;
+                async move {
+                    cvchain::storage::queue::send_text(q, &m.text)
+                        .await
+                        .unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// Messages on the worker's queue, visible or not.
+    pub async fn queue_length(&self) -> u64 {
+        self.clients
+            .queue(&self.queue)
+            .unwrap()
+            .get_properties(None)
+            .await
+            .ok()
+            .and_then(|r| {
+                use azure_storage_queue::models::QueueClientGetPropertiesResultHeaders;
+                r.approximate_messages_count().ok().flatten()
+            })
+            .map(|n| n.max(0) as u64)
+            .unwrap_or(u64::MAX)
+    }
+}
