@@ -28,9 +28,11 @@ USAGE:
   cvchain invoke [--url URL] [--id ID] [--dequeue-count N] FILE|-
                                 Deliver a queue message to a running handler exactly as
                                 the Functions host does (default URL http://127.0.0.1:7072/)
-  cvchain stage-app [OUT]       Stage the Functions app folder (default dist/app) with this
-                                binary as the handler, ready for `func start --script-root OUT`
-                                and zip deploy. Run from the repository root.
+  cvchain stage-app [OUT] [--binary PATH] [--zip ZIP]
+                                Stage the Functions app folder (default dist/app) with this
+                                binary (or PATH) as the handler, ready for
+                                `func start --script-root OUT`; --zip also writes it as the
+                                deployment zip. Run from the repository root.
   cvchain --version
 
 Settings come from the environment; see README.md.";
@@ -60,18 +62,7 @@ fn main() -> anyhow::Result<()> {
         "check" if rest.is_empty() => check(),
         "replay" => replay(rest),
         "invoke" => invoke(rest),
-        "stage-app" if rest.len() <= 1 => {
-            let out = PathBuf::from(rest.first().map(String::as_str).unwrap_or("dist/app"));
-            let binary = std::env::current_exe().context("cannot find this executable")?;
-            let layout = stage::stage(std::path::Path::new("."), &out, &binary)?;
-            println!(
-                "staged {} (handler `{}`, functions: {})",
-                out.display(),
-                layout.executable,
-                layout.functions.join(", ")
-            );
-            Ok(())
-        }
+        "stage-app" => stage_app(rest),
         "--version" | "-V" => {
             println!("cvchain {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -164,6 +155,33 @@ fn options<'a>(args: &'a [String], known: &[&str], flags: &[&str]) -> anyhow::Re
 
 fn opt<'a>(opts: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
     opts.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+}
+
+fn stage_app(args: &[String]) -> anyhow::Result<()> {
+    let (opts, positional) = options(args, &["--binary", "--zip"], &[])?;
+    if positional.len() > 1 {
+        bail!("stage-app takes one output folder\n\n{USAGE}");
+    }
+    let out = PathBuf::from(positional.first().copied().unwrap_or("dist/app"));
+    let binary = match opt(&opts, "--binary") {
+        Some(b) => PathBuf::from(b),
+        None => std::env::current_exe().context("cannot find this executable")?,
+    };
+    let layout = stage::stage(std::path::Path::new("."), &out, &binary)?;
+    println!(
+        "staged {} (handler `{}`, functions: {})",
+        out.display(),
+        layout.executable,
+        layout.functions.join(", ")
+    );
+    if let Some(zip) = opt(&opts, "--zip") {
+        let entries = stage::package(&out, std::path::Path::new(zip))?;
+        println!("packaged {zip}:");
+        for e in &entries {
+            println!("  {:o} {:>10} {}", e.mode, e.size, e.name);
+        }
+    }
+    Ok(())
 }
 
 fn history(args: &[String]) -> anyhow::Result<()> {

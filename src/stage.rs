@@ -19,6 +19,11 @@ pub enum StageError {
     Invalid(String),
     #[error("the staged app breaks the host's rules:\n  - {}", .0.join("\n  - "))]
     Rules(Vec<String>),
+    #[error("{path}: {source} (delete it and package again)")]
+    Zip {
+        path: PathBuf,
+        source: zip::result::ZipError,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + '_ {
@@ -98,6 +103,203 @@ pub fn stage(source: &Path, out: &Path, binary: &Path) -> Result<AppLayout, Stag
     }
     fs::write(out.join(".funcignore"), "local.settings.json\n").map_err(io(out))?;
     validate(out)
+}
+
+/// One file or folder in a packaged app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZipEntry {
+    /// The path inside the zip, `/`-separated; folders end with `/`.
+    pub name: String,
+    /// The Unix permission bits stored in the entry's external attributes.
+    pub mode: u32,
+    pub size: u64,
+}
+
+/// Writes the staged app folder `app` as the zip that zip deploy and Flex Consumption's
+/// one-deploy take, with the handler stored as mode 0755 (zip deploy keeps the mode bits it
+/// finds, and a handler without them cannot start) and everything `.funcignore` names left out.
+/// Entries are sorted and dated 1980-01-01, so the same folder always gives the same zip. The
+/// zip is read back and checked before it replaces an earlier one at `zip_path`.
+pub fn package(app: &Path, zip_path: &Path) -> Result<Vec<ZipEntry>, StageError> {
+    let layout = validate(app)?;
+    let ignored = read_funcignore(app)?;
+    let mut files = Vec::new();
+    collect(app, "", &mut files)?;
+    files.retain(|(rel, _)| !is_ignored(rel, &ignored));
+
+    if let Some(parent) = zip_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let partial = zip_path.with_extension("zip.partial");
+    let zip_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StageError::Zip { path, source }
+    };
+    let file = fs::File::create(&partial).map_err(io(&partial))?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .last_modified_time(zip::DateTime::default());
+    for (rel, path) in &files {
+        if path.is_dir() {
+            zip.add_directory(rel.as_str(), options.unix_permissions(0o755))
+                .map_err(zip_err(&partial))?;
+            continue;
+        }
+        let mode = if *rel == layout.executable {
+            0o755
+        } else {
+            0o644
+        };
+        zip.start_file(rel.as_str(), options.unix_permissions(mode))
+            .map_err(zip_err(&partial))?;
+        let mut src = fs::File::open(path).map_err(io(path))?;
+        std::io::copy(&mut src, &mut zip).map_err(io(path))?;
+    }
+    let mut out = zip.finish().map_err(zip_err(&partial))?;
+    std::io::Write::flush(&mut out).map_err(io(&partial))?;
+    drop(out);
+    let (_, entries) = inspect_zip(&partial)?;
+    fs::rename(&partial, zip_path).map_err(io(zip_path))?;
+    Ok(entries)
+}
+
+/// Reads a packaged app back and checks what the host needs of it: `host.json`, at least one
+/// `<Name>/function.json`, the handler at `defaultExecutablePath` with its execute bits, a
+/// `.funcignore`, and no `local.settings.json` (it holds local secrets).
+pub fn inspect_zip(zip_path: &Path) -> Result<(AppLayout, Vec<ZipEntry>), StageError> {
+    let zip_err = |source| StageError::Zip {
+        path: zip_path.to_owned(),
+        source,
+    };
+    let file = fs::File::open(zip_path).map_err(io(zip_path))?;
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(zip_err)?;
+    let mut entries = Vec::new();
+    let mut host = None;
+    for i in 0..archive.len() {
+        let mut f = archive.by_index(i).map_err(zip_err)?;
+        let name = f.name().map_err(zip_err)?.into_owned();
+        if name == "host.json" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut f, &mut text).map_err(io(zip_path))?;
+            host = Some(serde_json::from_str::<Value>(&text).map_err(|e| {
+                StageError::Invalid(format!(
+                    "{}: host.json is not valid JSON: {e}",
+                    zip_path.display()
+                ))
+            })?);
+        }
+        entries.push(ZipEntry {
+            mode: f.unix_mode().unwrap_or(0) & 0o777,
+            size: f.size(),
+            name,
+        });
+    }
+
+    let mut problems = Vec::new();
+    let exe = host
+        .as_ref()
+        .and_then(executable_path)
+        .unwrap_or_default()
+        .to_owned();
+    if host.is_none() {
+        problems.push("host.json: not at the root of the zip".to_owned());
+    } else if exe.is_empty() {
+        problems
+            .push("host.json: customHandler.description.defaultExecutablePath is missing".into());
+    } else {
+        match entries.iter().find(|e| e.name == exe) {
+            Some(e) if e.mode & 0o111 == 0o111 => {}
+            Some(e) => problems.push(format!(
+                "{exe}: stored with mode {:o}; the handler needs 755",
+                e.mode
+            )),
+            None => problems.push(format!("{exe}: the handler is not at the root of the zip")),
+        }
+    }
+    let mut functions: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.name.strip_suffix("/function.json"))
+        .filter(|dir| !dir.contains('/'))
+        .map(str::to_owned)
+        .collect();
+    functions.sort();
+    if functions.is_empty() {
+        problems.push("no <Name>/function.json at the root of the zip".into());
+    }
+    for name in functions.iter().filter(|n| !valid_function_name(n)) {
+        problems.push(format!("{name}: not a valid function name"));
+    }
+    if !entries.iter().any(|e| e.name == ".funcignore") {
+        problems.push(".funcignore: missing".into());
+    }
+    if entries
+        .iter()
+        .any(|e| e.name.rsplit('/').next() == Some("local.settings.json"))
+    {
+        problems.push("local.settings.json: must never be deployed (local secrets)".into());
+    }
+    if problems.is_empty() {
+        Ok((
+            AppLayout {
+                executable: exe,
+                functions,
+            },
+            entries,
+        ))
+    } else {
+        Err(StageError::Rules(problems))
+    }
+}
+
+/// Every file and folder under `dir`, sorted, as (`/`-separated relative path, path); folders
+/// get a trailing `/`, as zip entries do.
+fn collect(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> Result<(), StageError> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.is_dir() {
+            let rel = format!("{prefix}{name}/");
+            out.push((rel.clone(), path.clone()));
+            collect(&path, &rel, out)?;
+        } else {
+            out.push((format!("{prefix}{name}"), path));
+        }
+    }
+    Ok(())
+}
+
+/// The names `.funcignore` lists. Only plain names and paths are supported (no globs or
+/// negations), which is all `stage` writes.
+fn read_funcignore(app: &Path) -> Result<Vec<String>, StageError> {
+    let path = app.join(".funcignore");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let text = fs::read_to_string(&path).map_err(io(&path))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_start_matches('/').trim_end_matches('/').to_owned())
+        .collect())
+}
+
+/// A pattern without `/` matches that name at any depth; one with `/` matches from the root.
+fn is_ignored(rel: &str, ignored: &[String]) -> bool {
+    let rel = rel.trim_end_matches('/');
+    ignored.iter().any(|pattern| {
+        if pattern.contains('/') {
+            rel == pattern || rel.starts_with(&format!("{pattern}/"))
+        } else {
+            rel.split('/').any(|part| part == pattern)
+        }
+    })
 }
 
 /// Checks a staged app folder against the rules the Functions host applies.
@@ -229,6 +431,17 @@ pub fn valid_binding_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn funcignore_names_match_at_any_depth_and_paths_from_the_root() {
+        let ignored = vec!["local.settings.json".to_owned(), "tmp/cache".to_owned()];
+        assert!(is_ignored("local.settings.json", &ignored));
+        assert!(is_ignored("Fn/local.settings.json", &ignored));
+        assert!(is_ignored("tmp/cache/", &ignored));
+        assert!(is_ignored("tmp/cache/x", &ignored));
+        assert!(!is_ignored("tmp/cachex", &ignored));
+        assert!(!is_ignored("host.json", &ignored));
+    }
 
     #[test]
     fn names_follow_the_hosts_patterns() {

@@ -205,3 +205,127 @@ fn broken_layouts_are_refused_with_the_rule_they_break() {
     assert!(!out.status.success());
     assert!(other.join("notes.txt").exists());
 }
+
+/// A copy of the repository's app sources, with a `local.settings.json` holding a secret that
+/// must never reach the zip.
+fn source_with_local_settings(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    fs::copy(repo().join("host.json"), dir.join("host.json")).unwrap();
+    for entry in fs::read_dir(repo().join("functions")).unwrap() {
+        let from = entry.unwrap().path();
+        let to = dir.join("functions").join(from.file_name().unwrap());
+        fs::create_dir_all(&to).unwrap();
+        fs::copy(from.join("function.json"), to.join("function.json")).unwrap();
+    }
+    fs::write(
+        dir.join("local.settings.json"),
+        r#"{"IsEncrypted":false,"Values":{"CUSTOM_VISION_TRAINING_KEY":"local-secret"}}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_package_zip_holds_the_app_with_an_executable_handler_and_no_local_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    source_with_local_settings(&src);
+    let zip_path = tmp.path().join("dist/app.zip");
+    let out = Command::new(env!("CARGO_BIN_EXE_cvchain"))
+        .args(["stage-app", "dist/app", "--zip"])
+        .arg(&zip_path)
+        .current_dir(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The staged folder keeps local.settings.json for `func start`; the zip must not.
+    assert!(src.join("dist/app/local.settings.json").is_file());
+
+    let mut archive = zip::ZipArchive::new(fs::File::open(&zip_path).unwrap()).unwrap();
+    let mut entries = Vec::new();
+    for i in 0..archive.len() {
+        let f = archive.by_index(i).unwrap();
+        entries.push((
+            f.name().unwrap().into_owned(),
+            f.unix_mode().unwrap() & 0o777,
+            f.size(),
+        ));
+    }
+    let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            ".funcignore",
+            "CustomVisionNotification/",
+            "CustomVisionNotification/function.json",
+            "History/",
+            "History/function.json",
+            "cvchain",
+            "host.json",
+        ],
+        "nothing else, and never local.settings.json"
+    );
+    let mode = |name: &str| entries.iter().find(|(n, _, _)| n == name).unwrap().1;
+    assert_eq!(
+        mode("cvchain"),
+        0o755,
+        "the handler must keep its execute bits"
+    );
+    assert_eq!(mode("host.json"), 0o644);
+    let handler_size = entries.iter().find(|(n, _, _)| n == "cvchain").unwrap().2;
+    assert_eq!(
+        handler_size,
+        fs::metadata(env!("CARGO_BIN_EXE_cvchain")).unwrap().len()
+    );
+
+    // The zip's host.json is the repository's, and names the handler the zip holds.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut archive.by_name("host.json").unwrap(), &mut text).unwrap();
+    let host: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(host, json(&repo().join("host.json")));
+    assert_eq!(
+        host["customHandler"]["description"]["defaultExecutablePath"],
+        "cvchain"
+    );
+    let mut ignore = String::new();
+    std::io::Read::read_to_string(&mut archive.by_name(".funcignore").unwrap(), &mut ignore)
+        .unwrap();
+    assert!(ignore.lines().any(|l| l == "local.settings.json"));
+
+    // The library's reader agrees, and so does Info-ZIP where it is installed.
+    let (layout, _) = cvchain::stage::inspect_zip(&zip_path).unwrap();
+    assert_eq!(
+        layout.functions,
+        vec!["CustomVisionNotification", "History"]
+    );
+    if let Ok(listing) = Command::new("zipinfo").arg(&zip_path).output() {
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        let line = listing.lines().find(|l| l.ends_with(" cvchain")).unwrap();
+        assert!(line.starts_with("-rwxr-xr-x"), "{line}");
+    }
+}
+
+#[test]
+fn a_zip_without_execute_bits_or_with_local_settings_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.zip");
+    let mut zip = zip::ZipWriter::new(fs::File::create(&path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("host.json", opts).unwrap();
+    std::io::Write::write_all(&mut zip, &fs::read(repo().join("host.json")).unwrap()).unwrap();
+    zip.start_file("cvchain", opts.unix_permissions(0o644))
+        .unwrap();
+    zip.start_file("local.settings.json", opts).unwrap();
+    zip.finish().unwrap();
+    let err = cvchain::stage::inspect_zip(&path).unwrap_err().to_string();
+    assert!(err.contains("cvchain: stored with mode 644"), "{err}");
+    assert!(err.contains("no <Name>/function.json"), "{err}");
+    assert!(err.contains(".funcignore: missing"), "{err}");
+    assert!(
+        err.contains("local.settings.json: must never be deployed"),
+        "{err}"
+    );
+}
