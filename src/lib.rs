@@ -23,4 +23,5 @@ pub mod settings;
 pub mod stage;
 pub mod storage;
 pub mod telemetry;
+pub mod transport;
 pub mod worker;

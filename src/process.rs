@@ -123,6 +123,8 @@ pub fn training_client(settings: &Settings) -> Result<Option<TrainingClient>, Cv
     let Some(cv) = &settings.custom_vision else {
         return Ok(None);
     };
+    // One HTTP client for the Training API and the identity endpoint.
+    let (transport, http) = crate::transport::lazy_with_handle();
     let auth = match &cv.auth {
         CvAuthSetting::Key(k) => CvAuth::Key(k.clone()),
         CvAuthSetting::ManagedIdentity { client_id } => {
@@ -130,19 +132,26 @@ pub fn training_client(settings: &Settings) -> Result<Option<TrainingClient>, Cv
                 user_assigned_id: client_id
                     .clone()
                     .map(azure_identity::UserAssignedId::ClientId),
-                ..Default::default()
+                client_options: azure_core::http::ClientOptions {
+                    transport: Some(transport.clone()),
+                    ..Default::default()
+                },
             };
             let cred = azure_identity::ManagedIdentityCredential::new(Some(options))
                 .map_err(|e| CvError::Credential(crate::redact::redact(&e.to_string())))?;
             CvAuth::Token(cred)
         }
     };
-    Ok(Some(TrainingClient::new(
-        &cv.endpoint,
-        auth,
-        cv.max_rps,
-        CvRetry::default(),
-    )))
+    Ok(Some(
+        TrainingClient::with_transport(
+            &cv.endpoint,
+            auth,
+            cv.max_rps,
+            CvRetry::default(),
+            Some(transport),
+        )
+        .warming(http),
+    ))
 }
 
 impl Processor {

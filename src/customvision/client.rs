@@ -92,6 +92,8 @@ pub struct TrainingClient {
     pipeline: Pipeline,
     limiter: Arc<RateLimiter>,
     retry: CvRetry,
+    /// The lazily built HTTP client, when this client made its own transport.
+    http: Option<Arc<crate::transport::Lazy>>,
 }
 
 impl std::fmt::Debug for TrainingClient {
@@ -139,11 +141,18 @@ impl TrainingClient {
                 [COGNITIVE_SERVICES_SCOPE],
             ))),
         }
+        let (transport, http) = match transport {
+            Some(t) => (t, None),
+            None => {
+                let (t, lazy) = crate::transport::lazy_with_handle();
+                (t, Some(lazy))
+            }
+        };
         let options = ClientOptions {
             // Retries are ours: they honour Retry-After, count against the rate limit and stop
             // at the per-call budget.
             retry: RetryOptions::none(),
-            transport,
+            transport: Some(transport),
             ..Default::default()
         };
         let pipeline = Pipeline::new(
@@ -158,6 +167,7 @@ impl TrainingClient {
             base: api_base(endpoint),
             pipeline,
             limiter: Arc::new(RateLimiter::per_second(max_rps)),
+            http,
             retry,
         }
     }
@@ -209,6 +219,13 @@ impl TrainingClient {
         }
     }
 
+    /// Builds `http` (the lazy client behind the given transport) before taking a rate-limit
+    /// slot, so the first call is not sent late in its slot.
+    pub fn warming(mut self, http: Arc<crate::transport::Lazy>) -> Self {
+        self.http = Some(http);
+        self
+    }
+
     /// One try: rate-limited, timed out, classified.
     async fn attempt(
         &self,
@@ -216,6 +233,9 @@ impl TrainingClient {
         method: Method,
         url: Url,
     ) -> (Result<RawResponse, CvError>, Option<Duration>) {
+        if let Some(http) = &self.http {
+            http.warm();
+        }
         self.limiter.acquire().await;
         let mut req = Request::new(url, method);
         req.insert_header("accept", "application/json");

@@ -111,6 +111,14 @@ pub fn notification_row(received: &Received, parsed: &Parsed) -> HistoryRow {
         .project_id()
         .map(|p| p.hyphenated().to_string())
         .unwrap_or_else(|| NO_PROJECT_PARTITION.to_owned());
+    // Parsed once: the row key and `ModelPlatform` both need it.
+    let platform = match n {
+        Notification::Export {
+            model_uri: Some(uri),
+            ..
+        } => platform_from_model_uri(uri, n),
+        _ => None,
+    };
     let row_key = match n {
         Notification::ConnectionTest { .. } => format!("ConnectionTest_{msg}"),
         Notification::Training {
@@ -121,13 +129,9 @@ pub fn notification_row(received: &Received, parsed: &Parsed) -> HistoryRow {
         Notification::Export {
             iteration_id,
             status,
-            model_uri,
             ..
         } => {
-            let which = model_uri
-                .as_deref()
-                .and_then(|u| platform_from_model_uri(u, n))
-                .unwrap_or_else(|| format!("msg-{msg}"));
+            let which = platform.clone().unwrap_or_else(|| format!("msg-{msg}"));
             format!("Export_{iteration_id}_{which}_{}", status.as_str())
         }
         Notification::Unknown { .. } => format!("Unknown_{msg}"),
@@ -150,7 +154,7 @@ pub fn notification_row(received: &Received, parsed: &Parsed) -> HistoryRow {
             ..
         } => {
             p.insert("ModelUri".into(), json!(url_without_secrets(uri)));
-            if let Some(platform) = platform_from_model_uri(uri, n) {
+            if let Some(platform) = platform {
                 p.insert("ModelPlatform".into(), json!(platform));
             }
         }

@@ -49,7 +49,8 @@ pub struct StorageClients {
     settings: StorageSettings,
     credential: Option<Arc<dyn TokenCredential>>,
     retry: RetryPolicy,
-    transport: Option<azure_core::http::Transport>,
+    /// Shared by every client made from this set (one HTTP client, one connection pool).
+    transport: azure_core::http::Transport,
 }
 
 impl std::fmt::Debug for StorageClients {
@@ -63,11 +64,15 @@ impl std::fmt::Debug for StorageClients {
 impl StorageClients {
     /// Creates the token credential when the settings ask for one; no request is sent yet.
     pub fn new(settings: &StorageSettings) -> Result<Self, StorageError> {
+        let transport = crate::transport::lazy();
         let credential: Option<Arc<dyn TokenCredential>> = match &settings.auth {
             StorageAuth::Token(TokenSource::ManagedIdentity { client_id }) => {
                 let options = ManagedIdentityCredentialOptions {
                     user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
-                    ..Default::default()
+                    client_options: ClientOptions {
+                        transport: Some(transport.clone()),
+                        ..Default::default()
+                    },
                 };
                 Some(
                     ManagedIdentityCredential::new(Some(options))
@@ -83,7 +88,7 @@ impl StorageClients {
             settings: settings.clone(),
             credential,
             retry: RetryPolicy::default(),
-            transport: None,
+            transport,
         })
     }
 
@@ -96,13 +101,13 @@ impl StorageClients {
             settings: settings.clone(),
             credential: Some(credential),
             retry: RetryPolicy::default(),
-            transport: None,
+            transport: crate::transport::lazy(),
         }
     }
 
     /// Sends every request through this transport (an HTTP client that trusts a test CA…).
     pub fn with_transport(mut self, transport: azure_core::http::Transport) -> Self {
-        self.transport = Some(transport);
+        self.transport = transport;
         self
     }
 
@@ -124,7 +129,7 @@ impl StorageClients {
                     .unwrap_or(Duration::seconds(10)),
                 max_delay: Duration::seconds(2),
             }),
-            transport: self.transport.clone(),
+            transport: Some(self.transport.clone()),
             ..Default::default()
         };
         if let StorageAuth::SharedKey { account, key } = &self.settings.auth {
