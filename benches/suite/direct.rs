@@ -62,6 +62,17 @@ impl Direct {
         }
     }
 
+    /// Takes a claim row, waiting while another message of the iteration holds it.
+    async fn claim(&self, e: &Entity) -> Result<String, Error> {
+        for _ in 0..500 {
+            match self.table.insert(e).await? {
+                WriteOutcome::Written { etag } => return Ok(etag),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        Err("claim held for 10 s".into())
+    }
+
     async fn insert(&self, e: &Entity) -> Result<String, Error> {
         match self.table.insert(e).await? {
             WriteOutcome::Written { etag } => Ok(etag),
@@ -86,7 +97,7 @@ impl Direct {
         let it = self.cv.get_iteration(p, i).await?;
         let project = self.cv.get_project(p).await?;
         let perf = self.cv.get_iteration_performance(p, i).await?;
-        let _exports = self.cv.get_exports(p, i).await?;
+        let exports = self.cv.get_exports(p, i).await?;
         let pk = p.to_string();
         let steps = format!(
             "{} and RowKey ge 'Step_{i}' and RowKey lt 'Step_{i}~'",
@@ -123,7 +134,7 @@ impl Direct {
             Kind::TrainingCompleted => {
                 self.insert(&step("ONNX", "Done")).await?;
                 self.insert(&step("TensorFlow", "Done")).await?;
-                let claim = self.insert(&step("Claim_CoreML", "held")).await?;
+                let claim = self.claim(&step("Claim_CoreML", "held")).await?;
                 self.cv.get_exports(p, i).await?;
                 self.cv.export_iteration(p, i, "CoreML", None).await?;
                 self.table
@@ -133,10 +144,19 @@ impl Direct {
                 self.insert(&row("Training")).await?;
             }
             Kind::ExportOnnx | Kind::ExportTensorFlow => {
-                for platform in ["ONNX", "TensorFlow", "CoreML"] {
+                // As cvchain: every export GetExports reports done (CoreML may still be running).
+                let done: Vec<&str> = ["ONNX", "TensorFlow", "CoreML"]
+                    .into_iter()
+                    .filter(|p| {
+                        exports
+                            .iter()
+                            .any(|e| e.platform == *p && e.status == "Done")
+                    })
+                    .collect();
+                for platform in done {
                     let claim_rk = format!("Claim_{i}_{platform}");
                     let claim = self
-                        .insert(&entity(&pk, &claim_rk, &[("Purpose", json!("Copy"))]))
+                        .claim(&entity(&pk, &claim_rk, &[("Purpose", json!("Copy"))]))
                         .await?;
                     let name = format!("{p} - {i}.{platform}");
                     let source = self.env_clients.blob_at(&url::Url::parse(&format!(
@@ -148,7 +168,7 @@ impl Direct {
                     let dest_path = format!("{}/{}/{platform}.zip", project.name, it.name);
                     let dest = self.release.blob_client(&dest_path);
                     let current = dest.get_properties(None).await.is_ok();
-                    if kind == Kind::ExportOnnx && !current {
+                    if !current {
                         use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
                         let tags = format!("project={p}&iteration={i}&platform={platform}");
                         let options = BlobClientStartCopyFromUrlOptions {
@@ -175,7 +195,7 @@ impl Direct {
                         source.set_tags(wanted.try_into()?, None).await?;
                     }
                     self.table.delete(&pk, &claim_rk, &claim).await?;
-                    if kind == Kind::ExportOnnx && !current {
+                    if !current {
                         self.table
                             .upsert(&step(platform, "Released"), UpdateMode::Merge)
                             .await?;
@@ -220,7 +240,10 @@ pub async fn run_queue(direct: Arc<Direct>, env: &Env, total: usize, batch: usiz
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     while done.load(std::sync::atomic::Ordering::Relaxed) < total {
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            // A failed message would stay on the queue and the loop would never end.
+            joined.expect("the direct queue consumer failed a message");
+        }
         let free = permits.available_permits();
         if free == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -264,6 +287,8 @@ pub async fn run_queue(direct: Arc<Direct>, env: &Env, total: usize, batch: usiz
             });
         }
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("the direct queue consumer failed a message");
+    }
     started.elapsed()
 }

@@ -54,7 +54,7 @@ impl Env {
             if debug {
                 Azurite::start_debug()
             } else {
-                Azurite::start()
+                Azurite::start_in_memory()
             }
         });
         let clients = StorageClients::new(&azurite.storage_settings()).unwrap();

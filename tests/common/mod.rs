@@ -39,6 +39,9 @@ pub struct Azurite {
     oauth: Option<(PathBuf, PathBuf, PathBuf)>,
     /// Azurite's `--debug` log: one line per request, for counting what a client asked.
     pub debug_log: Option<PathBuf>,
+    /// `--inMemoryPersistence`: no database saved to disk (benchmarks, where Azurite rewriting its
+    /// whole database every few seconds would be what is measured).
+    pub in_memory: bool,
 }
 
 impl Azurite {
@@ -52,6 +55,24 @@ impl Azurite {
             dir,
             oauth: None,
             debug_log: None,
+            in_memory: false,
+        };
+        a.spawn();
+        a
+    }
+
+    /// Azurite that keeps everything in memory, for benchmarks.
+    pub fn start_in_memory() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut a = Self {
+            child: None,
+            blob_port: free_port(),
+            queue_port: free_port(),
+            table_port: free_port(),
+            debug_log: None,
+            dir,
+            oauth: None,
+            in_memory: true,
         };
         a.spawn();
         a
@@ -68,6 +89,7 @@ impl Azurite {
             debug_log: Some(dir.path().join("debug.log")),
             dir,
             oauth: None,
+            in_memory: false,
         };
         a.spawn();
         a
@@ -84,6 +106,7 @@ impl Azurite {
             dir,
             oauth: Some((ca.cert.clone(), ca.key.clone(), ca.ca_cert.clone())),
             debug_log: None,
+            in_memory: false,
         };
         a.spawn();
         a
@@ -125,17 +148,16 @@ impl Azurite {
                 // Copies whose source carries a SAS make Azurite fetch from itself over https.
                 .env("NODE_EXTRA_CA_CERTS", ca);
         }
+        if self.in_memory {
+            cmd.arg("--inMemoryPersistence");
+        } else {
+            cmd.arg("--location").arg(self.dir.path());
+        }
         if let Some(log) = &self.debug_log {
             cmd.arg("--debug").arg(log);
         }
         let child = cmd
-            .args([
-                "--silent",
-                "--disableTelemetry",
-                "--skipApiVersionCheck",
-                "--location",
-            ])
-            .arg(self.dir.path())
+            .args(["--silent", "--disableTelemetry", "--skipApiVersionCheck"])
             .args([
                 "--blobHost",
                 "127.0.0.1",
