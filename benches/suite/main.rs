@@ -308,7 +308,7 @@ async fn fresh(n: usize) -> (Env, Vec<Message>) {
 /// direct client doing the same calls. Azurite looks entities and blobs up by scanning (LokiJS),
 /// so its own speed falls as a run's data grows (28/s at 300 messages, 9/s at 1,500, for both
 /// clients): the messages go in rounds of `CVCHAIN_BENCH_ROUND` (500) on a fresh Azurite and
-/// stand-in each, the four runs of a round one after the other.
+/// stand-in each; cvchain and its baseline run at the same time, so drift hits both alike.
 async fn throughput(table: &mut Table, n: usize) {
     const CONCURRENCY: usize = 24;
     let round: usize = setting("CVCHAIN_BENCH_ROUND", "500").parse().unwrap();
@@ -317,33 +317,34 @@ async fn throughput(table: &mut Table, n: usize) {
     let mut done = 0;
     while done < n {
         let size = round.min(n - done);
-        let (env, messages) = fresh(size).await;
-        let handler = drive::start_serve(&env, FAST_CV_RPS);
+        // cvchain and its baseline side by side, each on its own Azurite and stand-in, at the
+        // same moment: whatever else the machine does hits both alike.
+        let ((env_a, msgs_a), (env_b, msgs_b)) = tokio::join!(fresh(size), fresh(size));
+        let handler = drive::start_serve(&env_a, FAST_CV_RPS);
         idle = idle.max(drive::status_kib(handler.pid(), "VmRSS:"));
-        let serve = drive::drive_serve(&handler, &messages, CONCURRENCY).await;
+        let d = direct::Direct::new(&env_b, 1000).await;
+        let (serve, direct_elapsed) = tokio::join!(
+            drive::drive_serve(&handler, &msgs_a, CONCURRENCY),
+            direct::run(&d, &msgs_b, CONCURRENCY)
+        );
         peak24 = peak24.max(drive::status_kib(handler.pid(), "VmHWM:"));
         serve_t += serve.elapsed;
         retries += serve.retries;
+        direct_t += direct_elapsed;
         drop(handler);
-        drop(env);
+        drop((env_a, env_b));
 
-        let (env, messages) = fresh(size).await;
-        let d = direct::Direct::new(&env, 1000).await;
-        direct_t += direct::run(&d, &messages, CONCURRENCY).await;
-        drop(env);
-
-        let (env, messages) = fresh(size).await;
-        env.enqueue(&messages).await;
-        let (worker, handler) = drive::drive_worker(&env, messages.len(), FAST_CV_RPS).await;
+        let ((env_a, msgs_a), (env_b, msgs_b)) = tokio::join!(fresh(size), fresh(size));
+        tokio::join!(env_a.enqueue(&msgs_a), env_b.enqueue(&msgs_b));
+        let d = Arc::new(direct::Direct::new(&env_b, 1000).await);
+        let ((worker, handler), queue_elapsed) = tokio::join!(
+            drive::drive_worker(&env_a, msgs_a.len(), FAST_CV_RPS),
+            direct::run_queue(d, &env_b, msgs_b.len(), 16)
+        );
         worker_t += worker.elapsed;
+        queue_t += queue_elapsed;
         drop(handler);
-        drop(env);
-
-        let (env, messages) = fresh(size).await;
-        env.enqueue(&messages).await;
-        let d = Arc::new(direct::Direct::new(&env, 1000).await);
-        queue_t += direct::run_queue(d, &env, messages.len(), 16).await;
-        drop(env);
+        drop((env_a, env_b));
         done += size;
         println!("  throughput: {done} of {n} notifications");
     }
