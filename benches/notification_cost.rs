@@ -1,8 +1,7 @@
 //! Criterion: the CPU cost of one notification besides I/O (envelope, parsing, planning, rows,
 //! answer); see benches/support/hot_path.rs. `cargo bench --bench notification_cost`.
 
-#[path = "support/hot_path.rs"]
-mod hot_path;
+use cvchain_testkit::hot_path;
 
 use criterion::{Criterion, criterion_group};
 use std::hint::black_box;

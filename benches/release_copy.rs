@@ -6,14 +6,10 @@
 //!
 //! Needs Azurite in node_modules (`npm ci`). Prints a Markdown table.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use azure_storage_blob::models::BlockLookupList;
-use cvchain::release::{DEFAULT_TEMPLATE, PathTemplate, ReleaseNames, ReleasePlan, Source};
-use cvchain::storage::{
-    blobs::{ReleaseFacts, ReleaseStore},
-    connection::StorageClients,
+use cvchain_azure::storage::{blobs::ReleaseStore, clients::StorageClients};
+use cvchain_core::release::{
+    DEFAULT_TEMPLATE, PathTemplate, ReleaseFacts, ReleaseNames, ReleasePlan, Source,
 };
 use std::time::Instant;
 use uuid::Uuid;
@@ -79,7 +75,7 @@ fn main() {
         .filter_map(|s| s.trim().parse::<usize>().ok())
         .collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let azurite = common::Azurite::start();
+    let azurite = cvchain_testkit::Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let backup_url = url::Url::parse(&format!(
         "http://127.0.0.1:{}/devstoreaccount1/benchbackups",

@@ -1,27 +1,26 @@
-//! cvchain: turns Azure Custom Vision's storage-queue notifications into an event-driven MLOps chain.
+//! cvchain, the application: the entry points and the shell that carries the core's decisions
+//! out. One notification flows one way through four layers that never reach backwards:
 //!
-//! One notification flows one way: an entry point (`server`) decodes the transport (`host`),
-//! `plan` decides in pure code what to do with the typed `notification`, and `process` carries the
-//! actions out through the adapters (`history`, `storage`).
+//! - entry points: [`commands`] (one module per command) on one start-up, [`startup`]; the
+//!   Functions handler [`server`] and the queue [`worker`] differ only in how a message arrives
+//!   and how its outcome is reported;
+//! - protocol: the host's envelope and the queue message text, decoded once in `cvchain-core`
+//!   (`envelope`, `message`);
+//! - domain, pure: `cvchain-core` decides (`plan`, `chain`, `release`, `claims`, typed history
+//!   rows);
+//! - adapters: `cvchain-azure` (storage, Tables, blobs, queues, the Custom Vision client, the
+//!   history store, claims).
+//!
+//! [`process`] joins them: it gathers what the plan needs, calls the core, and carries the actions
+//! out. [`settings`] assembles what each part parses; [`stage`] builds the Functions app folder;
+//! [`telemetry`] sets up logging. The local Custom Vision and Azurite (`cvchain-standin`) come in
+//! only with the `standin` feature, for `cvchain dev`.
 
-pub mod chain;
-pub mod cli;
-pub mod customvision;
-pub mod dev;
-pub mod fuzzing;
-pub mod history;
-pub mod host;
-pub mod notification;
-pub mod ops;
-pub mod plan;
+pub mod commands;
 pub mod process;
-pub mod redact;
-pub mod release;
-pub mod report;
 pub mod server;
 pub mod settings;
 pub mod stage;
-pub mod storage;
+pub mod startup;
 pub mod telemetry;
-pub mod transport;
 pub mod worker;

@@ -1,36 +1,33 @@
-//! `process(message) -> Outcome`: parse, gather what the plan needs, plan, then carry the actions
-//! out against storage and Custom Vision. Every entry point (the Functions handler, later the
-//! queue worker) goes through here.
+//! `process(message) -> Outcome`: gather what the plan needs, call the core's decisions, carry
+//! the actions out against storage and Custom Vision. Every entry point (the Functions handler,
+//! the queue worker) goes through here. Nothing is decided here that the core could decide.
 
-use crate::chain::{ExportTarget, Next, plan_chain};
-use crate::customvision::{
-    CvError, TrainingApi,
-    client::{CvAuth, CvRetry, TrainingClient},
-    codes,
-};
-use crate::history::{
-    Received,
+use crate::settings::Settings;
+use azure_storage_queue::QueueClient;
+use cvchain_azure::customvision::TrainingApi;
+use cvchain_azure::history::{
     claims::Claims,
-    failed_row, step_key_range, step_row_key,
     store::{HistoryStore, Recorded},
 };
-use crate::notification::Notification;
-use crate::plan::{
-    Action, Decision, Observed, PlanConfig, RequestOutcome, StepWrite, describe_next, needs,
-    parse_or_reject, plan_notification, plan_unreadable, refused_targets, release_writes,
-    request_outcome, step_after_request, step_writes,
-};
-use crate::release::{ModelUri, ReleaseNames, plan_releases};
-use crate::settings::{CvAuthSetting, Settings};
-use crate::storage::blobs::{ReleaseFacts, ReleaseStore};
-use crate::storage::{
+use cvchain_azure::storage::{
     StorageError,
-    connection::StorageClients,
+    blobs::ReleaseStore,
+    clients::StorageClients,
     queue::{poison_queue_name, send_text},
-    table::{StoredEntity, filter_eq},
 };
-use azure_storage_queue::QueueClient;
-use serde_json::json;
+use cvchain_core::chain::{ExportTarget, Next, plan_chain};
+use cvchain_core::claims::ClaimKey;
+use cvchain_core::customvision::{CvError, codes};
+use cvchain_core::history::{PoisonCopy, Prop, Props, StepRow, failed_row, table_datetime};
+use cvchain_core::message::Incoming;
+use cvchain_core::notification::Notification;
+use cvchain_core::plan::{
+    Action, Decision, Observed, PlanConfig, RequestOutcome, StepWrite, chain_position,
+    describe_next, needs, plan, plan_unreadable, refused_targets, release_writes, request_outcome,
+    step_after_request, step_exists, step_writes,
+};
+use cvchain_core::redact::redact;
+use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, plan_releases};
 use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -100,60 +97,6 @@ impl std::fmt::Debug for Processor {
     }
 }
 
-/// Why cvchain cannot start with these settings.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    CustomVision(#[from] CvError),
-}
-
-/// The storage clients and the processor the settings describe: what `serve`, `worker` and
-/// `dev` all run on.
-pub fn build(settings: &Settings) -> Result<(StorageClients, Processor), StartError> {
-    let clients = StorageClients::new(&settings.storage)?;
-    let cv = training_client(settings)?.map(|c| Arc::new(c) as Arc<dyn TrainingApi>);
-    let processor = Processor::new(settings, &clients, cv)?;
-    Ok((clients, processor))
-}
-
-/// The Training API client the settings describe.
-pub fn training_client(settings: &Settings) -> Result<Option<TrainingClient>, CvError> {
-    let Some(cv) = &settings.custom_vision else {
-        return Ok(None);
-    };
-    // One HTTP client for the Training API and the identity endpoint.
-    let (transport, http) = crate::transport::lazy_with_handle();
-    let auth = match &cv.auth {
-        CvAuthSetting::Key(k) => CvAuth::Key(k.clone()),
-        CvAuthSetting::ManagedIdentity { client_id } => {
-            let options = azure_identity::ManagedIdentityCredentialOptions {
-                user_assigned_id: client_id
-                    .clone()
-                    .map(azure_identity::UserAssignedId::ClientId),
-                client_options: azure_core::http::ClientOptions {
-                    transport: Some(transport.clone()),
-                    ..Default::default()
-                },
-            };
-            let cred = azure_identity::ManagedIdentityCredential::new(Some(options))
-                .map_err(|e| CvError::Credential(crate::redact::redact(&e.to_string())))?;
-            CvAuth::Token(cred)
-        }
-    };
-    Ok(Some(
-        TrainingClient::with_transport(
-            &cv.endpoint,
-            auth,
-            cv.max_rps,
-            CvRetry::default(),
-            Some(transport),
-        )
-        .warming(http),
-    ))
-}
-
 impl Processor {
     /// Storage from `clients`; Custom Vision as given (`None`: record only).
     pub fn new(
@@ -195,17 +138,17 @@ impl Processor {
     /// Processes one queue message. When it fails on the delivery the host will not retry
     /// (`DequeueCount` at `CVCHAIN_MAX_DEQUEUE`), the final failure is recorded first, so every
     /// poison-queue entry has a matching row.
-    pub async fn process(&self, received: &Received) -> Result<Outcome, ProcessError> {
-        let result = self.process_once(received).await;
+    pub async fn process(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
+        let result = self.process_once(incoming).await;
         if let Err(e) = &result
-            && received.dequeue_count >= self.max_dequeue
+            && incoming.received.dequeue_count >= self.max_dequeue
         {
-            let row = failed_row(received, &e.to_string(), e.is_transient());
+            let row = failed_row(incoming, &e.to_string(), e.is_transient());
             match self.history.record(&row).await {
                 Ok(_) => tracing::error!(
                     row = %row.describe(),
                     "giving up after {} deliveries; the host moves the message to the poison queue",
-                    received.dequeue_count
+                    incoming.received.dequeue_count
                 ),
                 Err(record_error) => tracing::error!(
                     error = %record_error,
@@ -216,30 +159,27 @@ impl Processor {
         result
     }
 
-    async fn process_once(&self, received: &Received) -> Result<Outcome, ProcessError> {
-        let parsed = match parse_or_reject(received, &self.config) {
-            Ok(p) => p,
-            Err(rejection) => {
-                let (decision, actions) = *rejection;
-                return self.carry_out(decision, actions, None).await;
-            }
+    async fn process_once(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
+        let observed = match &incoming.parsed {
+            Ok(parsed) => self.observe(&parsed.notification).await?,
+            Err(_) => Observed::default(),
         };
-        let observed = self.observe(&parsed.notification).await?;
-        let (decision, actions) = plan_notification(received, &parsed, &observed, &self.config);
+        let (decision, actions) = plan(incoming, &observed, &self.config);
         if let Decision::Retry(reason) = &decision {
             return Err(ProcessError::NotReady(reason.clone()));
         }
-        self.carry_out(decision, actions, Some(&observed)).await
+        self.carry_out(decision, actions, &observed).await
     }
 
     /// Records something that arrived but could not be read as a message at all.
     pub async fn process_unreadable(
         &self,
-        received: &Received,
+        incoming: &Incoming,
         reason: &str,
     ) -> Result<Outcome, ProcessError> {
-        let (decision, actions) = plan_unreadable(received, reason, &self.config);
-        self.carry_out(decision, actions, None).await
+        let (decision, actions) = plan_unreadable(incoming, reason, &self.config);
+        self.carry_out(decision, actions, &Observed::default())
+            .await
     }
 
     /// Asks Custom Vision what the plan needs. Transient failures end the invocation (the
@@ -304,7 +244,7 @@ impl Processor {
         &self,
         decision: Decision,
         actions: Vec<Action>,
-        observed: Option<&Observed>,
+        observed: &Observed,
     ) -> Result<Outcome, ProcessError> {
         let now = OffsetDateTime::now_utc();
         let mut logs = Vec::new();
@@ -345,10 +285,10 @@ impl Processor {
                 }
                 Action::Record(mut row) => {
                     if let Some(s) = &chain_status {
-                        row.properties.insert("ChainStatus".into(), json!(s));
+                        row.properties.set(Prop::ChainStatus, s);
                     }
                     if let Some(s) = &publish_status {
-                        row.properties.insert("PublishStatus".into(), json!(s));
+                        row.properties.set(Prop::PublishStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
                     match self.history.record(&row).await? {
@@ -357,8 +297,8 @@ impl Processor {
                         }
                         Recorded::AlreadyPresent(existing) => {
                             duplicate = true;
-                            poison_already_sent =
-                                existing.entity.get("PoisonCopy") == Some(&json!("sent"));
+                            poison_already_sent = existing.properties.text(Prop::PoisonCopy)
+                                == PoisonCopy::Sent.as_str();
                             logs.push(format!(
                                 "{row_desc} already recorded: a redelivery, left unchanged"
                             ));
@@ -372,28 +312,22 @@ impl Processor {
                     }
                     let sent_as = send_text(&self.poison, &text).await?;
                     if let Some((pk, rk)) = &recorded_row {
-                        self.history
-                            .merge(
-                                pk,
-                                rk,
-                                serde_json::Map::from_iter([
-                                    ("PoisonCopy".to_owned(), json!("sent")),
-                                    ("PoisonEncoding".to_owned(), json!(sent_as.as_str())),
-                                ]),
-                            )
-                            .await?;
+                        let mut sent = Props::new();
+                        sent.set(Prop::PoisonCopy, PoisonCopy::Sent.as_str());
+                        sent.set(Prop::PoisonEncoding, sent_as.as_str());
+                        self.history.merge(pk, rk, &sent).await?;
                     }
                     logs.push(format!("copied the message to queue {queue}"));
                 }
             }
         }
         let disposition = match &decision {
-            Decision::Accepted(parsed) => {
-                logs.insert(0, format!("received {}", parsed.notification));
+            Decision::Accepted(notification) => {
+                logs.insert(0, format!("received {notification}"));
                 Disposition::Recorded
             }
             Decision::Rejected { reason, .. } => {
-                logs.insert(0, format!("rejected: {}", crate::redact::redact(reason)));
+                logs.insert(0, format!("rejected: {}", redact(reason)));
                 Disposition::Rejected
             }
             Decision::Retry(reason) => return Err(ProcessError::NotReady(reason.clone())),
@@ -429,23 +363,23 @@ impl Processor {
         }
     }
 
-    /// Requests the next export of the chain. The decisions are pure (`plan_chain`,
+    /// Requests the next export of the chain. The decisions are the core's (`plan_chain`,
     /// `step_writes`, `request_outcome`); this loop only carries them out, and asks again when
     /// the service refuses an entry for good, so the chain moves on.
     async fn run_chain(
         &self,
         project: Uuid,
         iteration: Uuid,
-        observed: Option<&Observed>,
+        observed: &Observed,
         now: OffsetDateTime,
         logs: &mut Vec<String>,
     ) -> Result<String, ProcessError> {
         let chain = &self.config.chain.exports;
-        let (Some(cv), Some(it)) = (&self.cv, observed.and_then(|o| o.iteration.as_ref())) else {
+        let (Some(cv), Some(it)) = (&self.cv, observed.iteration.as_ref()) else {
             return Ok("no iteration to export".into());
         };
-        let mut exports = observed.and_then(|o| o.exports.clone()).unwrap_or_default();
-        let mut steps = self.load_steps(project, iteration).await?;
+        let mut exports = observed.exports.clone().unwrap_or_default();
+        let mut steps = self.history.steps(project, iteration).await?;
         let mut refused = refused_targets(chain, &steps);
         for _ in 0..=2 * chain.len() + 1 {
             let plan = plan_chain(chain, it, &exports, &refused);
@@ -458,13 +392,11 @@ impl Processor {
                 }
                 return Ok(describe_next(&plan.next));
             };
-            let position = chain.iter().position(|c| c == target).unwrap_or(0);
             // One requester at a time; inside the claim, GetExports is asked again, so a request
             // another instance made a moment ago is seen, not repeated.
-            let claim_key = format!("Claim_{iteration}_{}", target.key());
             let Some(claim) = self
                 .claims
-                .acquire(&project.to_string(), &claim_key, "ExportIteration")
+                .acquire(&ClaimKey::export_request(project, iteration, target))
                 .await?
             else {
                 // Another invocation is at it (or crashed holding it: the claim expires). Ask for a
@@ -501,20 +433,22 @@ impl Processor {
                     .map(ProcessError::CustomVision)
                     .unwrap_or_else(|| ProcessError::NotReady("export".into())));
             }
-            let rk = step_row_key(iteration, target);
-            let existed = steps
-                .iter()
-                .any(|s| s.entity.get("RowKey") == Some(&json!(rk)));
-            if let Some(w) =
-                step_after_request(project, iteration, position, target, &outcome, existed, now)
-            {
+            if let Some(w) = step_after_request(
+                project,
+                iteration,
+                chain_position(chain, target),
+                target,
+                &outcome,
+                step_exists(&steps, iteration, target),
+                now,
+            ) {
                 self.write_step(&w).await?;
             }
             match outcome {
                 RequestOutcome::Refused(reason) => {
                     logs.push(format!("export {target} refused: {reason}"));
                     refused.push(target.clone());
-                    steps = self.load_steps(project, iteration).await?;
+                    steps = self.history.steps(project, iteration).await?;
                 }
                 _ => return Ok(describe_next(&plan.next)),
             }
@@ -529,13 +463,10 @@ impl Processor {
         project: Uuid,
         iteration: Uuid,
         model_uri: &ModelUri,
-        observed: Option<&Observed>,
+        observed: &Observed,
         now: OffsetDateTime,
         logs: &mut Vec<String>,
     ) -> Result<(), ProcessError> {
-        let Some(observed) = observed else {
-            return Ok(());
-        };
         let exports = observed.exports.clone().unwrap_or_default();
         let plans = plan_releases(
             project,
@@ -547,11 +478,11 @@ impl Processor {
         if plans.is_empty() {
             return Ok(());
         }
-        let steps = self.load_steps(project, iteration).await?;
+        let steps: Vec<StepRow> = self.history.steps(project, iteration).await?;
         let facts = ReleaseFacts {
             precision: observed.performance.as_ref().and_then(|p| p.precision),
             recall: observed.performance.as_ref().and_then(|p| p.recall),
-            exported_at: crate::history::table_datetime(now),
+            exported_at: table_datetime(now),
         };
         for plan in plans {
             let names = ReleaseNames {
@@ -575,10 +506,9 @@ impl Processor {
                 flavor: plan.flavor.clone(),
             };
             // One copier at a time per export; the store re-checks the destination inside.
-            let claim_key = format!("ReleaseClaim_{iteration}_{}", target.key());
             let Some(claim) = self
                 .claims
-                .acquire(&project.to_string(), &claim_key, "Copy")
+                .acquire(&ClaimKey::copy(project, iteration, &target))
                 .await?
             else {
                 return Err(ProcessError::NotReady(format!(
@@ -588,39 +518,17 @@ impl Processor {
             let released = self.releases.release(&plan, &names, &facts).await;
             self.claims.release(&claim).await?;
             let released = released?;
-            if !released.copied {
+            if released.copied {
+                logs.push(format!(
+                    "released {target} to {}/{} ({} bytes, {} ms)",
+                    self.releases.container_name(),
+                    released.path,
+                    released.size,
+                    released.millis
+                ));
+            } else {
                 logs.push(format!("release of {target} is current: {}", released.path));
-                // A holder that crashed after copying but before recording leaves the copy
-                // unrecorded: record it now (the writes are skipped when already there).
-                for w in release_writes(
-                    project,
-                    iteration,
-                    &self.config.chain.exports,
-                    &target,
-                    &released,
-                    &steps,
-                    now,
-                ) {
-                    let recorded = match &w {
-                        StepWrite::Merge { row_key, .. } => steps.iter().any(|s| {
-                            s.entity.get("RowKey") == Some(&json!(row_key))
-                                && s.entity.get("ReleaseUrl") == Some(&json!(released.url))
-                        }),
-                        StepWrite::Insert(_) => false,
-                    };
-                    if !recorded {
-                        self.write_step(&w).await?;
-                    }
-                }
-                continue;
             }
-            logs.push(format!(
-                "released {target} to {}/{} ({} bytes, {} ms)",
-                self.releases.container_name(),
-                released.path,
-                released.size,
-                released.millis
-            ));
             for w in release_writes(
                 project,
                 iteration,
@@ -636,21 +544,6 @@ impl Processor {
         Ok(())
     }
 
-    async fn load_steps(
-        &self,
-        project: Uuid,
-        iteration: Uuid,
-    ) -> Result<Vec<StoredEntity>, ProcessError> {
-        let (from, to) = step_key_range(iteration);
-        let filter = format!(
-            "{} and {} and {}",
-            filter_eq("PartitionKey", &project.to_string()),
-            format_args!("RowKey ge '{}'", from.replace('\'', "''")),
-            format_args!("RowKey lt '{}'", to.replace('\'', "''")),
-        );
-        Ok(self.history.query(Some(&filter), 1000).await?)
-    }
-
     async fn write_step(&self, w: &StepWrite) -> Result<(), ProcessError> {
         match w {
             StepWrite::Insert(row) => {
@@ -662,7 +555,7 @@ impl Processor {
                 properties,
             } => {
                 self.history
-                    .merge(partition_key, row_key, properties.clone())
+                    .merge(partition_key, row_key, properties)
                     .await?;
             }
         }

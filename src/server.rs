@@ -1,8 +1,7 @@
-//! `cvchain serve`: the HTTP side of the Functions custom-handler protocol. Decoding lives in
-//! `host`, decisions in `plan`, effects in `process`; this file only maps them to HTTP.
+//! The HTTP side of the Functions custom-handler protocol (`cvchain serve`). Decoding lives in
+//! the core's `envelope` and `message`, decisions in its `plan`, effects in `process`; this file
+//! only maps them to HTTP.
 
-use crate::history::Received;
-use crate::host::{FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING, decode_queue_invocation};
 use crate::process::{Disposition, Processor};
 use axum::{
     Json, Router,
@@ -12,6 +11,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use cvchain_core::envelope::{
+    FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING, decode_queue_invocation,
+};
+use cvchain_core::message::{Incoming, Received};
+use cvchain_core::report;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -79,7 +83,10 @@ async fn history_page(
                 .into_response();
         }
     };
-    let rows = match crate::cli::history_rows(state.processor.history(), project.as_deref(), 5000)
+    let rows = match state
+        .processor
+        .history()
+        .recent(project.as_deref(), 5000)
         .await
     {
         Ok(rows) => rows,
@@ -92,7 +99,7 @@ async fn history_page(
                 .into_response();
         }
     };
-    let views = crate::report::iterations(&rows);
+    let views = report::iterations(&rows);
     let format = query
         .unwrap_or_default()
         .split('&')
@@ -109,7 +116,7 @@ async fn history_page(
             Some(p) => format!("cvchain history — project {p}"),
             None => "cvchain history".to_owned(),
         };
-        axum::response::Html(crate::report::html_page(&title, &views)).into_response()
+        axum::response::Html(report::html_page(&title, &views)).into_response()
     } else {
         Json(views).into_response()
     }
@@ -146,7 +153,10 @@ async fn handle(state: AppState, body: Bytes) -> Response {
                 dequeue_count: inv.dequeue_count,
                 received_at,
             };
-            (state.processor.process(&received).await, inv.notes)
+            (
+                state.processor.process(&Incoming::decode(received)).await,
+                inv.notes,
+            )
         }
         Err(e) => {
             // Nothing to retry: record what arrived so it is not lost.
@@ -160,7 +170,7 @@ async fn handle(state: AppState, body: Bytes) -> Response {
             (
                 state
                     .processor
-                    .process_unreadable(&received, &e.to_string())
+                    .process_unreadable(&Incoming::decode(received), &e.to_string())
                     .await,
                 Vec::new(),
             )

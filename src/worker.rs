@@ -4,14 +4,16 @@
 //! last delivery, polling backoff while the queue is empty, and a drain on shutdown. Each message
 //! goes through the same `Processor::process` as `serve`.
 
-use crate::history::Received;
 use crate::process::Processor;
-use crate::storage::queue::send_text;
 use azure_core::http::headers::HeaderName;
 use azure_storage_queue::{
     QueueClient,
     models::{QueueClientReceiveMessagesOptions, ReceivedMessage},
 };
+use cvchain_azure::storage::queue::{create_if_missing, send_text};
+use cvchain_core::config::{SettingsError, Vars};
+use cvchain_core::message::{Incoming, Received};
+use cvchain_core::redact::redact;
 use std::{
     future::Future,
     sync::{Arc, Mutex},
@@ -44,9 +46,36 @@ impl Default for WorkerOptions {
             visibility: Duration::from_secs(60),
             retry_delay: Duration::from_secs(30),
             max_poll: Duration::from_secs(10),
-            max_dequeue: 5,
+            max_dequeue: crate::settings::DEFAULT_MAX_DEQUEUE,
             drain: Duration::from_secs(20),
         }
+    }
+}
+
+impl WorkerOptions {
+    /// `CVCHAIN_WORKER_BATCH` (1-32), `CVCHAIN_WORKER_VISIBILITY_SECONDS`,
+    /// `CVCHAIN_WORKER_RETRY_SECONDS`, `CVCHAIN_WORKER_MAX_POLL_SECONDS`, each defaulting to the
+    /// host's behaviour ([`WorkerOptions::default`]); the last delivery is `CVCHAIN_MAX_DEQUEUE`.
+    pub fn from_vars(vars: &Vars, max_dequeue: u32) -> Result<Self, SettingsError> {
+        let d = Self::default();
+        let secs = |name, default: Duration, range| {
+            vars.number(name, default.as_secs(), range, "", "")
+                .map(Duration::from_secs)
+        };
+        Ok(Self {
+            batch: vars.number("CVCHAIN_WORKER_BATCH", d.batch.into(), 1..=32, "", "")? as u32,
+            visibility: secs("CVCHAIN_WORKER_VISIBILITY_SECONDS", d.visibility, 2..=3600)?,
+            retry_delay: secs("CVCHAIN_WORKER_RETRY_SECONDS", d.retry_delay, 0..=3600)?,
+            max_poll: secs("CVCHAIN_WORKER_MAX_POLL_SECONDS", d.max_poll, 1..=600)?,
+            max_dequeue,
+            drain: d.drain,
+        })
+    }
+
+    /// From the process environment.
+    pub fn from_env(max_dequeue: u32) -> Result<Self, SettingsError> {
+        let lookup = |k: &str| std::env::var(k).ok();
+        Self::from_vars(&Vars::new(&lookup), max_dequeue)
     }
 }
 
@@ -56,19 +85,6 @@ pub struct WorkerStats {
     pub completed: u64,
     pub retried: u64,
     pub poisoned: u64,
-}
-
-/// The notification queue and its poison queue, as the settings name them.
-pub fn queues(
-    settings: &crate::settings::Settings,
-    clients: &crate::storage::connection::StorageClients,
-) -> Result<(Arc<QueueClient>, Arc<QueueClient>), crate::storage::StorageError> {
-    Ok((
-        Arc::new(clients.queue(&settings.queue_name)?),
-        Arc::new(clients.queue(&crate::storage::queue::poison_queue_name(
-            &settings.queue_name,
-        ))?),
-    ))
 }
 
 /// Consumes `queue` until `shutdown` completes, then drains.
@@ -85,7 +101,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let mut idle = Duration::from_millis(100);
     // A fresh deployment may not have the queue yet: create it rather than poll a 404.
-    if let Err(e) = crate::storage::queue::create_if_missing(&queue).await {
+    if let Err(e) = create_if_missing(&queue).await {
         tracing::warn!(error = %e, "cannot create the queue; polling anyway");
     }
     tokio::pin!(shutdown);
@@ -116,7 +132,7 @@ pub async fn run(
         let messages = match received.and_then(|r| r.into_model()) {
             Ok(m) => m.items.unwrap_or_default(),
             Err(e) => {
-                tracing::warn!(error = %crate::redact::redact(&e.to_string()), "cannot read the queue; retrying");
+                tracing::warn!(error = %redact(&e.to_string()), "cannot read the queue; retrying");
                 Vec::new()
             }
         };
@@ -211,7 +227,7 @@ async fn handle(
             }
         })
     };
-    let result = processor.process(&received).await;
+    let result = processor.process(&Incoming::decode(received)).await;
     renewer.abort();
     let _ = renewer.await;
     let pop = pop.lock().expect("pop").clone();
@@ -223,7 +239,7 @@ async fn handle(
             }
             if let Err(e) = queue.delete_message(&id, &pop, None).await {
                 // The message comes back and is processed again, to the same effect.
-                tracing::warn!(error = %crate::redact::redact(&e.to_string()), "cannot delete a processed message");
+                tracing::warn!(error = %redact(&e.to_string()), "cannot delete a processed message");
             }
             Handled::Completed
         }
@@ -255,8 +271,52 @@ async fn set_visibility(queue: &QueueClient, id: &str, pop: &str, seconds: i32) 
             .headers()
             .get_optional_string(&HeaderName::from_static("x-ms-popreceipt")),
         Err(e) => {
-            tracing::warn!(error = %crate::redact::redact(&e.to_string()), "cannot update a message's visibility");
+            tracing::warn!(error = %redact(&e.to_string()), "cannot update a message's visibility");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn options(pairs: &[(&str, &str)]) -> Result<WorkerOptions, SettingsError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |k: &str| map.get(k).cloned();
+        WorkerOptions::from_vars(&Vars::new(&lookup), 3)
+    }
+
+    #[test]
+    fn options_default_to_the_hosts_and_name_a_wrong_setting() {
+        let o = options(&[]).unwrap();
+        let d = WorkerOptions::default();
+        assert_eq!(
+            (
+                o.batch,
+                o.visibility,
+                o.retry_delay,
+                o.max_poll,
+                o.max_dequeue
+            ),
+            (d.batch, d.visibility, d.retry_delay, d.max_poll, 3)
+        );
+        let o = options(&[
+            ("CVCHAIN_WORKER_BATCH", "4"),
+            ("CVCHAIN_WORKER_RETRY_SECONDS", "0"),
+        ])
+        .unwrap();
+        assert_eq!((o.batch, o.retry_delay), (4, Duration::ZERO));
+        for (name, value) in [
+            ("CVCHAIN_WORKER_BATCH", "33"),
+            ("CVCHAIN_WORKER_VISIBILITY_SECONDS", "1"),
+            ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "x"),
+        ] {
+            assert_eq!(options(&[(name, value)]).unwrap_err().setting, name);
         }
     }
 }

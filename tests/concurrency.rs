@@ -1,15 +1,22 @@
 //! The same message delivered to two instances at the same moment: one export request, one copy,
 //! no conflicting rows. Claims are conditional writes, and a crashed holder's claim expires.
 
-mod common;
-
-use common::{Azurite, Handler, StandinApi, host_envelope, standin_calls, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
-use cvchain::history::claims::Claims;
-use cvchain::storage::connection::StorageClients;
+use cvchain_azure::history::claims::Claims;
+use cvchain_azure::storage::clients::StorageClients;
+use cvchain_core::claims::{ClaimKey, Purpose};
+use cvchain_standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use cvchain_testkit::{Azurite, Handler, StandinApi, host_envelope, standin_calls, unique};
 use std::time::Duration;
 
 const KEY: &str = "concurrency-key";
+
+fn key(row_key: &str) -> ClaimKey {
+    ClaimKey {
+        partition_key: "p".into(),
+        row_key: row_key.into(),
+        purpose: Purpose::ExportRequest,
+    }
+}
 
 #[tokio::test]
 async fn one_claim_at_a_time_and_an_expired_claim_is_taken_over_once() {
@@ -17,35 +24,21 @@ async fn one_claim_at_a_time_and_an_expired_claim_is_taken_over_once() {
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let table = unique("Claims");
     let claims = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(60));
-    let first = claims
-        .acquire("p", "Claim_x", "test")
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        claims
-            .acquire("p", "Claim_x", "test")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    let first = claims.acquire(&key("Claim_x")).await.unwrap().unwrap();
+    assert!(claims.acquire(&key("Claim_x")).await.unwrap().is_none());
     claims.release(&first).await.unwrap();
-    let again = claims.acquire("p", "Claim_x", "test").await.unwrap();
+    let again = claims.acquire(&key("Claim_x")).await.unwrap();
     assert!(again.is_some());
 
     // A holder that crashed: its one-second claim expires, then ten contenders race for it.
     let short = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(1));
-    let crashed = short
-        .acquire("p", "Claim_y", "test")
-        .await
-        .unwrap()
-        .unwrap();
+    let crashed = short.acquire(&key("Claim_y")).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let c = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(60));
         tasks.push(tokio::spawn(async move {
-            c.acquire("p", "Claim_y", "test").await.unwrap()
+            c.acquire(&key("Claim_y")).await.unwrap()
         }));
     }
     let mut winners = 0;
@@ -57,13 +50,7 @@ async fn one_claim_at_a_time_and_an_expired_claim_is_taken_over_once() {
     assert_eq!(winners, 1);
     // The crashed holder's late release does not free the new holder's claim.
     claims.release(&crashed).await.unwrap();
-    assert!(
-        claims
-            .acquire("p", "Claim_y", "test")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(claims.acquire(&key("Claim_y")).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -189,10 +176,10 @@ async fn two_instances_given_the_same_messages_request_and_copy_once() {
     assert_eq!(steps.len(), ROUNDS);
     assert!(steps.iter().all(|s| s.entity.contains_key("ReleaseUrl")));
     assert!(!rows.iter().any(|r| r.entity["EventType"] == "Claim"));
-    let secrets = [KEY, cvchain::settings::DEV_ACCOUNT_KEY];
+    let secrets = [KEY, cvchain_azure::storage::settings::DEV_ACCOUNT_KEY];
     let all = serde_json::to_string(&rows.iter().map(|r| &r.entity).collect::<Vec<_>>()).unwrap();
-    common::assert_no_secrets("the history rows", &all, &secrets);
+    cvchain_testkit::assert_no_secrets("the history rows", &all, &secrets);
     for h in [&a, &b] {
-        common::assert_no_secrets("the handlers' logs", &h.stderr(), &secrets);
+        cvchain_testkit::assert_no_secrets("the handlers' logs", &h.stderr(), &secrets);
     }
 }

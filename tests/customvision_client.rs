@@ -1,14 +1,12 @@
 //! The Training API client against the Custom Vision stand-in, over HTTP: operations, both error
 //! shapes, retries that honour Retry-After, timeouts, the rate limit, and no key in any error.
 
-mod common;
-
-use cvchain::customvision::{
-    CvError, Iteration, TrainingApi,
+use cvchain_azure::customvision::{
+    TrainingApi,
     client::{CvAuth, CvRetry, TrainingClient},
-    codes,
-    standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig},
 };
+use cvchain_core::customvision::{CvError, Iteration, codes};
+use cvchain_standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
 use std::time::Duration;
 use url::Url;
 use uuid::Uuid;
@@ -310,7 +308,7 @@ async fn concurrent_calls_share_one_rate_limit() {
 
 #[tokio::test]
 async fn microsoft_entra_id_tokens_are_sent_over_https_for_the_cognitive_services_scope() {
-    let ca = common::TestCa::generate();
+    let ca = cvchain_testkit::TestCa::generate();
     let s = Standin::start(StandinConfig {
         training_key: KEY.into(),
         tls: Some((ca.cert.clone(), ca.key.clone())),
@@ -321,7 +319,7 @@ async fn microsoft_entra_id_tokens_are_sent_over_https_for_the_cognitive_service
     .await
     .unwrap();
     assert!(s.endpoint().starts_with("https://"));
-    let cred = std::sync::Arc::new(common::RecordingCredential::default());
+    let cred = std::sync::Arc::new(cvchain_testkit::RecordingCredential::default());
     let c = TrainingClient::with_transport(
         &Url::parse(&s.endpoint()).unwrap(),
         CvAuth::Token(cred.clone()),

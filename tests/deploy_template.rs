@@ -1,9 +1,12 @@
 //! `deploy/main.bicep` gives the app settings cvchain reads, spelled as `settings.rs` spells them:
 //! its app settings, with sample values for the resource properties, go through
-//! `settings::from_lookup` and must come out as identity-based storage and Custom Vision access.
+//! `Settings::from_lookup` and must come out as identity-based storage and Custom Vision access.
 //! checkov (`scripts/check-deploy`, run by `.ci/run`) checks the rest of the template.
 
-use cvchain::settings::{self, CvAuthSetting, StorageAuth, TokenSource};
+use cvchain::settings::{self, Settings};
+use cvchain_azure::customvision::{self, CvAuthSetting};
+use cvchain_azure::storage::settings::{StorageAuth, TokenSource};
+use cvchain_core::config;
 use std::{collections::BTreeMap, fs, path::PathBuf};
 
 fn template() -> String {
@@ -95,9 +98,9 @@ fn the_templates_app_settings_are_the_ones_cvchain_reads() {
         settings::HISTORY_TABLE_SETTING,
         settings::BACKUP_CONTAINER_SETTING,
         settings::RELEASE_CONTAINER_SETTING,
-        settings::EXPORTS_SETTING,
-        settings::CV_ENDPOINT_SETTING,
-        settings::CV_CREDENTIAL_SETTING,
+        config::EXPORTS_SETTING,
+        customvision::CV_ENDPOINT_SETTING,
+        customvision::CV_CREDENTIAL_SETTING,
         "APPLICATIONINSIGHTS_CONNECTION_STRING",
     ] {
         assert!(
@@ -119,7 +122,7 @@ fn the_templates_app_settings_are_the_ones_cvchain_reads() {
     }
     assert!(bicep.contains("name: 'custom'") && bicep.contains("version: '1.0'"));
 
-    let s = settings::from_lookup(&|k| app.get(k).cloned()).unwrap();
+    let s = Settings::from_lookup(&|k| app.get(k).cloned()).unwrap();
     assert_eq!(s.storage.source, "CVCHAIN_STORAGE");
     assert!(matches!(
         s.storage.auth,

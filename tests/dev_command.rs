@@ -1,9 +1,7 @@
 //! `cvchain dev`, the README's "run it" command: the whole chain on one machine, shown as it
 //! happens, ending with the history and the release blobs.
 
-mod common;
-
-use common::Azurite;
+use cvchain_testkit::Azurite;
 use std::process::Command;
 
 #[test]
@@ -40,9 +38,9 @@ fn the_local_chain_runs_to_completion_and_shows_its_work() {
             "missing {expected:?} in:\n{stdout}"
         );
     }
-    common::assert_no_secrets(
+    cvchain_testkit::assert_no_secrets(
         "cvchain dev's output",
         &format!("{stdout}{stderr}"),
-        &[cvchain::settings::DEV_ACCOUNT_KEY],
+        &[cvchain_azure::storage::settings::DEV_ACCOUNT_KEY],
     );
 }

@@ -2,11 +2,9 @@
 //! Functions host drives it (messages taken from the queue, POSTed in the host's envelope,
 //! deleted on 2xx, retried on anything else).
 
-mod common;
-
-use common::{Azurite, Handler, HostEmulator, standin_calls, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin};
-use cvchain::storage::{connection::StorageClients, table::StoredEntity};
+use cvchain_azure::storage::{clients::StorageClients, table::StoredEntity};
+use cvchain_standin::{COMPACT_DOMAIN, Faults, Standin};
+use cvchain_testkit::{Azurite, Handler, HostEmulator, standin_calls, unique};
 use serde_json::Value;
 use std::time::Duration;
 use uuid::Uuid;
@@ -33,7 +31,7 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     let queue = unique("cvq");
     let table = unique("History");
     let container_uri = azurite.container_url("cvbackups");
-    let standin = Standin::start(common::standin_config(&clients, KEY, 100))
+    let standin = Standin::start(cvchain_testkit::standin_config(&clients, KEY, 100))
         .await
         .unwrap();
     let mut env = vec![
@@ -55,7 +53,7 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     // The user's set-up: a project on a compact domain wired to the queue and a backup
     // container, then a training run.
     // The stand-in may be injecting faults: the helper retries like any client would.
-    let api = common::StandinApi::new(&standin.endpoint(), KEY);
+    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), KEY);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
@@ -92,8 +90,8 @@ struct ReleaseBlob {
 impl World {
     /// Every log line the handler wrote and every row it recorded: no key, no SAS signature.
     async fn assert_no_secrets(&self) {
-        let secrets = [KEY, cvchain::settings::DEV_ACCOUNT_KEY];
-        common::assert_no_secrets("the handler's logs", &self._handler.stderr(), &secrets);
+        let secrets = [KEY, cvchain_azure::storage::settings::DEV_ACCOUNT_KEY];
+        cvchain_testkit::assert_no_secrets("the handler's logs", &self._handler.stderr(), &secrets);
         let rows = serde_json::to_string(
             &self
                 .rows()
@@ -103,7 +101,7 @@ impl World {
                 .collect::<Vec<_>>(),
         )
         .unwrap();
-        common::assert_no_secrets("the history rows", &rows, &secrets);
+        cvchain_testkit::assert_no_secrets("the history rows", &rows, &secrets);
     }
 
     fn clients(&self) -> StorageClients {
@@ -194,7 +192,7 @@ impl World {
     }
 
     /// Pumps until the chain has ended: every export's notification recorded.
-    async fn run_chain(&self, exports: usize, timeout: Duration) -> common::PumpStats {
+    async fn run_chain(&self, exports: usize, timeout: Duration) -> cvchain_testkit::PumpStats {
         self.host
             .pump_until(timeout, || async {
                 let steps = self.rows_of("ExportStep").await;
@@ -208,7 +206,7 @@ impl World {
     }
 }
 
-fn accepted(calls: &cvchain::customvision::standin::CallLog) -> Vec<(String, Option<String>)> {
+fn accepted(calls: &cvchain_standin::CallLog) -> Vec<(String, Option<String>)> {
     calls
         .exports
         .iter()
@@ -586,7 +584,7 @@ async fn sigterm_lets_the_invocation_in_flight_finish() {
         Uuid::new_v4()
     );
     let url = format!("{}/CustomVisionNotification", w._handler.url(""));
-    let body = common::host_envelope(&message, "inflight-1", 1);
+    let body = cvchain_testkit::host_envelope(&message, "inflight-1", 1);
     let inflight = tokio::spawn(async move {
         reqwest::Client::new()
             .post(url)

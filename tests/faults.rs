@@ -4,11 +4,9 @@
 //! mid-invocation and restarted. After each, every notification is processed exactly once:
 //! rows, export requests and release blobs are counted, and nothing is lost.
 
-mod common;
-
-use common::{Azurite, Handler, HostEmulator, PumpStats, standin_calls, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
-use cvchain::storage::{connection::StorageClients, table::StoredEntity};
+use cvchain_azure::storage::{clients::StorageClients, table::StoredEntity};
+use cvchain_standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
+use cvchain_testkit::{Azurite, Handler, HostEmulator, PumpStats, standin_calls, unique};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +42,7 @@ async fn fleet_with(worker: bool) -> Fleet {
     let backup = azurite.container_url("cvbackups");
     let standin = Standin::start(StandinConfig {
         model_size: 4096,
-        ..common::standin_config(&clients, KEY, 20)
+        ..cvchain_testkit::standin_config(&clients, KEY, 20)
     })
     .await
     .unwrap();
@@ -73,7 +71,7 @@ async fn fleet_with(worker: bool) -> Fleet {
     host.max_dequeue = 20;
     host.visibility_seconds = 1;
     // 40 projects wired to the queue and the backup container, each trained once.
-    let api = common::StandinApi::new(&standin.endpoint(), KEY);
+    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), KEY);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
@@ -216,8 +214,9 @@ impl Fleet {
         // expires (CVCHAIN_CLAIM_SECONDS = 3 here) and the next contender takes it over.
         let horizon = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
         for c in of("Claim") {
-            let at = cvchain::history::parse_service_time(c.entity["ExpiresAt"].as_str().unwrap())
-                .unwrap();
+            let at =
+                cvchain_core::history::parse_service_time(c.entity["ExpiresAt"].as_str().unwrap())
+                    .unwrap();
             assert!(at <= horizon, "a claim that does not expire: {c:?}");
         }
 
@@ -285,11 +284,11 @@ impl Fleet {
         assert!(poison.is_empty(), "poisoned: {poison:?}");
 
         // No key and no SAS signature in any log line or row.
-        let secrets = [KEY, cvchain::settings::DEV_ACCOUNT_KEY];
-        common::assert_no_secrets("the handler's logs", &self.handler.stderr(), &secrets);
+        let secrets = [KEY, cvchain_azure::storage::settings::DEV_ACCOUNT_KEY];
+        cvchain_testkit::assert_no_secrets("the handler's logs", &self.handler.stderr(), &secrets);
         let all =
             serde_json::to_string(&rows.iter().map(|r| &r.entity).collect::<Vec<_>>()).unwrap();
-        common::assert_no_secrets("the history rows", &all, &secrets);
+        cvchain_testkit::assert_no_secrets("the history rows", &all, &secrets);
     }
 }
 

@@ -21,17 +21,22 @@ fn replay(dir: &str, run: fn(&[u8])) -> usize {
 
 #[test]
 fn the_message_corpus_replays_without_a_panic() {
-    let n = replay("fuzz/corpus/parse_message", cvchain::fuzzing::message)
-        + replay("fuzz/regressions/parse_message", cvchain::fuzzing::message);
+    let n = replay("fuzz/corpus/parse_message", cvchain_core::fuzzing::message)
+        + replay(
+            "fuzz/regressions/parse_message",
+            cvchain_core::fuzzing::message,
+        );
     assert!(n >= 18, "only {n} inputs: the corpus is missing");
 }
 
 #[test]
 fn the_envelope_corpus_replays_without_a_panic() {
-    let n = replay("fuzz/corpus/decode_envelope", cvchain::fuzzing::envelope)
-        + replay(
-            "fuzz/regressions/decode_envelope",
-            cvchain::fuzzing::envelope,
-        );
+    let n = replay(
+        "fuzz/corpus/decode_envelope",
+        cvchain_core::fuzzing::envelope,
+    ) + replay(
+        "fuzz/regressions/decode_envelope",
+        cvchain_core::fuzzing::envelope,
+    );
     assert!(n >= 9, "only {n} inputs: the corpus is missing");
 }

@@ -4,9 +4,9 @@ use axum::{body::Body, http::Request};
 use cvchain::{
     process::Processor,
     server::{AppState, app},
-    settings::from_lookup,
-    storage::connection::{RetryPolicy, StorageClients},
+    settings::Settings,
 };
+use cvchain_azure::storage::clients::{RetryPolicy, StorageClients};
 use http_body_util::BodyExt;
 use std::{sync::Arc, time::Duration};
 use tower::ServiceExt;
@@ -20,9 +20,10 @@ fn state_without_storage() -> AppState {
         .port();
     let conn = format!(
         "AccountName=devstoreaccount1;AccountKey={};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1;TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1",
-        cvchain::settings::DEV_ACCOUNT_KEY
+        cvchain_azure::storage::settings::DEV_ACCOUNT_KEY
     );
-    let settings = from_lookup(&move |k| (k == "CVCHAIN_STORAGE").then(|| conn.clone())).unwrap();
+    let settings =
+        Settings::from_lookup(&move |k| (k == "CVCHAIN_STORAGE").then(|| conn.clone())).unwrap();
     let clients = StorageClients::new(&settings.storage)
         .unwrap()
         .with_retry(RetryPolicy {

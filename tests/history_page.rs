@@ -2,10 +2,8 @@
 //! inline SVG chart for browsers, rendered here in headless Chromium to see that the chart is
 //! drawn.
 
-mod common;
-
-use common::{Azurite, Handler, unique};
-use cvchain::storage::connection::StorageClients;
+use cvchain_azure::storage::clients::StorageClients;
+use cvchain_testkit::{Azurite, Handler, unique};
 use serde_json::{Value, json};
 use std::process::Command;
 
@@ -158,7 +156,7 @@ async fn chromium_draws_the_chart() {
     let channels = info.color_type.samples();
     let img = &buf[..info.buffer_size()];
     // Each series' line and points are drawn: hundreds of pixels in its colour.
-    for (name, colour) in cvchain::report::SERIES {
+    for (name, colour) in cvchain_core::report::SERIES {
         let rgb = [
             u8::from_str_radix(&colour[1..3], 16).unwrap(),
             u8::from_str_radix(&colour[3..5], 16).unwrap(),

@@ -2,11 +2,9 @@
 //! readiness on `GET /`, POSTs with the double-encoded envelope, answers read as the host reads
 //! them, and rows checked in Azurite's table.
 
-mod common;
-
 use base64::Engine as _;
-use common::{Azurite, Handler, fixture, host_envelope, unique};
-use cvchain::storage::{connection::StorageClients, table::StoredEntity};
+use cvchain_azure::storage::{clients::StorageClients, table::StoredEntity};
+use cvchain_testkit::{Azurite, Handler, fixture, host_envelope, unique};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -222,9 +220,9 @@ async fn variants_unknown_kinds_and_base64_are_recorded() {
     // No SAS signature anywhere in the table, nor in the logs.
     let all = serde_json::to_string(&rows.iter().map(|r| &r.entity).collect::<Vec<_>>()).unwrap();
     assert!(!all.contains("SECRETsignatureVALUE"), "{all}");
-    let secrets = [cvchain::settings::DEV_ACCOUNT_KEY];
-    common::assert_no_secrets("the history rows", &all, &secrets);
-    common::assert_no_secrets("the handler's logs", &s.handler.stderr(), &secrets);
+    let secrets = [cvchain_azure::storage::settings::DEV_ACCOUNT_KEY];
+    cvchain_testkit::assert_no_secrets("the history rows", &all, &secrets);
+    cvchain_testkit::assert_no_secrets("the handler's logs", &s.handler.stderr(), &secrets);
 }
 
 #[tokio::test]
@@ -370,7 +368,7 @@ async fn logs_are_json_on_request_and_follow_rust_log() {
     }
     assert!(stderr.contains("notification recorded"));
     // No account key in any line, even though the settings were logged.
-    assert!(!stderr.contains(cvchain::settings::DEV_ACCOUNT_KEY));
+    assert!(!stderr.contains(cvchain_azure::storage::settings::DEV_ACCOUNT_KEY));
 
     let mut quiet = Handler::start(&[
         ("CVCHAIN_STORAGE", azurite.connection_string()),
@@ -394,18 +392,18 @@ async fn logs_are_json_on_request_and_follow_rust_log() {
 #[test]
 #[should_panic(expected = "contains a SAS signature")]
 fn the_secret_scan_catches_a_signature() {
-    common::assert_no_secrets("a log line", "GET https://a/b?sv=1&sig=abc123", &[]);
+    cvchain_testkit::assert_no_secrets("a log line", "GET https://a/b?sv=1&sig=abc123", &[]);
 }
 
 #[test]
 #[should_panic(expected = "contains a secret")]
 fn the_secret_scan_catches_a_key() {
-    common::assert_no_secrets("a row", "key is hunter2", &["hunter2"]);
+    cvchain_testkit::assert_no_secrets("a row", "key is hunter2", &["hunter2"]);
 }
 
 #[test]
 fn the_secret_scan_passes_redacted_text() {
-    common::assert_no_secrets(
+    cvchain_testkit::assert_no_secrets(
         "a row",
         "https://a/b?sv=1&sig=REDACTED and design=x",
         &["k"],

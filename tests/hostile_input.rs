@@ -3,8 +3,8 @@
 //! recursion limit stops deep nesting.
 
 use base64::Engine as _;
-use cvchain::host::{EnvelopeError, TRIGGER_BINDING, decode_queue_invocation};
-use cvchain::notification::{MAX_MESSAGE_BYTES, parse};
+use cvchain_core::envelope::{EnvelopeError, TRIGGER_BINDING, decode_queue_invocation};
+use cvchain_core::notification::{MAX_MESSAGE_BYTES, parse};
 
 const P: &str = "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f";
 const I: &str = "3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d";

@@ -1,10 +1,8 @@
 //! The operator commands against Azurite and the stand-in: `history`, `check`, `replay`.
 
-mod common;
-
-use common::{Azurite, unique};
-use cvchain::customvision::standin::{Standin, StandinConfig};
-use cvchain::storage::{connection::StorageClients, queue::send_text};
+use cvchain_azure::storage::{clients::StorageClients, queue::send_text};
+use cvchain_standin::{Standin, StandinConfig};
+use cvchain_testkit::{Azurite, unique};
 use serde_json::{Value, json};
 use std::process::{Command, Output};
 
@@ -114,7 +112,7 @@ async fn check_reaches_everything_and_names_what_to_fix() {
 
     let mut wrong_key = base.clone();
     wrong_key[0].1 = azurite.connection_string().replace(
-        cvchain::settings::DEV_ACCOUNT_KEY,
+        cvchain_azure::storage::settings::DEV_ACCOUNT_KEY,
         "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3JvbmdrZXk=",
     );
     let out = run(wrong_key).await.unwrap();
@@ -197,7 +195,8 @@ async fn count(q: &azure_storage_queue::QueueClient) -> usize {
 #[tokio::test]
 async fn invoke_delivers_a_file_as_the_host_would() {
     let azurite = Azurite::start();
-    let handler = common::Handler::start(&[("CVCHAIN_STORAGE", azurite.connection_string())]);
+    let handler =
+        cvchain_testkit::Handler::start(&[("CVCHAIN_STORAGE", azurite.connection_string())]);
     let fixture = format!(
         "{}/tests/fixtures/notifications/connection-test.json",
         env!("CARGO_MANIFEST_DIR")

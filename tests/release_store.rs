@@ -1,17 +1,15 @@
 //! The release copy against Azurite: server-side copy, tags on both blobs, metadata, a current
 //! copy left alone, a stale one replaced, a taken path never overwritten.
 
-mod common;
-
 use azure_core::http::RequestContent;
 use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
-use common::{Azurite, unique};
-use cvchain::release::{DEFAULT_TEMPLATE, PathTemplate, ReleaseNames, ReleasePlan, Source};
-use cvchain::storage::{
-    blobs::{ReleaseFacts, ReleaseStore},
-    connection::StorageClients,
-    shared_key::blob_read_sas,
+use cvchain_azure::storage::{
+    blobs::ReleaseStore, clients::StorageClients, shared_key::blob_read_sas,
 };
+use cvchain_core::release::{
+    DEFAULT_TEMPLATE, PathTemplate, ReleaseFacts, ReleaseNames, ReleasePlan, Source,
+};
+use cvchain_testkit::{Azurite, unique};
 use std::collections::HashMap;
 use url::Url;
 use uuid::Uuid;
@@ -305,8 +303,8 @@ async fn a_download_uri_with_a_sas_is_copied_server_side() {
     let name = format!("{p}/{i}/ONNX.zip");
     s.put(&internal, &name, b"onnx bytes", None).await;
     let sas = blob_read_sas(
-        cvchain::settings::DEV_ACCOUNT,
-        &azure_core::credentials::Secret::new(cvchain::settings::DEV_ACCOUNT_KEY),
+        cvchain_azure::storage::settings::DEV_ACCOUNT,
+        &azure_core::credentials::Secret::new(cvchain_azure::storage::settings::DEV_ACCOUNT_KEY),
         &internal,
         &name,
         "2099-01-01T00:00:00Z",
@@ -347,8 +345,8 @@ async fn a_missing_backup_falls_back_to_the_download_uri() {
     let name = format!("{p}/{i}/ONNX.zip");
     s.put(&internal, &name, b"from the service", None).await;
     let sas = blob_read_sas(
-        cvchain::settings::DEV_ACCOUNT,
-        &azure_core::credentials::Secret::new(cvchain::settings::DEV_ACCOUNT_KEY),
+        cvchain_azure::storage::settings::DEV_ACCOUNT,
+        &azure_core::credentials::Secret::new(cvchain_azure::storage::settings::DEV_ACCOUNT_KEY),
         &internal,
         &name,
         "2099-01-01T00:00:00Z",

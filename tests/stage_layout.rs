@@ -1,8 +1,6 @@
 //! `cvchain stage-app` produces a folder the Functions host accepts: checked against the host's
 //! discovery rules, and by starting the staged handler the way the host would.
 
-mod common;
-
 use serde_json::Value;
 use std::{
     fs,
@@ -111,12 +109,12 @@ fn the_staged_app_follows_the_hosts_rules() {
     assert_eq!(bindings.len(), 1);
     let b = &bindings[0];
     assert!(is_binding_name(b["name"].as_str().unwrap()));
-    assert_eq!(b["name"], cvchain::host::TRIGGER_BINDING);
+    assert_eq!(b["name"], cvchain_core::envelope::TRIGGER_BINDING);
     assert_eq!(b["type"], "queueTrigger");
     assert_eq!(b["direction"], "in");
     assert_eq!(b["queueName"], "%CVCHAIN_QUEUE%");
     assert_eq!(b["connection"], "CVCHAIN_STORAGE");
-    assert_eq!(names[0], cvchain::host::FUNCTION_NAME);
+    assert_eq!(names[0], cvchain_core::envelope::FUNCTION_NAME);
 
     // Never deploy local settings.
     let ignore = fs::read_to_string(app.join(".funcignore")).unwrap();
@@ -145,7 +143,7 @@ fn the_staged_handler_starts_as_the_host_starts_it() {
         .iter()
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
-    let port = common::free_port();
+    let port = cvchain_testkit::free_port();
     let mut child = Command::new(&exe)
         .args(&args)
         .current_dir(&app)

@@ -1,13 +1,11 @@
 //! The stand-in's storage integration against Azurite: the ConnectionTest on set-up, the
 //! documented notifications, the backup blob name, and a downloadUri whose SAS Azurite accepts.
 
-mod common;
-
 use base64::Engine as _;
-use common::{Azurite, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig, model_bytes};
-use cvchain::notification::{Notification, parse};
-use cvchain::storage::connection::StorageClients;
+use cvchain_azure::storage::clients::StorageClients;
+use cvchain_core::notification::{Notification, parse};
+use cvchain_standin::{COMPACT_DOMAIN, Standin, StandinConfig, model_bytes};
+use cvchain_testkit::{Azurite, unique};
 use serde_json::Value;
 use std::time::Duration;
 use uuid::Uuid;
@@ -213,7 +211,7 @@ async fn without_a_backup_container_model_uri_is_the_sas_url_and_base64_works() 
     assert!(String::from_utf8(raw).unwrap().contains("ConnectionTest"));
     assert_eq!(
         parse(&msgs[0]).unwrap().encoding,
-        cvchain::notification::Encoding::Base64
+        cvchain_core::notification::Encoding::Base64
     );
 
     let it = s.post(&format!("projects/{pid}/train"), &[]).await;

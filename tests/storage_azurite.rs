@@ -1,18 +1,16 @@
 //! The two pieces the SDK lacks, against a real Azurite: SharedKey signing (Blob, Queue, Table)
 //! and the Table client.
 
-mod common;
-
 use azure_core::http::RequestContent;
 use azure_storage_queue::models::QueueMessage;
-use common::{Azurite, unique};
-use cvchain::settings::parse_connection_string;
-use cvchain::storage::{
+use cvchain_azure::storage::settings::parse_connection_string;
+use cvchain_azure::storage::{
     StorageError,
-    connection::{RetryPolicy, StorageClients},
+    clients::{RetryPolicy, StorageClients},
     queue::{SentAs, send_text},
     table::{UpdateMode, WriteOutcome, filter_eq},
 };
+use cvchain_testkit::{Azurite, unique};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -78,7 +76,7 @@ async fn shared_key_signs_queue_requests() {
 async fn a_wrong_account_key_gives_a_clear_permanent_error() {
     let azurite = Azurite::start();
     let wrong = azurite.connection_string().replace(
-        cvchain::settings::DEV_ACCOUNT_KEY,
+        cvchain_azure::storage::settings::DEV_ACCOUNT_KEY,
         "d3JvbmdrZXl3cm9uZ2tleXdyb25na2V5d3JvbmdrZXk=",
     );
     let settings = parse_connection_string("CVCHAIN_STORAGE", &wrong).unwrap();
@@ -243,11 +241,11 @@ fn account_sas() -> String {
     );
     let sts = format!(
         "{}\n{sp}\n{ss}\n{srt}\n\n{se}\n\n{spr}\n{sv}\n",
-        cvchain::settings::DEV_ACCOUNT
+        cvchain_azure::storage::settings::DEV_ACCOUNT
     );
     let sig = azure_core::hmac::hmac_sha256(
         &sts,
-        &azure_core::credentials::Secret::new(cvchain::settings::DEV_ACCOUNT_KEY),
+        &azure_core::credentials::Secret::new(cvchain_azure::storage::settings::DEV_ACCOUNT_KEY),
     )
     .unwrap();
     let sig: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();

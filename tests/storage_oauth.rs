@@ -1,19 +1,16 @@
 //! Production uses managed identity: the same storage code against Azurite with `--oauth basic`
 //! over https (a test CA), with Microsoft Entra ID tokens instead of an account key.
 
-mod common;
-
 use azure_core::http::RequestContent;
-use common::{Azurite, AzuriteTokenCredential, TestCa, unique};
-use cvchain::history::Received;
 use cvchain::process::Processor;
-use cvchain::release::{DEFAULT_TEMPLATE, PathTemplate, ReleaseNames, ReleasePlan, Source};
-use cvchain::storage::{
-    StorageError,
-    blobs::{ReleaseFacts, ReleaseStore},
-    connection::StorageClients,
-    queue::send_text,
+use cvchain_azure::storage::{
+    StorageError, blobs::ReleaseStore, clients::StorageClients, queue::send_text,
 };
+use cvchain_core::message::Received;
+use cvchain_core::release::{
+    DEFAULT_TEMPLATE, PathTemplate, ReleaseFacts, ReleaseNames, ReleasePlan, Source,
+};
+use cvchain_testkit::{Azurite, AzuriteTokenCredential, TestCa, unique};
 use serde_json::json;
 use std::sync::{Arc, atomic::Ordering};
 use std::time::Duration;
@@ -29,7 +26,7 @@ fn token_clients(azurite: &Azurite, ca: &TestCa) -> (StorageClients, Arc<Azurite
 #[tokio::test]
 async fn tables_queues_and_release_copies_work_with_tokens_over_https() {
     let ca = TestCa::generate();
-    let azurite = Azurite::start_oauth(&ca);
+    let azurite = Azurite::builder().oauth(&ca).start();
     let (clients, cred) = token_clients(&azurite, &ca);
 
     let table = clients.table(&unique("Oauth")).unwrap();
@@ -121,7 +118,7 @@ async fn an_unusable_token_is_a_clear_denial() {
         }
     }
     let ca = TestCa::generate();
-    let azurite = Azurite::start_oauth(&ca);
+    let azurite = Azurite::builder().oauth(&ca).start();
     let clients = StorageClients::with_credential(&azurite.identity_settings(), Arc::new(Garbage))
         .with_transport(ca.transport());
     let err = clients
@@ -136,11 +133,11 @@ async fn an_unusable_token_is_a_clear_denial() {
 
 #[tokio::test]
 async fn the_whole_release_path_runs_with_tokens() {
-    use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin};
+    use cvchain_standin::{COMPACT_DOMAIN, Standin};
     let ca = TestCa::generate();
-    let azurite = Azurite::start_oauth(&ca);
+    let azurite = Azurite::builder().oauth(&ca).start();
     let (clients, _) = token_clients(&azurite, &ca);
-    let standin = Standin::start(common::standin_config(&clients, "k", 20))
+    let standin = Standin::start(cvchain_testkit::standin_config(&clients, "k", 20))
         .await
         .unwrap();
     let queue = unique("q");
@@ -159,13 +156,13 @@ async fn the_whole_release_path_runs_with_tokens() {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let settings = cvchain::settings::from_lookup(&move |k| vars.get(k).cloned()).unwrap();
-    let cv = cvchain::process::training_client(&settings)
-        .unwrap()
+    let settings =
+        cvchain::settings::Settings::from_lookup(&move |k| vars.get(k).cloned()).unwrap();
+    let cv = cvchain_azure::customvision::training_client(settings.custom_vision.as_ref().unwrap())
         .unwrap();
     let processor = Processor::new(&settings, &clients, Some(Arc::new(cv))).unwrap();
 
-    let api = common::StandinApi::new(&standin.endpoint(), "k");
+    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), "k");
     let queue_uri = format!(
         "https://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port
@@ -199,7 +196,10 @@ async fn the_whole_release_path_runs_with_tokens() {
                 dequeue_count: 1,
                 received_at: time::OffsetDateTime::now_utc(),
             };
-            processor.process(&received).await.unwrap();
+            processor
+                .process(&cvchain_core::message::Incoming::decode(received.clone()))
+                .await
+                .unwrap();
             q.delete_message(
                 m.message_id.as_deref().unwrap(),
                 m.pop_receipt.as_deref().unwrap(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// One start of `exe args` on a free port with `env`; the time until `GET /` answers.
 pub fn once(exe: &Path, args: &[&str], env: &[(&'static str, String)]) -> Duration {
-    let port = crate::common::free_port();
+    let port = cvchain_testkit::free_port();
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env_clear()

@@ -5,11 +5,11 @@
 
 use crate::workload::{Env, Kind, Message};
 use azure_storage_blob::models::{BlobClientStartCopyFromUrlOptions, BlobTags};
-use cvchain::customvision::{
+use cvchain_azure::customvision::{
     TrainingApi,
     client::{CvAuth, CvRetry, TrainingClient},
 };
-use cvchain::storage::table::{Entity, TableClient, UpdateMode, WriteOutcome, filter_eq};
+use cvchain_azure::storage::table::{Entity, TableClient, UpdateMode, WriteOutcome, filter_eq};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub struct Direct {
-    env_clients: cvchain::storage::connection::StorageClients,
+    env_clients: cvchain_azure::storage::clients::StorageClients,
     table: TableClient,
     cv: TrainingClient,
     release: azure_storage_blob::BlobContainerClient,

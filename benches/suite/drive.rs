@@ -2,8 +2,8 @@
 //! invocations at once, a failed invocation delivered again with the next `DequeueCount`) and
 //! `cvchain worker` from its queue, and reads a process's memory from /proc.
 
-use crate::common::Handler;
 use crate::workload::{Env, Message};
+use cvchain_testkit::Handler;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -67,7 +67,13 @@ pub async fn drive_serve(handler: &Handler, messages: &[Message], concurrency: u
             let (http, url) = (&http, &url);
             async move {
                 for (retries, dequeue) in (1..=20u32).enumerate() {
-                    let body = cvchain::host::encode_queue_invocation(&m.text, &m.id, dequeue);
+                    let body = cvchain_core::envelope::encode_queue_invocation(
+                        &m.text,
+                        &m.id,
+                        dequeue,
+                        time::OffsetDateTime::now_utc(),
+                        uuid::Uuid::new_v4(),
+                    );
                     let rsp = http
                         .post(url)
                         .header("content-type", "application/json; charset=utf-8")

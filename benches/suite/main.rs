@@ -6,10 +6,7 @@
 //! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
 //! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate), CVCHAIN_BENCH_OUT
 //! (target/bench/results.md). Needs Azurite in node_modules (`npm ci`).
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "../support/hot_path.rs"]
-mod hot_path;
+use cvchain_testkit::hot_path;
 
 mod calls;
 mod coldstart;
@@ -408,7 +405,7 @@ async fn memory(table: &mut Table) {
     let handler = drive::start_serve(&env, FAST_CV_RPS);
     let base = tokio::task::block_in_place(|| {
         let exe = baseline_exe();
-        let port = common::free_port();
+        let port = cvchain_testkit::free_port();
         let mut child = std::process::Command::new(&exe)
             .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
             .spawn()
@@ -491,7 +488,7 @@ async fn rate(table: &mut Table) {
         .into_iter()
         .filter(|m| m.kind == Kind::TrainingCompleted)
         .collect();
-    let limit = cvchain::settings::DEFAULT_CV_MAX_RPS;
+    let limit = cvchain_azure::customvision::DEFAULT_CV_MAX_RPS;
     let handler = drive::start_serve(&env, &limit.to_string());
     let skip = env.standin.calls().timeline_ms.len();
     let run = drive::drive_serve(&handler, &trainings, 24).await;

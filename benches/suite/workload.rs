@@ -2,11 +2,11 @@
 //! exported through the stand-in's API, and the notifications the stand-in wrote for them, as
 //! the service would have. Setting up is not timed.
 
-use crate::common::{Azurite, StandinApi, standin_config, unique};
-use cvchain::customvision::standin::{COMPACT_DOMAIN, Standin, StandinConfig};
-use cvchain::notification::{ExportStatus, Notification, TrainingStatus};
-use cvchain::settings::DEV_ACCOUNT;
-use cvchain::storage::connection::StorageClients;
+use cvchain_azure::storage::clients::StorageClients;
+use cvchain_azure::storage::settings::DEV_ACCOUNT;
+use cvchain_core::notification::{ExportStatus, Notification, TrainingStatus};
+use cvchain_standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use cvchain_testkit::{Azurite, StandinApi, standin_config, unique};
 use futures::StreamExt;
 use std::time::Duration;
 use uuid::Uuid;
@@ -52,9 +52,9 @@ impl Env {
     pub async fn start(debug: bool) -> Self {
         let azurite = tokio::task::block_in_place(|| {
             if debug {
-                Azurite::start_debug()
+                Azurite::builder().debug_log().start()
             } else {
-                Azurite::start_in_memory()
+                Azurite::builder().in_memory().start()
             }
         });
         let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
@@ -81,7 +81,7 @@ impl Env {
             .await
             .unwrap();
         for q in [&env.queue, &env.setup_queue] {
-            cvchain::storage::queue::create_if_missing(&env.clients.queue(q).unwrap())
+            cvchain_azure::storage::queue::create_if_missing(&env.clients.queue(q).unwrap())
                 .await
                 .unwrap();
         }
@@ -184,7 +184,7 @@ impl Env {
             }
             for m in got {
                 let text = m.message_text.unwrap_or_default();
-                let parsed = cvchain::notification::parse(&text).expect("stand-in message");
+                let parsed = cvchain_core::notification::parse(&text).expect("stand-in message");
                 let kind = match &parsed.notification {
                     Notification::Training {
                         status: TrainingStatus::Completed,
@@ -220,7 +220,7 @@ impl Env {
             .map(|m| {
                 let q = &q;
                 async move {
-                    cvchain::storage::queue::send_text(q, &m.text)
+                    cvchain_azure::storage::queue::send_text(q, &m.text)
                         .await
                         .unwrap();
                 }

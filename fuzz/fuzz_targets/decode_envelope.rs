@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    cvchain::fuzzing::envelope(data);
+    cvchain_core::fuzzing::envelope(data);
 });

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    cvchain::fuzzing::message(data);
+    cvchain_core::fuzzing::message(data);
 });

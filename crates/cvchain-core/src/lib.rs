@@ -1,0 +1,31 @@
+//! cvchain's core: every decision, in pure code. No I/O, no clock, no async runtime: what the
+//! world looks like is passed in, and what to do comes back as values the adapters carry out.
+//!
+//! A notification flows through it one way:
+//!
+//! - [`envelope`]: the Azure Functions custom-handler envelope, decoded (and encoded for `invoke`);
+//! - [`message`]: the queue message as it arrived, decoded once into a typed [`message::Incoming`];
+//! - [`notification`]: what Custom Vision sent, typed;
+//! - [`plan`]: the message, the configuration and what was observed → the actions, using
+//!   [`chain`] (which export comes next), [`release`] (where a model is copied from and to) and
+//!   [`claims`] (who may request or copy);
+//! - [`history`]: the typed rows everything is recorded in, and the views read back from them;
+//! - [`report`]: the history as people read it (the `history` command and page).
+//!
+//! Beside them: [`customvision`] (the Training API's models and error classes), [`config`] (the
+//! settings the decisions take, and the one number parser settings use), [`redact`] (secrets out
+//! of every text that is stored or logged) and [`fuzzing`] (entry points for the fuzz targets).
+
+pub mod chain;
+pub mod claims;
+pub mod config;
+pub mod customvision;
+pub mod envelope;
+pub mod fuzzing;
+pub mod history;
+pub mod message;
+pub mod notification;
+pub mod plan;
+pub mod redact;
+pub mod release;
+pub mod report;

@@ -1,0 +1,582 @@
+use super::*;
+use crate::chain::{ExportTarget, plan_chain};
+use crate::config::PublishSettings;
+use crate::history::{REJECTED_PARTITION, StepRow, Value, step_row};
+use crate::message::Received;
+use time::macros::datetime;
+
+const P: &str = "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f";
+const I: &str = "3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d";
+
+fn pid() -> Uuid {
+    Uuid::parse_str(P).unwrap()
+}
+fn iid() -> Uuid {
+    Uuid::parse_str(I).unwrap()
+}
+
+fn received(text: &str) -> Received {
+    Received {
+        text: text.to_owned(),
+        message_id: Some("m-1".into()),
+        dequeue_count: 1,
+        received_at: datetime!(2026-11-26 10:00 UTC),
+    }
+}
+
+fn config() -> PlanConfig {
+    PlanConfig {
+        poison_queue: "cv-poison".into(),
+        ..Default::default()
+    }
+}
+
+fn chain_config() -> PlanConfig {
+    PlanConfig {
+        poison_queue: "cv-poison".into(),
+        chain: ChainSettings {
+            exports: crate::chain::parse_chain("ONNX, TensorFlow:TensorFlowLite").unwrap(),
+            publish: None,
+        },
+        custom_vision: true,
+        backup_container: Some(Url::parse("https://acct.blob.core.windows.net/cvbackups").unwrap()),
+        projects: None,
+    }
+}
+
+fn training_completed() -> String {
+    format!(
+        r#"{{"version":"1.0","type":"Training","Content":{{"projectId":"{P}","iterationId":"{I}","trainingStatus":"TrainingCompleted"}}}}"#
+    )
+}
+
+fn export_completed() -> String {
+    format!(
+        r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{P}","iterationId":"{I}","exportStatus":"ExportCompleted","modelUri":""}}}}"#
+    )
+}
+
+fn plan_text(text: &str, observed: &Observed, config: &PlanConfig) -> (Decision, Vec<Action>) {
+    plan(&Incoming::decode(received(text)), observed, config)
+}
+
+fn completed_iteration() -> Iteration {
+    Iteration {
+        id: iid(),
+        name: "Iteration 3".into(),
+        status: "Completed".into(),
+        trained_at: Some("2026-11-26T09:58:00Z".into()),
+        training_time_in_minutes: Some(4),
+        exportable: true,
+        exportable_to: vec!["ONNX".into(), "TensorFlow".into()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_notification_is_recorded_once_and_nothing_else_without_custom_vision() {
+    let text =
+        format!(r#"{{"version":"1.0","type":"ConnectionTest","Content":{{"projectId":"{P}"}}}}"#);
+    let (decision, actions) = plan_text(&text, &Observed::default(), &config());
+    assert!(matches!(decision, Decision::Accepted(_)));
+    assert_eq!(actions.len(), 1);
+    let Action::Record(row) = &actions[0] else {
+        panic!("expected a record")
+    };
+    assert_eq!(row.partition_key, P);
+    assert_eq!(row.row_key, "ConnectionTest_m-1");
+    // Training without Custom Vision: recorded, nothing asked.
+    let n = crate::notification::parse(&training_completed())
+        .unwrap()
+        .notification;
+    assert_eq!(needs(&n, &config()), Needs::default());
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &config());
+    assert!(matches!(&actions[..], [Action::Record(_)]));
+}
+
+#[test]
+fn an_unknown_kind_is_recorded_not_rejected() {
+    let (decision, actions) = plan_text(
+        r#"{"version":"1.0","type":"Publish","Content":{}}"#,
+        &Observed::default(),
+        &chain_config(),
+    );
+    assert!(matches!(decision, Decision::Accepted(_)));
+    assert!(matches!(&actions[..], [Action::Record(r)] if r.row_key == "Unknown_m-1"));
+}
+
+#[test]
+fn a_malformed_message_is_recorded_and_copied_to_the_poison_queue() {
+    let (decision, actions) = plan_text("{not json", &Observed::default(), &config());
+    let Decision::Rejected { reason, field } = decision else {
+        panic!("expected a rejection")
+    };
+    assert!(
+        reason.starts_with("invalid JSON at line 1, column 2"),
+        "{reason}"
+    );
+    assert_eq!(field, None);
+    match &actions[..] {
+        [Action::Record(row), Action::CopyToPoison { queue, text }] => {
+            assert_eq!(row.partition_key, REJECTED_PARTITION);
+            assert_eq!(row.properties[Prop::PoisonCopy], "pending");
+            assert_eq!(queue, "cv-poison");
+            assert_eq!(text, "{not json");
+        }
+        other => panic!("unexpected actions {other:?}"),
+    }
+}
+
+#[test]
+fn a_rejection_names_the_field() {
+    let (decision, _) = plan_text(
+        r#"{"version":"1.0","type":"Training","Content":{"projectId":"x"}}"#,
+        &Observed::default(),
+        &config(),
+    );
+    assert_eq!(
+        decision,
+        Decision::Rejected {
+            reason: "field `Content.projectId` must be a UUID, found \"x\"".into(),
+            field: Some("Content.projectId".into()),
+        }
+    );
+}
+
+#[test]
+fn an_unreadable_envelope_is_rejected_with_its_reason() {
+    let (decision, actions) = plan_unreadable(
+        &Incoming::decode(received("garbage")),
+        "invocation body is not JSON",
+        &config(),
+    );
+    assert!(matches!(decision, Decision::Rejected { .. }));
+    assert_eq!(actions.len(), 2);
+}
+
+#[test]
+fn training_completed_asks_for_everything_and_runs_the_chain() {
+    let n = crate::notification::parse(&training_completed())
+        .unwrap()
+        .notification;
+    assert_eq!(
+        needs(&n, &chain_config()),
+        Needs {
+            project: true,
+            iteration: true,
+            performance: true,
+            exports: true
+        }
+    );
+    let observed = Observed {
+        project: Some(Project {
+            name: "Widgets".into(),
+            ..Default::default()
+        }),
+        iteration: Some(completed_iteration()),
+        performance: Some(IterationPerformance {
+            precision: Some(0.9),
+            recall: Some(0.8),
+            average_precision: Some(0.85),
+            ..Default::default()
+        }),
+        exports: Some(vec![]),
+        problem: None,
+    };
+    let (decision, actions) = plan_text(&training_completed(), &observed, &chain_config());
+    assert!(matches!(decision, Decision::Accepted(_)));
+    match &actions[..] {
+        [Action::Chain { project, iteration }, Action::Record(row)] => {
+            assert_eq!((*project, *iteration), (pid(), iid()));
+            let p = &row.properties;
+            assert_eq!(p[Prop::ProjectName], "Widgets");
+            assert_eq!(p[Prop::IterationName], "Iteration 3");
+            assert_eq!(p[Prop::TrainedAt], datetime!(2026-11-26 09:58 UTC));
+            assert_eq!(p[Prop::TrainingTimeInMinutes], 4i64);
+            assert_eq!(p[Prop::Precision], 0.9);
+            assert_eq!(p[Prop::Recall], 0.8);
+            assert_eq!(p[Prop::AveragePrecision], 0.85);
+            // As a table entity: tests/history_entities.rs in cvchain-azure.
+            assert!(matches!(p[Prop::Precision], Value::Double(_)));
+        }
+        other => panic!("unexpected actions {other:?}"),
+    }
+}
+
+#[test]
+fn publishing_is_planned_once() {
+    let mut config = chain_config();
+    config.chain.publish = Some(PublishSettings {
+        name: "prod".into(),
+        prediction_resource_id: "/subscriptions/x".into(),
+    });
+    let mut observed = Observed {
+        iteration: Some(completed_iteration()),
+        ..Default::default()
+    };
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(matches!(&actions[0], Action::Publish { name, .. } if name == "prod"));
+    observed.iteration.as_mut().unwrap().publish_name = Some("prod".into());
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Publish { .. })));
+    let Some(Action::Record(row)) = actions.last() else {
+        panic!()
+    };
+    assert_eq!(
+        row.properties[Prop::PublishStatus],
+        "already published as prod"
+    );
+}
+
+#[test]
+fn an_iteration_still_training_is_retried_later() {
+    let mut it = completed_iteration();
+    it.status = "Training".into();
+    let observed = Observed {
+        iteration: Some(it),
+        ..Default::default()
+    };
+    let (decision, actions) = plan_text(&training_completed(), &observed, &chain_config());
+    assert!(matches!(decision, Decision::Retry(_)));
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn a_vanished_iteration_is_recorded_and_stops() {
+    let observed = Observed {
+        problem: Some("iteration not found".into()),
+        ..Default::default()
+    };
+    let (decision, actions) = plan_text(&export_completed(), &observed, &chain_config());
+    assert!(matches!(decision, Decision::Accepted(_)));
+    let [Action::Record(row)] = &actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        row.properties[Prop::ChainStatus],
+        "stopped: iteration not found"
+    );
+}
+
+#[test]
+fn export_notifications_run_the_chain_only_when_one_is_configured() {
+    let (_, actions) = plan_text(&export_completed(), &Observed::default(), &chain_config());
+    assert!(matches!(
+        &actions[..],
+        [
+            Action::Release { .. },
+            Action::Chain { .. },
+            Action::Record(_)
+        ]
+    ));
+    let failed = export_completed().replace("ExportCompleted", "ExportFailed");
+    let (_, actions) = plan_text(&failed, &Observed::default(), &chain_config());
+    assert!(matches!(
+        &actions[..],
+        [Action::Chain { .. }, Action::Record(_)]
+    ));
+    let (_, actions) = plan_text(&export_completed(), &Observed::default(), &config());
+    assert!(matches!(&actions[..], [Action::Record(_)]));
+    let mut no_chain = chain_config();
+    no_chain.chain.exports.clear();
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &no_chain);
+    assert!(matches!(&actions[..], [Action::Record(_)]));
+    // Without a chain a finished export is still released.
+    let (_, actions) = plan_text(&export_completed(), &Observed::default(), &no_chain);
+    assert!(matches!(
+        &actions[..],
+        [Action::Release { .. }, Action::Record(_)]
+    ));
+}
+
+#[test]
+fn a_forged_model_uri_is_refused_and_said_so() {
+    let forged = format!(
+        r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{P}","iterationId":"{I}","exportStatus":"ExportCompleted","modelUri":"https://evil.example.com/x.zip?sig=abc"}}}}"#
+    );
+    let (_, actions) = plan_text(&forged, &Observed::default(), &chain_config());
+    let Action::Release { model_uri, .. } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    assert!(matches!(model_uri, ModelUri::Refused { .. }));
+    let Some(Action::Record(row)) = actions.last() else {
+        panic!()
+    };
+    let note = row.properties[Prop::ModelUriStatus].as_text().unwrap();
+    assert!(
+        note.starts_with("refused (outside the backup container)"),
+        "{note}"
+    );
+    let inside = format!(
+        r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{P}","iterationId":"{I}","exportStatus":"ExportCompleted","modelUri":"https://acct.blob.core.windows.net/cvbackups/{P}%20-%20{I}.ONNX"}}}}"#
+    );
+    let (_, actions) = plan_text(&inside, &Observed::default(), &chain_config());
+    assert!(matches!(
+        &actions[0],
+        Action::Release {
+            model_uri: ModelUri::InBackup { .. },
+            ..
+        }
+    ));
+}
+
+fn stored(row: &HistoryRow) -> StepRow {
+    StepRow::from_row(row)
+}
+
+#[test]
+fn step_rows_follow_the_chain_and_write_only_changes() {
+    let chain = chain_config().chain.exports;
+    let now = datetime!(2026-11-26 10:05 UTC);
+    let it = completed_iteration();
+    let exports = vec![Export {
+        platform: "ONNX".into(),
+        status: "Exporting".into(),
+        ..Default::default()
+    }];
+    let plan = plan_chain(&chain, &it, &exports, &[]);
+    let writes = step_writes(pid(), iid(), &plan, &[], now);
+    // ONNX exporting gets a row; TensorFlow is pending and gets none yet.
+    let [StepWrite::Insert(row)] = &writes[..] else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row.row_key, format!("ExportStep_{I}_ONNX"));
+    assert_eq!(row.properties[Prop::Status], "Exporting");
+    assert_eq!(row.properties[Prop::ChainPosition], 1i64);
+
+    // The same state again writes nothing.
+    let steps = vec![stored(row)];
+    assert!(step_writes(pid(), iid(), &plan, &steps, now).is_empty());
+
+    // ONNX done: a merge with the end time.
+    let exports = vec![Export {
+        platform: "ONNX".into(),
+        status: "Done".into(),
+        ..Default::default()
+    }];
+    let plan = plan_chain(&chain, &it, &exports, &[]);
+    let writes = step_writes(pid(), iid(), &plan, &steps, now);
+    let [StepWrite::Merge { properties, .. }] = &writes[..] else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(properties[Prop::Status], "Done");
+    assert_eq!(properties[Prop::EndedAt], now);
+}
+
+#[test]
+fn skipped_entries_get_a_row_with_the_reason() {
+    let chain = chain_config().chain.exports;
+    let mut it = completed_iteration();
+    it.exportable_to = vec!["TensorFlow".into()];
+    let plan = plan_chain(&chain, &it, &[], &[]);
+    let writes = step_writes(pid(), iid(), &plan, &[], datetime!(2026-11-26 10:05 UTC));
+    let [StepWrite::Insert(row)] = &writes[..] else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row.properties[Prop::Status], "Skipped");
+    assert!(
+        row.properties[Prop::Reason]
+            .as_text()
+            .unwrap()
+            .contains("exportableTo")
+    );
+}
+
+#[test]
+fn request_answers_are_classified() {
+    let err = |status, code: &str| -> Result<Export, CvError> {
+        Err(CvError::Service {
+            operation: "ExportIteration",
+            status,
+            code: code.into(),
+            message: "m".into(),
+        })
+    };
+    assert_eq!(
+        request_outcome(&Ok(Export::default())),
+        RequestOutcome::Exporting { note: None }
+    );
+    assert_eq!(
+        request_outcome(&err(400, codes::EXPORT_ALREADY_IN_PROGRESS)),
+        RequestOutcome::Exporting {
+            note: Some("already in progress".into())
+        }
+    );
+    assert_eq!(request_outcome(&err(429, "429")), RequestOutcome::Transient);
+    assert_eq!(
+        request_outcome(&err(500, "ErrorUnknown")),
+        RequestOutcome::Transient
+    );
+    assert_eq!(
+        request_outcome(&err(400, codes::EXPORT_WHILE_TRAINING)),
+        RequestOutcome::Transient
+    );
+    assert!(matches!(
+        request_outcome(&err(400, codes::UNSUPPORTED_EXPORT_PLATFORM)),
+        RequestOutcome::Refused(_)
+    ));
+}
+
+#[test]
+fn refused_steps_are_read_back() {
+    let chain = chain_config().chain.exports;
+    let t = chain[1].clone();
+    let w = step_after_request(
+        pid(),
+        iid(),
+        1,
+        &t,
+        &RequestOutcome::Refused("no".into()),
+        false,
+        datetime!(2026-11-26 10:05 UTC),
+    )
+    .unwrap();
+    let StepWrite::Insert(row) = w else { panic!() };
+    assert_eq!(row.properties[Prop::Status], "Refused");
+    assert_eq!(refused_targets(&chain, &[stored(&row)]), vec![t]);
+    assert_eq!(
+        step_after_request(
+            pid(),
+            iid(),
+            0,
+            &chain[0],
+            &RequestOutcome::Transient,
+            false,
+            datetime!(2026-11-26 10:05 UTC)
+        ),
+        None
+    );
+}
+
+#[test]
+fn a_release_lands_on_its_chain_entry_or_on_a_row_of_its_own() {
+    let chain = chain_config().chain.exports;
+    let now = datetime!(2026-11-26 10:05 UTC);
+    let released = Released {
+        url: "https://a.blob.core.windows.net/models/W/I/ONNX.zip".into(),
+        path: "W/I/ONNX.zip".into(),
+        size: 1234,
+        millis: 56,
+        copied: true,
+    };
+    let onnx12 = ExportTarget {
+        platform: "ONNX".into(),
+        flavor: Some("ONNX12".into()),
+    };
+    // The chain's ONNX entry (no flavor) answers an ONNX12 export: its row is updated.
+    let existing = step_row(pid(), iid(), 0, &chain[0], EntryState::Exporting);
+    let writes = release_writes(
+        pid(),
+        iid(),
+        &chain,
+        &onnx12,
+        &released,
+        &[stored(&existing)],
+        now,
+    );
+    let [
+        StepWrite::Merge {
+            row_key,
+            properties,
+            ..
+        },
+    ] = &writes[..]
+    else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row_key, &existing.row_key);
+    assert_eq!(properties[Prop::ReleaseSize], 1234i64);
+    assert!(matches!(properties[Prop::ReleaseSize], Value::Int64(_)));
+    assert_eq!(properties[Prop::ReleaseUrl], released.url);
+    // An export outside the chain gets its own row.
+    let coreml = ExportTarget {
+        platform: "CoreML".into(),
+        flavor: None,
+    };
+    let writes = release_writes(pid(), iid(), &chain, &coreml, &released, &[], now);
+    let [StepWrite::Insert(row)] = &writes[..] else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row.properties[Prop::ChainPosition], 0i64);
+    assert_eq!(row.properties[Prop::Status], "Done");
+    assert_eq!(row.row_key, format!("ExportStep_{I}_CoreML"));
+}
+
+#[test]
+fn a_current_copy_is_recorded_only_where_its_row_does_not_say_so() {
+    let chain = chain_config().chain.exports;
+    let now = datetime!(2026-11-26 10:05 UTC);
+    let current = Released {
+        url: "https://a.blob.core.windows.net/models/W/I/ONNX.zip".into(),
+        path: "W/I/ONNX.zip".into(),
+        size: 1234,
+        millis: 0,
+        copied: false,
+    };
+    let mut step = step_row(pid(), iid(), 0, &chain[0], EntryState::Done);
+    // A holder copied but crashed before recording: the row gets the release now.
+    let writes = release_writes(
+        pid(),
+        iid(),
+        &chain,
+        &chain[0],
+        &current,
+        &[stored(&step)],
+        now,
+    );
+    assert!(
+        matches!(&writes[..], [StepWrite::Merge { .. }]),
+        "{writes:?}"
+    );
+    // Recorded already: nothing to write.
+    step.properties.set(Prop::ReleaseUrl, &current.url);
+    assert!(
+        release_writes(
+            pid(),
+            iid(),
+            &chain,
+            &chain[0],
+            &current,
+            &[stored(&step)],
+            now
+        )
+        .is_empty()
+    );
+    // A fresh copy over a recorded one is recorded again (new size, new time).
+    let fresh = Released {
+        copied: true,
+        ..current
+    };
+    let writes = release_writes(
+        pid(),
+        iid(),
+        &chain,
+        &chain[0],
+        &fresh,
+        &[stored(&step)],
+        now,
+    );
+    assert_eq!(writes.len(), 1);
+    assert_eq!(chain_position(&chain, &chain[1]), 1);
+    assert!(step_exists(&[stored(&step)], iid(), &chain[0]));
+    assert!(!step_exists(&[stored(&step)], iid(), &chain[1]));
+}
+
+#[test]
+fn projects_outside_the_allow_list_are_recorded_as_ignored() {
+    let mut config = chain_config();
+    config.projects = Some(vec![Uuid::from_u128(42)]);
+    let n = crate::notification::parse(&training_completed())
+        .unwrap()
+        .notification;
+    assert_eq!(needs(&n, &config), Needs::default());
+    let (decision, actions) = plan_text(&training_completed(), &Observed::default(), &config);
+    assert!(matches!(decision, Decision::Accepted(_)));
+    let [Action::Record(row)] = &actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(row.properties[Prop::Ignored], true);
+    config.projects = Some(vec![pid()]);
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &config);
+    assert!(matches!(&actions[0], Action::Chain { .. }));
+}

@@ -1,0 +1,47 @@
+//! What cvchain's tests and benchmarks share, so no test reaches into another's files:
+//!
+//! - [`azurite`]: an Azurite of the test's own (free loopback ports, its own data folder or
+//!   memory, stopped on drop), on `cvchain-standin`'s launcher;
+//! - [`handler`]: the `cvchain` binary started as the Functions host starts it (`serve`) or as a
+//!   queue worker;
+//! - [`host`]: the Functions host's queue trigger, played against a running handler;
+//! - [`standin`]: the Custom Vision stand-in's configuration and REST API, as a user's script
+//!   would call it;
+//! - [`tls`]: a test CA and token credentials for Microsoft Entra ID paths;
+//! - [`secrets`]: the scan that fails a test when a secret leaks into logs or rows;
+//! - [`hot_path`]: the per-notification CPU work the benchmarks measure.
+
+pub mod azurite;
+pub mod handler;
+pub mod host;
+pub mod hot_path;
+pub mod secrets;
+pub mod standin;
+pub mod tls;
+
+pub use azurite::{Azurite, unique};
+pub use handler::Handler;
+pub use host::{HostEmulator, PumpStats, host_envelope};
+pub use secrets::assert_no_secrets;
+pub use standin::{StandinApi, standin_calls, standin_config};
+pub use tls::{AzuriteTokenCredential, RecordingCredential, TestCa};
+
+use std::path::PathBuf;
+
+/// The repository root (where `node_modules`, `host.json` and `tests/fixtures` are).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository root")
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    cvchain_standin::azurite::free_port().expect("a free loopback port")
+}
+
+/// A notification fixture from `tests/fixtures/notifications`.
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(repo_root().join("tests/fixtures/notifications").join(name)).unwrap()
+}

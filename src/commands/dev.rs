@@ -1,0 +1,320 @@
+//! `cvchain dev`: the whole chain on one machine. Starts Azurite from `node_modules` (unless
+//! `CVCHAIN_STORAGE` is set), the Custom Vision stand-in and the worker; creates a demo project,
+//! trains it, and lets the notifications drive the real chain, printing each event and a progress
+//! bar; ends with the history and the release blobs.
+
+use crate::settings::Settings;
+use crate::startup::Application;
+use crate::worker::WorkerOptions;
+use anyhow::bail;
+use azure_core::http::{Method, Request, Url, new_http_client};
+use cvchain_azure::storage::{
+    clients::StorageClients,
+    settings::{DEV_ACCOUNT, STORAGE_SETTING, parse_connection_string},
+};
+use cvchain_core::history::{HistoryRow, Prop, RowKind, RowStatus, StepRow};
+use cvchain_core::notification::Kind;
+use cvchain_core::report;
+use cvchain_standin::azurite::{self, Azurite, Data};
+use cvchain_standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use futures::TryStreamExt;
+use serde_json::Value;
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+const DEMO_KEY: &str = "cvchain-dev-training-key";
+const DEFAULT_CHAIN: &str = "ONNX, TensorFlow:TensorFlowLite, DockerFile:Linux";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Leave Azurite, the stand-in and the worker running after the demo (Ctrl-C stops).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if std::env::var("RUST_LOG").is_err() {
+        // SAFETY: single-threaded here, before the runtime and logging start.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
+    crate::telemetry::init(crate::settings::log_format_from_env());
+    super::runtime()?.block_on(demo(std::env::current_dir()?, args.keep))
+}
+
+/// Azurite for the run, with its data in `.azurite/` of the repository.
+fn start_azurite(root: &Path) -> anyhow::Result<Azurite> {
+    Ok(Azurite::start(azurite::Options::new(
+        root,
+        Data::Dir(root.join(".azurite")),
+    ))?)
+}
+
+/// The settings of the run: the environment's, with local defaults filled in.
+fn dev_settings(storage: &str, standin: &str, run: &str) -> anyhow::Result<Settings> {
+    let blob = storage_blob_url(storage)?;
+    let backup = format!("{}/cvbackups", blob.trim_end_matches('/'));
+    let defaults: Vec<(String, String)> = vec![
+        ("CVCHAIN_STORAGE".into(), storage.into()),
+        ("CVCHAIN_QUEUE".into(), format!("cvchain-dev-{run}")),
+        ("CVCHAIN_HISTORY_TABLE".into(), format!("CvchainDev{run}")),
+        ("CUSTOM_VISION_ENDPOINT".into(), standin.into()),
+        ("CUSTOM_VISION_TRAINING_KEY".into(), DEMO_KEY.into()),
+        ("CVCHAIN_EXPORTS".into(), DEFAULT_CHAIN.into()),
+        ("CVCHAIN_BACKUP_CONTAINER".into(), backup),
+    ];
+    let lookup = move |k: &str| -> Option<String> {
+        match k {
+            // The stand-in is this run's Custom Vision: never a real endpoint by accident.
+            "CUSTOM_VISION_ENDPOINT"
+            | "CUSTOM_VISION_TRAINING_KEY"
+            | "CUSTOM_VISION_CREDENTIAL" => defaults
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone()),
+            _ => std::env::var(k).ok().filter(|v| !v.is_empty()).or_else(|| {
+                defaults
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            }),
+        }
+    };
+    Ok(Settings::from_lookup(&lookup)?)
+}
+
+fn storage_blob_url(connection: &str) -> anyhow::Result<String> {
+    let s = parse_connection_string(STORAGE_SETTING, connection)?;
+    Ok(s.blob_endpoint.to_string())
+}
+
+async fn post_json(url: &str) -> anyhow::Result<Value> {
+    let mut req = Request::new(Url::parse(url)?, Method::Post);
+    req.insert_header("training-key", DEMO_KEY);
+    req.set_body(Vec::new());
+    let rsp = new_http_client(None).execute_request(&req).await?;
+    let (status, _, body) = rsp.deconstruct();
+    let body = body.collect().await?;
+    if !status.is_success() {
+        bail!("{url}: HTTP {}", u16::from(status));
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Runs the demo; with `keep`, leaves everything running until Ctrl-C.
+async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
+    let run_id = format!("{:08x}", rand_u32());
+    let (azurite, connection) = match std::env::var("CVCHAIN_STORAGE") {
+        Ok(c) if !c.trim().is_empty() => {
+            println!("● storage: CVCHAIN_STORAGE from the environment");
+            (None, c)
+        }
+        _ => {
+            let a = start_azurite(&root)?;
+            let c = a.connection_string();
+            println!(
+                "● Azurite on 127.0.0.1:{}/{}/{} (data in .azurite/)",
+                a.blob_port, a.queue_port, a.table_port
+            );
+            (Some(a), c)
+        }
+    };
+    let bootstrap = parse_connection_string(STORAGE_SETTING, &connection)?;
+    let clients = StorageClients::new(&bootstrap)?;
+    let standin = Standin::start(StandinConfig {
+        training_key: DEMO_KEY.into(),
+        storage: Some(clients.clone()),
+        train_delay: Duration::from_millis(800),
+        export_delay: Duration::from_millis(600),
+        model_size: 256 * 1024,
+        ..Default::default()
+    })
+    .await?;
+    println!("● Custom Vision stand-in on {}", standin.endpoint());
+
+    let settings = dev_settings(&connection, &standin.endpoint(), &run_id)?;
+    let app = Application::build(settings.clone())?;
+    let clients = app.clients.clone();
+    let store = app.history().clone();
+    let mut options = WorkerOptions::from_env(settings.max_dequeue)?;
+    options.max_poll = Duration::from_millis(500);
+    options.retry_delay = Duration::from_secs(2);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(app.run_worker(options, async {
+        let _ = stop_rx.await;
+    }));
+    println!(
+        "● worker on queue {} → table {}; chain: {}",
+        settings.queue_name,
+        settings.history_table,
+        settings
+            .chain
+            .exports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" → ")
+    );
+
+    // The user's part: a project wired to the queue and a backup container, then a training.
+    let blob = storage_blob_url(&connection)?;
+    let queue_uri = format!(
+        "{}/{}",
+        settings
+            .storage
+            .queue_endpoint
+            .as_str()
+            .trim_end_matches('/'),
+        settings.queue_name
+    );
+    let backup = format!("{}/cvbackups", blob.trim_end_matches('/'));
+    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
+    let project = post_json(&format!(
+        "{api}/projects?name=Widget%20Detector&domainId={COMPACT_DOMAIN}&notificationQueueUri={}&exportModelContainerUri={}",
+        enc(&queue_uri),
+        enc(&backup)
+    ))
+    .await?;
+    let pid = project["id"].as_str().unwrap_or_default().to_owned();
+    println!("● project \"Widget Detector\" {pid} created; training…");
+    post_json(&format!("{api}/projects/{pid}/train")).await?;
+
+    let total = settings.chain.exports.len();
+    let started = Instant::now();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut last_bar = String::new();
+    loop {
+        let rows = store.recent(Some(&pid), 1000).await?;
+        let mut ordered = rows.clone();
+        ordered.sort_by_key(|r| r.properties.time(Prop::Timestamp));
+        for r in &ordered {
+            let key = format!("{}|{}", r.row_key, r.properties.text(Prop::Status));
+            if seen.insert(key)
+                && let Some(line) = describe(r)
+            {
+                println!("{line}");
+            }
+        }
+        let released = StepRow::all(&rows)
+            .iter()
+            .filter(|s| s.release_url.is_some())
+            .count();
+        let bar = progress(released, total);
+        if bar != last_bar {
+            println!("{bar}");
+            last_bar = bar;
+        }
+        if released >= total && total > 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the chain did not finish within two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "\n● chain complete in {:.1} s\n\nHistory ({}):",
+        started.elapsed().as_secs_f64(),
+        settings.history_table
+    );
+    let rows = store.recent(Some(&pid), 1000).await?;
+    print!("{}", report::render(&report::iterations(&rows)));
+    println!(
+        "\nRelease blobs (container {}):",
+        settings.release.container
+    );
+    // Found the way a deployment pipeline would: by the project's index tags.
+    let service = clients.blob_service()?;
+    let filter = format!("\"projectId\"='{pid}' AND \"source\"='customvision'");
+    let mut pages = service.find_blobs_by_tags(&filter, None)?.into_pages();
+    while let Some(page) = pages.try_next().await? {
+        for b in page.into_model()?.blob_items {
+            let container = b.container_name.unwrap_or_default();
+            if container == settings.release.container {
+                println!("  {container}/{}", b.name.unwrap_or_default());
+            }
+        }
+    }
+    if keep {
+        println!(
+            "\n● still running (Ctrl-C stops). Point `func start --script-root dist/app` at the same storage with\n  CVCHAIN_STORAGE / AzureWebJobsStorage = the Azurite connection string (account {}, blob port {})",
+            DEV_ACCOUNT,
+            azurite.as_ref().map(|a| a.blob_port).unwrap_or(0)
+        );
+        crate::server::shutdown_signal().await;
+    }
+    let _ = stop_tx.send(());
+    let _ = worker.await;
+    drop(standin);
+    drop(azurite);
+    Ok(())
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn rand_u32() -> u32 {
+    uuid::Uuid::new_v4().as_u128() as u32
+}
+
+/// One line per event worth telling.
+fn describe(r: &HistoryRow) -> Option<String> {
+    let p = &r.properties;
+    let status = p.text(Prop::Status);
+    let pct = |prop| {
+        p.double(prop)
+            .map(|v| format!("{:.1}%", v * 100.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    match r.kind() {
+        Some(RowKind::Notification(Kind::ConnectionTest)) => {
+            Some("  ✓ storage integration confirmed (ConnectionTest)".into())
+        }
+        Some(RowKind::Notification(Kind::Training)) => Some(format!(
+            "  ✓ {} trained: precision {}, recall {}, mAP {}",
+            p.text(Prop::IterationName),
+            pct(Prop::Precision),
+            pct(Prop::Recall),
+            pct(Prop::AveragePrecision)
+        )),
+        Some(RowKind::ExportStep) => {
+            let step = StepRow::from_row(r);
+            let target = match &step.target.flavor {
+                None => step.target.platform.clone(),
+                Some(f) => format!("{}:{f}", step.target.platform),
+            };
+            match (r.status(), &step.release_path) {
+                (Some(RowStatus::Step(cvchain_core::chain::EntryState::Exporting)), _) => {
+                    Some(format!("  → export {target} requested"))
+                }
+                (Some(RowStatus::Step(cvchain_core::chain::EntryState::Done)), Some(path))
+                    if step.release_url.is_some() =>
+                {
+                    Some(format!("  ✓ {target} exported and released to {path}"))
+                }
+                (Some(RowStatus::Step(cvchain_core::chain::EntryState::Done)), _) => {
+                    Some(format!("  ✓ {target} exported"))
+                }
+                _ => Some(format!("  ! {target}: {status} {}", step.reason)),
+            }
+        }
+        Some(RowKind::Notification(Kind::Export) | RowKind::Claim) => None,
+        other => Some(format!(
+            "  · {}: {status}",
+            other.map(RowKind::as_str).unwrap_or("row")
+        )),
+    }
+}
+
+fn progress(done: usize, total: usize) -> String {
+    let width = 30;
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
+    format!(
+        "  [{}{}] {done}/{total} exports released",
+        "#".repeat(filled),
+        "-".repeat(width - filled)
+    )
+}

@@ -1,0 +1,107 @@
+//! The command line, one module per command. [`Cli`] is the whole interface: clap generates the
+//! usage text and each command's `--help` from it, and names any argument it does not know.
+
+pub mod check;
+#[cfg(feature = "standin")]
+pub mod dev;
+pub mod history;
+pub mod invoke;
+pub mod replay;
+pub mod serve;
+pub mod stage_app;
+pub mod worker;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// cvchain: Azure Custom Vision notifications → an event-driven MLOps chain.
+///
+/// Settings come from the environment (the names Azure Functions uses); see README.md.
+#[derive(Debug, Parser)]
+#[command(name = "cvchain", version, arg_required_else_help = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run as the Azure Functions custom handler.
+    ///
+    /// Listens on 127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT (8080 when unset).
+    Serve,
+    /// Consume the queue without a Functions host.
+    ///
+    /// The same processing as serve, with the host's queue semantics; see README for the
+    /// CVCHAIN_WORKER_* settings.
+    Worker,
+    /// Run the whole chain locally (development builds only).
+    ///
+    /// Starts Azurite (from node_modules, unless CVCHAIN_STORAGE is set), the Custom Vision
+    /// stand-in and the worker; trains a demo project and shows the exports and copies happen.
+    Dev(DevArgs),
+    /// The trained iterations, newest first, or the raw rows.
+    ///
+    /// Precision, recall, mAP, each export's status and release path; --rows for the raw
+    /// history rows.
+    History(history::Args),
+    /// Reach every dependency with the configured credentials; say what to fix.
+    ///
+    /// The queue, the poison queue, the history table, the containers and Custom Vision.
+    Check,
+    /// Move poison messages back to the queue, recording each move.
+    Replay(replay::Args),
+    /// Deliver a queue message to a running handler as the Functions host does.
+    Invoke(invoke::Args),
+    /// Stage the Functions app folder with this binary as the handler.
+    ///
+    /// Ready for `func start --script-root OUT`; --zip also writes the deployment zip.
+    StageApp(stage_app::Args),
+}
+
+#[cfg(feature = "standin")]
+pub use dev::Args as DevArgs;
+
+/// `cvchain dev`'s arguments, kept in builds without the stand-in so the command can say why
+/// it is not there.
+#[cfg(not(feature = "standin"))]
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Leave everything running after the demo.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// What a build without the `standin` feature answers for the commands that need it.
+pub const NO_STANDIN: &str = "`cvchain dev` is not in this build: the deployment package is built \
+without the local Custom Vision stand-in (the `standin` feature). Run it from a development \
+build: `scripts/run-local`, or `cargo run -- dev`.";
+
+impl Command {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Serve => {
+                crate::telemetry::init(crate::settings::log_format_from_env());
+                serve::run()
+            }
+            Command::Worker => {
+                crate::telemetry::init(crate::settings::log_format_from_env());
+                worker::run()
+            }
+            #[cfg(feature = "standin")]
+            Command::Dev(args) => dev::run(args),
+            #[cfg(not(feature = "standin"))]
+            Command::Dev(_) => anyhow::bail!(NO_STANDIN),
+            Command::History(args) => history::run(args),
+            Command::Check => check::run(),
+            Command::Replay(args) => replay::run(args),
+            Command::Invoke(args) => invoke::run(args),
+            Command::StageApp(args) => stage_app::run(args),
+        }
+    }
+}
+
+/// The async runtime a command runs on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")
+}
