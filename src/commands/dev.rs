@@ -190,7 +190,13 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         let mut ordered = rows.clone();
         ordered.sort_by_key(|r| r.properties.time(Prop::Timestamp));
         for r in &ordered {
-            let key = format!("{}|{}", r.row_key, r.properties.text(Prop::Status));
+            // A released step is told once, whatever its status says by then (the copy is
+            // recorded a moment before the step's status moves to Done).
+            let key = if r.properties.contains(Prop::ReleaseUrl) {
+                format!("{}|released", r.row_key)
+            } else {
+                format!("{}|{}", r.row_key, r.properties.text(Prop::Status))
+            };
             if seen.insert(key)
                 && let Some(line) = describe(r)
             {
@@ -287,13 +293,11 @@ fn describe(r: &HistoryRow) -> Option<String> {
                 Some(f) => format!("{}:{f}", step.target.platform),
             };
             match (r.status(), &step.release_path) {
+                (_, Some(path)) if step.release_url.is_some() => {
+                    Some(format!("  ✓ {target} exported and released to {path}"))
+                }
                 (Some(RowStatus::Step(cvchain_core::chain::EntryState::Exporting)), _) => {
                     Some(format!("  → export {target} requested"))
-                }
-                (Some(RowStatus::Step(cvchain_core::chain::EntryState::Done)), Some(path))
-                    if step.release_url.is_some() =>
-                {
-                    Some(format!("  ✓ {target} exported and released to {path}"))
                 }
                 (Some(RowStatus::Step(cvchain_core::chain::EntryState::Done)), _) => {
                     Some(format!("  ✓ {target} exported"))
