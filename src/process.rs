@@ -2,6 +2,8 @@
 //! the actions out against storage and Custom Vision. Every entry point (the Functions handler,
 //! the queue worker) goes through here. Nothing is decided here that the core could decide.
 
+use crate::error::ProcessError;
+use crate::lifecycle::Lifecycle;
 use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
 use cvchain_azure::customvision::TrainingApi;
@@ -12,19 +14,20 @@ use cvchain_azure::history::{
 use cvchain_azure::storage::{
     StorageError,
     blobs::ReleaseStore,
+    channels::ChannelStore,
     clients::StorageClients,
     queue::{poison_queue_name, send_text},
 };
 use cvchain_core::chain::{ExportTarget, Next, plan_chain};
 use cvchain_core::claims::ClaimKey;
-use cvchain_core::customvision::{CvError, codes};
+use cvchain_core::customvision::CvError;
 use cvchain_core::history::{PoisonCopy, Prop, Props, StepRow, failed_row, table_datetime};
 use cvchain_core::message::Incoming;
 use cvchain_core::notification::Notification;
 use cvchain_core::plan::{
-    Action, Decision, Observed, PlanConfig, RequestOutcome, StepWrite, chain_position,
+    Action, Decision, Observed, PlanConfig, Production, RequestOutcome, StepWrite, chain_position,
     describe_next, needs, plan, plan_unreadable, refused_targets, release_writes, request_outcome,
-    step_after_request, step_exists, step_writes,
+    retention_due, step_after_request, step_exists, step_writes,
 };
 use cvchain_core::redact::redact;
 use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, plan_releases};
@@ -53,28 +56,6 @@ pub struct Outcome {
     pub logs: Vec<String>,
 }
 
-/// Why a message could not be processed now. It stays on the queue and is retried.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProcessError {
-    #[error("storage: {0}")]
-    Storage(#[from] StorageError),
-    #[error("{0}")]
-    CustomVision(#[from] CvError),
-    #[error("not ready: {0}")]
-    NotReady(String),
-}
-
-impl ProcessError {
-    /// True when a retry may succeed without anyone changing anything.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ProcessError::Storage(e) => e.is_transient(),
-            ProcessError::CustomVision(e) => e.is_transient(),
-            ProcessError::NotReady(_) => true,
-        }
-    }
-}
-
 /// The adapters the actions need.
 pub struct Processor {
     history: HistoryStore,
@@ -83,6 +64,7 @@ pub struct Processor {
     table_name: String,
     cv: Option<Arc<dyn TrainingApi>>,
     releases: ReleaseStore,
+    lifecycle: Lifecycle,
     max_dequeue: u32,
     claims: Claims,
 }
@@ -114,6 +96,7 @@ impl Processor {
                 custom_vision: cv.is_some(),
                 backup_container: settings.release.backup_container.clone(),
                 projects: settings.projects.clone(),
+                lifecycle: settings.lifecycle.clone(),
             },
             max_dequeue: settings.max_dequeue,
             claims: Claims::new(
@@ -126,6 +109,17 @@ impl Processor {
                 settings.release.backup_container.clone(),
                 settings.release.template.clone(),
             )?,
+            lifecycle: Lifecycle {
+                history: HistoryStore::new(clients.table(&settings.history_table)?),
+                channels: ChannelStore::new(
+                    clients,
+                    &settings.release.container,
+                    settings.lifecycle.channels.clone(),
+                )?,
+                cv: cv.clone(),
+                publish: settings.chain.publish.clone(),
+                chain: settings.chain.exports.clone(),
+            },
             table_name: settings.history_table.clone(),
             cv,
         })
@@ -133,6 +127,11 @@ impl Processor {
 
     pub fn history(&self) -> &HistoryStore {
         &self.history
+    }
+
+    /// The lifecycle operations (`promote`, `rollback`, `channels` use them too).
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
     /// Processes one queue message. When it fails on the delivery the host will not retry
@@ -237,6 +236,22 @@ impl Processor {
                 }
             }
         }
+        if needs.production {
+            let name = o.project.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+            o.production = match self
+                .lifecycle
+                .channels
+                .load(project, &name, OffsetDateTime::now_utc())
+                .await
+            {
+                Ok(loaded) => match loaded.manifest.production_pointer {
+                    Some(p) => Production::Iteration(p.iteration),
+                    None => Production::Empty,
+                },
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => Production::Unknown(e.to_string()),
+            };
+        }
         Ok(o)
     }
 
@@ -253,20 +268,49 @@ impl Processor {
         let mut poison_already_sent = false;
         let mut recorded_row: Option<(String, String)> = None;
         let mut chain_status: Option<String> = None;
+        // Where the chain stands after this message (`None`: no chain ran).
+        let mut chain_next: Option<Next> = None;
         let mut publish_status: Option<String> = None;
+        let mut channel_status: Option<String> = None;
+        let mut retention_status: Option<String> = None;
         for action in actions {
             match action {
-                Action::Publish {
+                Action::Promote {
                     project,
+                    project_name,
                     iteration,
-                    name,
-                    prediction_id,
+                } => {
+                    let (channels, publish) = self
+                        .lifecycle
+                        .promote(project, &project_name, &iteration, now)
+                        .await?;
+                    logs.push(format!("channels: {channels}"));
+                    channel_status = Some(channels);
+                    if let Some(p) = publish {
+                        logs.push(format!("publish: {p}"));
+                        publish_status = Some(p);
+                    }
+                }
+                Action::Channels {
+                    project,
+                    project_name,
+                    iteration,
                 } => {
                     let status = self
-                        .publish(project, iteration, &name, &prediction_id)
+                        .lifecycle
+                        .move_channels(project, &project_name, &iteration, now)
                         .await?;
-                    logs.push(format!("publish: {status}"));
-                    publish_status = Some(status);
+                    logs.push(format!("channels: {status}"));
+                    channel_status = Some(status);
+                }
+                Action::Retain { project, keep } => {
+                    let status = if retention_due(chain_next.as_ref()) {
+                        self.lifecycle.retain(project, keep, now).await?
+                    } else {
+                        "waiting for the chain to complete".to_owned()
+                    };
+                    logs.push(format!("retention: {status}"));
+                    retention_status = Some(status);
                 }
                 Action::Release {
                     project,
@@ -277,11 +321,16 @@ impl Processor {
                         .await?;
                 }
                 Action::Chain { project, iteration } => {
-                    let status = self
+                    let next = self
                         .run_chain(project, iteration, observed, now, &mut logs)
                         .await?;
+                    let status = next
+                        .as_ref()
+                        .map(describe_next)
+                        .unwrap_or_else(|| "no iteration to export".into());
                     logs.push(format!("export chain: {status}"));
                     chain_status = Some(status);
+                    chain_next = Some(next.unwrap_or(Next::Empty));
                 }
                 Action::Record(mut row) => {
                     if let Some(s) = &chain_status {
@@ -289,6 +338,12 @@ impl Processor {
                     }
                     if let Some(s) = &publish_status {
                         row.properties.set(Prop::PublishStatus, s);
+                    }
+                    if let Some(s) = &channel_status {
+                        row.properties.set(Prop::ChannelStatus, s);
+                    }
+                    if let Some(s) = &retention_status {
+                        row.properties.set(Prop::RetentionStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
                     match self.history.record(&row).await? {
@@ -340,29 +395,6 @@ impl Processor {
         })
     }
 
-    async fn publish(
-        &self,
-        project: Uuid,
-        iteration: Uuid,
-        name: &str,
-        prediction_id: &str,
-    ) -> Result<String, ProcessError> {
-        let Some(cv) = &self.cv else {
-            return Ok("no Custom Vision endpoint".into());
-        };
-        match cv
-            .publish_iteration(project, iteration, name, prediction_id)
-            .await
-        {
-            Ok(_) => Ok(format!("published as {name}")),
-            Err(e) if e.code() == Some(codes::ITERATION_IS_PUBLISHED) => {
-                Ok("already published".into())
-            }
-            Err(e) if e.is_transient() => Err(e.into()),
-            Err(e) => Ok(format!("refused: {e}")),
-        }
-    }
-
     /// Requests the next export of the chain. The decisions are the core's (`plan_chain`,
     /// `step_writes`, `request_outcome`); this loop only carries them out, and asks again when
     /// the service refuses an entry for good, so the chain moves on.
@@ -373,10 +405,10 @@ impl Processor {
         observed: &Observed,
         now: OffsetDateTime,
         logs: &mut Vec<String>,
-    ) -> Result<String, ProcessError> {
+    ) -> Result<Option<Next>, ProcessError> {
         let chain = &self.config.chain.exports;
         let (Some(cv), Some(it)) = (&self.cv, observed.iteration.as_ref()) else {
-            return Ok("no iteration to export".into());
+            return Ok(None);
         };
         let mut exports = observed.exports.clone().unwrap_or_default();
         let mut steps = self.history.steps(project, iteration).await?;
@@ -390,7 +422,7 @@ impl Processor {
                 if let Next::NotReady(r) = &plan.next {
                     return Err(ProcessError::NotReady(r.clone()));
                 }
-                return Ok(describe_next(&plan.next));
+                return Ok(Some(plan.next));
             };
             // One requester at a time; inside the claim, GetExports is asked again, so a request
             // another instance made a moment ago is seen, not repeated.
@@ -450,10 +482,10 @@ impl Processor {
                     refused.push(target.clone());
                     steps = self.history.steps(project, iteration).await?;
                 }
-                _ => return Ok(describe_next(&plan.next)),
+                _ => return Ok(Some(plan.next)),
             }
         }
-        Ok("stopped after refusals".into())
+        Ok(Some(Next::NotReady("stopped after refusals".into())))
     }
 
     /// Copies every finished export of the iteration that has no current release copy, and

@@ -10,8 +10,8 @@ use cvchain_azure::storage::settings::{
     StorageSettings, validate_container_name, validate_queue_name, validate_table_name,
 };
 use cvchain_core::config::{
-    ChainSettings, EXPORTS_SETTING, PUBLISH_NAME_SETTING, ReleaseSettings, SettingsError, Vars,
-    parse_url,
+    ChainSettings, EXPORTS_SETTING, LifecycleSettings, PUBLISH_NAME_SETTING, ReleaseSettings,
+    SettingsError, Vars, parse_url,
 };
 use cvchain_core::release::PathTemplate;
 
@@ -50,6 +50,8 @@ pub struct Settings {
     pub custom_vision: Option<CustomVisionSettings>,
     pub chain: ChainSettings,
     pub release: ReleaseSettings,
+    /// The gate, the channels and retention.
+    pub lifecycle: LifecycleSettings,
     /// `CVCHAIN_PROJECTS`: only these projects are acted on; `None` means all.
     pub projects: Option<Vec<uuid::Uuid>>,
     /// The delivery at which the host gives up on a message (its `maxDequeueCount`).
@@ -84,6 +86,7 @@ impl Settings {
         };
         let chain = ChainSettings::from_vars(&vars)?;
         let release = release_from_vars(&vars)?;
+        let lifecycle = LifecycleSettings::from_vars(&vars)?;
         let projects = match get(PROJECTS_SETTING) {
             None => None,
             Some(v) => {
@@ -147,6 +150,7 @@ impl Settings {
             custom_vision,
             chain,
             release,
+            lifecycle,
             projects,
             max_dequeue,
             claim_seconds,

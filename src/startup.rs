@@ -26,6 +26,7 @@ pub struct Application {
     pub settings: Settings,
     pub clients: StorageClients,
     pub processor: Arc<Processor>,
+    cv: Option<Arc<dyn TrainingApi>>,
 }
 
 impl std::fmt::Debug for Application {
@@ -54,12 +55,18 @@ impl Application {
         clients: StorageClients,
         cv: Option<Arc<dyn TrainingApi>>,
     ) -> Result<Self, StartError> {
-        let processor = Arc::new(Processor::new(&settings, &clients, cv)?);
+        let processor = Arc::new(Processor::new(&settings, &clients, cv.clone())?);
         Ok(Self {
             settings,
             clients,
             processor,
+            cv,
         })
+    }
+
+    /// The Training API, when an endpoint is configured.
+    pub fn training_api(&self) -> Option<&Arc<dyn TrainingApi>> {
+        self.cv.as_ref()
     }
 
     /// The history table's store.

@@ -506,7 +506,7 @@ async fn training_completed_publishes_the_iteration_once() {
     let training = w.rows_of("Training").await;
     assert_eq!(
         training[0].entity["PublishStatus"],
-        "published as production"
+        "published Iteration 1 as production"
     );
     let calls = standin_calls(&w.standin.endpoint()).await;
     // The redelivery found the iteration published and did not ask again.

@@ -1,12 +1,15 @@
 //! The command line, one module per command. [`Cli`] is the whole interface: clap generates the
 //! usage text and each command's `--help` from it, and names any argument it does not know.
 
+pub mod channels;
 pub mod check;
 #[cfg(feature = "standin")]
 pub mod dev;
 pub mod history;
 pub mod invoke;
+pub mod promote;
 pub mod replay;
+pub mod rollback;
 pub mod serve;
 pub mod stage_app;
 pub mod worker;
@@ -49,6 +52,17 @@ pub enum Command {
     ///
     /// The queue, the poison queue, the history table, the containers and Custom Vision.
     Check,
+    /// Every release channel with the iteration it holds and its metrics.
+    Channels(channels::Args),
+    /// Move a channel to an iteration by hand, bypassing the gate.
+    ///
+    /// For `production` the pointer moves and publishing follows; the history row says the gate
+    /// was not consulted.
+    Promote(promote::Args),
+    /// Move a channel back to its previous holder.
+    ///
+    /// The iteration rolled back from is not promoted there again on its own.
+    Rollback(rollback::Args),
     /// Move poison messages back to the queue, recording each move.
     Replay(replay::Args),
     /// Deliver a queue message to a running handler as the Functions host does.
@@ -94,10 +108,62 @@ impl Command {
             Command::Dev(_) => anyhow::bail!(NO_STANDIN),
             Command::History(args) => history::run(args),
             Command::Check => check::run(),
+            Command::Channels(args) => channels::run(args),
+            Command::Promote(args) => promote::run(args),
+            Command::Rollback(args) => rollback::run(args),
             Command::Replay(args) => replay::run(args),
             Command::Invoke(args) => invoke::run(args),
             Command::StageApp(args) => stage_app::run(args),
         }
+    }
+}
+
+/// `production` or `latest`.
+fn parse_channel(s: &str) -> Result<cvchain_core::channels::Channel, String> {
+    cvchain_core::channels::Channel::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a channel (production or latest)"))
+}
+
+/// The project's name: from Custom Vision when it is configured, else from its Training rows.
+async fn project_name(app: &crate::startup::Application, project: uuid::Uuid) -> anyhow::Result<String> {
+    if let Some(cv) = app.training_api() {
+        return Ok(cv.get_project(project).await?.name);
+    }
+    let rows = app.history().recent(Some(&project.to_string()), 5000).await?;
+    rows.iter()
+        .filter_map(cvchain_core::history::TrainingRow::from_row)
+        .map(|t| t.project_name)
+        .find(|n| !n.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "project {project} has no Training row with its name, and CUSTOM_VISION_ENDPOINT is not set"
+            )
+        })
+}
+
+/// What a manual move did, one line each.
+fn print_change(change: &cvchain_core::channels::Change, publish: Option<&str>) {
+    if let Some(p) = &change.pointer {
+        println!(
+            "production pointer: {} → {} ({})",
+            p.from.as_ref().map(|f| f.name.as_str()).unwrap_or("-"),
+            p.to.name,
+            p.reason.as_str()
+        );
+    }
+    for m in &change.moves {
+        println!(
+            "{} {}: {} → {} ({}) at {}",
+            m.channel.as_str(),
+            m.target,
+            m.from.as_ref().map(|f| f.name.as_str()).unwrap_or("-"),
+            m.to.iteration.name,
+            m.to.reason.as_str(),
+            m.to.channel_path
+        );
+    }
+    if let Some(p) = publish {
+        println!("publish: {p}");
     }
 }
 

@@ -5,7 +5,10 @@
 //! in the worker, the chain here); the application assembles them.
 
 use crate::chain::{ExportTarget, parse_chain};
+use crate::channels::{CHANNEL_PATH_SETTING, DEFAULT_CHANNEL_TEMPLATE, Paths};
+use crate::gate::{GATE_SETTING, Gate};
 use crate::release::{DEFAULT_CONTAINER, DEFAULT_TEMPLATE, PathTemplate};
+use crate::retention::{KEEP_ITERATIONS_SETTING, MAX_ITERATIONS};
 use std::ops::RangeInclusive;
 use url::Url;
 
@@ -181,6 +184,54 @@ impl Default for ReleaseSettings {
     }
 }
 
+/// The model lifecycle: the promotion gate, where channel copies go, and retention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifecycleSettings {
+    /// `CVCHAIN_GATE`; no rules: every iteration passes.
+    pub gate: Gate,
+    /// `CVCHAIN_CHANNEL_PATH`.
+    pub channels: Paths,
+    /// `CVCHAIN_KEEP_ITERATIONS`; `None`: retention is off.
+    pub keep_iterations: Option<usize>,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        Self {
+            gate: Gate::default(),
+            channels: Paths {
+                template: PathTemplate::parse_channel(DEFAULT_CHANNEL_TEMPLATE)
+                    .expect("the default channel template is valid"),
+            },
+            keep_iterations: None,
+        }
+    }
+}
+
+impl LifecycleSettings {
+    /// `CVCHAIN_GATE`, `CVCHAIN_CHANNEL_PATH` and `CVCHAIN_KEEP_ITERATIONS`.
+    pub fn from_vars(vars: &Vars) -> Result<Self, SettingsError> {
+        let mut s = Self::default();
+        if let Some(v) = vars.get(GATE_SETTING) {
+            s.gate = Gate::parse(&v).map_err(|p| SettingsError::new(GATE_SETTING, p))?;
+        }
+        if let Some(v) = vars.get(CHANNEL_PATH_SETTING) {
+            s.channels.template = PathTemplate::parse_channel(&v)
+                .map_err(|p| SettingsError::new(CHANNEL_PATH_SETTING, p))?;
+        }
+        if vars.get(KEEP_ITERATIONS_SETTING).is_some() {
+            s.keep_iterations = Some(vars.number(
+                KEEP_ITERATIONS_SETTING,
+                MAX_ITERATIONS,
+                1..=MAX_ITERATIONS,
+                "",
+                " (Custom Vision keeps at most 20 iterations per project)",
+            )? as usize);
+        }
+        Ok(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +259,34 @@ mod tests {
         );
         let e = vars.number("C", 1, 1..=100, "", " (hint)").unwrap_err();
         assert_eq!(e.problem, "must be a whole number from 1 to 100 (hint)");
+    }
+
+    #[test]
+    fn lifecycle_settings_are_validated_and_name_the_setting() {
+        let map = vars_of(&[
+            ("CVCHAIN_GATE", "map>=80%,improves:map"),
+            ("CVCHAIN_KEEP_ITERATIONS", "2"),
+        ]);
+        let lookup = move |k: &str| map.get(k).cloned();
+        let s = LifecycleSettings::from_vars(&Vars::new(&lookup)).unwrap();
+        assert_eq!(s.gate.rules.len(), 2);
+        assert_eq!(s.keep_iterations, Some(2));
+        for (name, value) in [
+            ("CVCHAIN_GATE", "accuracy>=1"),
+            ("CVCHAIN_KEEP_ITERATIONS", "21"),
+            ("CVCHAIN_KEEP_ITERATIONS", "0"),
+            ("CVCHAIN_CHANNEL_PATH", "{projectName}/{platform}-{flavor}"),
+        ] {
+            let map = vars_of(&[(name, value)]);
+            let lookup = move |k: &str| map.get(k).cloned();
+            let e = LifecycleSettings::from_vars(&Vars::new(&lookup)).unwrap_err();
+            assert_eq!(e.setting, name, "{value}: {e}");
+        }
+        let none: HashMap<String, String> = HashMap::new();
+        let lookup = move |k: &str| none.get(k).cloned();
+        assert_eq!(
+            LifecycleSettings::from_vars(&Vars::new(&lookup)).unwrap(),
+            LifecycleSettings::default()
+        );
     }
 }

@@ -7,8 +7,9 @@
 //! - [`message`]: the queue message as it arrived, decoded once into a typed [`message::Incoming`];
 //! - [`notification`]: what Custom Vision sent, typed;
 //! - [`plan`]: the message, the configuration and what was observed → the actions, using
-//!   [`chain`] (which export comes next), [`release`] (where a model is copied from and to) and
-//!   [`claims`] (who may request or copy);
+//!   [`chain`] (which export comes next), [`release`] (where a model is copied from and to),
+//!   [`claims`] (who may request or copy), [`gate`] (may it go to production), [`channels`]
+//!   (which iteration `latest` and `production` hold) and [`retention`] (which iterations go);
 //! - [`history`]: the typed rows everything is recorded in, and the views read back from them;
 //! - [`report`]: the history as people read it (the `history` command and page).
 //!
@@ -17,11 +18,13 @@
 //! of every text that is stored or logged) and [`fuzzing`] (entry points for the fuzz targets).
 
 pub mod chain;
+pub mod channels;
 pub mod claims;
 pub mod config;
 pub mod customvision;
 pub mod envelope;
 pub mod fuzzing;
+pub mod gate;
 pub mod history;
 pub mod message;
 pub mod notification;
@@ -29,3 +32,4 @@ pub mod plan;
 pub mod redact;
 pub mod release;
 pub mod report;
+pub mod retention;

@@ -3,7 +3,9 @@
 //! observations, calls these, and carries the actions out through the adapters.
 
 use crate::chain::{ChainPlan, EntryState, ExportTarget, Next};
-use crate::config::ChainSettings;
+use crate::channels::{IterationRef, iteration_ref};
+use crate::config::{ChainSettings, LifecycleSettings};
+use crate::gate::{Metrics, Verdict};
 use crate::customvision::{CvError, Export, Iteration, IterationPerformance, Project, codes};
 use crate::history::{
     HistoryRow, PoisonCopy, Prop, Props, RowStatus, StepRow, enrich_training, notification_row,
@@ -37,13 +39,24 @@ pub enum Action {
     Record(HistoryRow),
     /// Copy the message text to the poison queue, once per recorded row.
     CopyToPoison { queue: String, text: String },
-    /// Publish the iteration (its outcome goes into the Training row).
-    Publish {
+    /// The iteration passed the gate: the project's production pointer moves to it (unless it
+    /// is older than the pointer or was rolled back from) and, with publishing configured, the
+    /// prediction endpoint follows the pointer.
+    Promote {
         project: Uuid,
-        iteration: Uuid,
-        name: String,
-        prediction_id: String,
+        project_name: String,
+        iteration: IterationRef,
     },
+    /// After a release: the iteration's release copies move the channels they may move (see
+    /// `channels`).
+    Channels {
+        project: Uuid,
+        project_name: String,
+        iteration: IterationRef,
+    },
+    /// When the chain is complete ([`retention_due`]): delete the project's oldest iterations
+    /// beyond `CVCHAIN_KEEP_ITERATIONS` that nothing needs.
+    Retain { project: Uuid, keep: usize },
     /// Run the export chain for the iteration (see `process`: it requests the next export).
     Chain { project: Uuid, iteration: Uuid },
     /// Copy the iteration's finished exports into the release container (see `release`).
@@ -73,6 +86,8 @@ pub struct PlanConfig {
     pub backup_container: Option<Url>,
     /// Only these projects are acted on (`CVCHAIN_PROJECTS`); `None` means all.
     pub projects: Option<Vec<Uuid>>,
+    /// The gate, the channels and retention.
+    pub lifecycle: LifecycleSettings,
 }
 
 impl PlanConfig {
@@ -93,6 +108,20 @@ pub struct Needs {
     pub iteration: bool,
     pub performance: bool,
     pub exports: bool,
+    /// The iteration now in production (the gate compares with it).
+    pub production: bool,
+}
+
+/// The iteration now in production, as far as it was looked up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Production {
+    /// Not asked for.
+    #[default]
+    NotLooked,
+    Empty,
+    Iteration(IterationRef),
+    /// The manifest cannot be read: the gate cannot compare, so it fails.
+    Unknown(String),
 }
 
 /// What was observed, as far as `Needs` asked.
@@ -102,6 +131,7 @@ pub struct Observed {
     pub iteration: Option<Iteration>,
     pub performance: Option<IterationPerformance>,
     pub exports: Option<Vec<Export>>,
+    pub production: Production,
     /// A permanent Custom Vision refusal while looking (iteration gone…): recorded; the chain
     /// stops for this message.
     pub problem: Option<String>,
@@ -122,6 +152,7 @@ pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
             iteration: true,
             performance: true,
             exports: chain,
+            production: config.lifecycle.gate.compares_with_production(),
         },
         // A finished export is released: names, performance and GetExports are needed.
         Notification::Export {
@@ -132,12 +163,14 @@ pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
             iteration: true,
             performance: true,
             exports: true,
+            production: false,
         },
         Notification::Export { .. } if chain => Needs {
             project: false,
             iteration: true,
             performance: false,
             exports: true,
+            production: false,
         },
         _ => Needs::default(),
     }
@@ -231,28 +264,35 @@ pub fn plan_notification(
                     Vec::new(),
                 );
             }
-            if let (Some(publish), Some(it)) = (&config.chain.publish, &observed.iteration) {
-                if it.is_published() {
-                    row.properties.set(
-                        Prop::PublishStatus,
-                        format!(
-                            "already published as {}",
-                            it.publish_name.clone().unwrap_or_default()
-                        ),
-                    );
-                } else {
-                    actions.push(Action::Publish {
-                        project: *project_id,
-                        iteration: *iteration_id,
-                        name: publish.name.clone(),
-                        prediction_id: publish.prediction_resource_id.clone(),
-                    });
-                }
+            let verdict = gate_verdict(observed, config);
+            row.properties.set(
+                Prop::GateVerdict,
+                if verdict.passed { "passed" } else { "failed" },
+            );
+            row.properties
+                .set(Prop::GateReasons, crate::message::bounded(&verdict.describe(), 1024).0);
+            match &observed.iteration {
+                Some(it) if verdict.passed => actions.push(Action::Promote {
+                    project: *project_id,
+                    project_name: project_name(observed),
+                    iteration: iteration_ref(it, observed.performance.as_ref()),
+                }),
+                _ if config.chain.publish.is_some() => row.properties.set(
+                    Prop::PublishStatus,
+                    format!("not published: the gate failed ({})", verdict.describe()),
+                ),
+                _ => {}
             }
             if chain_configured {
                 actions.push(Action::Chain {
                     project: *project_id,
                     iteration: *iteration_id,
+                });
+            }
+            if let Some(keep) = config.lifecycle.keep_iterations {
+                actions.push(Action::Retain {
+                    project: *project_id,
+                    keep,
                 });
             }
         }
@@ -290,18 +330,67 @@ pub fn plan_notification(
                     iteration: *iteration_id,
                     model_uri: class,
                 });
+                if let Some(it) = &observed.iteration {
+                    actions.push(Action::Channels {
+                        project: *project_id,
+                        project_name: project_name(observed),
+                        iteration: iteration_ref(it, observed.performance.as_ref()),
+                    });
+                }
             }
             if chain_configured {
                 actions.push(Action::Chain {
                     project: *project_id,
                     iteration: *iteration_id,
                 });
+                if let Some(keep) = config.lifecycle.keep_iterations {
+                    actions.push(Action::Retain {
+                        project: *project_id,
+                        keep,
+                    });
+                }
             }
         }
         _ => {}
     }
     actions.push(Action::Record(row));
     (accepted(), actions)
+}
+
+/// The project's name as Custom Vision reported it (empty when it did not).
+fn project_name(observed: &Observed) -> String {
+    observed
+        .project
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default()
+}
+
+/// The gate's verdict on the observed iteration, against the iteration now in production.
+pub fn gate_verdict(observed: &Observed, config: &PlanConfig) -> Verdict {
+    let gate = &config.lifecycle.gate;
+    let metrics = observed
+        .performance
+        .as_ref()
+        .map(Metrics::from)
+        .unwrap_or_default();
+    match &observed.production {
+        Production::Unknown(why) if gate.compares_with_production() => Verdict {
+            passed: false,
+            reasons: vec![format!("the iteration in production is unknown: {why}")],
+        },
+        Production::Iteration(p) => gate.evaluate(&metrics, Some(&p.metrics())),
+        _ => gate.evaluate(&metrics, None),
+    }
+}
+
+/// Whether the chain has nothing more to do, so retention may run.
+pub fn retention_due(next: Option<&Next>) -> bool {
+    match next {
+        // No chain configured for this notification: retention runs right away.
+        None => true,
+        Some(n) => matches!(n, Next::Empty | Next::Complete | Next::NotExportable(_)),
+    }
 }
 
 /// Reads the refused entries from an iteration's step rows.

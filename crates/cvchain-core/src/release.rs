@@ -18,37 +18,46 @@ const TOKENS: &[&str] = &[
     "platform",
     "flavor",
 ];
+/// A channel path names no iteration: it is the stable place a channel's model is fetched from.
+const CHANNEL_TOKENS: &[&str] = &["projectName", "projectId", "platform", "flavor", "channel"];
 
-/// `CVCHAIN_RELEASE_PATH`: text with `{token}`s, checked once at start.
+/// `CVCHAIN_RELEASE_PATH` or `CVCHAIN_CHANNEL_PATH`: text with `{token}`s, checked once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathTemplate(String);
 
+/// The `{token}`s of a template, each known.
+fn tokens<'a>(text: &'a str, known: &[&str]) -> Result<Vec<&'a str>, String> {
+    let mut rest = text;
+    let mut seen = Vec::new();
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else {
+            return Err("has a `{` without its `}`".into());
+        };
+        let token = &rest[start + 1..start + len];
+        if !known.contains(&token) {
+            return Err(format!(
+                "unknown token {{{token}}}; known: {}",
+                known
+                    .iter()
+                    .map(|t| format!("{{{t}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        seen.push(token);
+        rest = &rest[start + len + 1..];
+    }
+    Ok(seen)
+}
+
 impl PathTemplate {
+    /// A release path template (`CVCHAIN_RELEASE_PATH`).
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
         if t.is_empty() {
             return Err("must not be empty".into());
         }
-        let mut rest = t;
-        let mut seen = Vec::new();
-        while let Some(start) = rest.find('{') {
-            let Some(len) = rest[start..].find('}') else {
-                return Err("has a `{` without its `}`".into());
-            };
-            let token = &rest[start + 1..start + len];
-            if !TOKENS.contains(&token) {
-                return Err(format!(
-                    "unknown token {{{token}}}; known: {}",
-                    TOKENS
-                        .iter()
-                        .map(|t| format!("{{{t}}}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
-            seen.push(token);
-            rest = &rest[start + len + 1..];
-        }
+        let seen = tokens(t, TOKENS)?;
         // Without the platform (and flavor) two exports of one iteration would share a blob.
         if !seen.contains(&"platform") || !seen.contains(&"flavor") {
             return Err("must contain {platform} and {flavor}, or exports would collide".into());
@@ -66,6 +75,36 @@ impl PathTemplate {
             );
         }
         Ok(Self(t.to_owned()))
+    }
+
+    /// A channel path template (`CVCHAIN_CHANNEL_PATH`): the release tokens but the
+    /// iteration's, plus `{channel}`.
+    pub fn parse_channel(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("must not be empty".into());
+        }
+        let seen = tokens(t, CHANNEL_TOKENS)?;
+        if !seen.contains(&"channel") || !seen.contains(&"platform") || !seen.contains(&"flavor")
+        {
+            return Err(
+                "must contain {channel}, {platform} and {flavor}, or channels would collide"
+                    .into(),
+            );
+        }
+        if !seen
+            .iter()
+            .any(|t| *t == "projectName" || *t == "projectId")
+        {
+            return Err("must name the project ({projectName} or {projectId})".into());
+        }
+        Ok(Self(t.to_owned()))
+    }
+
+    /// The blob path of a channel's copy of an export: [`PathTemplate::render`] with
+    /// `{channel}`.
+    pub fn render_channel(&self, names: &ReleaseNames, channel: &str, qualify: bool) -> String {
+        PathTemplate(self.0.replace("{channel}", &sanitize(channel))).render(names, qualify)
     }
 
     /// The blob path for an export. Names are sanitized; with `qualify`, each name is followed

@@ -2,7 +2,7 @@
 //! exports, as a table, JSON or an HTML page with a chart; and the raw rows as a table. Pure:
 //! built from history rows, used by `cvchain history`, the history page and `cvchain dev`.
 
-use crate::history::{HistoryRow, Prop, StepRow, TrainingRow, table_datetime};
+use crate::history::{ChannelMoveRow, HistoryRow, Prop, StepRow, TrainingRow, table_datetime};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -17,6 +17,13 @@ pub struct IterationView {
     pub precision: Option<f64>,
     pub recall: Option<f64>,
     pub average_precision: Option<f64>,
+    /// The gate's verdict: `passed` or `failed` (absent for iterations recorded before the
+    /// gate existed).
+    pub gate: Option<String>,
+    /// Why: the rules that failed, or held.
+    pub gate_reasons: String,
+    /// The channels this iteration holds, as `production ONNX`.
+    pub channels: Vec<String>,
     pub exports: Vec<ExportView>,
 }
 
@@ -46,10 +53,26 @@ pub fn iterations(rows: &[HistoryRow]) -> Vec<IterationView> {
             precision: t.precision,
             recall: t.recall,
             average_precision: t.average_precision,
+            gate: t.gate_verdict,
+            gate_reasons: t.gate_reasons,
+            channels: Vec::new(),
             exports: Vec::new(),
         })
         .collect();
+    let holders = ChannelMoveRow::holders(rows);
     for view in &mut out {
+        view.channels = holders
+            .iter()
+            .filter(|h| h.iteration_id == view.iteration_id)
+            .map(|h| {
+                let target = if h.flavor.is_empty() {
+                    h.platform.clone()
+                } else {
+                    format!("{}:{}", h.platform, h.flavor)
+                };
+                format!("{} {target}", h.channel)
+            })
+            .collect();
         let mut mine: Vec<&StepRow> = steps
             .iter()
             .filter(|s| s.iteration_id == view.iteration_id)
@@ -185,6 +208,12 @@ pub fn render(views: &[IterationView]) -> String {
             };
             out.push_str(&format!("    {:<28} {:<10}{release}\n", target, e.status));
         }
+        if let Some(verdict) = &v.gate {
+            out.push_str(&format!("    gate {verdict}: {}\n", v.gate_reasons));
+        }
+        if !v.channels.is_empty() {
+            out.push_str(&format!("    holds {}\n", v.channels.join(", ")));
+        }
     }
     out
 }
@@ -277,6 +306,28 @@ mod tests {
                 "e",
                 vec![(EventType, text("Export")), (IterationId, text("i2"))],
             ),
+            row(
+                "m1",
+                vec![
+                    (EventType, text("ChannelMove")),
+                    (Channel, text("production")),
+                    (Platform, text("ONNX")),
+                    (Flavor, text("")),
+                    (IterationId, text("i1")),
+                    (Revision, Value::Int64(1)),
+                ],
+            ),
+            row(
+                "m2",
+                vec![
+                    (EventType, text("ChannelMove")),
+                    (Channel, text("production")),
+                    (Platform, text("ONNX")),
+                    (Flavor, text("")),
+                    (IterationId, text("i2")),
+                    (Revision, Value::Int64(2)),
+                ],
+            ),
         ]
     }
 
@@ -290,6 +341,9 @@ mod tests {
         assert_eq!(v[0].exports[1].flavor, "TensorFlowLite");
         assert!(v[1].exports.is_empty());
         assert_eq!(v[0].trained_at, "2026-11-26T10:00:00.0000000Z");
+        // The newest move of a channel says who holds it.
+        assert_eq!(v[0].channels, vec!["production ONNX"]);
+        assert!(v[1].channels.is_empty());
     }
 
     #[test]
@@ -462,21 +516,36 @@ pub fn html_page(title: &str, views: &[IterationView]) -> String {
                 )
             })
             .collect();
+        let gate = match &v.gate {
+            Some(verdict) => format!(
+                r#"<span class="gate-{}">{}</span><br><small>{}</small>"#,
+                esc(verdict),
+                esc(verdict),
+                esc(&v.gate_reasons)
+            ),
+            None => "-".into(),
+        };
+        let channels: Vec<String> = v
+            .channels
+            .iter()
+            .map(|c| format!("<li>{}</li>", esc(c)))
+            .collect();
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><ul>{}</ul></td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{gate}</td><td><ul>{}</ul></td><td><ul>{}</ul></td></tr>",
             esc(if v.project_name.is_empty() { &v.project_id } else { &v.project_name }),
             esc(if v.iteration_name.is_empty() { &v.iteration_id } else { &v.iteration_name }),
             esc(&v.trained_at.chars().take(19).collect::<String>().replace('T', " ")),
             pct(v.precision),
             pct(v.recall),
             pct(v.average_precision),
+            channels.join(""),
             exports.join("")
         ));
     }
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{t}</title>
-<style>body{{font-family:sans-serif;margin:2em;background:#fff;color:#222}}table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}}ul{{margin:0;padding-left:1em}}</style>
-</head><body><h1>{t}</h1>{chart}<h2>Iterations</h2><table><tr><th>project</th><th>iteration</th><th>trained at</th><th>precision</th><th>recall</th><th>mAP</th><th>exports</th></tr>{rows}</table></body></html>"#,
+<style>body{{font-family:sans-serif;margin:2em;background:#fff;color:#222}}table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}}ul{{margin:0;padding-left:1em}}.gate-passed{{color:#2ca02c}}.gate-failed{{color:#d62728}}</style>
+</head><body><h1>{t}</h1>{chart}<h2>Iterations</h2><table><tr><th>project</th><th>iteration</th><th>trained at</th><th>precision</th><th>recall</th><th>mAP</th><th>gate</th><th>channels</th><th>exports</th></tr>{rows}</table></body></html>"#,
         t = esc(title),
         chart = chart_svg(views),
     )
@@ -497,6 +566,9 @@ mod page_tests {
             precision: Some(p),
             recall: Some(p - 0.1),
             average_precision: None,
+            gate: Some("failed".into()),
+            gate_reasons: "recall <b>low</b>".into(),
+            channels: vec!["latest ONNX".into()],
             exports: vec![],
         }
     }
@@ -516,5 +588,7 @@ mod page_tests {
         assert!(svg.contains(r#"points="48.0,128.0 624.0,38.4""#), "{svg}");
         let page = html_page("History", &views);
         assert!(page.contains("W&lt;i&gt;dgets") && !page.contains("W<i>dgets"));
+        assert!(page.contains(r#"<span class="gate-failed">failed</span><br><small>recall &lt;b&gt;low&lt;/b&gt;</small>"#));
+        assert!(page.contains("<li>latest ONNX</li>"));
     }
 }

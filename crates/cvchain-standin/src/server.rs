@@ -124,6 +124,18 @@ pub struct Faults {
     pub fail_export_platforms: Vec<String>,
     /// Trainings end `TrainingFailed`.
     pub fail_training: bool,
+    /// The performance of the next trainings, in order (each training takes the first);
+    /// when empty, a random one.
+    pub next_performance: Vec<Performance>,
+}
+
+/// An iteration's overall performance, as a test asks for it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Performance {
+    pub precision: f64,
+    pub recall: f64,
+    pub average_precision: f64,
 }
 
 /// One ExportIteration call, as the stand-in saw it.
@@ -488,10 +500,11 @@ fn next_f64(state: &mut u64) -> f64 {
     (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// RFC 3339 with milliseconds: iterations trained a moment apart keep their order.
 fn now_string() -> String {
-    OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| OffsetDateTime::now_utc())
+    let now = OffsetDateTime::now_utc();
+    now.replace_millisecond(now.millisecond())
+        .unwrap_or(now)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -914,6 +927,8 @@ async fn finish_training(s: &S, project: Uuid, iteration: Uuid) {
         let fail = st.faults.fail_training;
         let a = next_f64(&mut st.rng);
         let b = next_f64(&mut st.rng);
+        let wanted = (!st.faults.next_performance.is_empty())
+            .then(|| st.faults.next_performance.remove(0));
         let Some(p) = st.projects.get_mut(&project) else {
             return;
         };
@@ -940,21 +955,28 @@ async fn finish_training(s: &S, project: Uuid, iteration: Uuid) {
             it.iteration.trained_at = Some(now);
             it.iteration.training_time_in_minutes = Some(1);
             it.iteration.exportable = compact;
-            let precision = 0.80 + 0.19 * a;
-            let recall = 0.75 + 0.2 * b;
+            let p = wanted.unwrap_or_else(|| {
+                let precision = 0.80 + 0.19 * a;
+                let recall = 0.75 + 0.2 * b;
+                Performance {
+                    precision,
+                    recall,
+                    average_precision: (precision + recall) / 2.0,
+                }
+            });
             it.performance = Some(IterationPerformance {
                 per_tag_performance: vec![TagPerformance {
                     id: Some(Uuid::new_v4()),
                     name: Some("widget".into()),
-                    precision: Some(precision),
-                    recall: Some(recall),
-                    average_precision: Some((precision + recall) / 2.0),
+                    precision: Some(p.precision),
+                    recall: Some(p.recall),
+                    average_precision: Some(p.average_precision),
                 }],
-                precision: Some(precision),
+                precision: Some(p.precision),
                 precision_std_deviation: Some(0.01),
-                recall: Some(recall),
+                recall: Some(p.recall),
                 recall_std_deviation: Some(0.02),
-                average_precision: Some((precision + recall) / 2.0),
+                average_precision: Some(p.average_precision),
             });
             (queue, TrainingStatus::Completed)
         }

@@ -188,18 +188,34 @@ impl TrainingClient {
         method: Method,
         url: Url,
     ) -> Result<T, CvError> {
+        let rsp = self.call_raw(operation, method, url).await?;
+        serde_json::from_slice(rsp.body().as_ref()).map_err(|e| CvError::Decode {
+            operation,
+            detail: e.to_string(),
+        })
+    }
+
+    /// A call whose answer has no body to read (204 No Content).
+    async fn call_no_content(
+        &self,
+        operation: &'static str,
+        method: Method,
+        url: Url,
+    ) -> Result<(), CvError> {
+        self.call_raw(operation, method, url).await.map(|_| ())
+    }
+
+    async fn call_raw(
+        &self,
+        operation: &'static str,
+        method: Method,
+        url: Url,
+    ) -> Result<RawResponse, CvError> {
         let mut attempt = 1;
         loop {
             let (result, retry_after) = self.attempt(operation, method, url.clone()).await;
             let err = match result {
-                Ok(rsp) => {
-                    return serde_json::from_slice(rsp.body().as_ref()).map_err(|e| {
-                        CvError::Decode {
-                            operation,
-                            detail: e.to_string(),
-                        }
-                    });
-                }
+                Ok(rsp) => return Ok(rsp),
                 Err(e) => e,
             };
             let retryable = match &err {
@@ -407,6 +423,28 @@ impl TrainingApi for TrainingClient {
             ],
         );
         self.call("PublishIteration", Method::Post, url).await
+    }
+
+    async fn get_iterations(&self, project: Uuid) -> Result<Vec<Iteration>, CvError> {
+        let url = self.url(&format!("projects/{project}/iterations"), &[]);
+        let iterations: Option<Vec<Iteration>> =
+            self.call("GetIterations", Method::Get, url).await?;
+        Ok(iterations.unwrap_or_default())
+    }
+
+    async fn unpublish_iteration(&self, project: Uuid, iteration: Uuid) -> Result<(), CvError> {
+        let url = self.url(
+            &format!("projects/{project}/iterations/{iteration}/publish"),
+            &[],
+        );
+        self.call_no_content("UnpublishIteration", Method::Delete, url)
+            .await
+    }
+
+    async fn delete_iteration(&self, project: Uuid, iteration: Uuid) -> Result<(), CvError> {
+        let url = self.url(&format!("projects/{project}/iterations/{iteration}"), &[]);
+        self.call_no_content("DeleteIteration", Method::Delete, url)
+            .await
     }
 }
 

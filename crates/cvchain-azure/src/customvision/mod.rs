@@ -46,6 +46,10 @@ pub trait TrainingApi: Send + Sync {
         publish_name: &str,
         prediction_id: &str,
     ) -> Result<bool, CvError>;
+    /// Every iteration of the project (retention, publishing).
+    async fn get_iterations(&self, project: Uuid) -> Result<Vec<Iteration>, CvError>;
+    async fn unpublish_iteration(&self, project: Uuid, iteration: Uuid) -> Result<(), CvError>;
+    async fn delete_iteration(&self, project: Uuid, iteration: Uuid) -> Result<(), CvError>;
 }
 
 /// Where the Training API is and how to authenticate to it.

@@ -105,6 +105,20 @@ impl HistoryStore {
             .collect())
     }
 
+    /// Every export step row of the project (retention reads them all).
+    pub async fn project_steps(&self, project: Uuid) -> Result<Vec<StepRow>, StorageError> {
+        let filter = format!(
+            "{} and RowKey ge 'ExportStep_' and RowKey lt 'ExportStep`'",
+            filter_eq("PartitionKey", &project.to_string()),
+        );
+        Ok(self
+            .query(Some(&filter), 100_000)
+            .await?
+            .iter()
+            .map(StepRow::from_row)
+            .collect())
+    }
+
     /// Rows matching an OData filter, in table order; none when the table does not exist yet.
     pub async fn query(
         &self,

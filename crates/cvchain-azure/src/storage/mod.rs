@@ -2,6 +2,7 @@
 //! signing, Tables), and the poison queue.
 
 pub mod blobs;
+pub mod channels;
 pub mod clients;
 pub mod queue;
 pub mod settings;

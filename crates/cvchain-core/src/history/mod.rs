@@ -6,7 +6,7 @@ mod row;
 mod views;
 
 pub use row::{HistoryRow, PoisonCopy, Prop, Props, RowKind, RowStatus, Value, ValueKind};
-pub use views::{StepRow, TrainingRow};
+pub use views::{ChannelMoveRow, StepRow, TrainingRow};
 
 use crate::chain::{EntryState, ExportTarget};
 use crate::customvision::{Iteration, IterationPerformance, Project};

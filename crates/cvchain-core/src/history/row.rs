@@ -117,6 +117,25 @@ props! {
     Owner: Text,
     Purpose: Text,
     ExpiresAt: Time,
+    /// The gate's verdict on a trained iteration: `passed` or `failed`.
+    GateVerdict: Text,
+    /// The rules that failed (or, when it passed, held).
+    GateReasons: Text,
+    /// What the notification did to the release channels.
+    ChannelStatus: Text,
+    /// What retention did after the chain completed.
+    RetentionStatus: Text,
+    /// A channel move's channel (`latest`, `production`).
+    Channel: Text,
+    PromotedAt: Time,
+    PreviousIterationId: Text,
+    PreviousIterationName: Text,
+    ChannelPath: Text,
+    /// The manifest revision a move made.
+    Revision: Int64,
+    Note: Text,
+    /// A retention deletion: which iterations were kept, and why.
+    Kept: Text,
     /// Set by the table service on every write; never written.
     Timestamp: Time,
 }
@@ -349,10 +368,14 @@ pub enum RowKind {
     Replayed,
     /// A claim on an export request or a copy.
     Claim,
+    /// A release channel (or the production pointer) moved.
+    ChannelMove,
+    /// Retention deleted an iteration.
+    IterationDeleted,
 }
 
 impl RowKind {
-    pub const ALL: [RowKind; 9] = [
+    pub const ALL: [RowKind; 11] = [
         RowKind::Notification(Kind::ConnectionTest),
         RowKind::Notification(Kind::Training),
         RowKind::Notification(Kind::Export),
@@ -362,6 +385,8 @@ impl RowKind {
         RowKind::Failed,
         RowKind::Replayed,
         RowKind::Claim,
+        RowKind::ChannelMove,
+        RowKind::IterationDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -375,6 +400,8 @@ impl RowKind {
             RowKind::Failed => "Failed",
             RowKind::Replayed => "Replayed",
             RowKind::Claim => "Claim",
+            RowKind::ChannelMove => "ChannelMove",
+            RowKind::IterationDeleted => "IterationDeleted",
         }
     }
 

@@ -19,6 +19,7 @@ pub struct StepRow {
     pub reason: String,
     pub release_url: Option<String>,
     pub release_path: Option<String>,
+    pub release_size: Option<i64>,
 }
 
 impl StepRow {
@@ -43,6 +44,7 @@ impl StepRow {
             reason: p.text(Prop::Reason).to_owned(),
             release_url: non_empty(Prop::ReleaseUrl),
             release_path: non_empty(Prop::ReleasePath),
+            release_size: p.int(Prop::ReleaseSize),
         }
     }
 
@@ -73,6 +75,9 @@ pub struct TrainingRow {
     pub precision: Option<f64>,
     pub recall: Option<f64>,
     pub average_precision: Option<f64>,
+    /// The gate's verdict (`passed`, `failed`), when one was recorded.
+    pub gate_verdict: Option<String>,
+    pub gate_reasons: String,
 }
 
 impl TrainingRow {
@@ -92,6 +97,62 @@ impl TrainingRow {
             precision: p.double(Prop::Precision),
             recall: p.double(Prop::Recall),
             average_precision: p.double(Prop::AveragePrecision),
+            gate_verdict: Some(p.text(Prop::GateVerdict).to_owned()).filter(|v| !v.is_empty()),
+            gate_reasons: p.text(Prop::GateReasons).to_owned(),
         })
+    }
+
+    /// Whether the gate passed this iteration (`None` when no verdict was recorded).
+    pub fn passed_gate(&self) -> Option<bool> {
+        self.gate_verdict.as_deref().map(|v| v == "passed")
+    }
+}
+
+/// A channel move, read back: which iteration holds which channel for which target, as of which
+/// manifest revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelMoveRow {
+    pub channel: String,
+    /// Empty for a move of the production pointer.
+    pub platform: String,
+    pub flavor: String,
+    pub iteration_id: String,
+    pub iteration_name: String,
+    pub revision: i64,
+    pub reason: String,
+}
+
+impl ChannelMoveRow {
+    pub fn from_row(row: &HistoryRow) -> Option<Self> {
+        if row.kind() != Some(RowKind::ChannelMove) {
+            return None;
+        }
+        let p = &row.properties;
+        Some(Self {
+            channel: p.text(Prop::Channel).to_owned(),
+            platform: p.text(Prop::Platform).to_owned(),
+            flavor: p.text(Prop::Flavor).to_owned(),
+            iteration_id: p.text(Prop::IterationId).to_owned(),
+            iteration_name: p.text(Prop::IterationName).to_owned(),
+            revision: p.int(Prop::Revision).unwrap_or(0),
+            reason: p.text(Prop::Reason).to_owned(),
+        })
+    }
+
+    /// Who holds each (channel, target) according to the moves among `rows`: the move with the
+    /// highest revision wins. Pointer moves (no platform) are left out.
+    pub fn holders(rows: &[HistoryRow]) -> Vec<ChannelMoveRow> {
+        let mut latest: std::collections::BTreeMap<(String, String, String), ChannelMoveRow> =
+            std::collections::BTreeMap::new();
+        for m in rows.iter().filter_map(Self::from_row) {
+            if m.platform.is_empty() {
+                continue;
+            }
+            let key = (m.channel.clone(), m.platform.clone(), m.flavor.clone());
+            if latest.get(&key).is_none_or(|cur| cur.revision < m.revision) {
+                latest.insert(key, m);
+            }
+        }
+        latest.into_values().collect()
     }
 }

@@ -41,6 +41,7 @@ fn chain_config() -> PlanConfig {
         custom_vision: true,
         backup_container: Some(Url::parse("https://acct.blob.core.windows.net/cvbackups").unwrap()),
         projects: None,
+        lifecycle: Default::default(),
     }
 }
 
@@ -165,7 +166,8 @@ fn training_completed_asks_for_everything_and_runs_the_chain() {
             project: true,
             iteration: true,
             performance: true,
-            exports: true
+            exports: true,
+            production: false,
         }
     );
     let observed = Observed {
@@ -181,12 +183,25 @@ fn training_completed_asks_for_everything_and_runs_the_chain() {
             ..Default::default()
         }),
         exports: Some(vec![]),
+        production: Production::NotLooked,
         problem: None,
     };
     let (decision, actions) = plan_text(&training_completed(), &observed, &chain_config());
     assert!(matches!(decision, Decision::Accepted(_)));
     match &actions[..] {
-        [Action::Chain { project, iteration }, Action::Record(row)] => {
+        [
+            Action::Promote {
+                iteration: promoted,
+                ..
+            },
+            Action::Chain { project, iteration },
+            Action::Record(row),
+        ] => {
+            // No gate configured: every iteration passes and production follows it.
+            assert_eq!(promoted.id, iid());
+            assert_eq!(promoted.map, Some(0.85));
+            assert_eq!(row.properties[Prop::GateVerdict], "passed");
+            assert_eq!(row.properties[Prop::GateReasons], "no gate configured");
             assert_eq!((*project, *iteration), (pid(), iid()));
             let p = &row.properties;
             assert_eq!(p[Prop::ProjectName], "Widgets");
@@ -204,28 +219,82 @@ fn training_completed_asks_for_everything_and_runs_the_chain() {
 }
 
 #[test]
-fn publishing_is_planned_once() {
+fn only_an_iteration_that_passes_the_gate_is_promoted_and_published() {
     let mut config = chain_config();
     config.chain.publish = Some(PublishSettings {
         name: "prod".into(),
         prediction_resource_id: "/subscriptions/x".into(),
     });
-    let mut observed = Observed {
-        iteration: Some(completed_iteration()),
+    config.lifecycle.gate = crate::gate::Gate::parse("recall>=0.80,improves:map").unwrap();
+    let perf = |recall: f64, map: f64| IterationPerformance {
+        precision: Some(0.9),
+        recall: Some(recall),
+        average_precision: Some(map),
         ..Default::default()
     };
-    let (_, actions) = plan_text(&training_completed(), &observed, &config);
-    assert!(matches!(&actions[0], Action::Publish { name, .. } if name == "prod"));
-    observed.iteration.as_mut().unwrap().publish_name = Some("prod".into());
-    let (_, actions) = plan_text(&training_completed(), &observed, &config);
-    assert!(!actions.iter().any(|a| matches!(a, Action::Publish { .. })));
-    let Some(Action::Record(row)) = actions.last() else {
-        panic!()
+    let mut observed = Observed {
+        iteration: Some(completed_iteration()),
+        performance: Some(perf(0.78, 0.9)),
+        production: Production::Empty,
+        ..Default::default()
     };
+    let promoted = |actions: &[Action]| actions.iter().any(|a| matches!(a, Action::Promote { .. }));
+    let record = |actions: &[Action]| match actions.last() {
+        Some(Action::Record(row)) => row.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(!promoted(&actions));
+    let row = record(&actions);
+    assert_eq!(row.properties[Prop::GateVerdict], "failed");
+    assert_eq!(row.properties[Prop::GateReasons], "recall 0.78 < 0.80");
     assert_eq!(
         row.properties[Prop::PublishStatus],
-        "already published as prod"
+        "not published: the gate failed (recall 0.78 < 0.80)"
     );
+    // Good enough, and production is empty: promoted.
+    observed.performance = Some(perf(0.85, 0.9));
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(promoted(&actions));
+    // Not better than production's mAP: not promoted.
+    let mut prod = crate::channels::iteration_ref(&completed_iteration(), Some(&perf(0.9, 0.95)));
+    prod.id = Uuid::from_u128(7);
+    observed.production = Production::Iteration(prod);
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(!promoted(&actions));
+    assert_eq!(
+        record(&actions).properties[Prop::GateReasons],
+        "map 0.90 <= production's 0.95"
+    );
+    // Production cannot be read: the gate cannot compare, so it fails.
+    observed.production = Production::Unknown("models/W/channels.json is not valid JSON".into());
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(!promoted(&actions));
+    assert!(
+        record(&actions).properties[Prop::GateReasons]
+            .as_text()
+            .unwrap()
+            .starts_with("the iteration in production is unknown")
+    );
+}
+
+#[test]
+fn retention_runs_when_the_chain_is_complete() {
+    let mut config = chain_config();
+    config.lifecycle.keep_iterations = Some(2);
+    let (_, actions) = plan_text(&export_completed(), &Observed::default(), &config);
+    assert!(matches!(
+        &actions[..],
+        [
+            Action::Release { .. },
+            Action::Chain { .. },
+            Action::Retain { keep: 2, .. },
+            Action::Record(_)
+        ]
+    ));
+    assert!(retention_due(None));
+    assert!(retention_due(Some(&Next::Complete)));
+    assert!(!retention_due(Some(&Next::Wait(chain_config().chain.exports[0].clone()))));
 }
 
 #[test]

@@ -1,0 +1,462 @@
+//! Release channels in the release container: the manifest (`{projectName}/channels.json`),
+//! read and written with ETag conditions so concurrent updates never lose one, and the channel
+//! copies, server-side copies of release copies that converge on the manifest's newest revision.
+//! What moves is decided in `cvchain_core::channels`.
+
+use super::{StorageError, clients::StorageClients};
+use azure_core::http::{RequestContent, StatusCode};
+use azure_storage_blob::{
+    BlobClient, BlobContainerClient,
+    models::{
+        BlobClientGetPropertiesResultHeaders, BlobClientStartCopyFromUrlOptions,
+        BlockBlobClientUploadOptions, CopyStatus,
+    },
+};
+use cvchain_core::chain::ExportTarget;
+use cvchain_core::channels::{
+    Change, Channel, Manifest, ManifestError, Move, Paths, channel_metadata, manifest_path,
+};
+use cvchain_core::release::{index_tags, tags_header};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+const SERVICE: &str = "blob";
+/// Conflicting writers retry this many times before the message is retried as a whole.
+const ATTEMPTS: usize = 8;
+
+fn err(e: azure_core::Error) -> StorageError {
+    StorageError::from_azure(SERVICE, &e)
+}
+
+/// Why the channels could not be updated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The manifest blob is not one cvchain can use; it is left alone.
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
+    #[error("the manifest {path} kept changing under {ATTEMPTS} attempts")]
+    Contended { path: String },
+}
+
+impl ChannelError {
+    /// Storage trouble and contention pass; a manifest someone must fix does not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ChannelError::Storage(e) => e.is_transient(),
+            ChannelError::Manifest(_) => false,
+            ChannelError::Contended { .. } => true,
+        }
+    }
+}
+
+/// A manifest as read, with what a conditional write needs.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: String,
+    pub manifest: Manifest,
+    /// `None`: there is no manifest yet (the write must not overwrite one that appears).
+    pub etag: Option<String>,
+}
+
+/// What a channel copy sync did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    Copied,
+    /// The copy already held this revision or a newer one.
+    Current,
+}
+
+pub struct ChannelStore {
+    container: BlobContainerClient,
+    paths: Paths,
+    copy_timeout: Duration,
+}
+
+impl std::fmt::Debug for ChannelStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelStore").finish()
+    }
+}
+
+impl ChannelStore {
+    pub fn new(clients: &StorageClients, container: &str, paths: Paths) -> Result<Self, StorageError> {
+        Ok(Self {
+            container: clients.blob_service()?.blob_container_client(container),
+            paths,
+            copy_timeout: Duration::from_secs(600),
+        })
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    fn blob(&self, path: &str) -> BlobClient {
+        self.container.blob_client(path)
+    }
+
+    async fn get(&self, path: &str) -> Result<Option<(Vec<u8>, String)>, StorageError> {
+        match self.blob(path).download(None).await {
+            Ok(rsp) => {
+                let etag = rsp
+                    .properties
+                    .etag
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                let bytes = rsp.body.collect().await.map_err(err)?;
+                Ok(Some((bytes.to_vec(), etag)))
+            }
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// The project's manifest: at `{projectName}/channels.json`, or at the id-qualified path when
+    /// that holds another project's. A new one when there is none yet.
+    pub async fn load(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        now: OffsetDateTime,
+    ) -> Result<Loaded, ChannelError> {
+        let mut last = None;
+        for qualify in [false, true] {
+            let path = manifest_path(project, project_name, qualify);
+            match self.get(&path).await? {
+                None => {
+                    return Ok(Loaded {
+                        path,
+                        manifest: Manifest::new(project, project_name, now),
+                        etag: None,
+                    });
+                }
+                Some((bytes, etag)) => match Manifest::parse(&path, &bytes, project) {
+                    Ok(manifest) => {
+                        return Ok(Loaded {
+                            path,
+                            manifest,
+                            etag: Some(etag),
+                        });
+                    }
+                    // Another project of the same name: it keeps its path, this one qualifies.
+                    Err(e @ ManifestError::OtherProject { .. }) if !qualify => last = Some(e),
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+        Err(last.expect("the plain path was tried").into())
+    }
+
+    /// Writes the manifest if nobody changed it since it was read; `None` when somebody did.
+    pub async fn save(
+        &self,
+        loaded: &Loaded,
+        manifest: &Manifest,
+    ) -> Result<Option<String>, StorageError> {
+        let mut tags = BTreeMap::new();
+        tags.insert("projectId".to_owned(), manifest.project_id.to_string());
+        tags.insert("manifest".to_owned(), "channels".to_owned());
+        let mut options = BlockBlobClientUploadOptions {
+            blob_content_type: Some("application/json".into()),
+            blob_tags_string: Some(tags_header(&tags)),
+            ..Default::default()
+        };
+        match &loaded.etag {
+            Some(etag) => options.if_match = Some(etag.clone().into()),
+            None => options.if_none_match = Some("*".into()),
+        }
+        let body = RequestContent::from(manifest.to_json());
+        let blob = self.blob(&loaded.path);
+        let result = match blob.upload(body.clone(), Some(options.clone())).await {
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
+                self.ensure_container().await?;
+                blob.upload(body, Some(options)).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(rsp) => Ok(Some(rsp.etag.map(|e| e.to_string()).unwrap_or_default())),
+            // 412: changed since read; 409: created since read (If-None-Match).
+            Err(e)
+                if matches!(
+                    e.http_status(),
+                    Some(StatusCode::PreconditionFailed | StatusCode::Conflict)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Applies `f` to the project's manifest and writes it under the ETag it was read with,
+    /// reading again when another writer got there first. Returns what changed and the manifest
+    /// as written (or as read, when nothing changed).
+    pub async fn update(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        now: OffsetDateTime,
+        mut f: impl FnMut(&mut Manifest) -> Change,
+    ) -> Result<(Change, Loaded), ChannelError> {
+        let mut path = String::new();
+        for _ in 0..ATTEMPTS {
+            let mut loaded = self.load(project, project_name, now).await?;
+            path = loaded.path.clone();
+            let change = f(&mut loaded.manifest);
+            if change.is_empty() {
+                return Ok((change, loaded));
+            }
+            if let Some(etag) = self.save(&loaded, &loaded.manifest).await? {
+                loaded.etag = Some(etag);
+                return Ok((change, loaded));
+            }
+        }
+        Err(ChannelError::Contended { path })
+    }
+
+    async fn properties(
+        &self,
+        path: &str,
+    ) -> Result<Option<(HashMap<String, String>, String, u64, Option<Vec<u8>>)>, StorageError>
+    {
+        match self.blob(path).get_properties(None).await {
+            Ok(p) => Ok(Some((
+                p.metadata().map_err(err)?,
+                p.etag().map_err(err)?.map(|e| e.to_string()).unwrap_or_default(),
+                p.content_length().map_err(err)?.unwrap_or(0),
+                p.content_md5().map_err(err)?,
+            ))),
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// A release copy's size and Content-MD5 (base64), for the manifest; `None` when it is gone.
+    pub async fn release_facts(
+        &self,
+        release_path: &str,
+    ) -> Result<Option<(u64, Option<String>)>, StorageError> {
+        use base64::Engine as _;
+        Ok(self.properties(release_path).await?.map(|(_, _, len, md5)| {
+            (
+                len,
+                md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
+            )
+        }))
+    }
+
+    /// Where a new channel entry's copy goes: the plain path, unless it holds a blob of another
+    /// project or one cvchain did not write; then the id-qualified path. `None` when both are
+    /// taken: nothing that is not this project's is ever overwritten.
+    pub async fn channel_path(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        channel: Channel,
+        target: &ExportTarget,
+    ) -> Result<Option<String>, StorageError> {
+        for qualify in [false, true] {
+            let path = self
+                .paths
+                .channel_path(project, project_name, channel, target, qualify);
+            match self.properties(&path).await? {
+                None => return Ok(Some(path)),
+                Some((meta, ..)) if owner(&meta) == Some(project) && is_channel(&meta) => {
+                    return Ok(Some(path));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Brings the channel copy of a move in line with it, unless the copy already holds this
+    /// revision or a newer one. Copies are conditional on the copy's ETag as read, so of two
+    /// writers the older revision can never land last.
+    pub async fn sync(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        mv: &Move,
+    ) -> Result<Synced, StorageError> {
+        let dest = self.blob(&mv.to.channel_path);
+        for _ in 0..ATTEMPTS {
+            let current = self.properties(&mv.to.channel_path).await?;
+            if let Some((meta, ..)) = &current {
+                if owner(meta) != Some(project) || !is_channel(meta) {
+                    return Err(StorageError::Other {
+                        service: SERVICE,
+                        detail: format!(
+                            "{} holds a blob cvchain did not write for this project; it is left alone",
+                            mv.to.channel_path
+                        ),
+                    });
+                }
+                let revision = meta
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("revision"))
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if revision >= mv.to.revision {
+                    return Ok(Synced::Current);
+                }
+            }
+            let source = self.blob(&mv.to.release_path);
+            let Some((_, source_etag, source_len, _)) = self.properties(&mv.to.release_path).await?
+            else {
+                return Err(StorageError::Other {
+                    service: SERVICE,
+                    detail: format!("the release copy {} is gone", mv.to.release_path),
+                });
+            };
+            let mut metadata = channel_metadata(mv.channel, mv, project, project_name);
+            metadata.insert("revision".into(), mv.to.revision.to_string());
+            metadata.insert("sourceetag".into(), source_etag.trim_matches('"').to_owned());
+            let mut tags = index_tags(
+                project,
+                mv.to.iteration.id,
+                &mv.target.platform,
+                mv.target.flavor.as_deref(),
+            );
+            tags.insert("channel".into(), mv.channel.as_str().into());
+            let mut options = BlobClientStartCopyFromUrlOptions {
+                metadata: Some(metadata),
+                blob_tags_string: Some(tags_header(&tags)),
+                source_if_match: Some(source_etag.into()),
+                ..Default::default()
+            };
+            match &current {
+                Some((_, etag, ..)) => options.if_match = Some(etag.clone().into()),
+                None => options.if_none_match = Some("*".into()),
+            }
+            match dest
+                .start_copy_from_url(source.url().to_string(), Some(options))
+                .await
+            {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.http_status(),
+                        Some(StatusCode::PreconditionFailed | StatusCode::Conflict)
+                    ) =>
+                {
+                    // Another writer got there first: look again.
+                    continue;
+                }
+                Err(e) => return Err(err(e)),
+            }
+            let size = self.wait_for_copy(&dest).await?;
+            if size != source_len {
+                return Err(StorageError::Other {
+                    service: SERVICE,
+                    detail: format!(
+                        "the channel copy {} holds {size} bytes, its source {source_len}",
+                        mv.to.channel_path
+                    ),
+                });
+            }
+            return Ok(Synced::Copied);
+        }
+        Err(StorageError::Other {
+            service: SERVICE,
+            detail: format!("{} kept changing while it was copied", mv.to.channel_path),
+        })
+    }
+
+    async fn ensure_container(&self) -> Result<(), StorageError> {
+        match self.container.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.http_status() == Some(StatusCode::Conflict) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Polls the channel copy until its copy ends; returns its length.
+    async fn wait_for_copy(&self, dest: &BlobClient) -> Result<u64, StorageError> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let p = dest.get_properties(None).await.map_err(err)?;
+            match p.copy_status().map_err(err)? {
+                Some(CopyStatus::Success) | None => {
+                    return Ok(p.content_length().map_err(err)?.unwrap_or(0));
+                }
+                Some(CopyStatus::Pending) => {}
+                Some(other) => {
+                    return Err(StorageError::Service {
+                        service: SERVICE,
+                        status: 500,
+                        code: format!(" Copy{other:?}"),
+                        message: "the channel copy did not complete".into(),
+                    });
+                }
+            }
+            if start.elapsed() > self.copy_timeout {
+                return Err(StorageError::Unreachable {
+                    service: SERVICE,
+                    detail: "the channel copy is still pending; the next delivery looks again"
+                        .into(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Every manifest in the release container (found by its index tags), optionally one
+    /// project's.
+    pub async fn manifests(&self, project: Option<Uuid>) -> Result<Vec<Loaded>, ChannelError> {
+        use futures::TryStreamExt as _;
+        let mut filter = "\"manifest\"='channels'".to_owned();
+        if let Some(p) = project {
+            filter.push_str(&format!(" AND \"projectId\"='{p}'"));
+        }
+        let mut pages = self
+            .container
+            .find_blobs_by_tags(&filter, None)
+            .map_err(err)?
+            .into_pages();
+        let mut out = Vec::new();
+        while let Some(page) = pages.try_next().await.map_err(err)? {
+            for b in page.into_model().map_err(err)?.blob_items {
+                let Some(name) = b.name else { continue };
+                let id = b
+                    .tags
+                    .and_then(|t| {
+                        t.blob_tag_set
+                            .into_iter()
+                            .flatten()
+                            .find(|t| t.key.as_deref() == Some("projectId"))
+                            .and_then(|t| t.value)
+                    })
+                    .and_then(|v| Uuid::parse_str(&v).ok());
+                let Some(id) = id.or(project) else { continue };
+                if let Some((bytes, etag)) = self.get(&name).await? {
+                    out.push(Loaded {
+                        manifest: Manifest::parse(&name, &bytes, id)?,
+                        path: name,
+                        etag: Some(etag),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The project a blob's metadata names, if any.
+fn owner(meta: &HashMap<String, String>) -> Option<Uuid> {
+    meta.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(cvchain_core::release::META_PROJECT_ID))
+        .and_then(|(_, v)| Uuid::parse_str(v).ok())
+}
+
+fn is_channel(meta: &HashMap<String, String>) -> bool {
+    meta.keys().any(|k| k.eq_ignore_ascii_case("channel"))
+}

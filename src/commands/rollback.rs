@@ -1,0 +1,38 @@
+//! `cvchain rollback`: moves a channel back to its previous holder, from the manifest; the
+//! iteration rolled back from is never promoted there again on its own.
+
+use crate::settings::Settings;
+use crate::startup::Application;
+use cvchain_core::channels::Channel;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The project (its id).
+    #[arg(long)]
+    pub project: Uuid,
+    /// `production` or `latest`.
+    #[arg(long, default_value = "production", value_parser = super::parse_channel)]
+    pub channel: Channel,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    super::runtime()?.block_on(async move {
+        let app = Application::build(settings)?;
+        let name = super::project_name(&app, args.project).await?;
+        match app
+            .processor
+            .lifecycle()
+            .rollback(args.project, &name, args.channel, OffsetDateTime::now_utc())
+            .await?
+        {
+            Ok((change, publish)) => {
+                super::print_change(&change, publish.as_deref());
+                anyhow::Ok(())
+            }
+            Err(why) => anyhow::bail!("nothing rolled back: {why}"),
+        }
+    })
+}
