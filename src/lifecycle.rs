@@ -43,7 +43,9 @@ impl Lifecycle {
     ) -> Result<(String, Option<String>), ProcessError> {
         let (change, loaded) = match self
             .channels
-            .update(project, project_name, now, |m| m.gate_passed(iteration, now))
+            .update(project, project_name, now, |m| {
+                m.gate_passed(iteration, now)
+            })
             .await
         {
             Ok(done) => done,
@@ -271,7 +273,10 @@ impl Lifecycle {
         };
         let iterations = cv.get_iterations(project).await?;
         if iterations.len() <= keep {
-            return Ok(format!("{} iterations, keeping up to {keep}", iterations.len()));
+            return Ok(format!(
+                "{} iterations, keeping up to {keep}",
+                iterations.len()
+            ));
         }
         let name = cv.get_project(project).await?.name;
         let held = match self.channels.load(project, &name, now).await {
@@ -302,10 +307,13 @@ impl Lifecycle {
         Ok(if deleted.is_empty() {
             format!("nothing to delete; kept {}", plan.describe_kept())
         } else {
-            format!("deleted {}; kept {}", deleted.join(", "), plan.describe_kept())
+            format!(
+                "deleted {}; kept {}",
+                deleted.join(", "),
+                plan.describe_kept()
+            )
         })
     }
-
 
     /// The releases an iteration has, from its step rows.
     async fn releases_of(
@@ -378,11 +386,13 @@ impl Lifecycle {
         let mut refused = None;
         let (change, loaded) = self
             .channels
-            .update(project, project_name, now, |m| match m.rollback(channel, now) {
-                Ok(c) => c,
-                Err(e) => {
-                    refused = Some(e);
-                    Change::default()
+            .update(project, project_name, now, |m| {
+                match m.rollback(channel, now) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        refused = Some(e);
+                        Change::default()
+                    }
                 }
             })
             .await?;
@@ -390,7 +400,14 @@ impl Lifecycle {
             return Ok(Err(e));
         }
         Ok(Ok(self
-            .finish(project, project_name, &change, &loaded, Some("rolled back by hand"), now)
+            .finish(
+                project,
+                project_name,
+                &change,
+                &loaded,
+                Some("rolled back by hand"),
+                now,
+            )
             .await?))
     }
 

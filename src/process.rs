@@ -237,7 +237,11 @@ impl Processor {
             }
         }
         if needs.production {
-            let name = o.project.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+            let name = o
+                .project
+                .as_ref()
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
             o.production = match self
                 .lifecycle
                 .channels
@@ -245,7 +249,10 @@ impl Processor {
                 .await
             {
                 Ok(loaded) => match loaded.manifest.production_pointer {
-                    Some(p) => Production::Iteration(p.iteration),
+                    Some(p) => Production::Iteration {
+                        previous: p.history.last().map(|h| h.iteration.clone()),
+                        current: p.iteration,
+                    },
                     None => Production::Empty,
                 },
                 Err(e) if e.is_transient() => return Err(e.into()),

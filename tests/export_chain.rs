@@ -108,7 +108,8 @@ impl World {
         StorageClients::new(&self.azurite.storage_settings()).unwrap()
     }
 
-    /// The release and backup blobs of one iteration, found by their index tags.
+    /// The release and backup blobs of one iteration, found by their index tags (channel copies,
+    /// which carry the same tags plus `channel`, are tests/lifecycle.rs's).
     async fn releases(&self, iteration: &str) -> Vec<ReleaseBlob> {
         use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
         use futures::TryStreamExt;
@@ -135,6 +136,9 @@ impl World {
                     .into_model()
                     .unwrap()
                     .into();
+                if tags.contains_key("channel") {
+                    continue;
+                }
                 let content = blob
                     .download(None)
                     .await

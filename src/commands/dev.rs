@@ -16,7 +16,7 @@ use cvchain_core::history::{HistoryRow, Prop, RowKind, RowStatus, StepRow};
 use cvchain_core::notification::Kind;
 use cvchain_core::report;
 use cvchain_standin::azurite::{self, Azurite, Data};
-use cvchain_standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use cvchain_standin::{COMPACT_DOMAIN, Faults, Performance, Standin, StandinConfig};
 use futures::TryStreamExt;
 use serde_json::Value;
 use std::{
@@ -24,9 +24,14 @@ use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+use uuid::Uuid;
 
 const DEMO_KEY: &str = "cvchain-dev-training-key";
 const DEFAULT_CHAIN: &str = "ONNX, TensorFlow:TensorFlowLite, DockerFile:Linux";
+/// The demo's gate: the second training is better, so production moves to it.
+const DEFAULT_GATE: &str = "map>=0.80,improves:map";
+/// The demo's two trainings: a good one, then a better one.
+const DEMO_PERFORMANCE: [(f64, f64, f64); 2] = [(0.88, 0.84, 0.86), (0.93, 0.90, 0.92)];
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -63,6 +68,7 @@ fn dev_settings(storage: &str, standin: &str, run: &str) -> anyhow::Result<Setti
         ("CUSTOM_VISION_ENDPOINT".into(), standin.into()),
         ("CUSTOM_VISION_TRAINING_KEY".into(), DEMO_KEY.into()),
         ("CVCHAIN_EXPORTS".into(), DEFAULT_CHAIN.into()),
+        ("CVCHAIN_GATE".into(), DEFAULT_GATE.into()),
         ("CVCHAIN_BACKUP_CONTAINER".into(), backup),
     ];
     let lookup = move |k: &str| -> Option<String> {
@@ -133,11 +139,23 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     })
     .await?;
     println!("● Custom Vision stand-in on {}", standin.endpoint());
+    standin.set_faults(Faults {
+        next_performance: DEMO_PERFORMANCE
+            .iter()
+            .map(|&(precision, recall, average_precision)| Performance {
+                precision,
+                recall,
+                average_precision,
+            })
+            .collect(),
+        ..Default::default()
+    });
 
     let settings = dev_settings(&connection, &standin.endpoint(), &run_id)?;
     let app = Application::build(settings.clone())?;
     let clients = app.clients.clone();
     let store = app.history().clone();
+    let app_lifecycle = app.processor.clone();
     let mut options = WorkerOptions::from_env(settings.max_dequeue)?;
     options.max_poll = Duration::from_millis(500);
     options.retry_delay = Duration::from_secs(2);
@@ -178,57 +196,54 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     ))
     .await?;
     let pid = project["id"].as_str().unwrap_or_default().to_owned();
-    println!("● project \"Widget Detector\" {pid} created; training…");
-    post_json(&format!("{api}/projects/{pid}/train")).await?;
-
+    println!(
+        "● project \"Widget Detector\" {pid} created; gate: {}",
+        settings.lifecycle.gate
+    );
     let total = settings.chain.exports.len();
     let started = Instant::now();
     let mut seen: HashSet<String> = HashSet::new();
-    let mut last_bar = String::new();
-    loop {
-        let rows = store.recent(Some(&pid), 1000).await?;
-        let mut ordered = rows.clone();
-        ordered.sort_by_key(|r| r.properties.time(Prop::Timestamp));
-        for r in &ordered {
-            // A released step is told once, whatever its status says by then (the copy is
-            // recorded a moment before the step's status moves to Done).
-            let key = if r.properties.contains(Prop::ReleaseUrl) {
-                format!("{}|released", r.row_key)
+    for round in 1..=DEMO_PERFORMANCE.len() {
+        println!(
+            "\n● training {} ({})…",
+            if round == 1 {
+                "a first model"
             } else {
-                format!("{}|{}", r.row_key, r.properties.text(Prop::Status))
-            };
-            if seen.insert(key)
-                && let Some(line) = describe(r)
-            {
-                println!("{line}");
+                "a better model"
+            },
+            if round == 1 {
+                "production is empty"
+            } else {
+                "production should move to it"
             }
-        }
-        let released = StepRow::all(&rows)
-            .iter()
-            .filter(|s| s.release_url.is_some())
-            .count();
-        let bar = progress(released, total);
-        if bar != last_bar {
-            println!("{bar}");
-            last_bar = bar;
-        }
-        if released >= total && total > 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("the chain did not finish within two minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        );
+        post_json(&format!("{api}/projects/{pid}/train")).await?;
+        watch(&store, &pid, total * round, total, &mut seen, started).await?;
     }
     println!(
-        "\n● chain complete in {:.1} s\n\nHistory ({}):",
+        "\n● both chains complete in {:.1} s\n\nHistory ({}):",
         started.elapsed().as_secs_f64(),
         settings.history_table
     );
     let rows = store.recent(Some(&pid), 1000).await?;
     print!("{}", report::render(&report::iterations(&rows)));
+    let lifecycle = app_lifecycle.lifecycle();
+    for loaded in lifecycle
+        .channels
+        .manifests(Uuid::parse_str(&pid).ok())
+        .await?
+    {
+        println!(
+            "\nChannels ({} in {}):",
+            loaded.path, settings.release.container
+        );
+        print!(
+            "{}",
+            super::channels::render(&loaded.path, &loaded.manifest)
+        );
+    }
     println!(
-        "\nRelease blobs (container {}):",
+        "\nRelease and channel blobs (container {}), found by their index tags:",
         settings.release.container
     );
     // Found the way a deployment pipeline would: by the project's index tags.
@@ -258,6 +273,65 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints each event as the rows show it, with a progress bar, until `want` exports are
+/// released in all.
+async fn watch(
+    store: &cvchain_azure::history::store::HistoryStore,
+    pid: &str,
+    want: usize,
+    per_iteration: usize,
+    seen: &mut HashSet<String>,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let mut last_bar = String::new();
+    loop {
+        let rows = store.recent(Some(pid), 1000).await?;
+        let mut ordered = rows.clone();
+        ordered.sort_by_key(|r| r.properties.time(Prop::Timestamp));
+        for r in &ordered {
+            // A released step is told once, whatever its status says by then (the copy is
+            // recorded a moment before the step's status moves to Done).
+            let key = if r.properties.contains(Prop::ReleaseUrl) {
+                format!("{}|released", r.row_key)
+            } else {
+                format!("{}|{}", r.row_key, r.properties.text(Prop::Status))
+            };
+            if seen.insert(key)
+                && let Some(line) = describe(r)
+            {
+                println!("{line}");
+            }
+        }
+        let released = StepRow::all(&rows)
+            .iter()
+            .filter(|s| s.release_url.is_some())
+            .count();
+        // This training's releases: the earlier ones are already counted.
+        let bar = progress(
+            released
+                .saturating_sub(want - per_iteration)
+                .min(per_iteration),
+            per_iteration,
+        );
+        if bar != last_bar {
+            println!("{bar}");
+            last_bar = bar;
+        }
+        // Released, and the channels moved (the last release's message moves them).
+        let moved = rows
+            .iter()
+            .filter(|r| r.kind() == Some(RowKind::ChannelMove))
+            .count();
+        // Latest moves for every target of every training: the chain's last message is done.
+        if released >= want && per_iteration > 0 && moved >= want {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("the chains did not finish within three minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
 fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
@@ -280,12 +354,33 @@ fn describe(r: &HistoryRow) -> Option<String> {
             Some("  ✓ storage integration confirmed (ConnectionTest)".into())
         }
         Some(RowKind::Notification(Kind::Training)) => Some(format!(
-            "  ✓ {} trained: precision {}, recall {}, mAP {}",
+            "  ✓ {} trained: precision {}, recall {}, mAP {}; gate {} ({})",
             p.text(Prop::IterationName),
             pct(Prop::Precision),
             pct(Prop::Recall),
-            pct(Prop::AveragePrecision)
+            pct(Prop::AveragePrecision),
+            p.text(Prop::GateVerdict),
+            p.text(Prop::GateReasons)
         )),
+        Some(RowKind::ChannelMove) if p.text(Prop::Platform).is_empty() => Some(format!(
+            "  ★ production now follows {} ({})",
+            p.text(Prop::IterationName),
+            p.text(Prop::Reason)
+        )),
+        Some(RowKind::ChannelMove) => {
+            let flavor = p.text(Prop::Flavor);
+            let target = if flavor.is_empty() {
+                p.text(Prop::Platform).to_owned()
+            } else {
+                format!("{}:{flavor}", p.text(Prop::Platform))
+            };
+            Some(format!(
+                "  ★ {} {target} → {} ({})",
+                p.text(Prop::Channel),
+                p.text(Prop::IterationName),
+                p.text(Prop::ChannelPath)
+            ))
+        }
         Some(RowKind::ExportStep) => {
             let step = StepRow::from_row(r);
             let target = match &step.target.flavor {

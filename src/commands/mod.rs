@@ -125,11 +125,17 @@ fn parse_channel(s: &str) -> Result<cvchain_core::channels::Channel, String> {
 }
 
 /// The project's name: from Custom Vision when it is configured, else from its Training rows.
-async fn project_name(app: &crate::startup::Application, project: uuid::Uuid) -> anyhow::Result<String> {
+async fn project_name(
+    app: &crate::startup::Application,
+    project: uuid::Uuid,
+) -> anyhow::Result<String> {
     if let Some(cv) = app.training_api() {
         return Ok(cv.get_project(project).await?.name);
     }
-    let rows = app.history().recent(Some(&project.to_string()), 5000).await?;
+    let rows = app
+        .history()
+        .recent(Some(&project.to_string()), 5000)
+        .await?;
     rows.iter()
         .filter_map(cvchain_core::history::TrainingRow::from_row)
         .map(|t| t.project_name)

@@ -63,7 +63,10 @@ async fn iteration(app: &Application, project: Uuid, id: Uuid) -> anyhow::Result
         let perf = cv.get_iteration_performance(project, id).await.ok();
         return Ok(iteration_ref(&it, perf.as_ref()));
     }
-    let rows = app.history().recent(Some(&project.to_string()), 5000).await?;
+    let rows = app
+        .history()
+        .recent(Some(&project.to_string()), 5000)
+        .await?;
     let t = rows
         .iter()
         .filter_map(TrainingRow::from_row)

@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 pub const CHANNEL_PATH_SETTING: &str = "CVCHAIN_CHANNEL_PATH";
 /// Where a channel's copy of an export goes in the release container.
-pub const DEFAULT_CHANNEL_TEMPLATE: &str = "{projectName}/channels/{channel}/{platform}-{flavor}.zip";
+pub const DEFAULT_CHANNEL_TEMPLATE: &str =
+    "{projectName}/channels/{channel}/{platform}-{flavor}.zip";
 /// The manifest's schema, so a JSON file someone else wrote is never taken for it.
 pub const SCHEMA: &str = "cvchain.channels/1";
 /// How many earlier holders each entry remembers (for rollback).
@@ -310,8 +311,13 @@ pub fn manifest_path(project_id: Uuid, project_name: &str, qualify: bool) -> Str
     format!("{dir}/channels.json")
 }
 
+/// RFC 3339 in UTC, to the millisecond.
 fn now_text(now: OffsetDateTime) -> String {
-    now.format(&Rfc3339).unwrap_or_default()
+    let utc = now.to_offset(time::UtcOffset::UTC);
+    utc.replace_millisecond(utc.millisecond())
+        .unwrap_or(utc)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 impl Manifest {
@@ -337,11 +343,10 @@ impl Manifest {
         if value.get("schema").and_then(|s| s.as_str()) != Some(SCHEMA) {
             return Err(ManifestError::NotOurs { path: path.into() });
         }
-        let m: Manifest =
-            serde_json::from_value(value).map_err(|e| ManifestError::NotJson {
-                path: path.into(),
-                detail: e.to_string(),
-            })?;
+        let m: Manifest = serde_json::from_value(value).map_err(|e| ManifestError::NotJson {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
         if m.project_id != project {
             return Err(ManifestError::OtherProject {
                 path: path.into(),
@@ -474,7 +479,8 @@ impl Manifest {
         let moves = wanted
             .into_iter()
             .map(|(channel, r, reason)| {
-                let holder = self.holder(iteration, r, channel_path(channel, &r.target), reason, now);
+                let holder =
+                    self.holder(iteration, r, channel_path(channel, &r.target), reason, now);
                 self.set_holder(channel, &r.target, holder, None)
             })
             .collect();
@@ -605,7 +611,11 @@ impl Manifest {
         }
         self.revision += 1;
         self.updated_at = now_text(now);
-        let mut vetoed: Vec<Uuid> = state.targets.values().map(|e| e.holder.iteration.id).collect();
+        let mut vetoed: Vec<Uuid> = state
+            .targets
+            .values()
+            .map(|e| e.holder.iteration.id)
+            .collect();
         let mut change = Change::default();
         if let (Some(back), Some(p)) = (pointer_back, self.production_pointer.clone()) {
             vetoed.push(p.iteration.id);
@@ -649,7 +659,10 @@ impl Manifest {
 }
 
 /// The iteration as the manifest names it, from what Custom Vision reported.
-pub fn iteration_ref(iteration: &Iteration, performance: Option<&IterationPerformance>) -> IterationRef {
+pub fn iteration_ref(
+    iteration: &Iteration,
+    performance: Option<&IterationPerformance>,
+) -> IterationRef {
     let metrics = performance.map(Metrics::from).unwrap_or_default();
     IterationRef {
         id: iteration.id,
@@ -661,7 +674,12 @@ pub fn iteration_ref(iteration: &Iteration, performance: Option<&IterationPerfor
     }
 }
 
-fn move_props(project: Uuid, channel: Channel, it: &IterationRef, from: Option<&IterationRef>) -> Props {
+fn move_props(
+    project: Uuid,
+    channel: Channel,
+    it: &IterationRef,
+    from: Option<&IterationRef>,
+) -> Props {
     let mut p = Props::new();
     p.set(Prop::EventType, RowKind::ChannelMove.as_str());
     p.set(Prop::ProjectId, project.to_string());
@@ -713,7 +731,12 @@ pub fn move_row(project: Uuid, mv: &Move) -> HistoryRow {
 }
 
 /// The history row of a move of the production pointer (what publishing follows).
-pub fn pointer_row(project: Uuid, pm: &PointerMove, at: OffsetDateTime, note: Option<&str>) -> HistoryRow {
+pub fn pointer_row(
+    project: Uuid,
+    pm: &PointerMove,
+    at: OffsetDateTime,
+    note: Option<&str>,
+) -> HistoryRow {
     let mut p = move_props(project, Channel::Production, &pm.to, pm.from.as_ref());
     p.set(Prop::Reason, pm.reason.as_str());
     p.set_int(Prop::Revision, pm.revision as i64);
@@ -721,7 +744,10 @@ pub fn pointer_row(project: Uuid, pm: &PointerMove, at: OffsetDateTime, note: Op
     p.set(
         Prop::Note,
         note.map(str::to_owned).unwrap_or_else(|| {
-            format!("production now follows {}; publishing follows it", pm.to.name)
+            format!(
+                "production now follows {}; publishing follows it",
+                pm.to.name
+            )
         }),
     );
     HistoryRow {
@@ -770,7 +796,10 @@ pub fn channel_metadata(
 ) -> std::collections::HashMap<String, String> {
     let it = &mv.to.iteration;
     let mut m = std::collections::HashMap::new();
-    m.insert(crate::release::META_PROJECT_ID.into(), project_id.to_string());
+    m.insert(
+        crate::release::META_PROJECT_ID.into(),
+        project_id.to_string(),
+    );
     m.insert(crate::release::META_ITERATION_ID.into(), it.id.to_string());
     m.insert("projectname".into(), metadata_value(project_name));
     m.insert("iterationname".into(), metadata_value(&it.name));

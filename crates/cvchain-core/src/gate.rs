@@ -135,11 +135,19 @@ impl Gate {
             };
             let parsed = if let Some(m) = rule.strip_prefix("improves:") {
                 Rule::Improves(Metric::parse(m).ok_or_else(|| {
-                    format!("unknown metric {:?} in {rule:?}; known: {}", m.trim(), known())
+                    format!(
+                        "unknown metric {:?} in {rule:?}; known: {}",
+                        m.trim(),
+                        known()
+                    )
                 })?)
             } else if let Some((m, x)) = rule.split_once(">=") {
                 let metric = Metric::parse(m).ok_or_else(|| {
-                    format!("unknown metric {:?} in {rule:?}; known: {}", m.trim(), known())
+                    format!(
+                        "unknown metric {:?} in {rule:?}; known: {}",
+                        m.trim(),
+                        known()
+                    )
                 })?;
                 Rule::AtLeast(
                     metric,
@@ -180,7 +188,9 @@ impl Gate {
             match *rule {
                 Rule::AtLeast(m, x) => match metrics.get(m) {
                     None => failed.push(format!("{} unknown", m.as_str())),
-                    Some(v) if v >= x => held.push(format!("{} {} >= {}", m.as_str(), show(v), show(x))),
+                    Some(v) if v >= x => {
+                        held.push(format!("{} {} >= {}", m.as_str(), show(v), show(x)))
+                    }
                     Some(v) => failed.push(format!("{} {} < {}", m.as_str(), show(v), show(x))),
                 },
                 Rule::Improves(m) => match (metrics.get(m), production) {

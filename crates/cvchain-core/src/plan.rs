@@ -5,8 +5,8 @@
 use crate::chain::{ChainPlan, EntryState, ExportTarget, Next};
 use crate::channels::{IterationRef, iteration_ref};
 use crate::config::{ChainSettings, LifecycleSettings};
-use crate::gate::{Metrics, Verdict};
 use crate::customvision::{CvError, Export, Iteration, IterationPerformance, Project, codes};
+use crate::gate::{Metrics, Verdict};
 use crate::history::{
     HistoryRow, PoisonCopy, Prop, Props, RowStatus, StepRow, enrich_training, notification_row,
     rejected_row, step_row, step_row_key,
@@ -119,7 +119,12 @@ pub enum Production {
     #[default]
     NotLooked,
     Empty,
-    Iteration(IterationRef),
+    /// The pointer's iteration, and the one before it (what an iteration already in production
+    /// was compared with).
+    Iteration {
+        current: IterationRef,
+        previous: Option<IterationRef>,
+    },
     /// The manifest cannot be read: the gate cannot compare, so it fails.
     Unknown(String),
 }
@@ -269,8 +274,10 @@ pub fn plan_notification(
                 Prop::GateVerdict,
                 if verdict.passed { "passed" } else { "failed" },
             );
-            row.properties
-                .set(Prop::GateReasons, crate::message::bounded(&verdict.describe(), 1024).0);
+            row.properties.set(
+                Prop::GateReasons,
+                crate::message::bounded(&verdict.describe(), 1024).0,
+            );
             match &observed.iteration {
                 Some(it) if verdict.passed => actions.push(Action::Promote {
                     project: *project_id,
@@ -379,7 +386,17 @@ pub fn gate_verdict(observed: &Observed, config: &PlanConfig) -> Verdict {
             passed: false,
             reasons: vec![format!("the iteration in production is unknown: {why}")],
         },
-        Production::Iteration(p) => gate.evaluate(&metrics, Some(&p.metrics())),
+        // An iteration already in production (a redelivery, or a copy of the message another
+        // instance handled a moment ago) is judged as it was: against the one before it.
+        Production::Iteration { current, previous }
+            if observed
+                .iteration
+                .as_ref()
+                .is_some_and(|i| i.id == current.id) =>
+        {
+            gate.evaluate(&metrics, previous.as_ref().map(|p| p.metrics()).as_ref())
+        }
+        Production::Iteration { current, .. } => gate.evaluate(&metrics, Some(&current.metrics())),
         _ => gate.evaluate(&metrics, None),
     }
 }

@@ -85,11 +85,9 @@ impl PathTemplate {
             return Err("must not be empty".into());
         }
         let seen = tokens(t, CHANNEL_TOKENS)?;
-        if !seen.contains(&"channel") || !seen.contains(&"platform") || !seen.contains(&"flavor")
-        {
+        if !seen.contains(&"channel") || !seen.contains(&"platform") || !seen.contains(&"flavor") {
             return Err(
-                "must contain {channel}, {platform} and {flavor}, or channels would collide"
-                    .into(),
+                "must contain {channel}, {platform} and {flavor}, or channels would collide".into(),
             );
         }
         if !seen

@@ -54,7 +54,10 @@ pub fn deletion_row(project: Uuid, d: &Decision, plan: &Plan, at: OffsetDateTime
         p.set(Prop::TrainedAt, t);
     }
     p.set(Prop::Reason, &d.why);
-    p.set(Prop::Kept, crate::message::bounded(&plan.describe_kept(), 4000).0);
+    p.set(
+        Prop::Kept,
+        crate::message::bounded(&plan.describe_kept(), 4000).0,
+    );
     p.set(Prop::EndedAt, at);
     HistoryRow {
         partition_key: project.to_string(),
@@ -102,7 +105,9 @@ fn must_keep(
                 return Some(format!("{target} still exporting"));
             }
             Some((_, EntryState::Failed)) => {
-                return Some(format!("{target} failed to export: no release copy to keep"));
+                return Some(format!(
+                    "{target} failed to export: no release copy to keep"
+                ));
             }
             Some((s, EntryState::Done)) if s.release_url.is_none() => {
                 return Some(format!("{target} not released yet"));
@@ -141,7 +146,8 @@ pub fn plan(
     let mut out = Plan::default();
     for (i, it) in sorted.iter().enumerate() {
         if i < keep {
-            out.kept.push(decision(it, format!("among the newest {keep}")));
+            out.kept
+                .push(decision(it, format!("among the newest {keep}")));
             continue;
         }
         match must_keep(it, held, chain, steps) {
@@ -226,7 +232,10 @@ mod tests {
         assert_eq!(why(4), "status Training");
         assert_eq!(why(3), "held by a channel");
         assert_eq!(why(2), "published as prod");
-        assert!(p.describe_kept().contains("Iteration 5 (ONNX still exporting)"));
+        assert!(
+            p.describe_kept()
+                .contains("Iteration 5 (ONNX still exporting)")
+        );
     }
 
     #[test]
@@ -236,7 +245,11 @@ mod tests {
         // No chain rows at all (trained before cvchain ran): kept.
         let p = plan(1, &iterations, &none, &[onnx()], &[]);
         assert!(p.delete.is_empty());
-        assert!(p.kept.iter().any(|k| k.why == "ONNX not exported by the chain yet"));
+        assert!(
+            p.kept
+                .iter()
+                .any(|k| k.why == "ONNX not exported by the chain yet")
+        );
         let steps = vec![
             step(1, EntryState::Failed, false),
             step(2, EntryState::Skipped, false),

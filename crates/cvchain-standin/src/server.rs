@@ -945,8 +945,8 @@ async fn finish_training(s: &S, project: Uuid, iteration: Uuid) {
         let fail = st.faults.fail_training;
         let a = next_f64(&mut st.rng);
         let b = next_f64(&mut st.rng);
-        let wanted = (!st.faults.next_performance.is_empty())
-            .then(|| st.faults.next_performance.remove(0));
+        let wanted =
+            (!st.faults.next_performance.is_empty()).then(|| st.faults.next_performance.remove(0));
         let Some(p) = st.projects.get_mut(&project) else {
             return;
         };

@@ -65,6 +65,7 @@ pub fn config() -> PlanConfig {
             url::Url::parse("https://acct.blob.core.windows.net/cvbackups").unwrap(),
         ),
         projects: None,
+        lifecycle: Default::default(),
     }
 }
 
@@ -104,6 +105,7 @@ pub fn observed() -> Observed {
             ..Default::default()
         }),
         exports: Some(vec![export("ONNX"), export("TensorFlow")]),
+        production: Default::default(),
         problem: None,
     }
 }

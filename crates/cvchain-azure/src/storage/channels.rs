@@ -83,7 +83,11 @@ impl std::fmt::Debug for ChannelStore {
 }
 
 impl ChannelStore {
-    pub fn new(clients: &StorageClients, container: &str, paths: Paths) -> Result<Self, StorageError> {
+    pub fn new(
+        clients: &StorageClients,
+        container: &str,
+        paths: Paths,
+    ) -> Result<Self, StorageError> {
         Ok(Self {
             container: clients.blob_service()?.blob_container_client(container),
             paths,
@@ -223,12 +227,14 @@ impl ChannelStore {
     async fn properties(
         &self,
         path: &str,
-    ) -> Result<Option<(HashMap<String, String>, String, u64, Option<Vec<u8>>)>, StorageError>
-    {
+    ) -> Result<Option<(HashMap<String, String>, String, u64, Option<Vec<u8>>)>, StorageError> {
         match self.blob(path).get_properties(None).await {
             Ok(p) => Ok(Some((
                 p.metadata().map_err(err)?,
-                p.etag().map_err(err)?.map(|e| e.to_string()).unwrap_or_default(),
+                p.etag()
+                    .map_err(err)?
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
                 p.content_length().map_err(err)?.unwrap_or(0),
                 p.content_md5().map_err(err)?,
             ))),
@@ -243,12 +249,15 @@ impl ChannelStore {
         release_path: &str,
     ) -> Result<Option<(u64, Option<String>)>, StorageError> {
         use base64::Engine as _;
-        Ok(self.properties(release_path).await?.map(|(_, _, len, md5)| {
-            (
-                len,
-                md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
-            )
-        }))
+        Ok(self
+            .properties(release_path)
+            .await?
+            .map(|(_, _, len, md5)| {
+                (
+                    len,
+                    md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
+                )
+            }))
     }
 
     /// Where a new channel entry's copy goes: the plain path, unless it holds a blob of another
@@ -308,7 +317,8 @@ impl ChannelStore {
                 }
             }
             let source = self.blob(&mv.to.release_path);
-            let Some((_, source_etag, source_len, _)) = self.properties(&mv.to.release_path).await?
+            let Some((_, source_etag, source_len, _)) =
+                self.properties(&mv.to.release_path).await?
             else {
                 return Err(StorageError::Other {
                     service: SERVICE,
@@ -317,7 +327,10 @@ impl ChannelStore {
             };
             let mut metadata = channel_metadata(mv.channel, mv, project, project_name);
             metadata.insert("revision".into(), mv.to.revision.to_string());
-            metadata.insert("sourceetag".into(), source_etag.trim_matches('"').to_owned());
+            metadata.insert(
+                "sourceetag".into(),
+                source_etag.trim_matches('"').to_owned(),
+            );
             let mut tags = index_tags(
                 project,
                 mv.to.iteration.id,

@@ -59,8 +59,14 @@ fn latest_follows_the_newest_release_and_never_goes_back() {
     assert_eq!(c.moves[0].to.reason, Reason::Newest);
     assert_eq!(c.moves[0].to.revision, 1);
     // The older iteration's late release moves nothing, nor does the same one again.
-    assert!(m.released(&one, &[release(onnx(), &one)], &path, NOW).is_empty());
-    assert!(m.released(&two, &[release(onnx(), &two)], &path, NOW).is_empty());
+    assert!(
+        m.released(&one, &[release(onnx(), &one)], &path, NOW)
+            .is_empty()
+    );
+    assert!(
+        m.released(&two, &[release(onnx(), &two)], &path, NOW)
+            .is_empty()
+    );
     assert_eq!(m.revision, 1);
     assert_eq!(holder(&m, Channel::Latest, &onnx()), Some(two.id));
     // Nothing passed the gate: production is empty.
@@ -85,7 +91,10 @@ fn production_follows_the_pointer_target_by_target() {
     // An older iteration that passes later does not take the pointer back.
     let one = it(1, 1, 0.9);
     assert!(m.gate_passed(&one, NOW).is_empty());
-    assert!(m.released(&one, &[release(onnx(), &one)], &path, NOW).is_empty());
+    assert!(
+        m.released(&one, &[release(onnx(), &one)], &path, NOW)
+            .is_empty()
+    );
     // A newer one does; the old holder goes to the history.
     let three = it(3, 3, 0.9);
     m.gate_passed(&three, NOW);
@@ -117,7 +126,12 @@ fn rollback_goes_to_the_previous_holder_and_vetoes_the_current() {
         && mv.to.iteration.id == two.id
         && mv.from.as_ref().unwrap().id == four.id));
     assert_eq!(holder(&m, Channel::Production, &onnx()), Some(two.id));
-    assert!(m.entry(Channel::Production, &onnx()).unwrap().history.is_empty());
+    assert!(
+        m.entry(Channel::Production, &onnx())
+            .unwrap()
+            .history
+            .is_empty()
+    );
     // Redelivered messages of the vetoed iteration move nothing back.
     assert!(m.gate_passed(&four, NOW).is_empty());
     assert!(
@@ -139,7 +153,10 @@ fn rollback_goes_to_the_previous_holder_and_vetoes_the_current() {
     );
     assert_eq!(c.pointer.as_ref().unwrap().reason, Reason::Manual);
     assert_eq!(c.moves.len(), 1);
-    assert_eq!(c.moves[0].to.note.as_deref().unwrap(), "promoted by hand; the gate was not consulted");
+    assert_eq!(
+        c.moves[0].to.note.as_deref().unwrap(),
+        "promoted by hand; the gate was not consulted"
+    );
     assert!(!m.is_vetoed(Channel::Production, four.id));
     assert_eq!(holder(&m, Channel::Production, &onnx()), Some(four.id));
 }
@@ -149,7 +166,14 @@ fn promote_can_move_backwards_on_purpose() {
     let mut m = manifest();
     let (one, two) = (it(1, 1, 0.5), it(2, 2, 0.6));
     m.released(&two, &[release(onnx(), &two)], &path, NOW);
-    let c = m.promote(Channel::Latest, &one, &[release(onnx(), &one)], &path, "x", NOW);
+    let c = m.promote(
+        Channel::Latest,
+        &one,
+        &[release(onnx(), &one)],
+        &path,
+        "x",
+        NOW,
+    );
     assert!(c.pointer.is_none());
     assert_eq!(holder(&m, Channel::Latest, &onnx()), Some(one.id));
 }
@@ -164,7 +188,10 @@ fn stored_manifests_are_checked_before_use() {
     let back = Manifest::parse("W/channels.json", &bytes, m.project_id).unwrap();
     assert_eq!(back, m);
     let text = String::from_utf8(bytes.clone()).unwrap();
-    assert!(text.contains("\"schema\": \"cvchain.channels/1\""), "{text}");
+    assert!(
+        text.contains("\"schema\": \"cvchain.channels/1\""),
+        "{text}"
+    );
     assert!(text.contains("\"mAP\": 0.8"), "{text}");
     assert!(text.contains("\"contentMd5\": \"md5==\""), "{text}");
     assert!(matches!(
@@ -177,7 +204,10 @@ fn stored_manifests_are_checked_before_use() {
     ));
     let e = Manifest::parse("W/channels.json", &bytes, Uuid::from_u128(7)).unwrap_err();
     assert!(matches!(e, ManifestError::OtherProject { .. }));
-    assert!(e.to_string().starts_with("W/channels.json is the manifest of project"));
+    assert!(
+        e.to_string()
+            .starts_with("W/channels.json is the manifest of project")
+    );
 }
 
 #[test]
@@ -187,7 +217,13 @@ fn paths_render_like_release_paths() {
     };
     let p = Uuid::from_u128(99);
     assert_eq!(
-        paths.channel_path(p, "Widget Detector (prod)", Channel::Production, &tflite(), false),
+        paths.channel_path(
+            p,
+            "Widget Detector (prod)",
+            Channel::Production,
+            &tflite(),
+            false
+        ),
         "Widget-Detector-prod/channels/production/TensorFlow-TensorFlowLite.zip"
     );
     assert_eq!(
@@ -198,11 +234,17 @@ fn paths_render_like_release_paths() {
         paths.channel_path(p, "Widgets", Channel::Latest, &onnx(), true),
         format!("Widgets-{p}/channels/latest/ONNX.zip")
     );
-    assert_eq!(manifest_path(p, "Widget Detector", false), "Widget-Detector/channels.json");
+    assert_eq!(
+        manifest_path(p, "Widget Detector", false),
+        "Widget-Detector/channels.json"
+    );
     assert_eq!(manifest_path(p, "", false), format!("{p}/channels.json"));
     for (bad, want) in [
         ("{projectName}/{channel}/{platform}.zip", "{flavor}"),
-        ("{projectName}/{iterationName}/{channel}/{platform}-{flavor}", "unknown token"),
+        (
+            "{projectName}/{iterationName}/{channel}/{platform}-{flavor}",
+            "unknown token",
+        ),
         ("{platform}-{flavor}-{channel}", "must name the project"),
     ] {
         let e = crate::release::PathTemplate::parse_channel(bad).unwrap_err();
@@ -236,5 +278,8 @@ fn histories_stay_bounded() {
     let e = m.entry(Channel::Production, &onnx()).unwrap();
     assert_eq!(e.history.len(), HISTORY_DEPTH);
     assert_eq!(e.history.first().unwrap().iteration.id, Uuid::from_u128(5));
-    assert_eq!(m.production_pointer.as_ref().unwrap().history.len(), HISTORY_DEPTH);
+    assert_eq!(
+        m.production_pointer.as_ref().unwrap().history.len(),
+        HISTORY_DEPTH
+    );
 }

@@ -259,13 +259,32 @@ fn only_an_iteration_that_passes_the_gate_is_promoted_and_published() {
     // Not better than production's mAP: not promoted.
     let mut prod = crate::channels::iteration_ref(&completed_iteration(), Some(&perf(0.9, 0.95)));
     prod.id = Uuid::from_u128(7);
-    observed.production = Production::Iteration(prod);
+    observed.production = Production::Iteration {
+        current: prod.clone(),
+        previous: None,
+    };
     let (_, actions) = plan_text(&training_completed(), &observed, &config);
     assert!(!promoted(&actions));
     assert_eq!(
         record(&actions).properties[Prop::GateReasons],
         "map 0.90 <= production's 0.95"
     );
+    // Already in production (another instance handled a copy of this message a moment ago):
+    // judged against the iteration before it, as the first copy was.
+    let mut this = crate::channels::iteration_ref(&completed_iteration(), Some(&perf(0.85, 0.9)));
+    this.id = iid();
+    observed.production = Production::Iteration {
+        current: this,
+        previous: Some(prod),
+    };
+    observed.performance = Some(perf(0.85, 0.97));
+    let (_, actions) = plan_text(&training_completed(), &observed, &config);
+    assert!(promoted(&actions));
+    assert_eq!(
+        record(&actions).properties[Prop::GateReasons],
+        "recall 0.85 >= 0.80; map 0.97 > production's 0.95"
+    );
+    observed.performance = Some(perf(0.85, 0.9));
     // Production cannot be read: the gate cannot compare, so it fails.
     observed.production = Production::Unknown("models/W/channels.json is not valid JSON".into());
     let (_, actions) = plan_text(&training_completed(), &observed, &config);
@@ -294,7 +313,9 @@ fn retention_runs_when_the_chain_is_complete() {
     ));
     assert!(retention_due(None));
     assert!(retention_due(Some(&Next::Complete)));
-    assert!(!retention_due(Some(&Next::Wait(chain_config().chain.exports[0].clone()))));
+    assert!(!retention_due(Some(&Next::Wait(
+        chain_config().chain.exports[0].clone()
+    ))));
 }
 
 #[test]
