@@ -1,5 +1,6 @@
 //! `cvchain dev`, the README's "run it" command: the whole chain on one machine, shown as it
-//! happens, ending with the history and the release blobs.
+//! happens, for a first model and a better one that production moves to, ending with the
+//! history, the channels and the release blobs.
 
 use cvchain_testkit::Azurite;
 use std::process::Command;
@@ -26,12 +27,19 @@ fn the_local_chain_runs_to_completion_and_shows_its_work() {
         "export TensorFlow:TensorFlowLite requested",
         "export DockerFile:Linux requested",
         "[##############################] 3/3 exports released",
-        "chain complete in",
+        "chains complete in",
         "Widget Detector      Iteration 1",
         "→ Widget-Detector/Iteration-1/ONNX.zip",
         "models/Widget-Detector/Iteration-1/ONNX.zip",
         "models/Widget-Detector/Iteration-1/TensorFlow-TensorFlowLite.zip",
         "models/Widget-Detector/Iteration-1/DockerFile-Linux.zip",
+        // The better second model: production moves to it.
+        "Iteration 2 trained: precision 93.0%, recall 90.0%, mAP 92.0%; gate passed",
+        "production now follows Iteration 2 (gate)",
+        "production ONNX → Iteration 2",
+        "models/Widget-Detector/channels/production/ONNX.zip",
+        "models/Widget-Detector/channels/latest/DockerFile-Linux.zip",
+        "production  TensorFlow:TensorFlowLite    Iteration 2",
     ] {
         assert!(
             stdout.contains(expected),

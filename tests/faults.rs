@@ -247,14 +247,22 @@ impl Fleet {
             .unwrap()
             .into_pages();
         let mut releases: HashSet<String> = HashSet::new();
+        let mut channels: HashSet<String> = HashSet::new();
         while let Some(page) = pages.try_next().await.unwrap() {
             for item in page.into_model().unwrap().blob_items {
                 if item.container_name.as_deref() == Some("models") {
-                    releases.insert(item.name.clone().unwrap());
+                    let name = item.name.clone().unwrap();
+                    if name.contains("/channels/") {
+                        channels.insert(name);
+                    } else {
+                        releases.insert(name);
+                    }
                 }
             }
         }
         assert_eq!(releases.len(), EXPORTS, "release blobs");
+        // One iteration per project, no gate: `latest` and `production` each hold every export.
+        assert_eq!(channels.len(), 2 * EXPORTS, "channel copies");
         // Spot-check contents against the backups.
         for name in releases.iter().take(6) {
             let blob = service.blob_container_client("models").blob_client(name);
