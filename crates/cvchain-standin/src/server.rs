@@ -51,6 +51,9 @@ pub const DOMAINS: &[(&str, &str, bool)] = &[
     ("b30a91ae-e3c1-4f73-a81e-c270bff27c39", "Retail", false),
 ];
 pub const COMPACT_DOMAIN: &str = "0732100f-1a38-4e49-a514-c9b44c697ab5";
+/// The service's cap on iterations per project (TrainProject answers
+/// `BadRequestExceedIterationPerProjectLimit` beyond it).
+pub const MAX_ITERATIONS: usize = 20;
 const EXPORTABLE_TO: &[&str] = &["ONNX", "DockerFile", "TensorFlow", "CoreML"];
 /// Blob names in URLs: everything but RFC 3986 unreserved characters escaped.
 const URL_PATH_ESCAPE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -153,6 +156,8 @@ pub struct CallLog {
 
 struct ProjectState {
     project: Project,
+    /// Numbers iteration names: a deleted iteration's number is not reused.
+    trained: u32,
     queue: Option<String>,
     container: Option<String>,
     container_url: Option<String>,
@@ -324,7 +329,7 @@ fn router(shared: S) -> Router {
         .route("/projects/{project}/iterations", get(get_iterations))
         .route(
             "/projects/{project}/iterations/{iteration}",
-            get(get_iteration),
+            get(get_iteration).delete(delete_iteration),
         )
         .route(
             "/projects/{project}/iterations/{iteration}/performance",
@@ -336,9 +341,16 @@ fn router(shared: S) -> Router {
         )
         .route(
             "/projects/{project}/iterations/{iteration}/publish",
-            post(publish_iteration),
+            post(publish_iteration).delete(unpublish_iteration),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "NotFound", "Resource not found") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "BadRequestNotSupported",
+                "The method is not supported for this resource",
+            )
+        })
         .layer(middleware::from_fn_with_state(shared.clone(), gate));
     Router::new()
         .nest("/customvision/v3.3/training", api.clone())
@@ -373,10 +385,12 @@ fn operation_name(method: &str, path: &str) -> &'static str {
         ("POST", ["projects", _, "train"]) => "TrainProject",
         ("GET", ["projects", _, "iterations"]) => "GetIterations",
         ("GET", ["projects", _, "iterations", _]) => "GetIteration",
+        ("DELETE", ["projects", _, "iterations", _]) => "DeleteIteration",
         ("GET", ["projects", _, "iterations", _, "performance"]) => "GetIterationPerformance",
         ("GET", ["projects", _, "iterations", _, "export"]) => "GetExports",
         ("POST", ["projects", _, "iterations", _, "export"]) => "ExportIteration",
         ("POST", ["projects", _, "iterations", _, "publish"]) => "PublishIteration",
+        ("DELETE", ["projects", _, "iterations", _, "publish"]) => "UnpublishIteration",
         _ => "Unknown",
     }
 }
@@ -583,6 +597,7 @@ async fn create_project(State(s): State<S>, Query(q): Query<HashMap<String, Stri
             queue: queue.clone(),
             container: container.clone(),
             container_url,
+            trained: 0,
             iterations: Vec::new(),
         },
     );
@@ -869,17 +884,20 @@ async fn train_project(
                 "Training is already in progress",
             );
         }
-        if p.iterations.len() >= 20 {
+        if p.iterations.len() >= MAX_ITERATIONS {
             return error(
                 StatusCode::BAD_REQUEST,
                 "BadRequestExceedIterationPerProjectLimit",
-                "A project holds at most 20 iterations",
+                &format!(
+                    "The project has reached its limit of {MAX_ITERATIONS} iterations; delete one before training"
+                ),
             );
         }
+        p.trained += 1;
         let now = now_string();
         let it = Iteration {
             id: Uuid::new_v4(),
-            name: format!("Iteration {}", p.iterations.len() + 1),
+            name: format!("Iteration {}", p.trained),
             status: "Training".into(),
             created: Some(now.clone()),
             last_modified: Some(now),
@@ -1296,24 +1314,56 @@ async fn publish_iteration(
             "Invalid publish name",
         );
     }
+    let overwrite = match q.get("overwrite").map(|v| v.to_ascii_lowercase()) {
+        None => false,
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                codes::BAD_REQUEST_INVALID,
+                "overwrite must be true or false",
+            );
+        }
+    };
+    let prediction = q.get("predictionId").cloned().unwrap_or_default();
     let result = with_iteration(&s, &p, &i, |ps, idx| {
-        let it = &mut ps.iterations[idx].iteration;
+        let it = &ps.iterations[idx].iteration;
         if it.status != "Completed" {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
-                "BadRequestIterationIsNotTrained",
+                codes::ITERATION_NOT_TRAINED,
                 "Iteration is not trained".into(),
             ));
         }
         if it.is_published() {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
-                "BadRequestIterationIsPublished",
+                codes::ITERATION_IS_PUBLISHED,
                 "Iteration is already published".into(),
             ));
         }
+        // A publish name serves one iteration of the project on a prediction resource:
+        // another iteration holding it is replaced only with `overwrite=true`.
+        let holder = ps.iterations.iter().position(|o| {
+            o.iteration.publish_name.as_deref() == Some(name.as_str())
+                && o.iteration.original_publish_resource_id.as_deref() == Some(prediction.as_str())
+        });
+        if let Some(h) = holder {
+            if !overwrite {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequestInvalidPublishName",
+                    format!("The publish name {name} is already in use by another iteration"),
+                ));
+            }
+            let other = &mut ps.iterations[h].iteration;
+            other.publish_name = Some(String::new());
+            other.original_publish_resource_id = None;
+        }
+        let it = &mut ps.iterations[idx].iteration;
         it.publish_name = Some(name.clone());
-        it.original_publish_resource_id = q.get("predictionId").cloned();
+        it.original_publish_resource_id = Some(prediction.clone());
         Ok(())
     });
     match result {
@@ -1333,4 +1383,52 @@ async fn get_faults(State(s): State<S>) -> Json<Faults> {
 
 async fn get_calls(State(s): State<S>, _h: HeaderMap) -> Json<CallLog> {
     Json(s.state.lock().expect("state").calls.clone())
+}
+
+async fn unpublish_iteration(State(s): State<S>, Path((p, i)): Path<(String, String)>) -> Response {
+    let result = with_iteration(&s, &p, &i, |ps, idx| {
+        let it = &mut ps.iterations[idx].iteration;
+        if !it.is_published() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "BadRequestIterationNotPublished",
+                "Iteration is not published".into(),
+            ));
+        }
+        it.publish_name = Some(String::new());
+        it.original_publish_resource_id = None;
+        Ok(())
+    });
+    match result {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(r)) | Err(r) => r.into_response(),
+    }
+}
+
+/// DeleteIteration: a published iteration must be unpublished first, as the service requires;
+/// one still training cannot be deleted either. Its exports go with it.
+async fn delete_iteration(State(s): State<S>, Path((p, i)): Path<(String, String)>) -> Response {
+    let result = with_iteration(&s, &p, &i, |ps, idx| {
+        let it = &ps.iterations[idx].iteration;
+        if it.is_published() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                codes::ITERATION_IS_PUBLISHED,
+                "The iteration is published; unpublish it before deleting it".into(),
+            ));
+        }
+        if it.status == "Training" {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "BadRequestIterationValidationFailed",
+                "The iteration is still training".into(),
+            ));
+        }
+        ps.iterations.remove(idx);
+        Ok(())
+    });
+    match result {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(r)) | Err(r) => r.into_response(),
+    }
 }
