@@ -56,6 +56,10 @@ async fn trained(s: &Standin, c: &TrainingClient, domain: &str) -> (Uuid, Iterat
         .await
         .unwrap();
     let pid = Uuid::parse_str(project["id"].as_str().unwrap()).unwrap();
+    cvchain_standin::script::TrainingScript::new(&s.endpoint(), KEY)
+        .add_tagged_images(pid, &["widget", "gadget"], 0)
+        .await
+        .unwrap();
     let it: serde_json::Value = http
         .post(format!("{base}/projects/{pid}/train"))
         .header("Training-Key", KEY)
@@ -151,7 +155,12 @@ async fn requests_the_spec_forbids_get_the_services_errors() {
     for (platform, flavor, code) in [
         ("Caffe", None, "BadRequestExportValidationFailed"),
         ("ONNX", Some("ONNX99"), "BadRequestExportValidationFailed"),
-        ("VAIDK", None, codes::UNSUPPORTED_EXPORT_PLATFORM),
+        // In cvchain's own list of flavors, but in neither the spec's enum nor the SDKs'.
+        ("TensorFlow", Some("TensorFlowSavedModel"), "BadRequestExportValidationFailed"),
+        // A flavor of another platform.
+        ("ONNX", Some("Linux"), "BadRequestExportValidationFailed"),
+        // v3.4-preview's platform, which this client's v3.3 does not have.
+        ("OpenVino", None, "BadRequestExportValidationFailed"),
     ] {
         let err = c
             .export_iteration(pid, it.id, platform, flavor)
@@ -159,6 +168,14 @@ async fn requests_the_spec_forbids_get_the_services_errors() {
             .unwrap_err();
         assert_eq!(err.code(), Some(code), "{platform} {flavor:?}: {err}");
     }
+    // A compact domain exports VAIDK too.
+    assert_eq!(
+        c.export_iteration(pid, it.id, "VAIDK", None)
+            .await
+            .unwrap()
+            .status,
+        "Exporting"
+    );
     let missing = Uuid::new_v4();
     let err = c.get_iteration(pid, missing).await.unwrap_err();
     assert_eq!(err.code(), Some(codes::NOT_FOUND_ITERATION));

@@ -53,7 +53,7 @@ async fn world_with(faults: Option<Faults>, chain: &str, extra: &[(&str, String)
     // The user's set-up: a project on a compact domain wired to the queue and a backup
     // container, then a training run.
     // The stand-in may be injecting faults: the helper retries like any client would.
-    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), KEY);
+    let api = cvchain_testkit::StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port

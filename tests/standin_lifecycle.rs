@@ -194,7 +194,7 @@ async fn training_beyond_twenty_iterations_is_refused_until_one_is_deleted() {
     let (status, body) = call(
         &api,
         reqwest::Method::POST,
-        &format!("projects/{pid}/train"),
+        &format!("projects/{pid}/train?forceTrain=true"),
     )
     .await;
     assert_eq!(status, 400);
