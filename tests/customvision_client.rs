@@ -156,7 +156,11 @@ async fn requests_the_spec_forbids_get_the_services_errors() {
         ("Caffe", None, "BadRequestExportValidationFailed"),
         ("ONNX", Some("ONNX99"), "BadRequestExportValidationFailed"),
         // In cvchain's own list of flavors, but in neither the spec's enum nor the SDKs'.
-        ("TensorFlow", Some("TensorFlowSavedModel"), "BadRequestExportValidationFailed"),
+        (
+            "TensorFlow",
+            Some("TensorFlowSavedModel"),
+            "BadRequestExportValidationFailed",
+        ),
         // A flavor of another platform.
         ("ONNX", Some("Linux"), "BadRequestExportValidationFailed"),
         // v3.4-preview's platform, which this client's v3.3 does not have.

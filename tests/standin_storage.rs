@@ -285,33 +285,57 @@ async fn a_set_up_fails_as_in_azure_when_the_queue_or_container_is_missing_or_el
     // Neither exists yet: each set-up fails, with v3.4-preview's code for a bad URI.
     for (q, c) in [(Some(&queue_uri), None), (None, Some(&container_uri))] {
         let e = script
-            .create_project("Widgets", COMPACT_DOMAIN, q.map(String::as_str), c.map(String::as_str))
+            .create_project(
+                "Widgets",
+                COMPACT_DOMAIN,
+                q.map(String::as_str),
+                c.map(String::as_str),
+            )
             .await
             .unwrap_err();
-        assert_eq!((e.status, e.code.as_str()), (400, "BadRequestInvalidUri"), "{e}");
+        assert_eq!(
+            (e.status, e.code.as_str()),
+            (400, "BadRequestInvalidUri"),
+            "{e}"
+        );
         assert!(e.message.contains("does not exist"), "{e}");
     }
     // v3.3 has no BadRequestInvalidUri: its BadRequestInvalid, with the URIs in the query.
     let rsp = reqwest::Client::new()
         .post(s.api("projects"))
-        .query(&[("name", "Widgets"), ("notificationQueueUri", queue_uri.as_str())])
+        .query(&[
+            ("name", "Widgets"),
+            ("notificationQueueUri", queue_uri.as_str()),
+        ])
         .header("Training-Key", KEY)
         .send()
         .await
         .unwrap();
     assert_eq!(rsp.status(), 400);
-    assert_eq!(rsp.json::<Value>().await.unwrap()["code"], "BadRequestInvalid");
+    assert_eq!(
+        rsp.json::<Value>().await.unwrap()["code"],
+        "BadRequestInvalid"
+    );
     // Nothing was created on the user's behalf, and no project either.
     let missing = send_to_existing(&s.clients.queue(&s.queue).unwrap(), "probe").await;
-    assert!(matches!(missing, Err(StorageError::Service { status: 404, .. })), "{missing:?}");
+    assert!(
+        matches!(missing, Err(StorageError::Service { status: 404, .. })),
+        "{missing:?}"
+    );
     assert_eq!(s.get("projects").await, Value::Array(vec![]));
 
     // A queue of the same name in another account (or on another port) is not this account's.
     cvchain_testkit::standin::create_queue(&s.clients, &s.queue).await;
     cvchain_testkit::standin::create_container(&s.clients, "backups").await;
     for elsewhere in [
-        format!("http://127.0.0.1:{}/otheraccount/{}", s.azurite.queue_port, s.queue),
-        format!("http://127.0.0.1:{}/devstoreaccount1/{}", s.azurite.blob_port, s.queue),
+        format!(
+            "http://127.0.0.1:{}/otheraccount/{}",
+            s.azurite.queue_port, s.queue
+        ),
+        format!(
+            "http://127.0.0.1:{}/devstoreaccount1/{}",
+            s.azurite.blob_port, s.queue
+        ),
     ] {
         let e = script
             .create_project("Widgets", COMPACT_DOMAIN, Some(&elsewhere), None)
@@ -323,12 +347,20 @@ async fn a_set_up_fails_as_in_azure_when_the_queue_or_container_is_missing_or_el
     // Created first, as a user does in Azure: the set-up works and the settings echo both URIs,
     // whether they came in the body (v3.4-preview, as the SDKs send them) or the query (v3.3).
     let pid = script
-        .create_project("Widgets", COMPACT_DOMAIN, Some(&queue_uri), Some(&container_uri))
+        .create_project(
+            "Widgets",
+            COMPACT_DOMAIN,
+            Some(&queue_uri),
+            Some(&container_uri),
+        )
         .await
         .unwrap();
     let p = s.get(&format!("projects/{pid}")).await;
     assert_eq!(p["settings"]["notificationQueueUri"], queue_uri.as_str());
-    assert_eq!(p["settings"]["exportModelContainerUri"], container_uri.as_str());
+    assert_eq!(
+        p["settings"]["exportModelContainerUri"],
+        container_uri.as_str()
+    );
     let msgs = s.messages(1).await;
     assert_eq!(
         parse(&msgs[0]).unwrap().notification,
@@ -359,10 +391,19 @@ async fn a_set_up_fails_as_in_azure_when_the_queue_or_container_is_missing_or_el
         .await
         .unwrap();
     assert_eq!(rsp.status(), 400);
-    assert_eq!(rsp.json::<Value>().await.unwrap()["code"], "BadRequestInvalid");
+    assert_eq!(
+        rsp.json::<Value>().await.unwrap()["code"],
+        "BadRequestInvalid"
+    );
     let p = s.get(&format!("projects/{pid}")).await;
     assert_eq!(p["name"], "Renamed");
-    assert_eq!(p["settings"]["exportModelContainerUri"], container_uri.as_str());
+    assert_eq!(
+        p["settings"]["exportModelContainerUri"],
+        container_uri.as_str()
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(s.messages_now().await.is_empty(), "no second ConnectionTest");
+    assert!(
+        s.messages_now().await.is_empty(),
+        "no second ConnectionTest"
+    );
 }

@@ -156,8 +156,7 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     );
     let backup = format!("{}/cvbackups", blob.trim_end_matches('/'));
     // As in Azure, the queue and the container exist before the project names them.
-    cvchain_azure::storage::queue::create_if_missing(&clients.queue(&settings.queue_name)?)
-        .await?;
+    cvchain_azure::storage::queue::create_if_missing(&clients.queue(&settings.queue_name)?).await?;
     if let Err(e) = clients
         .blob_service()?
         .blob_container_client("cvbackups")

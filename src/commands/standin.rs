@@ -42,8 +42,10 @@ pub fn sdk_instructions(endpoint: &str, key: &str, storage: Option<&StorageSetti
             s.queue_endpoint.as_str().trim_end_matches('/'),
             s.blob_endpoint.as_str().trim_end_matches('/')
         ),
-        None => "  storage:       none: projects cannot be wired to a queue or container (--storage)"
-            .to_owned(),
+        None => {
+            "  storage:       none: projects cannot be wired to a queue or container (--storage)"
+                .to_owned()
+        }
     };
     format!(
         "Custom Vision stand-in (Training API v3.3 and v3.4-preview)\n  \

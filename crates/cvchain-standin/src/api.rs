@@ -38,7 +38,10 @@ impl ApiError {
     }
 
     pub fn required(name: &str) -> Self {
-        Self::bad_request("BadRequestRequiredParamIsNull", format!("{name} is required"))
+        Self::bad_request(
+            "BadRequestRequiredParamIsNull",
+            format!("{name} is required"),
+        )
     }
 }
 
@@ -168,18 +171,25 @@ mod tests {
         assert_eq!(p.get("publishName"), Some("prod"));
         assert_eq!(p.bool("overwrite"), Ok(Some(true)));
         assert_eq!(p.int("take", 0, 256).unwrap_err().code, "BadRequestInvalid");
-        assert_eq!(p.ids("tagIds", 20).unwrap_err().code, "BadRequestInvalidIds");
+        assert_eq!(
+            p.ids("tagIds", 20).unwrap_err().code,
+            "BadRequestInvalidIds"
+        );
         assert_eq!(p.get("absent"), None);
     }
 
     #[test]
     fn bodies_give_coded_errors() {
         assert_eq!(
-            json_body::<serde_json::Value>(b" ", "batch").unwrap_err().code,
+            json_body::<serde_json::Value>(b" ", "batch")
+                .unwrap_err()
+                .code,
             "BadRequestRequiredParamIsNull"
         );
         assert_eq!(
-            json_body::<serde_json::Value>(b"{", "batch").unwrap_err().code,
+            json_body::<serde_json::Value>(b"{", "batch")
+                .unwrap_err()
+                .code,
             "BadRequestInvalid"
         );
         assert_eq!(optional_json::<serde_json::Value>(b"", "x"), Ok(None));

@@ -7,7 +7,10 @@ pub const MAX_IMAGE_BYTES: usize = 6 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Ok { width: u32, height: u32 },
+    Ok {
+        width: u32,
+        height: u32,
+    },
     /// Not JPEG, PNG, GIF or BMP, or a header that cannot be read.
     Format,
     /// Empty or over [`MAX_IMAGE_BYTES`].

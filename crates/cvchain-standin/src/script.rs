@@ -62,7 +62,10 @@ impl TrainingScript {
         };
         let rsp = req.send().await.map_err(|e| failed(0, "", e.to_string()))?;
         let status = rsp.status().as_u16();
-        let text = rsp.text().await.map_err(|e| failed(status, "", e.to_string()))?;
+        let text = rsp
+            .text()
+            .await
+            .map_err(|e| failed(status, "", e.to_string()))?;
         let value: Value = if text.is_empty() {
             Value::Null
         } else {
@@ -121,7 +124,12 @@ impl TrainingScript {
     ) -> Result<(), ScriptError> {
         use base64::Engine as _;
         let existing = self
-            .call(reqwest::Method::GET, &format!("projects/{project}/tags"), &[], None)
+            .call(
+                reqwest::Method::GET,
+                &format!("projects/{project}/tags"),
+                &[],
+                None,
+            )
             .await?;
         for (n, name) in tags.iter().enumerate() {
             let tag = match existing
@@ -162,7 +170,11 @@ impl TrainingScript {
 
     /// TrainProject; answers the new iteration's id.
     pub async fn train(&self, project: Uuid, force: bool) -> Result<Uuid, ScriptError> {
-        let query: &[(&str, &str)] = if force { &[("forceTrain", "true")] } else { &[] };
+        let query: &[(&str, &str)] = if force {
+            &[("forceTrain", "true")]
+        } else {
+            &[]
+        };
         let it = self
             .call(
                 reqwest::Method::POST,

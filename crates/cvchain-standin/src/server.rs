@@ -145,4 +145,3 @@ async fn serve_tls(
         }
     }
 }
-

@@ -78,7 +78,8 @@ impl Spec {
                 })
                 .collect()
         };
-        let export_op = &doc["paths"]["/projects/{projectId}/iterations/{iterationId}/export"]["post"];
+        let export_op =
+            &doc["paths"]["/projects/{projectId}/iterations/{iterationId}/export"]["post"];
         let param = |name: &str| -> Result<&Value, String> {
             export_op["parameters"]
                 .as_array()
@@ -104,7 +105,9 @@ impl Spec {
             for f in list.trim().trim_end_matches('.').split(',') {
                 let f = f.trim();
                 if !flavors.iter().any(|k| k == f) {
-                    return Err(format!("flavor {f} of {platform} is not in the flavor enum"));
+                    return Err(format!(
+                        "flavor {f} of {platform} is not in the flavor enum"
+                    ));
                 }
                 names.push(f.to_owned());
             }

@@ -52,7 +52,9 @@ impl World {
         self.projects
             .iter_mut()
             .find(|p| p.id == id)
-            .ok_or_else(|| ApiError::not_found("NotFoundProject", format!("Project {id} not found")))
+            .ok_or_else(|| {
+                ApiError::not_found("NotFoundProject", format!("Project {id} not found"))
+            })
     }
 }
 
@@ -143,7 +145,6 @@ impl ProjectState {
                 ApiError::not_found("NotFoundIteration", format!("Iteration {id} not found"))
             })
     }
-
 
     pub fn image_count(&self, tag: Uuid) -> usize {
         self.images

@@ -81,10 +81,7 @@ pub fn resolve(setting: &str, uri: &str, endpoint: &Url) -> Result<Target, Strin
         "{}://{}{}",
         endpoint.scheme(),
         endpoint.host_str().unwrap_or_default(),
-        endpoint
-            .port()
-            .map(|p| format!(":{p}"))
-            .unwrap_or_default()
+        endpoint.port().map(|p| format!(":{p}")).unwrap_or_default()
     );
     let in_account = same_host(&bare, endpoint)
         && segments.len() == base.len() + 1

@@ -170,10 +170,7 @@ pub async fn create_queue(storage: &StorageClients, name: &str) {
 
 /// Creates a container in `storage` (an existing one is fine).
 pub async fn create_container(storage: &StorageClients, name: &str) {
-    let c = storage
-        .blob_service()
-        .unwrap()
-        .blob_container_client(name);
+    let c = storage.blob_service().unwrap().blob_container_client(name);
     if let Err(e) = c.create(None).await {
         assert_eq!(
             e.http_status(),

@@ -34,7 +34,10 @@ pub async fn get_exports(
     let (pid, iid) = (parse_id(&project)?, parse_id(&iteration)?);
     let mut w = s.world();
     let it = w.project(pid)?.iteration(iid)?;
-    Ok(Json(Value::Array(it.exports.iter().map(ExportState::view).collect())).into_response())
+    Ok(Json(Value::Array(
+        it.exports.iter().map(ExportState::view).collect(),
+    ))
+    .into_response())
 }
 
 pub async fn export_iteration(
@@ -168,7 +171,9 @@ async fn finish_export(
             }
         );
         match storage::upload(st, INTERNAL_CONTAINER, &internal_name, &body).await {
-            Ok(url) => download_uri = storage::with_sas(st, &url, INTERNAL_CONTAINER, &internal_name),
+            Ok(url) => {
+                download_uri = storage::with_sas(st, &url, INTERNAL_CONTAINER, &internal_name)
+            }
             Err(e) => tracing::warn!(error = %e, "stand-in could not store an export"),
         }
         // The backup in the user's container, named as the documentation says.

@@ -43,7 +43,10 @@ pub async fn get_tags(
     Ok(Json(Value::Array(p.tags.iter().map(|t| p.tag_view(t)).collect())).into_response())
 }
 
-pub async fn get_tag(State(s): State<S>, Path((project, tag)): Path<(String, String)>) -> ApiResult {
+pub async fn get_tag(
+    State(s): State<S>,
+    Path((project, tag)): Path<(String, String)>,
+) -> ApiResult {
     let (pid, tid) = (parse_id(&project)?, parse_id(&tag)?);
     let mut w = s.world();
     let p = w.project(pid)?;
@@ -251,12 +254,19 @@ pub async fn create_images_from_data(
     let mut batch = Vec::new();
     if multipart {
         let unreadable = |e: String| {
-            ApiError::bad_request("BadRequestImageStream", format!("the upload cannot be read: {e}"))
+            ApiError::bad_request(
+                "BadRequestImageStream",
+                format!("the upload cannot be read: {e}"),
+            )
         };
         let mut form = Multipart::from_request(req, &())
             .await
             .map_err(|e| unreadable(e.body_text()))?;
-        while let Some(field) = form.next_field().await.map_err(|e| unreadable(e.body_text()))? {
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| unreadable(e.body_text()))?
+        {
             let source = field
                 .file_name()
                 .or(field.name())
@@ -344,13 +354,7 @@ pub async fn create_images_from_files(
             tags: entry_tags(&batch.tag_ids, &e.tag_ids)?,
         });
     }
-    add_images(
-        &s,
-        version,
-        id,
-        items,
-        batch.metadata.unwrap_or_default(),
-    )
+    add_images(&s, version, id, items, batch.metadata.unwrap_or_default())
 }
 
 #[derive(Deserialize)]
@@ -386,7 +390,13 @@ pub async fn create_images_from_urls(
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(20))
         .build()
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ErrorUnknown", e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ErrorUnknown",
+                e.to_string(),
+            )
+        })?;
     let mut items = Vec::new();
     for e in batch.images.iter().take(MAX_BATCH + 1) {
         let bytes = match http.get(&e.url).send().await {
@@ -402,13 +412,7 @@ pub async fn create_images_from_urls(
             tags: entry_tags(&batch.tag_ids, &e.tag_ids)?,
         });
     }
-    add_images(
-        &s,
-        version,
-        id,
-        items,
-        batch.metadata.unwrap_or_default(),
-    )
+    add_images(&s, version, id, items, batch.metadata.unwrap_or_default())
 }
 
 #[derive(Deserialize)]
@@ -462,7 +466,10 @@ pub async fn create_image_tags(
         }
     }
     p.touch();
-    Ok(Json(json!({"created": created, "duplicated": duplicated, "exceeded": exceeded})).into_response())
+    Ok(
+        Json(json!({"created": created, "duplicated": duplicated, "exceeded": exceeded}))
+            .into_response(),
+    )
 }
 
 #[derive(Clone, Copy)]

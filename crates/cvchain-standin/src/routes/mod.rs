@@ -337,11 +337,10 @@ async fn get_image_bytes(
     let (pid, iid) = (crate::api::parse_id(&p)?, crate::api::parse_id(&i)?);
     let mut w = s.world();
     let project = w.project(pid)?;
-    let image = project
-        .images
-        .iter()
-        .find(|x| x.id == iid)
-        .ok_or_else(|| ApiError::not_found("NotFoundImage", format!("Image {iid} not found")))?;
+    let image =
+        project.images.iter().find(|x| x.id == iid).ok_or_else(|| {
+            ApiError::not_found("NotFoundImage", format!("Image {iid} not found"))
+        })?;
     Ok((
         [("content-type", "application/octet-stream")],
         image.bytes.as_ref().clone(),

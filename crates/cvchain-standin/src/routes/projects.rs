@@ -115,7 +115,9 @@ async fn set_up(
     }
     let refused = |message: String| {
         ApiError::bad_request(
-            version.spec().code_or("BadRequestInvalidUri", "BadRequestInvalid"),
+            version
+                .spec()
+                .code_or("BadRequestInvalidUri", "BadRequestInvalid"),
             message,
         )
     };
@@ -265,7 +267,11 @@ pub async fn update_project(
             "The project name must have 1 to 256 characters",
         ));
     }
-    let domain = settings.domain_id.as_deref().map(known_domain).transpose()?;
+    let domain = settings
+        .domain_id
+        .as_deref()
+        .map(known_domain)
+        .transpose()?;
     let class = settings
         .classification_type
         .as_deref()
@@ -291,8 +297,14 @@ pub async fn update_project(
     };
     let new_queue = changed(&settings.notification_queue_uri, &old_queue);
     let new_container = changed(&settings.export_model_container_uri, &old_container);
-    let (queue, container) =
-        set_up(&s, version, id, new_queue.as_deref(), new_container.as_deref()).await?;
+    let (queue, container) = set_up(
+        &s,
+        version,
+        id,
+        new_queue.as_deref(),
+        new_container.as_deref(),
+    )
+    .await?;
     let mut w = s.world();
     let p = w.project(id)?;
     if let Some(n) = update.name {
