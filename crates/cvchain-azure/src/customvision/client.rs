@@ -193,12 +193,13 @@ impl TrainingClient {
             let (result, retry_after) = self.attempt(operation, method, url.clone()).await;
             let err = match result {
                 Ok(rsp) => {
-                    return serde_json::from_slice(rsp.body().as_ref()).map_err(|e| {
-                        CvError::Decode {
-                            operation,
-                            detail: e.to_string(),
-                        }
-                    });
+                    // Optional fields the service sends in a shape cvchain cannot read are
+                    // taken as absent and noted; only an unusable answer is an error.
+                    return cvchain_core::customvision::decode_lenient(
+                        operation,
+                        rsp.body().as_ref(),
+                    )
+                    .map_err(|detail| CvError::Decode { operation, detail });
                 }
                 Err(e) => e,
             };
