@@ -98,13 +98,10 @@ fn adler32(data: &[u8]) -> u32 {
 /// A valid `size`×`size` PNG of one colour (uncompressed deflate): distinct colours make
 /// distinct images, which the service does not merge as duplicates.
 pub fn solid_png(size: u32, rgb: [u8; 3]) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(((size * 3 + 1) * size) as usize);
-    for _ in 0..size {
-        raw.push(0); // filter: none
-        for _ in 0..size {
-            raw.extend_from_slice(&rgb);
-        }
-    }
+    // Each scanline: filter type 0 (none), then the pixels.
+    let mut line = vec![0u8];
+    line.extend(rgb.repeat(size as usize));
+    let raw = line.repeat(size as usize);
     // zlib stream of stored blocks (at most 65535 bytes each).
     let mut z = vec![0x78, 0x01];
     let chunks: Vec<&[u8]> = raw.chunks(65535).collect();
