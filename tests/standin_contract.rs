@@ -287,3 +287,39 @@ fn every_error_code_the_stand_in_answers_is_in_the_spec() {
     }
     assert!(found > 40, "only {found} codes found: the scan is broken");
 }
+
+#[tokio::test]
+async fn both_versions_answer_in_any_casing_and_every_miss_is_a_json_error() {
+    let standin = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        http.get(format!("{}{path}", standin.endpoint()))
+            .header("Training-Key", KEY)
+            .send()
+    };
+    for base in [
+        "/customvision/v3.3/training",
+        "/customvision/v3.3/Training",
+        "/customvision/v3.4-preview/training",
+        "/customvision/v3.4-preview/TRAINING",
+    ] {
+        let rsp = get(format!("{base}/domains")).await.unwrap();
+        assert_eq!(rsp.status(), 200, "{base}");
+    }
+    for path in [
+        "/customvision/v9.9/training/domains",
+        "/customvision/v3.4-preview/training/nothing-here",
+        "/somewhere/else",
+    ] {
+        let rsp = get(path.into()).await.unwrap();
+        assert_eq!(rsp.status(), 404, "{path}");
+        let body: Value = rsp.json().await.unwrap();
+        assert_eq!(body["code"], "NotFound", "{path}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}

@@ -22,6 +22,18 @@ pub struct Faults {
     pub fail_export_platforms: Vec<String>,
     /// Trainings end `TrainingFailed`.
     pub fail_training: bool,
+    /// The performance the next trainings report, in order (each taken once); when none is
+    /// left, it is drawn from the seed. For tests that need a worse or a better iteration.
+    pub next_metrics: Vec<Metrics>,
+}
+
+/// An iteration's performance, as GetIterationPerformance reports it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    pub precision: f64,
+    pub recall: f64,
+    pub average_precision: f64,
 }
 
 /// One ExportIteration call, as the stand-in saw it.

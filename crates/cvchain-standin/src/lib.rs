@@ -27,7 +27,7 @@ mod storage;
 
 pub use api::ApiError;
 pub use config::StandinConfig;
-pub use faults::{CallLog, ExportCall, Faults};
+pub use faults::{CallLog, ExportCall, Faults, Metrics};
 pub use imaging::{MAX_IMAGE_BYTES, solid_png};
 pub use routes::model_bytes;
 pub use server::Standin;

@@ -195,6 +195,8 @@ async fn finish_training(s: &S, project: Uuid, iteration: Uuid) {
         let fail = w.faults.fail_training;
         let a = next_f64(&mut w.rng);
         let b = next_f64(&mut w.rng);
+        let given =
+            (!fail && !w.faults.next_metrics.is_empty()).then(|| w.faults.next_metrics.remove(0));
         let Ok(p) = w.project(project) else {
             return;
         };
@@ -212,9 +214,13 @@ async fn finish_training(s: &S, project: Uuid, iteration: Uuid) {
             it.status = "Completed";
             it.trained_at = Some(now);
             it.training_time_in_minutes = 1;
-            let precision = 0.80 + 0.19 * a;
-            let recall = 0.75 + 0.2 * b;
-            let ap = (precision + recall) / 2.0;
+            let (precision, recall, ap) = match given {
+                Some(m) => (m.precision, m.recall, m.average_precision),
+                None => {
+                    let (p, r) = (0.80 + 0.19 * a, 0.75 + 0.2 * b);
+                    (p, r, (p + r) / 2.0)
+                }
+            };
             it.performance = Some(Performance {
                 precision,
                 recall,
