@@ -83,7 +83,7 @@ async fn two_instances_given_the_same_messages_request_and_copy_once() {
     let a = Handler::start(&env);
     let b = Handler::start(&env);
     let http = reqwest::Client::new();
-    let api = StandinApi::new(&standin.endpoint(), KEY);
+    let api = StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
     let pid = api
         .create_project(&[
             ("name", "Race"),

@@ -56,6 +56,10 @@ async fn trained(s: &Standin, c: &TrainingClient, domain: &str) -> (Uuid, Iterat
         .await
         .unwrap();
     let pid = Uuid::parse_str(project["id"].as_str().unwrap()).unwrap();
+    cvchain_standin::script::TrainingScript::new(&s.endpoint(), KEY)
+        .add_tagged_images(pid, &["widget", "gadget"], 0)
+        .await
+        .unwrap();
     let it: serde_json::Value = http
         .post(format!("{base}/projects/{pid}/train"))
         .header("Training-Key", KEY)
@@ -151,7 +155,16 @@ async fn requests_the_spec_forbids_get_the_services_errors() {
     for (platform, flavor, code) in [
         ("Caffe", None, "BadRequestExportValidationFailed"),
         ("ONNX", Some("ONNX99"), "BadRequestExportValidationFailed"),
-        ("VAIDK", None, codes::UNSUPPORTED_EXPORT_PLATFORM),
+        // In cvchain's own list of flavors, but in neither the spec's enum nor the SDKs'.
+        (
+            "TensorFlow",
+            Some("TensorFlowSavedModel"),
+            "BadRequestExportValidationFailed",
+        ),
+        // A flavor of another platform.
+        ("ONNX", Some("Linux"), "BadRequestExportValidationFailed"),
+        // v3.4-preview's platform, which this client's v3.3 does not have.
+        ("OpenVino", None, "BadRequestExportValidationFailed"),
     ] {
         let err = c
             .export_iteration(pid, it.id, platform, flavor)
@@ -159,6 +172,14 @@ async fn requests_the_spec_forbids_get_the_services_errors() {
             .unwrap_err();
         assert_eq!(err.code(), Some(code), "{platform} {flavor:?}: {err}");
     }
+    // A compact domain exports VAIDK too.
+    assert_eq!(
+        c.export_iteration(pid, it.id, "VAIDK", None)
+            .await
+            .unwrap()
+            .status,
+        "Exporting"
+    );
     let missing = Uuid::new_v4();
     let err = c.get_iteration(pid, missing).await.unwrap_err();
     assert_eq!(err.code(), Some(codes::NOT_FOUND_ITERATION));
@@ -360,4 +381,52 @@ async fn microsoft_entra_id_tokens_are_sent_over_https_for_the_cognitive_service
         cred.scopes.lock().unwrap().first().map(String::as_str),
         Some("https://cognitiveservices.azure.com/.default")
     );
+}
+
+/// A server answering GetIteration with `body`, as a real service might.
+async fn answering(body: &'static str) -> String {
+    let app = axum::Router::new()
+        .fallback(move || async move { ([("content-type", "application/json")], body) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn optional_fields_the_client_cannot_read_are_absent_and_noted_and_an_unusable_answer_is_retried()
+ {
+    let pid = Uuid::new_v4();
+    let odd = answering(
+        r#"{"id": "0b7d5d1e-5c3e-4f39-9a83-2a3f1d1c0c01", "name": "Iteration 1", "status": "Completed",
+            "domainId": "General (compact)", "trainedAt": 20261130, "exportable": true,
+            "exportableTo": ["ONNX"], "someNewField": [1, 2]}"#,
+    )
+    .await;
+    let c = TrainingClient::new(
+        &Url::parse(&odd).unwrap(),
+        CvAuth::Key(azure_core::credentials::Secret::new(KEY)),
+        100,
+        quick(),
+    );
+    let it = c.get_iteration(pid, Uuid::new_v4()).await.unwrap();
+    assert_eq!(it.status, "Completed");
+    assert!(it.can_export_to("ONNX"));
+    assert_eq!((it.domain_id, it.trained_at.as_deref()), (None, None));
+    assert_eq!(it.decode_notes.len(), 2, "{:?}", it.decode_notes);
+
+    // Without a usable status the answer cannot be used: a Decode error, which is transient (the
+    // message is retried, then poisoned with this reason), never the end of the chain.
+    let broken =
+        answering(r#"{"id": "0b7d5d1e-5c3e-4f39-9a83-2a3f1d1c0c01", "status": {"x": 1}}"#).await;
+    let c = TrainingClient::new(
+        &Url::parse(&broken).unwrap(),
+        CvAuth::Key(azure_core::credentials::Secret::new(KEY)),
+        100,
+        quick(),
+    );
+    let err = c.get_iteration(pid, Uuid::new_v4()).await.unwrap_err();
+    assert!(matches!(err, CvError::Decode { .. }), "{err}");
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("status"), "{err}");
 }

@@ -71,7 +71,7 @@ async fn fleet_with(worker: bool) -> Fleet {
     host.max_dequeue = 20;
     host.visibility_seconds = 1;
     // 40 projects wired to the queue and the backup container, each trained once.
-    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), KEY);
+    let api = cvchain_testkit::StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port

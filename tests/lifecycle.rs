@@ -10,7 +10,7 @@
 use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
 use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
 use cvchain_azure::storage::{clients::StorageClients, queue::send_text, table::StoredEntity};
-use cvchain_standin::{COMPACT_DOMAIN, Faults, Performance, Standin};
+use cvchain_standin::{COMPACT_DOMAIN, Faults, Metrics, Standin};
 use cvchain_testkit::{Azurite, Handler, StandinApi, host_envelope, unique};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -46,9 +46,9 @@ async fn world(extra: &[(&'static str, String)]) -> World {
         .await
         .unwrap();
     standin.set_faults(Faults {
-        next_performance: MAPS
+        next_metrics: MAPS
             .iter()
-            .map(|m| Performance {
+            .map(|m| Metrics {
                 precision: *m,
                 recall: *m,
                 average_precision: *m,
@@ -76,7 +76,7 @@ async fn world(extra: &[(&'static str, String)]) -> World {
         ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "1".into()),
     ];
     env.extend(extra.iter().cloned());
-    let api = StandinApi::new(&standin.endpoint(), KEY);
+    let api = StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
     let queue_uri = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{source}",
         azurite.queue_port

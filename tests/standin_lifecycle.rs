@@ -194,7 +194,7 @@ async fn training_beyond_twenty_iterations_is_refused_until_one_is_deleted() {
     let (status, body) = call(
         &api,
         reqwest::Method::POST,
-        &format!("projects/{pid}/train"),
+        &format!("projects/{pid}/train?forceTrain=true"),
     )
     .await;
     assert_eq!(status, 400);
@@ -227,4 +227,43 @@ async fn training_beyond_twenty_iterations_is_refused_until_one_is_deleted() {
     )
     .await;
     assert_eq!(list.as_array().unwrap().len(), MAX_ITERATIONS);
+}
+
+#[tokio::test]
+async fn a_test_can_choose_the_metrics_of_the_next_trainings() {
+    let (s, api) = standin().await;
+    let metrics = |p: f64| cvchain_standin::Metrics {
+        precision: p,
+        recall: p - 0.1,
+        average_precision: p - 0.05,
+    };
+    s.set_faults(cvchain_standin::Faults {
+        next_metrics: vec![metrics(0.7), metrics(0.95)],
+        ..Default::default()
+    });
+    let pid = api
+        .create_project(&[("name", "Metrics"), ("domainId", COMPACT_DOMAIN)])
+        .await;
+    for want in [0.7, 0.95] {
+        let it = trained(&api, pid).await;
+        let (status, perf) = call(
+            &api,
+            reqwest::Method::GET,
+            &format!("projects/{pid}/iterations/{it}/performance"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(perf["precision"], want);
+        assert_eq!(perf["averagePrecision"], want - 0.05);
+        assert_eq!(perf["perTagPerformance"][0]["precision"], want);
+    }
+    // Then drawn from the seed again, within the usual range.
+    let it = trained(&api, pid).await;
+    let (_, perf) = call(
+        &api,
+        reqwest::Method::GET,
+        &format!("projects/{pid}/iterations/{it}/performance"),
+    )
+    .await;
+    assert!(perf["precision"].as_f64().unwrap() >= 0.8, "{perf}");
 }

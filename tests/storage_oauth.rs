@@ -162,7 +162,7 @@ async fn the_whole_release_path_runs_with_tokens() {
         .unwrap();
     let processor = Processor::new(&settings, &clients, Some(Arc::new(cv))).unwrap();
 
-    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), "k");
+    let api = cvchain_testkit::StandinApi::with_storage(&standin.endpoint(), "k", &clients);
     let queue_uri = format!(
         "https://127.0.0.1:{}/devstoreaccount1/{queue}",
         azurite.queue_port

@@ -166,7 +166,7 @@ async fn a_failing_message_is_retried_then_recorded_and_poisoned() {
 async fn a_slow_message_keeps_its_lease_and_is_processed_once() {
     // A two-second lease, renewed every second, while processing takes several seconds.
     let s = setup(&[("CVCHAIN_WORKER_VISIBILITY_SECONDS", "2")]).await;
-    let api = StandinApi::new(&s.standin.endpoint(), KEY);
+    let api = StandinApi::with_storage(&s.standin.endpoint(), KEY, &s.clients);
     let backup_less_queue = format!(
         "http://127.0.0.1:{}/devstoreaccount1/{}",
         s._azurite.queue_port, s.queue

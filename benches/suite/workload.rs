@@ -111,7 +111,7 @@ impl Env {
     /// the stand-in wrote, every TrainingCompleted first, then the ONNX exports, then the
     /// TensorFlow ones, so no two messages of an iteration are in flight together.
     pub async fn prepare(&self, iterations: usize) -> Vec<Message> {
-        let api = StandinApi::new(&self.standin.endpoint(), KEY);
+        let api = StandinApi::with_storage(&self.standin.endpoint(), KEY, &self.clients);
         let queue_uri = format!(
             "http://127.0.0.1:{}/{DEV_ACCOUNT}/{}",
             self.azurite.queue_port, self.setup_queue

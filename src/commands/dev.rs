@@ -7,7 +7,6 @@ use crate::settings::Settings;
 use crate::startup::Application;
 use crate::worker::WorkerOptions;
 use anyhow::bail;
-use azure_core::http::{Method, Request, Url, new_http_client};
 use cvchain_azure::storage::{
     clients::StorageClients,
     settings::{DEV_ACCOUNT, STORAGE_SETTING, parse_connection_string},
@@ -16,9 +15,10 @@ use cvchain_core::history::{HistoryRow, Prop, RowKind, RowStatus, StepRow};
 use cvchain_core::notification::Kind;
 use cvchain_core::report;
 use cvchain_standin::azurite::{self, Azurite, Data};
-use cvchain_standin::{COMPACT_DOMAIN, Faults, Performance, Standin, StandinConfig};
+use cvchain_standin::{
+    COMPACT_DOMAIN, Faults, Metrics, Standin, StandinConfig, script::TrainingScript,
+};
 use futures::TryStreamExt;
-use serde_json::Value;
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
@@ -96,19 +96,6 @@ fn storage_blob_url(connection: &str) -> anyhow::Result<String> {
     Ok(s.blob_endpoint.to_string())
 }
 
-async fn post_json(url: &str) -> anyhow::Result<Value> {
-    let mut req = Request::new(Url::parse(url)?, Method::Post);
-    req.insert_header("training-key", DEMO_KEY);
-    req.set_body(Vec::new());
-    let rsp = new_http_client(None).execute_request(&req).await?;
-    let (status, _, body) = rsp.deconstruct();
-    let body = body.collect().await?;
-    if !status.is_success() {
-        bail!("{url}: HTTP {}", u16::from(status));
-    }
-    Ok(serde_json::from_slice(&body)?)
-}
-
 /// Runs the demo; with `keep`, leaves everything running until Ctrl-C.
 async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     let run_id = format!("{:08x}", rand_u32());
@@ -140,9 +127,9 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     .await?;
     println!("● Custom Vision stand-in on {}", standin.endpoint());
     standin.set_faults(Faults {
-        next_performance: DEMO_PERFORMANCE
+        next_metrics: DEMO_PERFORMANCE
             .iter()
-            .map(|&(precision, recall, average_precision)| Performance {
+            .map(|&(precision, recall, average_precision)| Metrics {
                 precision,
                 recall,
                 average_precision,
@@ -188,16 +175,32 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         settings.queue_name
     );
     let backup = format!("{}/cvbackups", blob.trim_end_matches('/'));
-    let api = format!("{}/customvision/v3.3/training", standin.endpoint());
-    let project = post_json(&format!(
-        "{api}/projects?name=Widget%20Detector&domainId={COMPACT_DOMAIN}&notificationQueueUri={}&exportModelContainerUri={}",
-        enc(&queue_uri),
-        enc(&backup)
-    ))
-    .await?;
-    let pid = project["id"].as_str().unwrap_or_default().to_owned();
+    // As in Azure, the queue and the container exist before the project names them.
+    cvchain_azure::storage::queue::create_if_missing(&clients.queue(&settings.queue_name)?).await?;
+    if let Err(e) = clients
+        .blob_service()?
+        .blob_container_client("cvbackups")
+        .create(None)
+        .await
+        && e.http_status() != Some(azure_core::http::StatusCode::Conflict)
+    {
+        bail!("cannot create the backup container cvbackups: {e}");
+    }
+    let script = TrainingScript::new(&standin.endpoint(), DEMO_KEY);
+    let project_id = script
+        .create_project(
+            "Widget Detector",
+            COMPACT_DOMAIN,
+            Some(&queue_uri),
+            Some(&backup),
+        )
+        .await?;
+    script
+        .add_tagged_images(project_id, &["widget", "gadget"], 0)
+        .await?;
+    let pid = project_id.to_string();
     println!(
-        "● project \"Widget Detector\" {pid} created; gate: {}",
+        "● project \"Widget Detector\" {pid} created with tagged images; gate: {}",
         settings.lifecycle.gate
     );
     let total = settings.chain.exports.len();
@@ -217,7 +220,8 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
                 "production should move to it"
             }
         );
-        post_json(&format!("{api}/projects/{pid}/train")).await?;
+        // The second training adds no images: forced, as a script retraining would.
+        script.train(project_id, round > 1).await?;
         watch(&store, &pid, total * round, total, &mut seen, started).await?;
     }
     println!(
@@ -259,6 +263,14 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         }
     }
     if keep {
+        println!(
+            "\n{}",
+            super::standin::sdk_instructions(
+                &standin.endpoint(),
+                DEMO_KEY,
+                Some(&settings.storage)
+            )
+        );
         println!(
             "\n● still running (Ctrl-C stops). Point `func start --script-root dist/app` at the same storage with\n  CVCHAIN_STORAGE / AzureWebJobsStorage = the Azurite connection string (account {}, blob port {})",
             DEV_ACCOUNT,
@@ -331,9 +343,6 @@ async fn watch(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 fn rand_u32() -> u32 {

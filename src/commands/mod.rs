@@ -12,6 +12,8 @@ pub mod replay;
 pub mod rollback;
 pub mod serve;
 pub mod stage_app;
+#[cfg(feature = "standin")]
+pub mod standin;
 pub mod worker;
 
 use anyhow::Context;
@@ -43,6 +45,11 @@ pub enum Command {
     /// Starts Azurite (from node_modules, unless CVCHAIN_STORAGE is set), the Custom Vision
     /// stand-in and the worker; trains a demo project and shows the exports and copies happen.
     Dev(DevArgs),
+    /// Run the local Custom Vision alone, for your own training scripts (development builds).
+    ///
+    /// Serves the Training API (v3.3 and v3.4-preview) on 127.0.0.1 and prints the endpoint and
+    /// key to give Microsoft's SDKs; notifications and backups go to the --storage account.
+    Standin(StandinArgs),
     /// The trained iterations, newest first, or the raw rows.
     ///
     /// Precision, recall, mAP, each export's status and release path; --rows for the raw
@@ -75,6 +82,8 @@ pub enum Command {
 
 #[cfg(feature = "standin")]
 pub use dev::Args as DevArgs;
+#[cfg(feature = "standin")]
+pub use standin::Args as StandinArgs;
 
 /// `cvchain dev`'s arguments, kept in builds without the stand-in so the command can say why
 /// it is not there.
@@ -86,10 +95,32 @@ pub struct DevArgs {
     pub keep: bool,
 }
 
+/// `cvchain standin`'s arguments, kept in builds without the stand-in so the command can say
+/// why it is not there.
+#[cfg(not(feature = "standin"))]
+#[derive(Debug, clap::Args)]
+pub struct StandinArgs {
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long)]
+    pub storage: Option<String>,
+    #[arg(long)]
+    pub train_seconds: Option<f64>,
+    #[arg(long)]
+    pub export_seconds: Option<f64>,
+}
+
 /// What a build without the `standin` feature answers for the commands that need it.
 pub const NO_STANDIN: &str = "`cvchain dev` is not in this build: the deployment package is built \
 without the local Custom Vision stand-in (the `standin` feature). Run it from a development \
 build: `scripts/run-local`, or `cargo run -- dev`.";
+
+/// The same for `cvchain standin`.
+pub const NO_STANDIN_COMMAND: &str = "`cvchain standin` is not in this build: the deployment \
+package is built without the local Custom Vision stand-in (the `standin` feature). Run it from a \
+development build: `cargo run -- standin`.";
 
 impl Command {
     pub fn run(self) -> anyhow::Result<()> {
@@ -106,6 +137,10 @@ impl Command {
             Command::Dev(args) => dev::run(args),
             #[cfg(not(feature = "standin"))]
             Command::Dev(_) => anyhow::bail!(NO_STANDIN),
+            #[cfg(feature = "standin")]
+            Command::Standin(args) => standin::run(args),
+            #[cfg(not(feature = "standin"))]
+            Command::Standin(_) => anyhow::bail!(NO_STANDIN_COMMAND),
             Command::History(args) => history::run(args),
             Command::Check => check::run(),
             Command::Channels(args) => channels::run(args),

@@ -131,16 +131,21 @@ pub enum EntryState {
     Skipped,
     /// The service refused the request for good (recorded; the chain moves on).
     Refused,
+    /// GetExports reports a status the spec does not define. The chain moves on rather than
+    /// wait for it forever; the step row says so, and moves to `Done` (and the model is
+    /// released) if the export later reports it.
+    Unknown,
 }
 
 impl EntryState {
-    pub const ALL: [EntryState; 6] = [
+    pub const ALL: [EntryState; 7] = [
         EntryState::Pending,
         EntryState::Exporting,
         EntryState::Done,
         EntryState::Failed,
         EntryState::Skipped,
         EntryState::Refused,
+        EntryState::Unknown,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -155,6 +160,7 @@ impl EntryState {
             EntryState::Failed => "Failed",
             EntryState::Skipped => "Skipped",
             EntryState::Refused => "Refused",
+            EntryState::Unknown => "Unknown",
         }
     }
 
@@ -232,6 +238,7 @@ pub fn plan_chain(
             let state = match exports.iter().find(|e| t.matches(e)) {
                 Some(e) if e.is_done() => EntryState::Done,
                 Some(e) if e.is_failed() => EntryState::Failed,
+                Some(e) if e.is_unknown_status() => EntryState::Unknown,
                 Some(_) => EntryState::Exporting,
                 None if !iteration.can_export_to(&t.platform) => EntryState::Skipped,
                 None if refused.contains(t) => EntryState::Refused,
@@ -254,6 +261,20 @@ pub fn plan_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_export_status_does_not_hold_the_chain() {
+        let chain = chain();
+        let it = iteration();
+        let exports = [export("ONNX", None, "Queued")];
+        let plan = plan3(&chain, &it, &exports);
+        assert_eq!(plan.entries[0].1, EntryState::Unknown);
+        assert!(!EntryState::Unknown.is_final(), "it may still turn Done");
+        assert_eq!(plan.next, Next::Request(chain[1].clone()));
+        // Once it reports Done, it is done.
+        let exports = [export("ONNX", None, "done")];
+        assert_eq!(plan3(&chain, &it, &exports).entries[0].1, EntryState::Done);
+    }
 
     fn t(p: &str, f: Option<&str>) -> ExportTarget {
         ExportTarget {

@@ -2,7 +2,8 @@
 //! errors (transient or permanent). The client that calls the service is an adapter
 //! (`cvchain_azure::customvision`); the stand-in that plays it locally is `cvchain-standin`.
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
+use serde_json::Value;
 use uuid::Uuid;
 
 /// The service writes `null` where a list, string or flag is empty: read it as the default.
@@ -50,6 +51,14 @@ pub struct Project {
     pub created: Option<String>,
     pub last_modified: Option<String>,
     pub status: Option<String>,
+    /// Fields of the answer that could not be read and were taken as absent (see
+    /// [`decode_lenient`]); recorded in the history row.
+    #[serde(
+        rename = "_cvchainDecodeNotes",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub decode_notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -77,6 +86,14 @@ pub struct Iteration {
     pub training_time_in_minutes: Option<i32>,
     pub publish_name: Option<String>,
     pub original_publish_resource_id: Option<String>,
+    /// Fields of the answer that could not be read and were taken as absent (see
+    /// [`decode_lenient`]); recorded in the history row.
+    #[serde(
+        rename = "_cvchainDecodeNotes",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub decode_notes: Vec<String>,
 }
 
 impl Iteration {
@@ -114,6 +131,14 @@ pub struct IterationPerformance {
     pub recall: Option<f64>,
     pub recall_std_deviation: Option<f64>,
     pub average_precision: Option<f64>,
+    /// Fields of the answer that could not be read and were taken as absent (see
+    /// [`decode_lenient`]); recorded in the history row.
+    #[serde(
+        rename = "_cvchainDecodeNotes",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub decode_notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -129,6 +154,14 @@ pub struct Export {
     pub flavor: Option<String>,
     #[serde(deserialize_with = "nullable")]
     pub newer_version_available: bool,
+    /// Fields of the answer that could not be read and were taken as absent (see
+    /// [`decode_lenient`]); recorded in the history row.
+    #[serde(
+        rename = "_cvchainDecodeNotes",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub decode_notes: Vec<String>,
 }
 
 impl Export {
@@ -140,6 +173,127 @@ impl Export {
     }
     pub fn is_exporting(&self) -> bool {
         self.status.eq_ignore_ascii_case("Exporting")
+    }
+
+    /// A status the spec does not define (`Exporting`, `Failed`, `Done`).
+    pub fn is_unknown_status(&self) -> bool {
+        !(self.is_done() || self.is_failed() || self.is_exporting())
+    }
+}
+
+/// Where [`decode_lenient`] leaves its notes in an object before the model reads it.
+pub const DECODE_NOTES: &str = "_cvchainDecodeNotes";
+
+/// The fields an operation's answer cannot do without (per element, for a list). `None`: an
+/// operation whose answer is read strictly.
+pub fn required_fields(operation: &str) -> Option<&'static [&'static str]> {
+    match operation {
+        "GetIteration" | "GetIterations" | "TrainProject" | "UpdateIteration" => {
+            Some(&["id", "status"])
+        }
+        "GetProject" | "GetProjects" | "CreateProject" | "UpdateProject" => Some(&["id"]),
+        "GetExports" | "ExportIteration" => Some(&["platform", "status"]),
+        "GetIterationPerformance" => Some(&[]),
+        _ => None,
+    }
+}
+
+/// Reads an answer as the real service may send it: a field outside [`required_fields`] whose
+/// value does not fit the model (a `domainId` that is not a UUID, a number as text…) is taken as
+/// absent and noted (the model's `decode_notes`) instead of failing the whole answer. A required
+/// field that does not fit, or an answer that is not JSON, is an error: the answer cannot be used.
+pub fn decode_lenient<T: DeserializeOwned>(operation: &str, body: &[u8]) -> Result<T, String> {
+    use serde_path_to_error::Segment;
+    let Some(required) = required_fields(operation) else {
+        return serde_json::from_slice(body).map_err(|e| e.to_string());
+    };
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    // The required fields must be there at all (the models default what is missing).
+    let present = |object: &Value, at: &str| -> Result<(), String> {
+        let Some(fields) = object.as_object() else {
+            return Err(format!("{at}expected an object, found {}", kind(object)));
+        };
+        match required
+            .iter()
+            .find(|k| fields.get(**k).is_none_or(Value::is_null))
+        {
+            Some(k) => Err(format!("{at}{k} is missing")),
+            None => Ok(()),
+        }
+    };
+    let list = matches!(operation, "GetExports" | "GetIterations" | "GetProjects");
+    match (&value, list) {
+        (Value::Array(items), true) => {
+            for (i, item) in items.iter().enumerate() {
+                present(item, &format!("[{i}]: "))?;
+            }
+        }
+        (other, false) => present(other, "")?,
+        (other, true) => return Err(format!("expected a list, found {}", kind(other))),
+    }
+    for _ in 0..64 {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        let unusable = || format!("{}: {}", e.path(), e.inner());
+        let segments: Vec<&Segment> = e.path().iter().collect();
+        // A list answer: the field is in one of its elements.
+        let (element, field) = match segments.split_first() {
+            Some((Segment::Seq { index }, rest)) => (Some(*index), rest),
+            _ => (None, &segments[..]),
+        };
+        let keys: Vec<&str> = field
+            .iter()
+            .map_while(|s| match s {
+                Segment::Map { key } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        let Some((last, parents)) = keys.split_last() else {
+            return Err(unusable());
+        };
+        if required.contains(&keys[0]) {
+            return Err(unusable());
+        }
+        let object = match element {
+            Some(i) => &mut value[i],
+            None => &mut value,
+        };
+        let mut target = &mut *object;
+        for k in parents {
+            target = &mut target[*k];
+        }
+        if target.get(*last).is_none_or(Value::is_null) {
+            // Absent already, and still unreadable: the model needs it.
+            return Err(unusable());
+        }
+        let raw: String = crate::redact::redact(&target[*last].to_string())
+            .chars()
+            .take(80)
+            .collect();
+        target[*last] = Value::Null;
+        let note = format!(
+            "{}: {raw} could not be read ({}); taken as absent",
+            keys.join("."),
+            e.inner()
+        );
+        match object.get_mut(DECODE_NOTES).and_then(Value::as_array_mut) {
+            Some(notes) => notes.push(note.into()),
+            None => object[DECODE_NOTES] = Value::from(vec![note]),
+        }
+    }
+    Err(format!("{operation}: too many fields could not be read"))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -176,15 +330,20 @@ pub enum CvError {
 
 impl CvError {
     /// True when the same call may succeed later without anyone changing anything: 408, 429,
-    /// 5xx, timeouts, refused connections. 401/403 (a key or role to fix) also count, so the
-    /// message stays queued and reaches the poison queue instead of being dropped.
+    /// 5xx, timeouts, refused connections. 401/403 (a key or role to fix) and an answer that
+    /// cannot be read also count, so the message is retried and reaches the poison queue with
+    /// the reason instead of being dropped.
     pub fn is_transient(&self) -> bool {
         match self {
             CvError::Service { status, .. } => {
                 matches!(*status, 401 | 403 | 408 | 429) || *status >= 500
             }
-            CvError::Unreachable { .. } | CvError::Timeout { .. } | CvError::Credential(_) => true,
-            CvError::Decode { .. } => false,
+            // An answer cvchain cannot use at all: retried, then poisoned with the reason,
+            // never taken as the end of the chain.
+            CvError::Unreachable { .. }
+            | CvError::Timeout { .. }
+            | CvError::Credential(_)
+            | CvError::Decode { .. } => true,
         }
     }
 
@@ -239,6 +398,92 @@ mod tests {
         )
         .unwrap();
         assert!(nulls.exportable_to.is_empty() && !nulls.exportable);
+    }
+
+    #[test]
+    fn an_unreadable_optional_field_is_absent_and_noted() {
+        let body = br#"{"id": "6c8f7a3e-0000-4000-8000-000000000001", "name": "Iteration 1",
+            "status": "Completed", "domainId": "not-a-uuid", "trainingTimeInMinutes": "7",
+            "exportable": true, "exportableTo": ["ONNX", 3], "newField": {"x": 1}}"#;
+        let it: Iteration = decode_lenient("GetIteration", body).unwrap();
+        assert_eq!(it.domain_id, None);
+        assert_eq!(it.training_time_in_minutes, None);
+        assert!(it.exportable && it.exportable_to.is_empty());
+        assert_eq!(it.decode_notes.len(), 3, "{:?}", it.decode_notes);
+        assert!(
+            it.decode_notes[0].starts_with("domainId: \"not-a-uuid\""),
+            "{:?}",
+            it.decode_notes
+        );
+        // Nested fields are dropped alone; list answers note per element.
+        let p: Project = decode_lenient(
+            "GetProject",
+            br#"{"id": "6c8f7a3e-0000-4000-8000-000000000001", "name": "P",
+                 "settings": {"domainId": 12, "classificationType": "Multiclass"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.settings.domain_id, None);
+        assert_eq!(
+            p.settings.classification_type.as_deref(),
+            Some("Multiclass")
+        );
+        assert_eq!(p.decode_notes.len(), 1);
+        let exports: Vec<Export> = decode_lenient(
+            "GetExports",
+            br#"[{"platform": "ONNX", "status": "Done", "flavor": 5, "downloadUri": "https://x/y?sig=SECRET"},
+                 {"platform": "CoreML", "status": "Queued"}]"#,
+        )
+        .unwrap();
+        assert_eq!(exports[0].flavor, None);
+        assert!(!exports[0].decode_notes[0].contains("SECRET"));
+        assert!(exports[1].decode_notes.is_empty() && exports[1].is_unknown_status());
+        // A well-formed answer has no notes and serializes without the notes key.
+        let clean: Iteration = decode_lenient(
+            "GetIteration",
+            br#"{"id": "6c8f7a3e-0000-4000-8000-000000000001", "status": "Training"}"#,
+        )
+        .unwrap();
+        assert!(clean.decode_notes.is_empty());
+        assert!(
+            !serde_json::to_string(&clean)
+                .unwrap()
+                .contains(DECODE_NOTES)
+        );
+    }
+
+    #[test]
+    fn an_answer_without_its_required_fields_cannot_be_used() {
+        for (op, body) in [
+            (
+                "GetIteration",
+                &br#"{"id": "nope", "status": "Completed"}"#[..],
+            ),
+            (
+                "GetIteration",
+                br#"{"id": "6c8f7a3e-0000-4000-8000-000000000001", "status": 3}"#,
+            ),
+            (
+                "GetExports",
+                br#"[{"platform": "ONNX", "status": "Done"}, {"status": "Done", "platform": []}]"#,
+            ),
+            ("GetProject", b"<html>gateway timeout</html>"),
+            ("GetIteration", b"[]"),
+            ("GetIteration", b"{}"),
+        ] {
+            let r = decode_lenient::<Iteration>(op, body);
+            assert!(r.is_err() || op != "GetIteration", "{op} {r:?}");
+            if op == "GetExports" {
+                assert!(decode_lenient::<Vec<Export>>(op, body).is_err());
+            }
+            if op == "GetProject" {
+                assert!(decode_lenient::<Project>(op, body).is_err());
+            }
+        }
+        let e = CvError::Decode {
+            operation: "GetIteration",
+            detail: "id: invalid".into(),
+        };
+        assert!(e.is_transient(), "retried, then poisoned with the reason");
     }
 
     #[test]

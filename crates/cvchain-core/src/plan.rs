@@ -231,6 +231,7 @@ pub fn plan_notification(
     let n = &parsed.notification;
     let accepted = || Decision::Accepted(n.clone());
     let mut row = notification_row(incoming, parsed);
+    note_decoding(&mut row, observed);
     let mut actions = Vec::new();
     let chain_configured = config.custom_vision && !config.chain.exports.is_empty();
     if !config.allows(n) {
@@ -410,6 +411,32 @@ pub fn retention_due(next: Option<&Next>) -> bool {
     }
 }
 
+/// The step row's reason for an export whose status cvchain does not know.
+pub const UNKNOWN_EXPORT_STATUS: &str = "Custom Vision reports a status cvchain does not know \
+(not Exporting, Done or Failed): the chain moved on; the export is released if it reports Done";
+
+/// Notes what could not be read in Custom Vision's answers (see `decode_lenient`).
+fn note_decoding(row: &mut HistoryRow, observed: &Observed) {
+    let notes: Vec<&String> = observed
+        .project
+        .iter()
+        .flat_map(|p| &p.decode_notes)
+        .chain(observed.iteration.iter().flat_map(|i| &i.decode_notes))
+        .chain(observed.performance.iter().flat_map(|p| &p.decode_notes))
+        .chain(
+            observed
+                .exports
+                .iter()
+                .flatten()
+                .flat_map(|e| &e.decode_notes),
+        )
+        .collect();
+    if !notes.is_empty() {
+        let text: Vec<&str> = notes.iter().map(|n| n.as_str()).collect();
+        row.properties.set(Prop::DecodeNotes, text.join("; "));
+    }
+}
+
 /// Reads the refused entries from an iteration's step rows.
 pub fn refused_targets(chain: &[ExportTarget], steps: &[StepRow]) -> Vec<ExportTarget> {
     chain
@@ -469,6 +496,9 @@ pub fn step_writes(
                         Prop::Reason,
                         "the iteration cannot export to this platform (exportableTo)",
                     );
+                }
+                if *state == EntryState::Unknown {
+                    row.properties.set(Prop::Reason, UNKNOWN_EXPORT_STATUS);
                 }
                 out.push(StepWrite::Insert(row));
             }

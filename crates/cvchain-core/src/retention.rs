@@ -109,6 +109,11 @@ fn must_keep(
                     "{target} failed to export: no release copy to keep"
                 ));
             }
+            Some((_, EntryState::Unknown)) => {
+                return Some(format!(
+                    "{target} export status unknown: it may still be released"
+                ));
+            }
             Some((s, EntryState::Done)) if s.release_url.is_none() => {
                 return Some(format!("{target} not released yet"));
             }

@@ -81,6 +81,7 @@ pub fn observed() -> Observed {
         )),
         flavor: None,
         newer_version_available: false,
+        decode_notes: Vec::new(),
     };
     Observed {
         project: Some(Project {

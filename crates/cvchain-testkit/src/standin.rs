@@ -18,6 +18,10 @@ pub struct StandinApi {
     pub base: String,
     pub key: String,
     pub http: reqwest::Client,
+    /// The user's storage account: the queue and container a project is wired to are created
+    /// there first, as a user creates them in Azure before CreateProject.
+    pub storage: Option<StorageClients>,
+    script: cvchain_standin::script::TrainingScript,
 }
 
 impl StandinApi {
@@ -26,6 +30,17 @@ impl StandinApi {
             base: format!("{endpoint}/customvision/v3.3/training"),
             key: key.to_owned(),
             http: reqwest::Client::new(),
+            storage: None,
+            script: cvchain_standin::script::TrainingScript::new(endpoint, key),
+        }
+    }
+
+    /// A user with this storage account: `create_project` creates the queue and container its
+    /// URIs name before wiring the project to them.
+    pub fn with_storage(endpoint: &str, key: &str, storage: &StorageClients) -> Self {
+        Self {
+            storage: Some(storage.clone()),
+            ..Self::new(endpoint, key)
         }
     }
 
@@ -59,16 +74,55 @@ impl StandinApi {
             .unwrap()
     }
 
-    /// CreateProject with the given query (name, domainId, notificationQueueUri, …).
+    /// CreateProject with the given query (name, domainId, notificationQueueUri, …); with
+    /// [`StandinApi::with_storage`], creates the queue and container first.
     pub async fn create_project(&self, query: &[(&str, &str)]) -> uuid::Uuid {
+        if let Some(storage) = &self.storage {
+            for (k, v) in query {
+                match *k {
+                    "notificationQueueUri" => create_queue(storage, &last_segment(v)).await,
+                    "exportModelContainerUri" => create_container(storage, &last_segment(v)).await,
+                    _ => {}
+                }
+            }
+        }
         let p = self.post("projects", query).await;
         uuid::Uuid::parse_str(p["id"].as_str().unwrap()).unwrap()
     }
 
-    /// TrainProject; returns the new iteration's id.
+    /// TrainProject, as a training script does: the first time, two tags with enough images
+    /// each; then a forced training (the same images may train again). Returns the new
+    /// iteration's id. Retries while the stand-in injects faults.
     pub async fn train(&self, project: uuid::Uuid) -> uuid::Uuid {
-        let it = self.post(&format!("projects/{project}/train"), &[]).await;
+        for _ in 0..50 {
+            let tagged = self
+                .get(&format!("projects/{project}/images/tagged/count"))
+                .await;
+            // Idempotent (tags are reused, images come back as duplicates), so a try cut short
+            // by an injected fault is simply made again.
+            let enough = 2 * cvchain_standin::MIN_IMAGES_PER_TAG as u64;
+            if tagged.as_u64().is_some_and(|n| n >= enough)
+                || self
+                    .script
+                    .add_tagged_images(project, &["widget", "gadget"], 0)
+                    .await
+                    .is_ok()
+            {
+                break;
+            }
+        }
+        let it = self
+            .post(
+                &format!("projects/{project}/train"),
+                &[("forceTrain", "true")],
+            )
+            .await;
         uuid::Uuid::parse_str(it["id"].as_str().unwrap()).unwrap()
+    }
+
+    /// The training-script client behind this API (v3.4-preview, as the SDKs use).
+    pub fn script(&self) -> &cvchain_standin::script::TrainingScript {
+        &self.script
     }
 
     /// Polls until `check` holds for the JSON at `path`.
@@ -96,5 +150,35 @@ pub fn standin_config(
         train_delay: Duration::from_millis(delay_ms),
         export_delay: Duration::from_millis(delay_ms),
         ..Default::default()
+    }
+}
+
+fn last_segment(uri: &str) -> String {
+    url::Url::parse(uri)
+        .ok()
+        .and_then(|u| {
+            u.path_segments()
+                .and_then(|mut s| s.rfind(|p| !p.is_empty()).map(str::to_owned))
+        })
+        .unwrap_or_default()
+}
+
+/// Creates a queue in `storage` (an existing one is fine), as a user does before wiring a
+/// project to it.
+pub async fn create_queue(storage: &StorageClients, name: &str) {
+    cvchain_azure::storage::queue::create_if_missing(&storage.queue(name).unwrap())
+        .await
+        .unwrap();
+}
+
+/// Creates a container in `storage` (an existing one is fine).
+pub async fn create_container(storage: &StorageClients, name: &str) {
+    let c = storage.blob_service().unwrap().blob_container_client(name);
+    if let Err(e) = c.create(None).await {
+        assert_eq!(
+            e.http_status(),
+            Some(azure_core::http::StatusCode::Conflict),
+            "create container {name}: {e}"
+        );
     }
 }

@@ -189,10 +189,10 @@ impl TrainingClient {
         url: Url,
     ) -> Result<T, CvError> {
         let rsp = self.call_raw(operation, method, url).await?;
-        serde_json::from_slice(rsp.body().as_ref()).map_err(|e| CvError::Decode {
-            operation,
-            detail: e.to_string(),
-        })
+        // Optional fields the service sends in a shape cvchain cannot read are taken as absent
+        // and noted; only an unusable answer is an error.
+        cvchain_core::customvision::decode_lenient(operation, rsp.body().as_ref())
+            .map_err(|detail| CvError::Decode { operation, detail })
     }
 
     /// A call whose answer has no body to read (204 No Content).

@@ -41,6 +41,18 @@ fn xml_safe(text: &str) -> bool {
 
 /// Sends `text`, creating the queue if it does not exist yet.
 pub async fn send_text(client: &QueueClient, text: &str) -> Result<SentAs, StorageError> {
+    match send_to_existing(client, text).await {
+        Err(StorageError::Service { status: 404, .. }) => {
+            create_if_missing(client).await?;
+            send_to_existing(client, text).await
+        }
+        other => other,
+    }
+}
+
+/// Sends `text` to a queue that must exist already (a missing queue is a 404 `Service` error):
+/// what a writer that may not create queues, such as Custom Vision, does.
+pub async fn send_to_existing(client: &QueueClient, text: &str) -> Result<SentAs, StorageError> {
     let (body, sent_as) = if xml_safe(text) {
         (text.to_owned(), SentAs::Text)
     } else {
@@ -49,25 +61,17 @@ pub async fn send_text(client: &QueueClient, text: &str) -> Result<SentAs, Stora
             SentAs::Base64,
         )
     };
-    let message = || -> Result<_, StorageError> {
-        QueueMessage {
-            message_text: Some(body.clone()),
-        }
-        .try_into()
-        .map_err(|e: azure_core::Error| StorageError::from_azure("queue", &e))
+    let message: QueueMessage = QueueMessage {
+        message_text: Some(body),
     };
-    match client.send_message(message()?, None).await {
-        Ok(_) => Ok(sent_as),
-        Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
-            create_if_missing(client).await?;
-            client
-                .send_message(message()?, None)
-                .await
-                .map_err(|e| StorageError::from_azure("queue", &e))?;
-            Ok(sent_as)
-        }
-        Err(e) => Err(StorageError::from_azure("queue", &e)),
-    }
+    let message = message
+        .try_into()
+        .map_err(|e: azure_core::Error| StorageError::from_azure("queue", &e))?;
+    client
+        .send_message(message, None)
+        .await
+        .map(|_| sent_as)
+        .map_err(|e| StorageError::from_azure("queue", &e))
 }
 
 /// Creates the queue; an existing queue is fine.

@@ -83,6 +83,8 @@ props! {
     Ignored: Bool,
     ChainStatus: Text,
     PublishStatus: Text,
+    /// Fields of Custom Vision's answers that could not be read and were taken as absent.
+    DecodeNotes: Text,
     ProjectName: Text,
     IterationName: Text,
     IterationStatus: Text,

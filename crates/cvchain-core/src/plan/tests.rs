@@ -670,3 +670,62 @@ fn projects_outside_the_allow_list_are_recorded_as_ignored() {
     let (_, actions) = plan_text(&training_completed(), &Observed::default(), &config);
     assert!(matches!(&actions[0], Action::Chain { .. }));
 }
+
+#[test]
+fn what_could_not_be_read_is_noted_in_the_row_and_the_chain_goes_on() {
+    let body = format!(
+        r#"{{"id": "{I}", "name": "Iteration 3", "status": "Completed", "domainId": "not-a-uuid",
+            "exportable": true, "exportableTo": ["ONNX", "TensorFlow"]}}"#
+    );
+    let it: Iteration =
+        crate::customvision::decode_lenient("GetIteration", body.as_bytes()).unwrap();
+    let observed = Observed {
+        iteration: Some(it),
+        exports: Some(vec![]),
+        ..Default::default()
+    };
+    let (decision, actions) = plan_text(&training_completed(), &observed, &chain_config());
+    assert!(matches!(decision, Decision::Accepted(_)));
+    let [Action::Chain { .. }, Action::Record(row)] = &actions[..] else {
+        panic!("{actions:?}")
+    };
+    let notes = row.properties[Prop::DecodeNotes].as_text().unwrap();
+    assert!(notes.starts_with("domainId: \"not-a-uuid\""), "{notes}");
+    assert!(!row.properties.contains(Prop::DomainId));
+}
+
+#[test]
+fn an_export_in_an_unknown_status_gets_a_row_that_says_so() {
+    let chain = chain_config().chain.exports;
+    let exports = vec![Export {
+        platform: "ONNX".into(),
+        status: "Queued".into(),
+        ..Default::default()
+    }];
+    let plan = plan_chain(&chain, &completed_iteration(), &exports, &[]);
+    assert_eq!(plan.next, crate::chain::Next::Request(chain[1].clone()));
+    let writes = step_writes(pid(), iid(), &plan, &[], datetime!(2026-11-26 10:05 UTC));
+    let [StepWrite::Insert(row)] = &writes[..] else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(row.properties[Prop::Status], "Unknown");
+    assert_eq!(row.properties[Prop::Reason], UNKNOWN_EXPORT_STATUS);
+    assert!(!row.properties.contains(Prop::EndedAt));
+    // When it turns Done, the row follows.
+    let done = vec![Export {
+        status: "Done".into(),
+        ..exports[0].clone()
+    }];
+    let plan = plan_chain(&chain, &completed_iteration(), &done, &[]);
+    let writes = step_writes(
+        pid(),
+        iid(),
+        &plan,
+        &[stored(row)],
+        datetime!(2026-11-26 10:06 UTC),
+    );
+    assert!(
+        matches!(&writes[..], [StepWrite::Merge { properties, .. }, ..] if properties[Prop::Status] == "Done"),
+        "{writes:?}"
+    );
+}

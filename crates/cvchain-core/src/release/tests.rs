@@ -134,6 +134,7 @@ fn export(platform: &str, flavor: Option<&str>, status: &str, uri: &str) -> Expo
         status: status.into(),
         download_uri: Some(uri.into()),
         newer_version_available: false,
+        decode_notes: Vec::new(),
     }
 }
 

@@ -1,0 +1,53 @@
+//! How a stand-in behaves.
+
+use cvchain_azure::storage::clients::StorageClients;
+use std::time::Duration;
+
+/// How the stand-in behaves.
+#[derive(Clone)]
+pub struct StandinConfig {
+    /// The key callers must send as `Training-Key` (a Bearer token is accepted too).
+    pub training_key: String,
+    /// The storage account the integration may write to: a `notificationQueueUri` or
+    /// `exportModelContainerUri` must name a queue or container that exists in this account
+    /// (none: no integration can be set up, as for a resource without a storage role).
+    pub storage: Option<StorageClients>,
+    /// How long a training takes.
+    pub train_delay: Duration,
+    /// How long an export takes.
+    pub export_delay: Duration,
+    /// Base64-encode notification messages (whether the service does is unknown).
+    pub base64_messages: bool,
+    pub model_size: usize,
+    pub seed: u64,
+    /// Serve https with this PEM certificate chain and key (for Microsoft Entra ID clients,
+    /// which send tokens only over https).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A Bearer token to accept besides the key (any other token is refused).
+    pub accept_bearer: Option<String>,
+}
+
+impl std::fmt::Debug for StandinConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandinConfig")
+            .field("train_delay", &self.train_delay)
+            .field("export_delay", &self.export_delay)
+            .finish()
+    }
+}
+
+impl Default for StandinConfig {
+    fn default() -> Self {
+        Self {
+            training_key: "standin-training-key".into(),
+            storage: None,
+            train_delay: Duration::from_millis(200),
+            export_delay: Duration::from_millis(200),
+            base64_messages: false,
+            model_size: 64 * 1024,
+            seed: 7,
+            tls: None,
+            accept_bearer: None,
+        }
+    }
+}
