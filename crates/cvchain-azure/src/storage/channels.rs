@@ -288,11 +288,13 @@ impl ChannelStore {
     /// Brings the channel copy of a move in line with it, unless the copy already holds this
     /// revision or a newer one. Copies are conditional on the copy's ETag as read, so of two
     /// writers the older revision can never land last.
+    /// `source`: the release copy's ETag and length when the caller read them a moment ago.
     pub async fn sync(
         &self,
         project: Uuid,
         project_name: &str,
         mv: &Move,
+        source: Option<(&str, u64)>,
     ) -> Result<Synced, StorageError> {
         let dest = self.blob(&mv.to.channel_path);
         for _ in 0..ATTEMPTS {
@@ -316,14 +318,18 @@ impl ChannelStore {
                     return Ok(Synced::Current);
                 }
             }
-            let source = self.blob(&mv.to.release_path);
-            let Some((_, source_etag, source_len, _)) =
-                self.properties(&mv.to.release_path).await?
-            else {
-                return Err(StorageError::Other {
-                    service: SERVICE,
-                    detail: format!("the release copy {} is gone", mv.to.release_path),
-                });
+            let release = self.blob(&mv.to.release_path);
+            let (source_etag, source_len) = match source {
+                Some((etag, len)) => (etag.to_owned(), len),
+                None => match self.properties(&mv.to.release_path).await? {
+                    Some((_, etag, len, _)) => (etag, len),
+                    None => {
+                        return Err(StorageError::Other {
+                            service: SERVICE,
+                            detail: format!("the release copy {} is gone", mv.to.release_path),
+                        });
+                    }
+                },
             };
             let mut metadata = channel_metadata(mv.channel, mv, project, project_name);
             metadata.insert("revision".into(), mv.to.revision.to_string());
@@ -349,7 +355,7 @@ impl ChannelStore {
                 None => options.if_none_match = Some("*".into()),
             }
             match dest
-                .start_copy_from_url(source.url().to_string(), Some(options))
+                .start_copy_from_url(release.url().to_string(), Some(options))
                 .await
             {
                 Ok(_) => {}

@@ -20,6 +20,8 @@ pub struct StepRow {
     pub release_url: Option<String>,
     pub release_path: Option<String>,
     pub release_size: Option<i64>,
+    /// The row itself, so a write to it can be applied to this view too.
+    pub row: HistoryRow,
 }
 
 impl StepRow {
@@ -45,6 +47,7 @@ impl StepRow {
             release_url: non_empty(Prop::ReleaseUrl),
             release_path: non_empty(Prop::ReleasePath),
             release_size: p.int(Prop::ReleaseSize),
+            row: row.clone(),
         }
     }
 
