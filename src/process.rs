@@ -59,6 +59,14 @@ pub struct Outcome {
     pub logs: Vec<String>,
 }
 
+/// What one message's actions share: the iteration's step rows (read once, kept in line with
+/// what the message writes) and the lines for the invocation's log.
+#[derive(Default)]
+struct Scratch {
+    steps: Option<Vec<StepRow>>,
+    logs: Vec<String>,
+}
+
 /// The adapters the actions need.
 pub struct Processor {
     history: HistoryStore,
@@ -322,7 +330,7 @@ impl Processor {
         observed: &Observed,
     ) -> Result<Outcome, ProcessError> {
         let now = OffsetDateTime::now_utc();
-        let mut logs = Vec::new();
+        let mut scratch = Scratch::default();
         let mut row_desc = String::new();
         let mut duplicate = false;
         let mut poison_already_sent = false;
@@ -334,7 +342,6 @@ impl Processor {
         let mut channel_status: Option<String> = None;
         let mut retention_status: Option<String> = None;
         // The iteration's step rows, read once and kept in line with what this message writes.
-        let mut steps: Option<Vec<StepRow>> = None;
         // What this message released: the channel moves copy from it without reading it again.
         let mut released: Vec<Released> = Vec::new();
         for action in actions {
@@ -348,10 +355,10 @@ impl Processor {
                         .lifecycle
                         .promote(project, &project_name, &iteration, now)
                         .await?;
-                    logs.push(format!("channels: {channels}"));
+                    scratch.logs.push(format!("channels: {channels}"));
                     channel_status = Some(channels);
                     if let Some(p) = publish {
-                        logs.push(format!("publish: {p}"));
+                        scratch.logs.push(format!("publish: {p}"));
                         publish_status = Some(p);
                     }
                 }
@@ -360,7 +367,9 @@ impl Processor {
                     project_name,
                     iteration,
                 } => {
-                    let known = self.steps(&mut steps, project, iteration.id).await?;
+                    let known = self
+                        .steps(&mut scratch.steps, project, iteration.id)
+                        .await?;
                     let status = self
                         .lifecycle
                         .move_channels(
@@ -372,7 +381,7 @@ impl Processor {
                             now,
                         )
                         .await?;
-                    logs.push(format!("channels: {status}"));
+                    scratch.logs.push(format!("channels: {status}"));
                     channel_status = Some(status);
                 }
                 Action::Retain { project, keep } => {
@@ -381,7 +390,7 @@ impl Processor {
                     } else {
                         "waiting for the chain to complete".to_owned()
                     };
-                    logs.push(format!("retention: {status}"));
+                    scratch.logs.push(format!("retention: {status}"));
                     retention_status = Some(status);
                 }
                 Action::Release {
@@ -390,20 +399,18 @@ impl Processor {
                     model_uri,
                 } => {
                     released = self
-                        .release(
-                            project, iteration, &model_uri, observed, now, &mut steps, &mut logs,
-                        )
+                        .release(project, iteration, &model_uri, observed, now, &mut scratch)
                         .await?;
                 }
                 Action::Chain { project, iteration } => {
                     let next = self
-                        .run_chain(project, iteration, observed, now, &mut steps, &mut logs)
+                        .run_chain(project, iteration, observed, now, &mut scratch)
                         .await?;
                     let status = next
                         .as_ref()
                         .map(describe_next)
                         .unwrap_or_else(|| "no iteration to export".into());
-                    logs.push(format!("export chain: {status}"));
+                    scratch.logs.push(format!("export chain: {status}"));
                     chain_status = Some(status);
                     chain_next = Some(next.unwrap_or(Next::Empty));
                 }
@@ -423,13 +430,13 @@ impl Processor {
                     row_desc = format!("{}/{}", self.table_name, row.describe());
                     match self.history.record(&row).await? {
                         Recorded::Inserted => {
-                            logs.push(format!("recorded {row_desc}"));
+                            scratch.logs.push(format!("recorded {row_desc}"));
                         }
                         Recorded::AlreadyPresent(existing) => {
                             duplicate = true;
                             poison_already_sent = existing.properties.text(Prop::PoisonCopy)
                                 == PoisonCopy::Sent.as_str();
-                            logs.push(format!(
+                            scratch.logs.push(format!(
                                 "{row_desc} already recorded: a redelivery, left unchanged"
                             ));
                         }
@@ -447,17 +454,21 @@ impl Processor {
                         sent.set(Prop::PoisonEncoding, sent_as.as_str());
                         self.history.merge(pk, rk, &sent).await?;
                     }
-                    logs.push(format!("copied the message to queue {queue}"));
+                    scratch
+                        .logs
+                        .push(format!("copied the message to queue {queue}"));
                 }
             }
         }
         let disposition = match &decision {
             Decision::Accepted(notification) => {
-                logs.insert(0, format!("received {notification}"));
+                scratch.logs.insert(0, format!("received {notification}"));
                 Disposition::Recorded
             }
             Decision::Rejected { reason, .. } => {
-                logs.insert(0, format!("rejected: {}", redact(reason)));
+                scratch
+                    .logs
+                    .insert(0, format!("rejected: {}", redact(reason)));
                 Disposition::Rejected
             }
             Decision::Retry(reason) => return Err(ProcessError::NotReady(reason.clone())),
@@ -466,7 +477,7 @@ impl Processor {
             disposition,
             row: row_desc,
             duplicate,
-            logs,
+            logs: scratch.logs,
         })
     }
 
@@ -479,9 +490,9 @@ impl Processor {
         iteration: Uuid,
         observed: &Observed,
         now: OffsetDateTime,
-        cache: &mut Option<Vec<StepRow>>,
-        logs: &mut Vec<String>,
+        scratch: &mut Scratch,
     ) -> Result<Option<Next>, ProcessError> {
+        let Scratch { steps: cache, logs } = scratch;
         let chain = &self.config.chain.exports;
         let (Some(cv), Some(it)) = (&self.cv, observed.iteration.as_ref()) else {
             return Ok(None);
@@ -599,9 +610,9 @@ impl Processor {
         model_uri: &ModelUri,
         observed: &Observed,
         now: OffsetDateTime,
-        cache: &mut Option<Vec<StepRow>>,
-        logs: &mut Vec<String>,
+        scratch: &mut Scratch,
     ) -> Result<Vec<Released>, ProcessError> {
+        let Scratch { steps: cache, logs } = scratch;
         let exports = observed.exports.clone().unwrap_or_default();
         let plans = plan_releases(
             project,
