@@ -40,6 +40,7 @@ impl Lifecycle {
         project: Uuid,
         project_name: &str,
         iteration: &IterationRef,
+        known: Option<&[StepRow]>,
         now: OffsetDateTime,
     ) -> Result<(String, Option<String>), ProcessError> {
         let (change, loaded) = match self
@@ -79,7 +80,7 @@ impl Lifecycle {
         // Releases that already exist (a redelivery after the exports) move now.
         let mut status = status;
         let moved = self
-            .move_channels(project, project_name, iteration, None, &[], now)
+            .move_channels(project, project_name, iteration, known, &[], now)
             .await?;
         if moved != "nothing to move" {
             status.push_str(&format!("; {moved}"));
@@ -230,7 +231,7 @@ impl Lifecycle {
         };
         let (change, loaded) = match self
             .channels
-            .update(project, project_name, now, |m| {
+            .update_from(Some(loaded), project, project_name, now, |m| {
                 m.released(iteration, &releases, &path_of, now)
             })
             .await
@@ -239,11 +240,14 @@ impl Lifecycle {
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => return Ok(format!("left alone: {e}")),
         };
-        // The moves this message made, and those this iteration made before that a crash may
-        // have left without their copy or row.
+        // The moves this message made, and those the same releases made before that a crash may
+        // have left without their copy or row (a redelivery completes them).
         let mut moves: Vec<Move> = change.moves.clone();
         for channel in Channel::ALL {
-            for r in &releases {
+            for r in releases
+                .iter()
+                .filter(|r| just_released.iter().any(|d| d.path == r.release_path))
+            {
                 if let Some(e) = loaded.manifest.entry(channel, &r.target)
                     && e.holder.iteration.id == iteration.id
                     && !moves
@@ -281,7 +285,7 @@ impl Lifecycle {
             self.channels
                 .sync(project, project_name, mv, source)
                 .await?;
-            self.history.record(&move_row(project, mv)).await?;
+            self.history.record_once(&move_row(project, mv)).await?;
         }
         Ok(())
     }

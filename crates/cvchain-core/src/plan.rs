@@ -712,11 +712,21 @@ pub fn release_writes(
         Some(step) if !released.copied && step.release_url.as_deref() == Some(&released.url) => {
             Vec::new()
         }
-        Some(_) => vec![StepWrite::Merge {
-            partition_key: project.to_string(),
-            row_key: rk,
-            properties: props,
-        }],
+        Some(step) => {
+            // Released means exported: the step's end is written with its release, so the
+            // chain has no second write to make to this row.
+            if !step.state.is_some_and(|st| st.is_final()) {
+                props.set(Prop::Status, RowStatus::Step(EntryState::Done).as_str());
+            }
+            if !step.ended {
+                props.set(Prop::EndedAt, now);
+            }
+            vec![StepWrite::Merge {
+                partition_key: project.to_string(),
+                row_key: rk,
+                properties: props,
+            }]
+        }
         None => {
             let mut row = step_row(
                 project,

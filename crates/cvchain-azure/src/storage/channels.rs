@@ -206,11 +206,27 @@ impl ChannelStore {
         project: Uuid,
         project_name: &str,
         now: OffsetDateTime,
+        f: impl FnMut(&mut Manifest) -> Change,
+    ) -> Result<(Change, Loaded), ChannelError> {
+        self.update_from(None, project, project_name, now, f).await
+    }
+
+    /// As `update`, starting from a manifest the caller read a moment ago (it is read again
+    /// only when somebody wrote it since).
+    pub async fn update_from(
+        &self,
+        mut read: Option<Loaded>,
+        project: Uuid,
+        project_name: &str,
+        now: OffsetDateTime,
         mut f: impl FnMut(&mut Manifest) -> Change,
     ) -> Result<(Change, Loaded), ChannelError> {
         let mut path = String::new();
         for _ in 0..ATTEMPTS {
-            let mut loaded = self.load(project, project_name, now).await?;
+            let mut loaded = match read.take() {
+                Some(l) => l,
+                None => self.load(project, project_name, now).await?,
+            };
             path = loaded.path.clone();
             let change = f(&mut loaded.manifest);
             if change.is_empty() {
@@ -297,8 +313,15 @@ impl ChannelStore {
         source: Option<(&str, u64)>,
     ) -> Result<Synced, StorageError> {
         let dest = self.blob(&mv.to.channel_path);
+        // A first move to this channel path found it free a moment ago: copy without looking
+        // again (the copy is conditional on the path being free still).
+        let mut assume_free = mv.from.is_none() && mv.to.revision > 0;
         for _ in 0..ATTEMPTS {
-            let current = self.properties(&mv.to.channel_path).await?;
+            let current = if std::mem::take(&mut assume_free) {
+                None
+            } else {
+                self.properties(&mv.to.channel_path).await?
+            };
             if let Some((meta, ..)) = &current {
                 if owner(meta) != Some(project) || !is_channel(meta) {
                     return Err(StorageError::Other {
@@ -358,6 +381,17 @@ impl ChannelStore {
                 .start_copy_from_url(release.url().to_string(), Some(options))
                 .await
             {
+                // Finished at once (a copy within the account usually is): done.
+                Ok(rsp)
+                    if rsp
+                        .headers()
+                        .get_optional_string(&azure_core::http::headers::HeaderName::from_static(
+                            "x-ms-copy-status",
+                        ))
+                        .is_some_and(|s| s.eq_ignore_ascii_case("success")) =>
+                {
+                    return Ok(Synced::Copied);
+                }
                 Ok(_) => {}
                 Err(e)
                     if matches!(
