@@ -373,7 +373,9 @@ impl Processor {
                     project_name,
                     iteration,
                 } => {
-                    let known = self.steps(&mut scratch.steps, project, iteration.id).await?;
+                    let known = self
+                        .steps(&mut scratch.steps, project, iteration.id)
+                        .await?;
                     let (channels, publish) = self
                         .lifecycle
                         .promote(project, &project_name, &iteration, Some(known), now)

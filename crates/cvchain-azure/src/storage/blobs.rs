@@ -191,18 +191,17 @@ impl ReleaseStore {
         // A copy that finished at once (within an account it usually does) is the source, byte
         // for byte: its ETag comes with the answer and its MD5 is the source's. Otherwise the
         // copy is polled until it ends and its length checked.
-        let (size, copy_etag, copy_md5) = if header("x-ms-copy-status")
-            .is_some_and(|st| st.eq_ignore_ascii_case("success"))
-        {
-            use base64::Engine as _;
-            let md5 = props
-                .content_md5()
-                .map_err(err)?
-                .map(|m| base64::engine::general_purpose::STANDARD.encode(m));
-            (source_len, header("etag"), md5)
-        } else {
-            self.wait_for_copy(&dest).await?
-        };
+        let (size, copy_etag, copy_md5) =
+            if header("x-ms-copy-status").is_some_and(|st| st.eq_ignore_ascii_case("success")) {
+                use base64::Engine as _;
+                let md5 = props
+                    .content_md5()
+                    .map_err(err)?
+                    .map(|m| base64::engine::general_purpose::STANDARD.encode(m));
+                (source_len, header("etag"), md5)
+            } else {
+                self.wait_for_copy(&dest).await?
+            };
         if size != source_len {
             return Err(StorageError::Other {
                 service: SERVICE,

@@ -130,9 +130,10 @@ impl TrainingRow {
                 project_id,
                 name: t.iteration_name.clone(),
                 status: status.to_owned(),
-                trained_at: p
-                    .time(Prop::TrainedAt)
-                    .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok()),
+                trained_at: p.time(Prop::TrainedAt).and_then(|at| {
+                    at.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                }),
                 exportable,
                 exportable_to: p
                     .text(Prop::ExportableTo)
@@ -141,17 +142,20 @@ impl TrainingRow {
                     .map(str::to_owned)
                     .collect(),
                 domain_id: uuid::Uuid::parse_str(p.text(Prop::DomainId)).ok(),
-                training_type: Some(p.text(Prop::TrainingType).to_owned()).filter(|s| !s.is_empty()),
+                training_type: Some(p.text(Prop::TrainingType).to_owned())
+                    .filter(|s| !s.is_empty()),
                 training_time_in_minutes: p.int(Prop::TrainingTimeInMinutes).map(|m| m as i32),
                 ..Default::default()
             },
-            performance: (t.precision.is_some() || t.recall.is_some() || t.average_precision.is_some())
-                .then(|| IterationPerformance {
-                    precision: t.precision,
-                    recall: t.recall,
-                    average_precision: t.average_precision,
-                    ..Default::default()
-                }),
+            performance: (t.precision.is_some()
+                || t.recall.is_some()
+                || t.average_precision.is_some())
+            .then(|| IterationPerformance {
+                precision: t.precision,
+                recall: t.recall,
+                average_precision: t.average_precision,
+                ..Default::default()
+            }),
         })
     }
 
