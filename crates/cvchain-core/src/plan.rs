@@ -195,15 +195,22 @@ pub fn plan(incoming: &Incoming, observed: &Observed, config: &PlanConfig) -> Pl
     }
 }
 
-/// The keys of the row a notification is recorded under. The row is written last, after every
-/// other effect, so when it exists the notification was handled and a redelivery has nothing to
-/// do; the key is the one [`plan_notification`] records, whatever was observed.
+/// The keys of the row a notification is recorded under, worth reading before anything else:
+/// the row is written last, after every other effect, so when it exists the notification was
+/// handled and a redelivery has nothing to do. The key is the one [`plan_notification`]
+/// records, whatever was observed. `None` when recording the row is all there is to do (a
+/// ConnectionTest, a failed training without Custom Vision): the insert itself tells a
+/// redelivery, so a read first would only add a request.
 pub fn record_key(
     incoming: &Incoming,
     parsed: &Parsed,
     config: &PlanConfig,
 ) -> Option<(String, String)> {
     let (_, actions) = plan_notification(incoming, parsed, &Observed::default(), config);
+    let only_the_row = actions.iter().all(|a| matches!(a, Action::Record(_)));
+    if only_the_row && needs(&parsed.notification, config) == Needs::default() {
+        return None;
+    }
     actions.into_iter().rev().find_map(|a| match a {
         Action::Record(row) => Some((row.partition_key, row.row_key)),
         _ => None,

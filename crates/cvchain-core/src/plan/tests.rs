@@ -801,3 +801,31 @@ fn a_notification_releases_its_export_and_whatever_was_left_behind() {
         vec!["TensorFlow"]
     );
 }
+
+fn key_to_read_first(text: &str, config: &PlanConfig) -> Option<(String, String)> {
+    let incoming = Incoming::decode(received(text));
+    let parsed = incoming.parsed.as_ref().expect("a readable message");
+    record_key(&incoming, parsed, config)
+}
+
+#[test]
+fn a_redelivery_is_looked_for_first_where_handling_costs_more_than_the_row() {
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &chain_config());
+    let Some(Action::Record(row)) = actions.last() else {
+        panic!("the row comes last: {actions:?}")
+    };
+    assert_eq!(
+        key_to_read_first(&training_completed(), &chain_config()),
+        Some((row.partition_key.clone(), row.row_key.clone()))
+    );
+    assert!(key_to_read_first(&export_completed(), &chain_config()).is_some());
+}
+
+#[test]
+fn a_notification_that_is_only_its_row_is_not_read_first() {
+    let connection_test =
+        format!(r#"{{"version":"1.0","type":"ConnectionTest","Content":{{"projectId":"{P}"}}}}"#);
+    assert_eq!(key_to_read_first(&connection_test, &chain_config()), None);
+    // Without Custom Vision a finished training is its row alone too.
+    assert_eq!(key_to_read_first(&training_completed(), &config()), None);
+}
