@@ -46,7 +46,11 @@ pub fn requests_but(log: &Path, from: usize, others: &[&str]) -> (Vec<String>, u
     let dir = std::env::temp_dir().join(format!("cvchain-calls-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let part = dir.join("part.log");
-    std::fs::write(&part, mine).unwrap();
+    std::fs::write(&part, &mine).unwrap();
+    if let Ok(dir) = std::env::var("CVCHAIN_BENCH_KINDS_DUMP") {
+        let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        std::fs::write(format!("{dir}/{n:02}.log"), &mine).unwrap();
+    }
     let (kinds, _) = requests_since(&part, 0);
     (kinds, end)
 }

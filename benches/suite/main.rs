@@ -4,8 +4,10 @@
 //!     scripts/bench            # builds what it needs, runs criterion and this, prints the table
 //!
 //! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
-//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate), CVCHAIN_BENCH_OUT
-//! (target/bench/results.md). Needs Azurite in node_modules (`npm ci`).
+//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate,kinds), CVCHAIN_BENCH_OUT
+//! (target/bench/results.md), CVCHAIN_BENCH_KIND_ROUNDS (20), CVCHAIN_BENCH_BEFORE_BIN,
+//! CVCHAIN_BENCH_KINDS_DEBUG (a tally per invocation), CVCHAIN_BENCH_KINDS_DUMP=<dir> (each
+//! invocation's requests from Azurite's log). Needs Azurite in node_modules (`npm ci`).
 use cvchain_testkit::hot_path;
 
 mod calls;
