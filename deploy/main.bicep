@@ -45,7 +45,7 @@ param releaseContainerName string = 'models'
 @description('The history table (CVCHAIN_HISTORY_TABLE).')
 param historyTableName string = 'CustomVisionHistory'
 
-@description('Most instances the app scales out to. Each instance keeps its own Custom Vision rate limit (CVCHAIN_CV_MAX_RPS) while the service allows 10 calls a second per resource, so keep this small.')
+@description('Most instances the app scales out to. The service allows 10 Custom Vision calls a second per resource for all instances together: each instance gets CVCHAIN_CV_MAX_RPS = 10 / maximumInstanceCount (at least 1), so more instances means fewer calls each.')
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int = 4
@@ -245,6 +245,10 @@ var customVisionSettings = withCustomVision ? [
   }
 ] : []
 
+// Every instance limits its own Custom Vision calls, and the service allows 10 a second per
+// resource for all of them together: each instance gets its share (at least 1).
+var customVisionRpsPerInstance = string(max(1, 10 / maximumInstanceCount))
+
 var appSettings = [
   // The host's own storage (leases, keys, the queue trigger's scale data).
   {
@@ -291,6 +295,10 @@ var appSettings = [
   {
     name: 'CVCHAIN_EXPORTS'
     value: exports
+  }
+  {
+    name: 'CVCHAIN_CV_MAX_RPS'
+    value: customVisionRpsPerInstance
   }
   {
     name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'

@@ -15,6 +15,7 @@ use cvchain_core::channels::{
 use cvchain_core::config::PublishSettings;
 use cvchain_core::customvision::codes;
 use cvchain_core::history::StepRow;
+use cvchain_core::release::Released;
 use cvchain_core::retention;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -39,6 +40,7 @@ impl Lifecycle {
         project: Uuid,
         project_name: &str,
         iteration: &IterationRef,
+        known: Option<&[StepRow]>,
         now: OffsetDateTime,
     ) -> Result<(String, Option<String>), ProcessError> {
         let (change, loaded) = match self
@@ -78,7 +80,7 @@ impl Lifecycle {
         // Releases that already exist (a redelivery after the exports) move now.
         let mut status = status;
         let moved = self
-            .move_channels(project, project_name, iteration, now)
+            .move_channels(project, project_name, iteration, known, &[], now)
             .await?;
         if moved != "nothing to move" {
             status.push_str(&format!("; {moved}"));
@@ -148,9 +150,18 @@ impl Lifecycle {
         project: Uuid,
         project_name: &str,
         iteration: &IterationRef,
+        known: Option<&[StepRow]>,
+        just_released: &[Released],
         now: OffsetDateTime,
     ) -> Result<String, ProcessError> {
-        let steps = self.history.steps(project, iteration.id).await?;
+        let read;
+        let steps = match known {
+            Some(s) => s,
+            None => {
+                read = self.history.steps(project, iteration.id).await?;
+                &read[..]
+            }
+        };
         let mut releases: Vec<Release> = steps
             .iter()
             .filter_map(|s| {
@@ -198,9 +209,16 @@ impl Lifecycle {
             }
         }
         for r in releases.iter_mut() {
-            if wanted.moves.iter().any(|m| m.target == r.target)
-                && let Some((size, md5)) = self.channels.release_facts(&r.release_path).await?
+            if !wanted.moves.iter().any(|m| m.target == r.target) {
+                continue;
+            }
+            // Copied a moment ago by this invocation: its facts are known.
+            if let Some(done) = just_released.iter().find(|d| d.path == r.release_path)
+                && done.etag.is_some()
             {
+                r.size = done.size;
+                r.content_md5 = done.content_md5.clone();
+            } else if let Some((size, md5)) = self.channels.release_facts(&r.release_path).await? {
                 r.size = size;
                 r.content_md5 = md5;
             }
@@ -213,7 +231,7 @@ impl Lifecycle {
         };
         let (change, loaded) = match self
             .channels
-            .update(project, project_name, now, |m| {
+            .update_from(Some(loaded), project, project_name, now, |m| {
                 m.released(iteration, &releases, &path_of, now)
             })
             .await
@@ -222,11 +240,14 @@ impl Lifecycle {
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => return Ok(format!("left alone: {e}")),
         };
-        // The moves this message made, and those this iteration made before that a crash may
-        // have left without their copy or row.
+        // The moves this message made, and those the same releases made before that a crash may
+        // have left without their copy or row (a redelivery completes them).
         let mut moves: Vec<Move> = change.moves.clone();
         for channel in Channel::ALL {
-            for r in &releases {
+            for r in releases
+                .iter()
+                .filter(|r| just_released.iter().any(|d| d.path == r.release_path))
+            {
                 if let Some(e) = loaded.manifest.entry(channel, &r.target)
                     && e.holder.iteration.id == iteration.id
                     && !moves
@@ -242,7 +263,8 @@ impl Lifecycle {
                 }
             }
         }
-        self.carry_out_moves(project, project_name, &moves).await?;
+        self.carry_out_moves(project, project_name, &moves, just_released)
+            .await?;
         Ok(describe_change(&change, iteration))
     }
 
@@ -253,10 +275,17 @@ impl Lifecycle {
         project: Uuid,
         project_name: &str,
         moves: &[Move],
+        just_released: &[Released],
     ) -> Result<(), ProcessError> {
         for mv in moves {
-            self.channels.sync(project, project_name, mv).await?;
-            self.history.record(&move_row(project, mv)).await?;
+            let source = just_released
+                .iter()
+                .find(|d| d.path == mv.to.release_path)
+                .and_then(|d| Some((d.etag.as_deref()?, d.size)));
+            self.channels
+                .sync(project, project_name, mv, source)
+                .await?;
+            self.history.record_once(&move_row(project, mv)).await?;
         }
         Ok(())
     }
@@ -421,7 +450,7 @@ impl Lifecycle {
         note: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<(Change, Option<String>), ProcessError> {
-        self.carry_out_moves(project, project_name, &change.moves)
+        self.carry_out_moves(project, project_name, &change.moves, &[])
             .await?;
         if let Some(pm) = &change.pointer {
             self.history

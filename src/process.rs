@@ -18,19 +18,23 @@ use cvchain_azure::storage::{
     clients::StorageClients,
     queue::{poison_queue_name, send_text},
 };
-use cvchain_core::chain::{ExportTarget, Next, plan_chain};
+use cvchain_core::chain::{EntryState, ExportTarget, Next, plan_chain};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::customvision::CvError;
-use cvchain_core::history::{PoisonCopy, Prop, Props, StepRow, failed_row, table_datetime};
+use cvchain_core::history::{
+    PoisonCopy, Prop, Props, StepRow, TrainingRow, failed_row, step_row_key, table_datetime,
+    training_row_key,
+};
 use cvchain_core::message::Incoming;
-use cvchain_core::notification::Notification;
+use cvchain_core::notification::{Notification, TrainingStatus};
 use cvchain_core::plan::{
-    Action, Decision, Observed, PlanConfig, Production, RequestOutcome, StepWrite, chain_position,
-    describe_next, needs, plan, plan_unreadable, refused_targets, release_writes, request_outcome,
-    retention_due, step_after_request, step_exists, step_writes,
+    Action, Decision, Observed, PlanConfig, Production, RequestOutcome, StepWrite,
+    apply_step_write, chain_position, describe_next, needs, plan, plan_unreadable, record_key,
+    refused_targets, release_writes, releases_due, request_outcome, retention_due,
+    step_after_request, step_exists, step_writes,
 };
 use cvchain_core::redact::redact;
-use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, plan_releases};
+use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, Released, plan_releases};
 use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -54,6 +58,14 @@ pub struct Outcome {
     pub duplicate: bool,
     /// Lines for the invocation's log; never a secret.
     pub logs: Vec<String>,
+}
+
+/// What one message's actions share: the iteration's step rows (read once, kept in line with
+/// what the message writes) and the lines for the invocation's log.
+#[derive(Default)]
+struct Scratch {
+    steps: Option<Vec<StepRow>>,
+    logs: Vec<String>,
 }
 
 /// The adapters the actions need.
@@ -159,6 +171,22 @@ impl Processor {
     }
 
     async fn process_once(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
+        // A redelivery of a handled notification costs one read.
+        if let Ok(parsed) = &incoming.parsed
+            && let Some((pk, rk)) = record_key(incoming, parsed, &self.config)
+            && self.history.get(&pk, &rk).await?.is_some()
+        {
+            let row_desc = format!("{}/{pk}/{rk}", self.table_name);
+            return Ok(Outcome {
+                disposition: Disposition::Recorded,
+                logs: vec![
+                    format!("received {}", parsed.notification),
+                    format!("{row_desc} already recorded: a redelivery, left unchanged"),
+                ],
+                row: row_desc,
+                duplicate: true,
+            });
+        }
         let observed = match &incoming.parsed {
             Ok(parsed) => self.observe(&parsed.notification).await?,
             Err(_) => Observed::default(),
@@ -200,41 +228,96 @@ impl Processor {
                 Ok(format!("{what}: {e}"))
             }
         };
-        if needs.iteration {
-            match cv.get_iteration(project, iteration).await {
-                Ok(it) => o.iteration = Some(it),
-                Err(e) => {
-                    o.problem = Some(permanent("iteration", &e)?);
-                    return Ok(o);
+        let mut needs = needs;
+        // After training, what Custom Vision said about the iteration is on its Training row:
+        // one storage read instead of three calls against the service's quota.
+        if matches!(n, Notification::Export { .. })
+            && (needs.iteration || needs.project || needs.performance)
+            && let Some(row) = self
+                .history
+                .get(
+                    &project.to_string(),
+                    &training_row_key(iteration, TrainingStatus::Completed),
+                )
+                .await?
+            && let Some(facts) = TrainingRow::facts(&row)
+        {
+            o.project = Some(facts.project);
+            o.iteration = Some(facts.iteration);
+            o.performance = facts.performance;
+            needs.iteration = false;
+            needs.project = false;
+            needs.performance = false;
+        }
+        // Nothing orders these reads: they go out together (the rate limiter lets a burst
+        // through), and their answers are judged in the order the chain needs them.
+        let (it, proj, perf, exports) = tokio::join!(
+            async {
+                match needs.iteration {
+                    true => Some(cv.get_iteration(project, iteration).await),
+                    false => None,
                 }
+            },
+            async {
+                match needs.project {
+                    true => Some(cv.get_project(project).await),
+                    false => None,
+                }
+            },
+            async {
+                match needs.performance {
+                    true => Some(cv.get_iteration_performance(project, iteration).await),
+                    false => None,
+                }
+            },
+            async {
+                match needs.exports {
+                    true => Some(cv.get_exports(project, iteration).await),
+                    false => None,
+                }
+            },
+        );
+        // A transient failure anywhere retries the message, before any answer is used.
+        for e in [
+            it.as_ref().and_then(|r| r.as_ref().err()),
+            proj.as_ref().and_then(|r| r.as_ref().err()),
+            perf.as_ref().and_then(|r| r.as_ref().err()),
+            exports.as_ref().and_then(|r| r.as_ref().err()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if e.is_transient() {
+                return Err(ProcessError::CustomVision(e.clone()));
             }
         }
-        if needs.project {
-            match cv.get_project(project).await {
-                Ok(p) => o.project = Some(p),
-                Err(e) => {
-                    o.problem = Some(permanent("project", &e)?);
-                    return Ok(o);
-                }
+        match it {
+            Some(Ok(i)) => o.iteration = Some(i),
+            Some(Err(e)) => {
+                o.problem = Some(permanent("iteration", &e)?);
+                return Ok(o);
             }
+            None => {}
         }
-        if needs.performance {
-            match cv.get_iteration_performance(project, iteration).await {
-                Ok(p) => o.performance = Some(p),
-                // No performance is no reason to stop the chain.
-                Err(e) => {
-                    permanent("performance", &e)?;
-                }
+        match proj {
+            Some(Ok(p)) => o.project = Some(p),
+            Some(Err(e)) => {
+                o.problem = Some(permanent("project", &e)?);
+                return Ok(o);
             }
+            None => {}
         }
-        if needs.exports {
-            match cv.get_exports(project, iteration).await {
-                Ok(e) => o.exports = Some(e),
-                Err(e) => {
-                    o.problem = Some(permanent("exports", &e)?);
-                    return Ok(o);
-                }
+        // No performance is no reason to stop the chain.
+        if let Some(Ok(p)) = perf {
+            o.performance = Some(p);
+        }
+        match exports {
+            Some(Ok(e)) => o.exports = Some(e),
+            Some(Err(e)) => {
+                o.problem = Some(permanent("exports", &e)?);
+                return Ok(o);
             }
+            None => {}
         }
         if needs.production {
             let name = o
@@ -269,7 +352,7 @@ impl Processor {
         observed: &Observed,
     ) -> Result<Outcome, ProcessError> {
         let now = OffsetDateTime::now_utc();
-        let mut logs = Vec::new();
+        let mut scratch = Scratch::default();
         let mut row_desc = String::new();
         let mut duplicate = false;
         let mut poison_already_sent = false;
@@ -280,6 +363,9 @@ impl Processor {
         let mut publish_status: Option<String> = None;
         let mut channel_status: Option<String> = None;
         let mut retention_status: Option<String> = None;
+        // The iteration's step rows, read once and kept in line with what this message writes.
+        // What this message released: the channel moves copy from it without reading it again.
+        let mut released: Vec<Released> = Vec::new();
         for action in actions {
             match action {
                 Action::Promote {
@@ -287,14 +373,17 @@ impl Processor {
                     project_name,
                     iteration,
                 } => {
+                    let known = self
+                        .steps(&mut scratch.steps, project, iteration.id)
+                        .await?;
                     let (channels, publish) = self
                         .lifecycle
-                        .promote(project, &project_name, &iteration, now)
+                        .promote(project, &project_name, &iteration, Some(known), now)
                         .await?;
-                    logs.push(format!("channels: {channels}"));
+                    scratch.logs.push(format!("channels: {channels}"));
                     channel_status = Some(channels);
                     if let Some(p) = publish {
-                        logs.push(format!("publish: {p}"));
+                        scratch.logs.push(format!("publish: {p}"));
                         publish_status = Some(p);
                     }
                 }
@@ -303,11 +392,21 @@ impl Processor {
                     project_name,
                     iteration,
                 } => {
+                    let known = self
+                        .steps(&mut scratch.steps, project, iteration.id)
+                        .await?;
                     let status = self
                         .lifecycle
-                        .move_channels(project, &project_name, &iteration, now)
+                        .move_channels(
+                            project,
+                            &project_name,
+                            &iteration,
+                            Some(known),
+                            &released,
+                            now,
+                        )
                         .await?;
-                    logs.push(format!("channels: {status}"));
+                    scratch.logs.push(format!("channels: {status}"));
                     channel_status = Some(status);
                 }
                 Action::Retain { project, keep } => {
@@ -316,7 +415,7 @@ impl Processor {
                     } else {
                         "waiting for the chain to complete".to_owned()
                     };
-                    logs.push(format!("retention: {status}"));
+                    scratch.logs.push(format!("retention: {status}"));
                     retention_status = Some(status);
                 }
                 Action::Release {
@@ -324,18 +423,19 @@ impl Processor {
                     iteration,
                     model_uri,
                 } => {
-                    self.release(project, iteration, &model_uri, observed, now, &mut logs)
+                    released = self
+                        .release(project, iteration, &model_uri, observed, now, &mut scratch)
                         .await?;
                 }
                 Action::Chain { project, iteration } => {
                     let next = self
-                        .run_chain(project, iteration, observed, now, &mut logs)
+                        .run_chain(project, iteration, observed, now, &mut scratch)
                         .await?;
                     let status = next
                         .as_ref()
                         .map(describe_next)
                         .unwrap_or_else(|| "no iteration to export".into());
-                    logs.push(format!("export chain: {status}"));
+                    scratch.logs.push(format!("export chain: {status}"));
                     chain_status = Some(status);
                     chain_next = Some(next.unwrap_or(Next::Empty));
                 }
@@ -355,13 +455,13 @@ impl Processor {
                     row_desc = format!("{}/{}", self.table_name, row.describe());
                     match self.history.record(&row).await? {
                         Recorded::Inserted => {
-                            logs.push(format!("recorded {row_desc}"));
+                            scratch.logs.push(format!("recorded {row_desc}"));
                         }
                         Recorded::AlreadyPresent(existing) => {
                             duplicate = true;
                             poison_already_sent = existing.properties.text(Prop::PoisonCopy)
                                 == PoisonCopy::Sent.as_str();
-                            logs.push(format!(
+                            scratch.logs.push(format!(
                                 "{row_desc} already recorded: a redelivery, left unchanged"
                             ));
                         }
@@ -379,17 +479,21 @@ impl Processor {
                         sent.set(Prop::PoisonEncoding, sent_as.as_str());
                         self.history.merge(pk, rk, &sent).await?;
                     }
-                    logs.push(format!("copied the message to queue {queue}"));
+                    scratch
+                        .logs
+                        .push(format!("copied the message to queue {queue}"));
                 }
             }
         }
         let disposition = match &decision {
             Decision::Accepted(notification) => {
-                logs.insert(0, format!("received {notification}"));
+                scratch.logs.insert(0, format!("received {notification}"));
                 Disposition::Recorded
             }
             Decision::Rejected { reason, .. } => {
-                logs.insert(0, format!("rejected: {}", redact(reason)));
+                scratch
+                    .logs
+                    .insert(0, format!("rejected: {}", redact(reason)));
                 Disposition::Rejected
             }
             Decision::Retry(reason) => return Err(ProcessError::NotReady(reason.clone())),
@@ -398,7 +502,7 @@ impl Processor {
             disposition,
             row: row_desc,
             duplicate,
-            logs,
+            logs: scratch.logs,
         })
     }
 
@@ -411,19 +515,21 @@ impl Processor {
         iteration: Uuid,
         observed: &Observed,
         now: OffsetDateTime,
-        logs: &mut Vec<String>,
+        scratch: &mut Scratch,
     ) -> Result<Option<Next>, ProcessError> {
+        let Scratch { steps: cache, logs } = scratch;
         let chain = &self.config.chain.exports;
         let (Some(cv), Some(it)) = (&self.cv, observed.iteration.as_ref()) else {
             return Ok(None);
         };
         let mut exports = observed.exports.clone().unwrap_or_default();
-        let mut steps = self.history.steps(project, iteration).await?;
-        let mut refused = refused_targets(chain, &steps);
+        let steps = self.steps(cache, project, iteration).await?;
+        let mut refused = refused_targets(chain, steps);
         for _ in 0..=2 * chain.len() + 1 {
             let plan = plan_chain(chain, it, &exports, &refused);
-            for w in step_writes(project, iteration, &plan, &steps, now) {
-                self.write_step(&w).await?;
+            let steps = self.steps(cache, project, iteration).await?;
+            for w in step_writes(project, iteration, &plan, steps, now) {
+                self.write_step(&w, cache).await?;
             }
             let Next::Request(target) = &plan.next else {
                 if let Next::NotReady(r) = &plan.next {
@@ -431,8 +537,9 @@ impl Processor {
                 }
                 return Ok(Some(plan.next));
             };
-            // One requester at a time; inside the claim, GetExports is asked again, so a request
-            // another instance made a moment ago is seen, not repeated.
+            // One requester at a time. Inside the claim, a request another instance made a moment
+            // ago shows in its step row, which it writes before giving the claim back; a claim
+            // taken over from a holder that crashed asks GetExports, the source of truth.
             let Some(claim) = self
                 .claims
                 .acquire(&ClaimKey::export_request(project, iteration, target))
@@ -444,17 +551,34 @@ impl Processor {
                     "{target} is being requested by another invocation"
                 )));
             };
-            let fresh = match cv.get_exports(project, iteration).await {
-                Ok(fresh) => fresh,
-                Err(e) => {
+            if claim.taken_over {
+                let fresh = match cv.get_exports(project, iteration).await {
+                    Ok(fresh) => fresh,
+                    Err(e) => {
+                        self.claims.release(&claim).await?;
+                        return Err(e.into());
+                    }
+                };
+                if fresh.iter().any(|e| target.matches(e)) {
                     self.claims.release(&claim).await?;
-                    return Err(e.into());
+                    exports = fresh;
+                    continue;
                 }
-            };
-            if fresh.iter().any(|e| target.matches(e)) {
-                self.claims.release(&claim).await?;
-                exports = fresh;
-                continue;
+            } else {
+                let key = step_row_key(iteration, target);
+                let requested = match self.history.get(&project.to_string(), &key).await {
+                    Ok(row) => row
+                        .map(|r| StepRow::from_row(&r))
+                        .is_some_and(|s| s.state.is_some_and(|st| st != EntryState::Pending)),
+                    Err(e) => {
+                        self.claims.release(&claim).await?;
+                        return Err(e.into());
+                    }
+                };
+                if requested {
+                    self.claims.release(&claim).await?;
+                    return Ok(Some(Next::Wait(target.clone())));
+                }
             }
             let result = cv
                 .export_iteration(
@@ -465,29 +589,36 @@ impl Processor {
                 )
                 .await;
             let outcome = request_outcome(&result);
-            self.claims.release(&claim).await?;
             if outcome == RequestOutcome::Transient {
+                self.claims.release(&claim).await?;
                 return Err(result
                     .err()
                     .map(ProcessError::CustomVision)
                     .unwrap_or_else(|| ProcessError::NotReady("export".into())));
             }
-            if let Some(w) = step_after_request(
+            // The step row first, then the claim back: whoever takes the claim next sees it.
+            let written = match step_after_request(
                 project,
                 iteration,
                 chain_position(chain, target),
                 target,
                 &outcome,
-                step_exists(&steps, iteration, target),
+                step_exists(
+                    self.steps(cache, project, iteration).await?,
+                    iteration,
+                    target,
+                ),
                 now,
             ) {
-                self.write_step(&w).await?;
-            }
+                Some(w) => self.write_step(&w, cache).await,
+                None => Ok(()),
+            };
+            self.claims.release(&claim).await?;
+            written?;
             match outcome {
                 RequestOutcome::Refused(reason) => {
                     logs.push(format!("export {target} refused: {reason}"));
                     refused.push(target.clone());
-                    steps = self.history.steps(project, iteration).await?;
                 }
                 _ => return Ok(Some(plan.next)),
             }
@@ -504,8 +635,9 @@ impl Processor {
         model_uri: &ModelUri,
         observed: &Observed,
         now: OffsetDateTime,
-        logs: &mut Vec<String>,
-    ) -> Result<(), ProcessError> {
+        scratch: &mut Scratch,
+    ) -> Result<Vec<Released>, ProcessError> {
+        let Scratch { steps: cache, logs } = scratch;
         let exports = observed.exports.clone().unwrap_or_default();
         let plans = plan_releases(
             project,
@@ -515,14 +647,23 @@ impl Processor {
             self.config.backup_container.is_some(),
         );
         if plans.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let steps: Vec<StepRow> = self.history.steps(project, iteration).await?;
+        let steps = self.steps(cache, project, iteration).await?.clone();
+        let plans = releases_due(
+            plans,
+            model_uri,
+            project,
+            iteration,
+            &self.config.chain.exports,
+            &steps,
+        );
         let facts = ReleaseFacts {
             precision: observed.performance.as_ref().and_then(|p| p.precision),
             recall: observed.performance.as_ref().and_then(|p| p.recall),
             exported_at: table_datetime(now),
         };
+        let mut done = Vec::new();
         for plan in plans {
             let names = ReleaseNames {
                 project_id: project,
@@ -577,13 +718,35 @@ impl Processor {
                 &steps,
                 now,
             ) {
-                self.write_step(&w).await?;
+                self.write_step(&w, cache).await?;
             }
+            done.push(released);
         }
-        Ok(())
+        Ok(done)
     }
 
-    async fn write_step(&self, w: &StepWrite) -> Result<(), ProcessError> {
+    /// The iteration's step rows: read on first use, then kept in line with this message's
+    /// writes.
+    async fn steps<'a>(
+        &self,
+        cache: &'a mut Option<Vec<StepRow>>,
+        project: Uuid,
+        iteration: Uuid,
+    ) -> Result<&'a mut Vec<StepRow>, ProcessError> {
+        if cache.is_none() {
+            *cache = Some(self.history.steps(project, iteration).await?);
+        }
+        Ok(cache.as_mut().expect("just read"))
+    }
+
+    async fn write_step(
+        &self,
+        w: &StepWrite,
+        cache: &mut Option<Vec<StepRow>>,
+    ) -> Result<(), ProcessError> {
+        if let Some(steps) = cache.as_mut() {
+            apply_step_write(steps, w);
+        }
         match w {
             StepWrite::Insert(row) => {
                 self.history.record(row).await?;

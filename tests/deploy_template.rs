@@ -22,6 +22,29 @@ fn param_default(bicep: &str, name: &str) -> Option<String> {
         .map(|rest| rest.trim_end().trim_end_matches('\'').to_owned())
 }
 
+/// The default of `param <name> int = <value>`.
+fn int_param(bicep: &str, name: &str) -> Option<i64> {
+    let prefix = format!("param {name} int = ");
+    bicep
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A `var` the settings use: `string(max(A, B / <int param>))`, evaluated as Bicep does
+/// (integer division).
+fn var_value(bicep: &str, name: &str) -> Option<String> {
+    let prefix = format!("var {name} = ");
+    let expr = bicep.lines().find_map(|l| l.strip_prefix(&prefix))?.trim();
+    let inner = expr.strip_prefix("string(max(")?.strip_suffix("))")?;
+    let (low, rest) = inner.split_once(',')?;
+    let (top, param) = rest.split_once('/')?;
+    let low: i64 = low.trim().parse().ok()?;
+    let top: i64 = top.trim().parse().ok()?;
+    let count = int_param(bicep, param.trim())?;
+    Some(low.max(top / count).to_string())
+}
+
 /// A Bicep value as deployed: literals, parameters with their defaults, and sample values for
 /// the properties Azure fills in. An expression this does not know fails the test, so a new
 /// setting is looked at here.
@@ -40,6 +63,9 @@ fn eval(bicep: &str, expr: &str) -> String {
         return out;
     }
     if let Some(v) = param_default(bicep, expr) {
+        return v;
+    }
+    if let Some(v) = var_value(bicep, expr) {
         return v;
     }
     match expr {
@@ -143,6 +169,21 @@ fn the_templates_app_settings_are_the_ones_cvchain_reads() {
         "https://cvchainabc.blob.core.windows.net/cvbackups"
     );
     assert!(!s.chain.exports.is_empty());
+    // Four instances share the resource's 10 calls a second: 2 each.
+    assert_eq!(int_param(&bicep, "maximumInstanceCount"), Some(4));
+    assert_eq!(app["CVCHAIN_CV_MAX_RPS"], "2");
+    assert_eq!(cv.max_rps, 2);
+    for (count, share) in [(1, "10"), (3, "3"), (10, "1"), (40, "1")] {
+        let scaled = bicep.replace(
+            "param maximumInstanceCount int = 4",
+            &format!("param maximumInstanceCount int = {count}"),
+        );
+        assert_eq!(
+            var_value(&scaled, "customVisionRpsPerInstance").as_deref(),
+            Some(share),
+            "{count} instances"
+        );
+    }
 }
 
 #[test]

@@ -28,6 +28,33 @@ pub fn requests_since(log: &Path, from: usize) -> (Vec<String>, usize) {
     (kinds, end)
 }
 
+/// As `requests_since`, without the requests whose `User-Agent` begins with one of `others`
+/// (the stand-in's, the benchmark's own).
+pub fn requests_but(log: &Path, from: usize, others: &[&str]) -> (Vec<String>, usize) {
+    let text = std::fs::read(log).unwrap_or_default();
+    let end = text.len();
+    let text = String::from_utf8_lossy(&text[from.min(end)..]).into_owned();
+    let markers: Vec<String> = others
+        .iter()
+        .map(|o| format!("\"user-agent\":\"{o} "))
+        .collect();
+    let mine: String = text
+        .lines()
+        .filter(|l| !markers.iter().any(|m| l.contains(m)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("cvchain-calls-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let part = dir.join("part.log");
+    std::fs::write(&part, &mine).unwrap();
+    if let Ok(dir) = std::env::var("CVCHAIN_BENCH_KINDS_DUMP") {
+        let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        std::fs::write(format!("{dir}/{n:02}.log"), &mine).unwrap();
+    }
+    let (kinds, _) = requests_since(&part, 0);
+    (kinds, end)
+}
+
 /// A request's kind: service, method and what it addressed, without names or keys.
 pub fn kind(service: &str, method: &str, url: &str) -> String {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));

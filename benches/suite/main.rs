@@ -4,14 +4,17 @@
 //!     scripts/bench            # builds what it needs, runs criterion and this, prints the table
 //!
 //! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
-//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate), CVCHAIN_BENCH_OUT
-//! (target/bench/results.md). Needs Azurite in node_modules (`npm ci`).
+//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate,kinds), CVCHAIN_BENCH_OUT
+//! (target/bench/results.md), CVCHAIN_BENCH_KIND_ROUNDS (20), CVCHAIN_BENCH_BEFORE_BIN,
+//! CVCHAIN_BENCH_KINDS_DEBUG (a tally per invocation), CVCHAIN_BENCH_KINDS_DUMP=<dir> (each
+//! invocation's requests from Azurite's log). Needs Azurite in node_modules (`npm ci`).
 use cvchain_testkit::hot_path;
 
 mod calls;
 mod coldstart;
 mod direct;
 mod drive;
+mod kinds;
 mod workload;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -116,7 +119,7 @@ fn baseline_exe() -> PathBuf {
 fn main() {
     let sections = setting(
         "CVCHAIN_BENCH_SECTIONS",
-        "cold,cost,calls,throughput,memory,rate",
+        "cold,cost,kinds,calls,throughput,memory,rate",
     );
     let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let messages: usize = setting("CVCHAIN_BENCH_MESSAGES", "5000").parse().unwrap();
@@ -132,6 +135,9 @@ fn main() {
         }
         if on("cost") {
             cost(&mut table);
+        }
+        if on("kinds") {
+            per_kind(&mut table).await;
         }
         if on("calls") {
             call_counts(&mut table).await;
@@ -287,6 +293,51 @@ async fn call_counts(table: &mut Table) {
         format!("{:.2}", ours_cv as f64 / theirs_cv as f64),
         "same calls",
     );
+}
+
+/// Each kind of invocation: duration, storage requests and Custom Vision calls, median of
+/// `CVCHAIN_BENCH_KIND_ROUNDS` (20) projects; beside the binary in `CVCHAIN_BENCH_BEFORE_BIN`
+/// (an earlier revision) when it is set, alternating round by round.
+async fn per_kind(table: &mut Table) {
+    let rounds: usize = setting("CVCHAIN_BENCH_KIND_ROUNDS", "20").parse().unwrap();
+    let before_bin = std::env::var("CVCHAIN_BENCH_BEFORE_BIN")
+        .ok()
+        .map(PathBuf::from);
+    let after = kinds::Runner::start(None).await;
+    let before = match &before_bin {
+        Some(b) => Some(kinds::Runner::start(Some(b)).await),
+        None => None,
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.push(after.round().await);
+        if let Some(b) = &before {
+            theirs.push(b.round().await);
+        }
+    }
+    let now = kinds::medians(&ours);
+    let then = (!theirs.is_empty()).then(|| kinds::medians(&theirs));
+    let show =
+        |s: &kinds::Sample| format!("{}, {} storage, {} CV", ms(s.duration), s.storage, s.cv);
+    for (k, (name, target)) in kinds::KINDS.iter().enumerate() {
+        let (baseline, ratio) = match &then {
+            Some(t) => (
+                format!("{} (before)", show(&t[k])),
+                format!(
+                    "{:.2}",
+                    now[k].duration.as_secs_f64() / t[k].duration.as_secs_f64()
+                ),
+            ),
+            None => ("—".into(), "—".into()),
+        };
+        table.row(
+            &format!("{name} (median of {rounds})"),
+            show(&now[k]),
+            baseline,
+            ratio,
+            target,
+        );
+    }
 }
 
 fn cv_total(env: &Env) -> u64 {

@@ -50,6 +50,11 @@ pub struct Env {
 
 impl Env {
     pub async fn start(debug: bool) -> Self {
+        Self::start_with_delay(debug, 0).await
+    }
+
+    /// As `start`, with the stand-in taking `delay_ms` to train and to export.
+    pub async fn start_with_delay(debug: bool, delay_ms: u64) -> Self {
         let azurite = tokio::task::block_in_place(|| {
             if debug {
                 Azurite::builder().debug_log().start()
@@ -57,10 +62,12 @@ impl Env {
                 Azurite::builder().in_memory().start()
             }
         });
-        let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+        let clients = StorageClients::new(&azurite.storage_settings())
+            .unwrap()
+            .with_application_id("cvchain-bench");
         let standin = Standin::start(StandinConfig {
             model_size: 4096,
-            ..standin_config(&clients, KEY, 0)
+            ..standin_config(&clients, KEY, delay_ms)
         })
         .await
         .unwrap();

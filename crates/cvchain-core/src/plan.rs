@@ -195,6 +195,28 @@ pub fn plan(incoming: &Incoming, observed: &Observed, config: &PlanConfig) -> Pl
     }
 }
 
+/// The keys of the row a notification is recorded under, worth reading before anything else:
+/// the row is written last, after every other effect, so when it exists the notification was
+/// handled and a redelivery has nothing to do. The key is the one [`plan_notification`]
+/// records, whatever was observed. `None` when recording the row is all there is to do (a
+/// ConnectionTest, a failed training without Custom Vision): the insert itself tells a
+/// redelivery, so a read first would only add a request.
+pub fn record_key(
+    incoming: &Incoming,
+    parsed: &Parsed,
+    config: &PlanConfig,
+) -> Option<(String, String)> {
+    let (_, actions) = plan_notification(incoming, parsed, &Observed::default(), config);
+    let only_the_row = actions.iter().all(|a| matches!(a, Action::Record(_)));
+    if only_the_row && needs(&parsed.notification, config) == Needs::default() {
+        return None;
+    }
+    actions.into_iter().rev().find_map(|a| match a {
+        Action::Record(row) => Some((row.partition_key, row.row_key)),
+        _ => None,
+    })
+}
+
 /// Decides for something that arrived but could not even be read as a message (a broken envelope).
 pub fn plan_unreadable(incoming: &Incoming, reason: &str, config: &PlanConfig) -> Plan {
     reject(incoming, reason, None, config)
@@ -470,6 +492,34 @@ pub enum StepWrite {
     },
 }
 
+/// Applies a write to the step rows as read, so what a message wrote is what its next decision
+/// sees, without reading the rows again.
+pub fn apply_step_write(steps: &mut Vec<StepRow>, w: &StepWrite) {
+    match w {
+        StepWrite::Insert(row) => match steps.iter_mut().find(|s| s.row_key == row.row_key) {
+            // Insert-if-absent: an existing row stays as it was.
+            Some(_) => {}
+            None => steps.push(StepRow::from_row(row)),
+        },
+        StepWrite::Merge {
+            partition_key,
+            row_key,
+            properties,
+        } => match steps.iter_mut().find(|s| s.row_key == *row_key) {
+            Some(s) => {
+                let mut row = s.row.clone();
+                row.properties.extend(properties.clone());
+                *s = StepRow::from_row(&row);
+            }
+            None => steps.push(StepRow::from_row(&HistoryRow {
+                partition_key: partition_key.clone(),
+                row_key: row_key.clone(),
+                properties: properties.clone(),
+            })),
+        },
+    }
+}
+
 /// Brings the step rows in line with the chain's state. Writes only what differs, so a
 /// redelivered message writes nothing.
 pub fn step_writes(
@@ -603,6 +653,43 @@ pub fn chain_entry(chain: &[ExportTarget], export: &ExportTarget) -> Option<(usi
         .map(|(i, t)| (i, t.clone()))
 }
 
+/// The releases this notification is due: the export it names (a backup blob names its
+/// platform), whatever its step row says, so a re-export replaces a stale copy; and every other
+/// finished export whose step row records no release yet, so a lost message leaves no model
+/// behind. Exports released before are not looked at again: the cost of a notification does not
+/// grow with the chain.
+pub fn releases_due(
+    plans: Vec<crate::release::ReleasePlan>,
+    model_uri: &ModelUri,
+    project: Uuid,
+    iteration: Uuid,
+    chain: &[ExportTarget],
+    steps: &[StepRow],
+) -> Vec<crate::release::ReleasePlan> {
+    let named = match model_uri {
+        ModelUri::InBackup { blob_name } => {
+            let prefix = format!("{project} - {iteration}.");
+            blob_name.strip_prefix(&prefix).map(str::to_owned)
+        }
+        _ => None,
+    };
+    plans
+        .into_iter()
+        .filter(|p| {
+            if named.as_deref() == Some(p.platform.as_str()) {
+                return true;
+            }
+            let target = ExportTarget {
+                platform: p.platform.clone(),
+                flavor: p.flavor.clone(),
+            };
+            let entry = chain_entry(chain, &target).map_or(target, |(_, t)| t);
+            StepRow::find(steps, &step_row_key(iteration, &entry))
+                .is_none_or(|s| s.release_url.is_none())
+        })
+        .collect()
+}
+
 /// Records a release copy on the export's step row: the chain entry the export answers, or a
 /// row of its own (`ChainPosition` 0) for an export outside the chain. A copy that was already
 /// current is recorded only where its row does not say so yet (a holder that crashed after
@@ -632,11 +719,21 @@ pub fn release_writes(
         Some(step) if !released.copied && step.release_url.as_deref() == Some(&released.url) => {
             Vec::new()
         }
-        Some(_) => vec![StepWrite::Merge {
-            partition_key: project.to_string(),
-            row_key: rk,
-            properties: props,
-        }],
+        Some(step) => {
+            // Released means exported: the step's end is written with its release, so the
+            // chain has no second write to make to this row.
+            if !step.state.is_some_and(|st| st.is_final()) {
+                props.set(Prop::Status, RowStatus::Step(EntryState::Done).as_str());
+            }
+            if !step.ended {
+                props.set(Prop::EndedAt, now);
+            }
+            vec![StepWrite::Merge {
+                partition_key: project.to_string(),
+                row_key: rk,
+                properties: props,
+            }]
+        }
         None => {
             let mut row = step_row(
                 project,

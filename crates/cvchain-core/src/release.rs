@@ -376,7 +376,7 @@ pub const META_PROJECT_ID: &str = "projectid";
 pub const META_ITERATION_ID: &str = "iterationid";
 
 /// What one release did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Released {
     /// The release blob's URL, without any SAS.
     pub url: String,
@@ -387,6 +387,10 @@ pub struct Released {
     pub millis: u64,
     /// False when the destination already held this export and nothing was written.
     pub copied: bool,
+    /// The release copy's ETag and Content-MD5 (base64), when the release read them: a channel
+    /// copy made from it in the same invocation needs not read them again.
+    pub etag: Option<String>,
+    pub content_md5: Option<String>,
 }
 
 /// What the release metadata says besides names and ids.

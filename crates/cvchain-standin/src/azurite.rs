@@ -85,13 +85,25 @@ impl Azurite {
     pub fn start(options: Options) -> io::Result<Self> {
         let mut a = Self {
             child: None,
-            blob_port: free_port()?,
-            queue_port: free_port()?,
-            table_port: free_port()?,
+            blob_port: 0,
+            queue_port: 0,
+            table_port: 0,
             options,
         };
-        a.spawn()?;
-        Ok(a)
+        // A free port can be taken by another process before Azurite binds it (tests start
+        // many at once): then it starts again on other ports.
+        let mut last = None;
+        for _ in 0..3 {
+            (a.blob_port, a.queue_port, a.table_port) = (free_port()?, free_port()?, free_port()?);
+            match a.spawn() {
+                Ok(()) => return Ok(a),
+                Err(e) => {
+                    a.stop();
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("three attempts were made"))
     }
 
     fn executable(root: &Path) -> io::Result<PathBuf> {
@@ -148,12 +160,28 @@ impl Azurite {
                 io::Error::new(e.kind(), format!("cannot start {}: {e}", exe.display()))
             })?;
         self.child = Some(child);
+        let started = Instant::now();
         for port in [self.blob_port, self.queue_port, self.table_port] {
-            if !wait_for_port(port, Duration::from_secs(30)) {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("Azurite did not open port {port}"),
-                ));
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                // Exited: the port was taken between choosing it and binding it, most likely.
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    self.child = None;
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("Azurite exited ({status}) before opening port {port}"),
+                    ));
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("Azurite did not open port {port} within 60 s"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         Ok(())

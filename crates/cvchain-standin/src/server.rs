@@ -25,7 +25,11 @@ impl Standin {
         Self::start_on(config, 0).await
     }
 
-    pub async fn start_on(config: StandinConfig, port: u16) -> std::io::Result<Self> {
+    pub async fn start_on(mut config: StandinConfig, port: u16) -> std::io::Result<Self> {
+        // The service's own storage requests, told apart from cvchain's in request logs.
+        config.storage = config
+            .storage
+            .map(|c| c.with_application_id("cvchain-standin"));
         let shared = Arc::new(Shared {
             world: Mutex::new(World {
                 projects: Vec::new(),

@@ -41,6 +41,8 @@ pub struct Handler {
     env: Vec<(String, String)>,
     /// `serve` (answers GET /) or `worker` (consumes the queue itself).
     command: &'static str,
+    /// The binary: cvchain's own build, or another one (an earlier revision, for benchmarks).
+    bin: PathBuf,
 }
 
 impl Handler {
@@ -54,6 +56,15 @@ impl Handler {
     }
 
     fn start_command(command: &'static str, env: &[(&str, String)]) -> Self {
+        Self::start_with(&cvchain_bin(), command, env)
+    }
+
+    /// `bin` (a cvchain binary) with this command and settings.
+    pub fn start_with(
+        bin: &std::path::Path,
+        command: &'static str,
+        env: &[(&str, String)],
+    ) -> Self {
         let port = crate::free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr_path = dir.path().join("stderr.log");
@@ -67,6 +78,7 @@ impl Handler {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
             command,
+            bin: bin.to_owned(),
         };
         h.spawn();
         h
@@ -93,7 +105,7 @@ impl Handler {
             .append(true)
             .open(&self.stderr_path)
             .unwrap();
-        let mut cmd = Command::new(cvchain_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.arg(self.command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

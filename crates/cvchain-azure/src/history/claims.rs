@@ -21,6 +21,8 @@ pub struct Claim {
     pub row_key: String,
     pub etag: String,
     pub owner: Uuid,
+    /// Taken over from a holder whose claim expired (it may have crashed mid-work).
+    pub taken_over: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -42,11 +44,12 @@ impl Claims {
             now + time::Duration::try_from(self.ttl).unwrap_or(time::Duration::minutes(2));
         let entity = to_entity(&claim_row(key, owner, expires));
         let (pk, rk) = (key.partition_key.as_str(), key.row_key.as_str());
-        let held = |etag| Claim {
+        let held = |etag, taken_over| Claim {
             partition_key: pk.into(),
             row_key: rk.into(),
             etag,
             owner,
+            taken_over,
         };
         let first = match self.table.insert(&entity).await {
             Err(StorageError::Service { status: 404, .. }) => {
@@ -56,7 +59,7 @@ impl Claims {
             other => other?,
         };
         if let WriteOutcome::Written { etag } = first {
-            return Ok(Some(held(etag)));
+            return Ok(Some(held(etag, false)));
         }
         // Held: take it over only if it expired, and only if nobody else did first.
         let Some(current) = self.table.get(pk, rk).await? else {
@@ -70,7 +73,7 @@ impl Claims {
             .update(&entity, UpdateMode::Replace, &current.etag)
             .await?
         {
-            WriteOutcome::Written { etag } => Ok(Some(held(etag))),
+            WriteOutcome::Written { etag } => Ok(Some(held(etag, true))),
             _ => Ok(None),
         }
     }

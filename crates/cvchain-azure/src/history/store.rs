@@ -58,6 +58,20 @@ impl HistoryStore {
         }
     }
 
+    /// Inserts the row unless one with its keys exists, without reading the one that does:
+    /// `false` when it was there already.
+    pub async fn record_once(&self, row: &HistoryRow) -> Result<bool, StorageError> {
+        let entity = to_entity(row);
+        let outcome = match self.table.insert(&entity).await {
+            Err(StorageError::Service { status: 404, .. }) => {
+                self.table.create_if_missing().await?;
+                self.table.insert(&entity).await?
+            }
+            other => other?,
+        };
+        Ok(matches!(outcome, WriteOutcome::Written { .. }))
+    }
+
     /// Adds or overwrites some properties of a row.
     pub async fn merge(
         &self,

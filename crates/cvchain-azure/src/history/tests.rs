@@ -76,6 +76,7 @@ fn release_sizes_are_int64_strings() {
         size: 1234,
         millis: 56,
         copied: true,
+        ..Default::default()
     };
     let now = datetime!(2026-11-26 10:05 UTC);
     let writes = release_writes(

@@ -206,11 +206,27 @@ impl ChannelStore {
         project: Uuid,
         project_name: &str,
         now: OffsetDateTime,
+        f: impl FnMut(&mut Manifest) -> Change,
+    ) -> Result<(Change, Loaded), ChannelError> {
+        self.update_from(None, project, project_name, now, f).await
+    }
+
+    /// As `update`, starting from a manifest the caller read a moment ago (it is read again
+    /// only when somebody wrote it since).
+    pub async fn update_from(
+        &self,
+        mut read: Option<Loaded>,
+        project: Uuid,
+        project_name: &str,
+        now: OffsetDateTime,
         mut f: impl FnMut(&mut Manifest) -> Change,
     ) -> Result<(Change, Loaded), ChannelError> {
         let mut path = String::new();
         for _ in 0..ATTEMPTS {
-            let mut loaded = self.load(project, project_name, now).await?;
+            let mut loaded = match read.take() {
+                Some(l) => l,
+                None => self.load(project, project_name, now).await?,
+            };
             path = loaded.path.clone();
             let change = f(&mut loaded.manifest);
             if change.is_empty() {
@@ -288,15 +304,24 @@ impl ChannelStore {
     /// Brings the channel copy of a move in line with it, unless the copy already holds this
     /// revision or a newer one. Copies are conditional on the copy's ETag as read, so of two
     /// writers the older revision can never land last.
+    /// `source`: the release copy's ETag and length when the caller read them a moment ago.
     pub async fn sync(
         &self,
         project: Uuid,
         project_name: &str,
         mv: &Move,
+        source: Option<(&str, u64)>,
     ) -> Result<Synced, StorageError> {
         let dest = self.blob(&mv.to.channel_path);
+        // A first move to this channel path found it free a moment ago: copy without looking
+        // again (the copy is conditional on the path being free still).
+        let mut assume_free = mv.from.is_none() && mv.to.revision > 0;
         for _ in 0..ATTEMPTS {
-            let current = self.properties(&mv.to.channel_path).await?;
+            let current = if std::mem::take(&mut assume_free) {
+                None
+            } else {
+                self.properties(&mv.to.channel_path).await?
+            };
             if let Some((meta, ..)) = &current {
                 if owner(meta) != Some(project) || !is_channel(meta) {
                     return Err(StorageError::Other {
@@ -316,14 +341,18 @@ impl ChannelStore {
                     return Ok(Synced::Current);
                 }
             }
-            let source = self.blob(&mv.to.release_path);
-            let Some((_, source_etag, source_len, _)) =
-                self.properties(&mv.to.release_path).await?
-            else {
-                return Err(StorageError::Other {
-                    service: SERVICE,
-                    detail: format!("the release copy {} is gone", mv.to.release_path),
-                });
+            let release = self.blob(&mv.to.release_path);
+            let (source_etag, source_len) = match source {
+                Some((etag, len)) => (etag.to_owned(), len),
+                None => match self.properties(&mv.to.release_path).await? {
+                    Some((_, etag, len, _)) => (etag, len),
+                    None => {
+                        return Err(StorageError::Other {
+                            service: SERVICE,
+                            detail: format!("the release copy {} is gone", mv.to.release_path),
+                        });
+                    }
+                },
             };
             let mut metadata = channel_metadata(mv.channel, mv, project, project_name);
             metadata.insert("revision".into(), mv.to.revision.to_string());
@@ -349,9 +378,20 @@ impl ChannelStore {
                 None => options.if_none_match = Some("*".into()),
             }
             match dest
-                .start_copy_from_url(source.url().to_string(), Some(options))
+                .start_copy_from_url(release.url().to_string(), Some(options))
                 .await
             {
+                // Finished at once (a copy within the account usually is): done.
+                Ok(rsp)
+                    if rsp
+                        .headers()
+                        .get_optional_string(&azure_core::http::headers::HeaderName::from_static(
+                            "x-ms-copy-status",
+                        ))
+                        .is_some_and(|s| s.eq_ignore_ascii_case("success")) =>
+                {
+                    return Ok(Synced::Copied);
+                }
                 Ok(_) => {}
                 Err(e)
                     if matches!(

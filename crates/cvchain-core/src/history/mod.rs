@@ -6,7 +6,7 @@ mod row;
 mod views;
 
 pub use row::{HistoryRow, PoisonCopy, Prop, Props, RowKind, RowStatus, Value, ValueKind};
-pub use views::{ChannelMoveRow, StepRow, TrainingRow};
+pub use views::{ChannelMoveRow, StepRow, TrainingFacts, TrainingRow};
 
 use crate::chain::{EntryState, ExportTarget};
 use crate::customvision::{Iteration, IterationPerformance, Project};
@@ -66,7 +66,7 @@ pub fn notification_row(incoming: &Incoming, parsed: &Parsed) -> HistoryRow {
             iteration_id,
             status,
             ..
-        } => format!("Training_{iteration_id}_{}", status.as_str()),
+        } => training_row_key(*iteration_id, *status),
         Notification::Export {
             iteration_id,
             status,
@@ -161,6 +161,11 @@ pub fn enrich_training(
 /// The service writes RFC 3339 times.
 pub fn parse_service_time(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+/// The row key of a Training notification's row: one per iteration and outcome.
+pub fn training_row_key(iteration: Uuid, status: crate::notification::TrainingStatus) -> String {
+    format!("Training_{iteration}_{}", status.as_str())
 }
 
 /// The row key of an export step: one row per chain entry of an iteration.

@@ -20,6 +20,8 @@ pub struct StepRow {
     pub release_url: Option<String>,
     pub release_path: Option<String>,
     pub release_size: Option<i64>,
+    /// The row itself, so a write to it can be applied to this view too.
+    pub row: HistoryRow,
 }
 
 impl StepRow {
@@ -45,6 +47,7 @@ impl StepRow {
             release_url: non_empty(Prop::ReleaseUrl),
             release_path: non_empty(Prop::ReleasePath),
             release_size: p.int(Prop::ReleaseSize),
+            row: row.clone(),
         }
     }
 
@@ -102,10 +105,72 @@ impl TrainingRow {
         })
     }
 
+    /// What Custom Vision reported about the iteration when its training completed, as the row
+    /// recorded it: enough for the notifications that follow (names, state, exportability,
+    /// metrics) without asking again. `None` when the row lacks any of it.
+    pub fn facts(row: &HistoryRow) -> Option<TrainingFacts> {
+        use crate::customvision::{Iteration, IterationPerformance, Project};
+        let t = Self::from_row(row)?;
+        let p = &row.properties;
+        let status = p.text(Prop::IterationStatus);
+        if status.is_empty() || t.project_name.is_empty() || t.iteration_name.is_empty() {
+            return None;
+        }
+        let exportable = p.flag(Prop::Exportable)?;
+        let id = uuid::Uuid::parse_str(&t.iteration_id).ok()?;
+        let project_id = uuid::Uuid::parse_str(&t.project_id).ok()?;
+        Some(TrainingFacts {
+            project: Project {
+                id: project_id,
+                name: t.project_name.clone(),
+                ..Default::default()
+            },
+            iteration: Iteration {
+                id,
+                project_id,
+                name: t.iteration_name.clone(),
+                status: status.to_owned(),
+                trained_at: p.time(Prop::TrainedAt).and_then(|at| {
+                    at.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                }),
+                exportable,
+                exportable_to: p
+                    .text(Prop::ExportableTo)
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                domain_id: uuid::Uuid::parse_str(p.text(Prop::DomainId)).ok(),
+                training_type: Some(p.text(Prop::TrainingType).to_owned())
+                    .filter(|s| !s.is_empty()),
+                training_time_in_minutes: p.int(Prop::TrainingTimeInMinutes).map(|m| m as i32),
+                ..Default::default()
+            },
+            performance: (t.precision.is_some()
+                || t.recall.is_some()
+                || t.average_precision.is_some())
+            .then(|| IterationPerformance {
+                precision: t.precision,
+                recall: t.recall,
+                average_precision: t.average_precision,
+                ..Default::default()
+            }),
+        })
+    }
+
     /// Whether the gate passed this iteration (`None` when no verdict was recorded).
     pub fn passed_gate(&self) -> Option<bool> {
         self.gate_verdict.as_deref().map(|v| v == "passed")
     }
+}
+
+/// What a Training row says about its project and iteration (see [`TrainingRow::facts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingFacts {
+    pub project: crate::customvision::Project,
+    pub iteration: crate::customvision::Iteration,
+    pub performance: Option<crate::customvision::IterationPerformance>,
 }
 
 /// A channel move, read back: which iteration holds which channel for which target, as of which

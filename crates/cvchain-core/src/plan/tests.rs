@@ -548,6 +548,7 @@ fn a_release_lands_on_its_chain_entry_or_on_a_row_of_its_own() {
         size: 1234,
         millis: 56,
         copied: true,
+        ..Default::default()
     };
     let onnx12 = ExportTarget {
         platform: "ONNX".into(),
@@ -602,6 +603,7 @@ fn a_current_copy_is_recorded_only_where_its_row_does_not_say_so() {
         size: 1234,
         millis: 0,
         copied: false,
+        ..Default::default()
     };
     let mut step = step_row(pid(), iid(), 0, &chain[0], EntryState::Done);
     // A holder copied but crashed before recording: the row gets the release now.
@@ -733,4 +735,97 @@ fn an_export_in_an_unknown_status_gets_a_row_that_says_so() {
         matches!(&writes[..], [StepWrite::Merge { properties, .. }, ..] if properties[Prop::Status] == "Done"),
         "{writes:?}"
     );
+}
+
+#[test]
+fn a_notification_releases_its_export_and_whatever_was_left_behind() {
+    use crate::release::{ReleasePlan, Source};
+    let chain = chain_config().chain.exports;
+    let plan = |platform: &str, flavor: Option<&str>| ReleasePlan {
+        platform: platform.into(),
+        flavor: flavor.map(Into::into),
+        source: Source::Download {
+            url: "https://x/y".into(),
+        },
+        fallback: None,
+    };
+    let plans = vec![
+        plan("ONNX", None),
+        plan("TensorFlow", Some("TensorFlowLite")),
+    ];
+    let mut onnx = step_row(pid(), iid(), 0, &chain[0], EntryState::Done);
+    onnx.properties
+        .set(Prop::ReleaseUrl, "https://a/models/W/1/ONNX.zip");
+    let tf = step_row(pid(), iid(), 1, &chain[1], EntryState::Done);
+    let steps = vec![stored(&onnx), stored(&tf)];
+    let names = |v: Vec<crate::release::ReleasePlan>| -> Vec<String> {
+        v.into_iter().map(|p| p.platform).collect()
+    };
+    // Named ONNX (released before: a re-export is verified again), and TensorFlow, left behind.
+    let backup = ModelUri::InBackup {
+        blob_name: format!("{P} - {I}.ONNX"),
+    };
+    assert_eq!(
+        names(releases_due(
+            plans.clone(),
+            &backup,
+            pid(),
+            iid(),
+            &chain,
+            &steps
+        )),
+        vec!["ONNX", "TensorFlow"]
+    );
+    // Nothing named: only what is not released yet.
+    assert_eq!(
+        names(releases_due(
+            plans.clone(),
+            &ModelUri::None,
+            pid(),
+            iid(),
+            &chain,
+            &steps
+        )),
+        vec!["TensorFlow"]
+    );
+    // Everything released: a notification about TensorFlow verifies only TensorFlow.
+    let mut tf = tf;
+    tf.properties
+        .set(Prop::ReleaseUrl, "https://a/models/W/1/TF.zip");
+    let steps = vec![stored(&onnx), stored(&tf)];
+    let named_tf = ModelUri::InBackup {
+        blob_name: format!("{P} - {I}.TensorFlow"),
+    };
+    assert_eq!(
+        names(releases_due(plans, &named_tf, pid(), iid(), &chain, &steps)),
+        vec!["TensorFlow"]
+    );
+}
+
+fn key_to_read_first(text: &str, config: &PlanConfig) -> Option<(String, String)> {
+    let incoming = Incoming::decode(received(text));
+    let parsed = incoming.parsed.as_ref().expect("a readable message");
+    record_key(&incoming, parsed, config)
+}
+
+#[test]
+fn a_redelivery_is_looked_for_first_where_handling_costs_more_than_the_row() {
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &chain_config());
+    let Some(Action::Record(row)) = actions.last() else {
+        panic!("the row comes last: {actions:?}")
+    };
+    assert_eq!(
+        key_to_read_first(&training_completed(), &chain_config()),
+        Some((row.partition_key.clone(), row.row_key.clone()))
+    );
+    assert!(key_to_read_first(&export_completed(), &chain_config()).is_some());
+}
+
+#[test]
+fn a_notification_that_is_only_its_row_is_not_read_first() {
+    let connection_test =
+        format!(r#"{{"version":"1.0","type":"ConnectionTest","Content":{{"projectId":"{P}"}}}}"#);
+    assert_eq!(key_to_read_first(&connection_test, &chain_config()), None);
+    // Without Custom Vision a finished training is its row alone too.
+    assert_eq!(key_to_read_first(&training_completed(), &config()), None);
 }
