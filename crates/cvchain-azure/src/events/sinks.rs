@@ -113,14 +113,11 @@ impl Sinks {
             }
             None => None,
         };
-        let webhook = match &settings.webhook {
-            Some(w) => Some(WebhookSink {
-                url: w.url.clone(),
-                key: w.key.clone(),
-                http: Http::new(transport.clone(), Vec::new(), timeout),
-            }),
-            None => None,
-        };
+        let webhook = settings.webhook.as_ref().map(|w| WebhookSink {
+            url: w.url.clone(),
+            key: w.key.clone(),
+            http: Http::new(transport.clone(), Vec::new(), timeout),
+        });
         Ok(Self {
             queue,
             event_grid,
@@ -204,7 +201,7 @@ impl Sinks {
                     let mut end = start;
                     let mut size = 2;
                     while end < events.len()
-                        && (end == start || size + events[end].1.len() + 1 <= EVENTGRID_MAX_REQUEST)
+                        && (end == start || size + events[end].1.len() < EVENTGRID_MAX_REQUEST)
                     {
                         size += events[end].1.len() + 1;
                         end += 1;
