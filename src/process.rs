@@ -3,6 +3,7 @@
 //! the queue worker) goes through here. Nothing is decided here that the core could decide.
 
 use crate::error::ProcessError;
+use crate::events::Events;
 use crate::lifecycle::Lifecycle;
 use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
@@ -67,6 +68,8 @@ pub struct Processor {
     lifecycle: Lifecycle,
     max_dequeue: u32,
     claims: Claims,
+    /// Outbound events (`None`: no sink configured, no event recorded).
+    events: Option<Arc<Events>>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -87,6 +90,7 @@ impl Processor {
         cv: Option<Arc<dyn TrainingApi>>,
     ) -> Result<Self, StorageError> {
         let poison_queue = poison_queue_name(&settings.queue_name);
+        let events = Events::from_settings(settings, clients, Default::default())?;
         Ok(Self {
             history: HistoryStore::new(clients.table(&settings.history_table)?),
             poison: clients.queue(&poison_queue)?,
@@ -119,7 +123,9 @@ impl Processor {
                 cv: cv.clone(),
                 publish: settings.chain.publish.clone(),
                 chain: settings.chain.exports.clone(),
+                events: events.clone(),
             },
+            events,
             table_name: settings.history_table.clone(),
             cv,
         })
@@ -127,6 +133,11 @@ impl Processor {
 
     pub fn history(&self) -> &HistoryStore {
         &self.history
+    }
+
+    /// Outbound events, when a sink is configured.
+    pub fn events(&self) -> Option<&Arc<Events>> {
+        self.events.as_ref()
     }
 
     /// The lifecycle operations (`promote`, `rollback`, `channels` use them too).
@@ -139,6 +150,13 @@ impl Processor {
     /// poison-queue entry has a matching row.
     pub async fn process(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
         let result = self.process_once(incoming).await;
+        // The events this message recorded (and any its project still owes) go out now, in the
+        // background: the answer to the host does not wait for a sink.
+        if let (Ok(_), Some(events), Ok(parsed)) = (&result, &self.events, &incoming.parsed)
+            && let Some(project) = parsed.notification.project_id()
+        {
+            events.deliver_later(project.to_string());
+        }
         if let Err(e) = &result
             && incoming.received.dequeue_count >= self.max_dequeue
         {
@@ -353,7 +371,17 @@ impl Processor {
                         row.properties.set(Prop::RetentionStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
-                    match self.history.record(&row).await? {
+                    let recorded = match &self.events {
+                        Some(events) => {
+                            let done = (chain_next == Some(Next::Complete))
+                                .then(|| decision_ids(&decision))
+                                .flatten();
+                            self.record_with_events(events, &row, observed, done, now)
+                                .await?
+                        }
+                        None => self.history.record(&row).await?,
+                    };
+                    match recorded {
                         Recorded::Inserted => {
                             logs.push(format!("recorded {row_desc}"));
                         }
@@ -423,7 +451,7 @@ impl Processor {
         for _ in 0..=2 * chain.len() + 1 {
             let plan = plan_chain(chain, it, &exports, &refused);
             for w in step_writes(project, iteration, &plan, &steps, now) {
-                self.write_step(&w).await?;
+                self.write_step(&w, &steps, observed).await?;
             }
             let Next::Request(target) = &plan.next else {
                 if let Next::NotReady(r) = &plan.next {
@@ -481,7 +509,7 @@ impl Processor {
                 step_exists(&steps, iteration, target),
                 now,
             ) {
-                self.write_step(&w).await?;
+                self.write_step(&w, &steps, observed).await?;
             }
             match outcome {
                 RequestOutcome::Refused(reason) => {
@@ -577,13 +605,58 @@ impl Processor {
                 &steps,
                 now,
             ) {
-                self.write_step(&w).await?;
+                self.write_step(&w, &steps, observed).await?;
             }
         }
         Ok(())
     }
 
-    async fn write_step(&self, w: &StepWrite) -> Result<(), ProcessError> {
+    /// Writes a step row change; with events configured, with the events it emits (what the
+    /// row said before comes from `steps`).
+    /// Records the notification row with the events it emits; `chain_done` names the
+    /// (project, iteration) whose chain this message saw complete.
+    async fn record_with_events(
+        &self,
+        events: &Events,
+        row: &cvchain_core::history::HistoryRow,
+        observed: &Observed,
+        chain_done: Option<(Uuid, Uuid)>,
+        now: OffsetDateTime,
+    ) -> Result<Recorded, ProcessError> {
+        let facts = crate::events::facts(observed);
+        let mut extra = Vec::new();
+        if let Some((project, iteration)) = chain_done {
+            let steps = self.history.steps(project, iteration).await?;
+            extra.push(cvchain_core::events::chain_completed(
+                row,
+                &project.to_string(),
+                &iteration.to_string(),
+                &steps,
+                &facts,
+                events.context(),
+                now,
+            ));
+        }
+        Ok(events.record(row, &facts, extra).await?)
+    }
+
+    async fn write_step(
+        &self,
+        w: &StepWrite,
+        steps: &[StepRow],
+        observed: &Observed,
+    ) -> Result<(), ProcessError> {
+        if let Some(events) = &self.events {
+            let rk = match w {
+                StepWrite::Insert(row) => &row.row_key,
+                StepWrite::Merge { row_key, .. } => row_key,
+            };
+            let before = StepRow::find(steps, rk);
+            events
+                .write_step(w, before, &crate::events::facts(observed))
+                .await?;
+            return Ok(());
+        }
         match w {
             StepWrite::Insert(row) => {
                 self.history.record(row).await?;
@@ -599,5 +672,13 @@ impl Processor {
             }
         }
         Ok(())
+    }
+}
+
+/// The project and iteration a notification is about.
+fn decision_ids(decision: &Decision) -> Option<(Uuid, Uuid)> {
+    match decision {
+        Decision::Accepted(n) => Some((n.project_id()?, n.iteration_id()?)),
+        _ => None,
     }
 }

@@ -61,19 +61,13 @@ impl Outbox {
         Ok(projects)
     }
 
-    /// Records one sink's delivery state, and whether the event is still pending for any sink.
-    pub async fn record(
-        &self,
-        row: &OutboxRow,
-        sink: Sink,
-        state: &DeliveryState,
-    ) -> Result<(), StorageError> {
-        let mut updated = row.clone();
-        updated.states.retain(|(s, _)| *s != sink);
-        updated.states.push((sink, state.clone()));
+    /// Records the row's delivery states, and whether the event is still pending for any sink.
+    pub async fn save(&self, row: &OutboxRow) -> Result<(), StorageError> {
         let mut p = Props::new();
-        p.set(sink.prop(), state.to_json());
-        p.set(Prop::Pending, delivery::still_pending(&updated));
+        for (sink, state) in &row.states {
+            p.set(sink.prop(), state.to_json());
+        }
+        p.set(Prop::Pending, delivery::still_pending(row));
         self.history
             .merge(&row.partition_key, &row.row_key, &p)
             .await
