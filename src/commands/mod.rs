@@ -5,6 +5,7 @@ pub mod channels;
 pub mod check;
 #[cfg(feature = "standin")]
 pub mod dev;
+pub mod events;
 pub mod history;
 pub mod invoke;
 pub mod promote;
@@ -57,7 +58,8 @@ pub enum Command {
     History(history::Args),
     /// Reach every dependency with the configured credentials; say what to fix.
     ///
-    /// The queue, the poison queue, the history table, the containers and Custom Vision.
+    /// The queue, the poison queue, the history table, the containers, Custom Vision and
+    /// each event sink.
     Check,
     /// Every release channel with the iteration it holds and its metrics.
     Channels(channels::Args),
@@ -72,6 +74,11 @@ pub enum Command {
     Rollback(rollback::Args),
     /// Move poison messages back to the queue, recording each move.
     Replay(replay::Args),
+    /// The outbound events (the outbox) with each sink's delivery state.
+    ///
+    /// `events replay` sends events again; `events test` sends one io.cvchain.test event to
+    /// every configured sink and shows each answer.
+    Events(events::Args),
     /// Deliver a queue message to a running handler as the Functions host does.
     Invoke(invoke::Args),
     /// Stage the Functions app folder with this binary as the handler.
@@ -147,6 +154,7 @@ impl Command {
             Command::Promote(args) => promote::run(args),
             Command::Rollback(args) => rollback::run(args),
             Command::Replay(args) => replay::run(args),
+            Command::Events(args) => events::run(args),
             Command::Invoke(args) => invoke::run(args),
             Command::StageApp(args) => stage_app::run(args),
         }
