@@ -159,31 +159,37 @@ impl Events {
         &self.outbox
     }
 
+    /// The outbox rows of `events`, placed in the project's order at `at`.
     fn rows_for(
         &self,
         partition_key: &str,
         describes: &str,
         events: &[CloudEvent],
+        at: OffsetDateTime,
     ) -> Vec<HistoryRow> {
-        let now = OffsetDateTime::now_utc();
         let sinks = self.sinks.configured();
         events
             .iter()
             .enumerate()
-            .map(|(i, e)| outbox_row(partition_key, e, describes, &sinks, &sequence(now, i)))
+            .map(|(i, e)| outbox_row(partition_key, e, describes, &sinks, &sequence(at, i)))
             .collect()
     }
 
-    /// Inserts `row` (unless it exists) with the events it emits, plus `extra` events.
+    /// Inserts `row` (unless it exists) with the events it emits, plus `extra` events. The
+    /// row's own events take their place in the order at `at` (a notification's: when its
+    /// processing began, so `training.completed` comes before the export it started, although
+    /// its row is written last); `extra` ones at the moment of writing.
     pub async fn record(
         &self,
         row: &HistoryRow,
         facts: &IterationFacts,
         extra: Vec<CloudEvent>,
+        at: Option<OffsetDateTime>,
     ) -> Result<Recorded, StorageError> {
-        let mut events = insert_events(row, facts, &self.ctx, OffsetDateTime::now_utc());
-        events.extend(extra);
-        let outbox = self.rows_for(&row.partition_key, &row.row_key, &events);
+        let now = OffsetDateTime::now_utc();
+        let own = insert_events(row, facts, &self.ctx, now);
+        let mut outbox = self.rows_for(&row.partition_key, &row.row_key, &own, at.unwrap_or(now));
+        outbox.extend(self.rows_for(&row.partition_key, &row.row_key, &extra, now));
         self.history.record_with(row, &outbox).await
     }
 
@@ -197,7 +203,8 @@ impl Events {
         let events = step_write_events(w, before, facts, &self.ctx, OffsetDateTime::now_utc());
         match w {
             StepWrite::Insert(row) => {
-                let outbox = self.rows_for(&row.partition_key, &row.row_key, &events);
+                let now = OffsetDateTime::now_utc();
+                let outbox = self.rows_for(&row.partition_key, &row.row_key, &events, now);
                 self.history.record_with(row, &outbox).await.map(|_| ())
             }
             StepWrite::Merge {
@@ -205,7 +212,8 @@ impl Events {
                 row_key,
                 properties,
             } => {
-                let outbox = self.rows_for(partition_key, row_key, &events);
+                let now = OffsetDateTime::now_utc();
+                let outbox = self.rows_for(partition_key, row_key, &events, now);
                 self.history
                     .merge_with(partition_key, row_key, properties, &outbox)
                     .await

@@ -637,7 +637,7 @@ impl Processor {
                 now,
             ));
         }
-        Ok(events.record(row, &facts, extra).await?)
+        Ok(events.record(row, &facts, extra, Some(now)).await?)
     }
 
     async fn write_step(
