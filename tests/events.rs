@@ -807,3 +807,100 @@ async fn a_receiver_that_was_down_gets_every_event_and_the_others_go_on() {
     assert!(text.contains("✓ event sink: webhook"), "{text}");
     w.assert_no_secrets().await;
 }
+
+/// The `DeliverEvents` timer function as the host invokes it, and an event larger than a
+/// webhook should carry: sent trimmed to the webhook (with a pointer to its history row and the
+/// outbox row saying so), whole to the queue and Event Grid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timer_delivers_and_an_event_too_large_for_the_webhook_is_sent_trimmed() {
+    use cvchain_core::events::{CloudEvent, Sink, outbox_row};
+    let mut w = world(false).await;
+    w.receiver.start();
+    w.handlers.push(Handler::start(&w.env));
+    let project = w.project.to_string();
+    let event = CloudEvent {
+        specversion: "1.0".into(),
+        id: Uuid::new_v4().to_string(),
+        source: "/cvchain/test".into(),
+        kind: "io.cvchain.model.released".into(),
+        subject: format!("projects/{project}/iterations/x"),
+        time: "2026-12-01T10:00:00Z".into(),
+        datacontenttype: "application/json".into(),
+        data: serde_json::json!({
+            "projectId": project,
+            "iterationId": "x",
+            "history": {"table": w.table, "partitionKey": project, "rowKey": "ExportStep_x_ONNX"},
+            "notes": "n".repeat(25_000),
+        }),
+    };
+    let json = event.to_json();
+    let row = outbox_row(
+        &project,
+        &event,
+        "ExportStep_x_ONNX",
+        &[Sink::Queue, Sink::EventGrid, Sink::Webhook],
+        "00000000000000000001-000",
+    );
+    let store =
+        cvchain_azure::history::store::HistoryStore::new(w.clients.table(&w.table).unwrap());
+    store.record(&row).await.unwrap();
+    // The host's timer invocation (TimerInfo under the binding's name).
+    let body = serde_json::json!({
+        "Data": {"timer": {"Schedule": {"AdjustForDST": true},
+            "ScheduleStatus": {"Last": "2026-12-01T10:00:00+00:00", "Next": "2026-12-01T10:01:00+00:00",
+                "LastUpdated": "2026-12-01T10:00:00+00:00"}, "IsPastDue": false}},
+        "Metadata": {"sys": {"MethodName": "DeliverEvents", "UtcNow": "2026-12-01T10:01:00.0012345Z",
+            "RandGuid": Uuid::new_v4().to_string()}}
+    });
+    let rsp = reqwest::Client::new()
+        .post(w.handlers[0].url("/DeliverEvents"))
+        .header("content-type", "application/json")
+        .header("x-azure-functions-invocationid", Uuid::new_v4().to_string())
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let answer: Value = rsp.json().await.unwrap();
+    let logs = answer["Logs"].to_string();
+    assert!(logs.contains("3 delivered"), "{answer}");
+    // The webhook got it trimmed, verified and parsed by the libraries, with the pointer.
+    let records = w.receiver.records();
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["id"], event.id.as_str());
+    assert_eq!(r["data"]["trimmed"]["size"], json.len());
+    assert_eq!(r["data"]["history"]["rowKey"], "ExportStep_x_ONNX");
+    assert!(r["data"].get("notes").is_none());
+    // The queue and Event Grid took it whole.
+    w.drain_events_queue().await;
+    assert_eq!(w.queued, vec![json.clone()]);
+    assert_eq!(
+        w.topic.events(),
+        vec![serde_json::from_str::<Value>(&json).unwrap()]
+    );
+    let stored = w.outbox().await;
+    let hook: Value =
+        serde_json::from_str(stored[0].entity["WebhookDelivery"].as_str().unwrap()).unwrap();
+    assert_eq!(hook["state"], "delivered");
+    assert!(
+        hook["note"].as_str().unwrap().starts_with("sent trimmed"),
+        "{hook}"
+    );
+    assert_eq!(stored[0].entity["Pending"], false);
+    // Nothing left: the next run delivers nothing.
+    let rsp = reqwest::Client::new()
+        .post(w.handlers[0].url("/DeliverEvents"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = rsp.json().await.unwrap();
+    assert!(
+        answer["Logs"].to_string().contains("0 delivered"),
+        "{answer}"
+    );
+    assert_eq!(w.receiver.records().len(), 1);
+}

@@ -39,6 +39,9 @@ pub const CONTENT_TYPE: &str = "application/cloudevents+json; charset=utf-8";
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json; charset=utf-8";
 /// Outbox rows' keys start with this, so one range holds a project's outbox.
 pub const OUTBOX_PREFIX: &str = "Outbox_";
+/// The largest event (bytes of JSON) an outbox row holds whole: a table's string property holds
+/// 32 K UTF-16 units. A larger one is recorded trimmed, with a pointer to its history row.
+pub const OUTBOX_MAX_EVENT: usize = 30_000;
 
 /// The kinds of event cvchain emits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -715,7 +718,11 @@ pub fn outbox_row(
     p.set(Prop::Sequence, sequence);
     p.set(Prop::Pending, !sinks.is_empty());
     p.set(Prop::Sinks, delivery::sinks_text(sinks));
-    p.set(Prop::CloudEvent, event.to_json());
+    let fitted = delivery::fit(&event.to_json(), OUTBOX_MAX_EVENT);
+    p.set(Prop::CloudEvent, fitted.body);
+    if let Some(note) = fitted.trimmed {
+        p.set(Prop::Note, note.replace("the sink's", "the outbox's"));
+    }
     p.set(Prop::DescribesRow, describes);
     if let Some(id) = event.data.get("projectId").and_then(Value::as_str) {
         p.set(Prop::ProjectId, id);

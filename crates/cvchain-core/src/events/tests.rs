@@ -521,8 +521,13 @@ fn an_event_too_large_for_a_sink_is_sent_trimmed_with_a_pointer() {
     .remove(0);
     let small = fit(&e.to_json(), Sink::Webhook.max_event_bytes());
     assert_eq!((small.body, small.trimmed), (e.to_json(), None));
-    e.data["projectName"] = json!("x".repeat(100_000));
+    e.data["projectName"] = json!("x".repeat(25_000));
     let json = e.to_json();
+    // Whole in the outbox (under its limit), trimmed for the webhook only.
+    let row = outbox_row(PROJECT, &e, "Training_x", &[Sink::Webhook], "1");
+    assert_eq!(row.properties.text(Prop::CloudEvent), json);
+    assert!(!row.properties.contains(Prop::Note));
+    assert_eq!(fit(&json, Sink::Queue.max_event_bytes()).trimmed, None);
     let f = fit(&json, Sink::Webhook.max_event_bytes());
     assert!(f.body.len() <= Sink::Webhook.max_event_bytes());
     assert!(f.trimmed.unwrap().contains("over the sink's limit"));
@@ -531,6 +536,17 @@ fn an_event_too_large_for_a_sink_is_sent_trimmed_with_a_pointer() {
     assert_eq!(back.data["history"]["rowKey"], e.data["history"]["rowKey"]);
     assert_eq!(back.data["iterationId"], ITERATION);
     assert_eq!(back.data["trimmed"]["size"], json.len());
+    // Larger than a table property holds: recorded trimmed, and the row says so.
+    e.data["projectName"] = json!("x".repeat(100_000));
+    let row = outbox_row(PROJECT, &e, "Training_x", &[Sink::Webhook], "1");
+    assert!(row.properties.text(Prop::CloudEvent).len() <= OUTBOX_MAX_EVENT);
+    assert!(
+        row.properties
+            .text(Prop::Note)
+            .contains("over the outbox's limit")
+    );
+    let stored = CloudEvent::from_json(row.properties.text(Prop::CloudEvent)).unwrap();
+    assert_eq!(stored.id, e.id);
 }
 
 #[test]
