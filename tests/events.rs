@@ -904,3 +904,80 @@ async fn the_timer_delivers_and_an_event_too_large_for_the_webhook_is_sent_trimm
     );
     assert_eq!(w.receiver.records().len(), 1);
 }
+
+/// Event Grid with Microsoft Entra ID: a bearer token for `https://eventgrid.azure.net/.default`
+/// over https; a token the topic does not accept is refused for good (401), with the answer.
+#[tokio::test]
+async fn event_grid_takes_an_entra_id_token_for_its_scope() {
+    use cvchain_azure::events::{
+        settings::{EventGridAuth, EventGridSettings, EventsSettings},
+        sinks::{EVENTGRID_SCOPE, SinkOptions, Sinks},
+    };
+    use cvchain_core::events::{Sink, delivery::Answer};
+    let ca = cvchain_testkit::TestCa::generate();
+    let token = format!("token-for:{EVENTGRID_SCOPE}");
+    let topic = EventGridTopic::start_https(TopicAuth::Bearer(token), &ca).await;
+    let storage = cvchain_azure::storage::settings::parse_connection_string(
+        "CVCHAIN_STORAGE",
+        "UseDevelopmentStorage=true",
+    )
+    .unwrap();
+    let clients = StorageClients::new(&storage).unwrap();
+    let settings = |endpoint: &str| EventsSettings {
+        event_grid: Some(EventGridSettings {
+            endpoint: url::Url::parse(&format!("{endpoint}?api-version=2018-01-01")).unwrap(),
+            auth: EventGridAuth::ManagedIdentity { client_id: None },
+        }),
+        ..Default::default()
+    };
+    let credential = std::sync::Arc::new(cvchain_testkit::RecordingCredential::default());
+    let sinks = Sinks::new(
+        &settings(&topic.endpoint),
+        &clients,
+        SinkOptions {
+            transport: Some(ca.transport()),
+            eventgrid_credential: Some(credential.clone()),
+            timeout: None,
+        },
+    )
+    .unwrap();
+    let event = serde_json::json!({"specversion": "1.0", "id": "e-1", "source": "/cvchain/t",
+        "type": "io.cvchain.test", "datacontenttype": "application/json", "data": {}});
+    let answers = sinks
+        .send(Sink::EventGrid, &[("e-1".into(), event.to_string())])
+        .await;
+    assert_eq!(answers, vec![Answer::Delivered("HTTP 200".into())]);
+    assert_eq!(topic.events(), vec![event.clone()]);
+    assert_eq!(*credential.scopes.lock().unwrap(), vec![EVENTGRID_SCOPE]);
+    // `cvchain check`'s probe: an empty batch, credentials accepted.
+    assert!(sinks.reach(Sink::EventGrid).await.is_ok());
+    // Another topic that wants another token: 401, a permanent refusal, said as Event Grid says it.
+    let other = EventGridTopic::start_https(TopicAuth::Bearer("other".into()), &ca).await;
+    let sinks = Sinks::new(
+        &settings(&other.endpoint),
+        &clients,
+        SinkOptions {
+            transport: Some(ca.transport()),
+            eventgrid_credential: Some(credential),
+            timeout: None,
+        },
+    )
+    .unwrap();
+    let answers = sinks
+        .send(Sink::EventGrid, &[("e-1".into(), event.to_string())])
+        .await;
+    let [
+        Answer::Refused {
+            status: Some(401),
+            detail,
+            ..
+        },
+    ] = &answers[..]
+    else {
+        panic!("{answers:?}")
+    };
+    assert!(detail.contains("Unauthorized"), "{detail}");
+    assert!(!detail.contains("token-for"), "{detail}");
+    let check = sinks.reach(Sink::EventGrid).await.unwrap_err();
+    assert!(check.contains("EventGrid Data Sender"), "{check}");
+}

@@ -147,8 +147,29 @@ async fn publish(
 }
 
 impl EventGridTopic {
-    /// A topic on a free loopback port (http: the key path; the token path needs https, see
-    /// `serve_tls`).
+    /// A topic over https with a certificate of `ca` (a bearer token is only sent over https).
+    pub async fn start_https(auth: TopicAuth, ca: &crate::TestCa) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let endpoint = format!("https://{}/api/events", listener.local_addr().unwrap());
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Self::router(auth.clone(), inner.clone());
+        let acceptor = cvchain_standin::tls_acceptor(&ca.cert, &ca.key).unwrap();
+        let (_never, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _keep = _never;
+            cvchain_standin::serve_tls(listener, app, acceptor, rx).await;
+        });
+        Self {
+            endpoint,
+            auth,
+            inner,
+            task,
+        }
+    }
+
+    /// A topic on a free loopback port, over http (the key path).
     pub async fn start(auth: TopicAuth) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
