@@ -175,21 +175,23 @@ impl Events {
             .collect()
     }
 
-    /// Inserts `row` (unless it exists) with the events it emits, plus `extra` events. The
-    /// row's own events take their place in the order at `at` (a notification's: when its
-    /// processing began, so `training.completed` comes before the export it started, although
-    /// its row is written last); `extra` ones at the moment of writing.
+    /// Inserts `row` (unless it exists) with the events it emits, plus `extra` events, each
+    /// with its place in the project's order. The row's own events take theirs at `at` (a
+    /// notification's: when its processing began, so `training.completed` comes before the
+    /// export it started, although its row is written last), or now.
     pub async fn record(
         &self,
         row: &HistoryRow,
         facts: &IterationFacts,
-        extra: Vec<CloudEvent>,
         at: Option<OffsetDateTime>,
+        extra: Vec<(CloudEvent, OffsetDateTime)>,
     ) -> Result<Recorded, StorageError> {
         let now = OffsetDateTime::now_utc();
         let own = insert_events(row, facts, &self.ctx, now);
         let mut outbox = self.rows_for(&row.partition_key, &row.row_key, &own, at.unwrap_or(now));
-        outbox.extend(self.rows_for(&row.partition_key, &row.row_key, &extra, now));
+        for (event, at) in extra {
+            outbox.extend(self.rows_for(&row.partition_key, &row.row_key, &[event], at));
+        }
         self.history.record_with(row, &outbox).await
     }
 

@@ -46,7 +46,7 @@ impl Lifecycle {
                     project_name: project_name.to_owned(),
                     ..Default::default()
                 };
-                events.record(row, &facts, Vec::new(), None).await?;
+                events.record(row, &facts, None, Vec::new()).await?;
             }
             None => {
                 self.history.record(row).await?;

@@ -295,6 +295,9 @@ impl Processor {
         let mut chain_status: Option<String> = None;
         // Where the chain stands after this message (`None`: no chain ran).
         let mut chain_next: Option<Next> = None;
+        // When the chain run ended: `chain.completed` takes its place in the order there, before
+        // what retention does next.
+        let mut chain_ended_at = now;
         let mut publish_status: Option<String> = None;
         let mut channel_status: Option<String> = None;
         let mut retention_status: Option<String> = None;
@@ -356,6 +359,7 @@ impl Processor {
                     logs.push(format!("export chain: {status}"));
                     chain_status = Some(status);
                     chain_next = Some(next.unwrap_or(Next::Empty));
+                    chain_ended_at = OffsetDateTime::now_utc();
                 }
                 Action::Record(mut row) => {
                     if let Some(s) = &chain_status {
@@ -376,8 +380,15 @@ impl Processor {
                             let done = (chain_next == Some(Next::Complete))
                                 .then(|| decision_ids(&decision))
                                 .flatten();
-                            self.record_with_events(events, &row, observed, done, now)
-                                .await?
+                            self.record_with_events(
+                                events,
+                                &row,
+                                observed,
+                                done,
+                                now,
+                                chain_ended_at,
+                            )
+                            .await?
                         }
                         None => self.history.record(&row).await?,
                     };
@@ -622,22 +633,24 @@ impl Processor {
         observed: &Observed,
         chain_done: Option<(Uuid, Uuid)>,
         now: OffsetDateTime,
+        chain_ended_at: OffsetDateTime,
     ) -> Result<Recorded, ProcessError> {
         let facts = crate::events::facts(observed);
         let mut extra = Vec::new();
         if let Some((project, iteration)) = chain_done {
             let steps = self.history.steps(project, iteration).await?;
-            extra.push(cvchain_core::events::chain_completed(
+            let event = cvchain_core::events::chain_completed(
                 row,
                 &project.to_string(),
                 &iteration.to_string(),
                 &steps,
                 &facts,
                 events.context(),
-                now,
-            ));
+                chain_ended_at,
+            );
+            extra.push((event, chain_ended_at));
         }
-        Ok(events.record(row, &facts, extra, Some(now)).await?)
+        Ok(events.record(row, &facts, Some(now), extra).await?)
     }
 
     async fn write_step(

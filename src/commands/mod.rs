@@ -216,6 +216,18 @@ fn print_change(change: &cvchain_core::channels::Change, publish: Option<&str>) 
     }
 }
 
+/// Sends the events a manual change recorded (the channel moves) now, rather than at the next
+/// notification or timer run; says so when a sink did not take them.
+async fn deliver_events(app: &crate::startup::Application, project: uuid::Uuid) {
+    if let Some(events) = app.processor.events() {
+        match events.deliver(&project.to_string()).await {
+            Ok(r) if r.waiting + r.failed + r.busy > 0 => println!("events: {}", r.describe()),
+            Ok(_) => {}
+            Err(e) => println!("events: not delivered now ({e}); the timer delivers them"),
+        }
+    }
+}
+
 /// The async runtime a command runs on.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("cannot start the async runtime")
