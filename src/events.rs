@@ -20,14 +20,15 @@ use cvchain_azure::history::{
 use cvchain_azure::storage::{StorageError, clients::StorageClients, settings::StorageAuth};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::events::{
-    CloudEvent, EventContext, EventType, IterationFacts, OutboxRow, Sink,
+    CloudEvent, EventContext, EventType, IterationFacts, OutboxRow, Sink, chain_completed,
     delivery::{self, Answer, RetryPolicy, after_attempt, due_for, fit},
     insert_events, outbox_row, step_write_events,
 };
 use cvchain_core::history::{HistoryRow, StepRow};
-use cvchain_core::plan::StepWrite;
+use cvchain_core::plan::{Observed, StepWrite};
 use std::sync::Arc;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// What a delivery round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -195,14 +196,54 @@ impl Events {
         self.history.record_with(row, &outbox).await
     }
 
-    /// Writes a step row change with the events it emits.
+    /// Records a notification row with the events it emits; `chain_done` names the (project,
+    /// iteration) whose chain this message saw complete, at `chain_ended_at`.
+    pub async fn record_notification(
+        &self,
+        row: &HistoryRow,
+        observed: &Observed,
+        chain_done: Option<(Uuid, Uuid)>,
+        at: OffsetDateTime,
+        chain_ended_at: OffsetDateTime,
+    ) -> Result<Recorded, StorageError> {
+        let facts = facts(observed);
+        let mut extra = Vec::new();
+        if let Some((project, iteration)) = chain_done {
+            let steps = self.history.steps(project, iteration).await?;
+            let event = chain_completed(
+                row,
+                &project.to_string(),
+                &iteration.to_string(),
+                &steps,
+                &facts,
+                &self.ctx,
+                chain_ended_at,
+            );
+            extra.push((event, chain_ended_at));
+        }
+        self.record(row, &facts, Some(at), extra).await
+    }
+
+    /// Writes a step row change with the events it emits; what the row said before comes from
+    /// `steps` (as the writer read them).
     pub async fn write_step(
         &self,
         w: &StepWrite,
-        before: Option<&StepRow>,
-        facts: &IterationFacts,
+        steps: &[StepRow],
+        observed: &Observed,
     ) -> Result<(), StorageError> {
-        let events = step_write_events(w, before, facts, &self.ctx, OffsetDateTime::now_utc());
+        let rk = match w {
+            StepWrite::Insert(row) => &row.row_key,
+            StepWrite::Merge { row_key, .. } => row_key,
+        };
+        let before = StepRow::find(steps, rk);
+        let events = step_write_events(
+            w,
+            before,
+            &facts(observed),
+            &self.ctx,
+            OffsetDateTime::now_utc(),
+        );
         match w {
             StepWrite::Insert(row) => {
                 let now = OffsetDateTime::now_utc();
@@ -424,7 +465,7 @@ impl Events {
 }
 
 /// What Custom Vision said about the iteration, for the events' names and metrics.
-pub fn facts(observed: &cvchain_core::plan::Observed) -> IterationFacts {
+pub fn facts(observed: &Observed) -> IterationFacts {
     let perf = observed.performance.as_ref();
     IterationFacts {
         project_name: observed

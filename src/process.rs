@@ -380,15 +380,9 @@ impl Processor {
                             let done = (chain_next == Some(Next::Complete))
                                 .then(|| decision_ids(&decision))
                                 .flatten();
-                            self.record_with_events(
-                                events,
-                                &row,
-                                observed,
-                                done,
-                                now,
-                                chain_ended_at,
-                            )
-                            .await?
+                            events
+                                .record_notification(&row, observed, done, now, chain_ended_at)
+                                .await?
                         }
                         None => self.history.record(&row).await?,
                     };
@@ -622,37 +616,7 @@ impl Processor {
         Ok(())
     }
 
-    /// Writes a step row change; with events configured, with the events it emits (what the
-    /// row said before comes from `steps`).
-    /// Records the notification row with the events it emits; `chain_done` names the
-    /// (project, iteration) whose chain this message saw complete.
-    async fn record_with_events(
-        &self,
-        events: &Events,
-        row: &cvchain_core::history::HistoryRow,
-        observed: &Observed,
-        chain_done: Option<(Uuid, Uuid)>,
-        now: OffsetDateTime,
-        chain_ended_at: OffsetDateTime,
-    ) -> Result<Recorded, ProcessError> {
-        let facts = crate::events::facts(observed);
-        let mut extra = Vec::new();
-        if let Some((project, iteration)) = chain_done {
-            let steps = self.history.steps(project, iteration).await?;
-            let event = cvchain_core::events::chain_completed(
-                row,
-                &project.to_string(),
-                &iteration.to_string(),
-                &steps,
-                &facts,
-                events.context(),
-                chain_ended_at,
-            );
-            extra.push((event, chain_ended_at));
-        }
-        Ok(events.record(row, &facts, Some(now), extra).await?)
-    }
-
+    /// Writes a step row change; with events configured, with the events it emits.
     async fn write_step(
         &self,
         w: &StepWrite,
@@ -660,15 +624,7 @@ impl Processor {
         observed: &Observed,
     ) -> Result<(), ProcessError> {
         if let Some(events) = &self.events {
-            let rk = match w {
-                StepWrite::Insert(row) => &row.row_key,
-                StepWrite::Merge { row_key, .. } => row_key,
-            };
-            let before = StepRow::find(steps, rk);
-            events
-                .write_step(w, before, &crate::events::facts(observed))
-                .await?;
-            return Ok(());
+            return Ok(events.write_step(w, steps, observed).await?);
         }
         match w {
             StepWrite::Insert(row) => {
