@@ -305,11 +305,21 @@ impl Events {
     }
 
     /// Delivers one project's pending events to every sink that is due, under the project's
-    /// delivery claim. After giving the claim back it looks once more, so events written while
-    /// it held the claim (by an invocation that found it held) are not left for the timer.
+    /// delivery claim (taken only when something is due). After giving the claim back it looks
+    /// once more, so events written while it held the claim (by an invocation that found it
+    /// held) are not left for the timer.
     pub async fn deliver(&self, partition_key: &str) -> Result<DeliveryReport, StorageError> {
         let mut report = DeliveryReport::default();
         for _ in 0..5 {
+            // Nothing due (the usual case for a redelivery): one query, no claim.
+            let rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+            let now = OffsetDateTime::now_utc();
+            if Sink::ALL
+                .into_iter()
+                .all(|s| due_for(&rows, s, now).is_empty())
+            {
+                break;
+            }
             let Some(claim) = self
                 .claims
                 .acquire(&ClaimKey::deliver(partition_key))
@@ -322,12 +332,7 @@ impl Events {
             self.claims.release(&claim).await?;
             let round = round?;
             report.add(&round);
-            let rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
-            let now = OffsetDateTime::now_utc();
-            let more = Sink::ALL
-                .into_iter()
-                .any(|s| !due_for(&rows, s, now).is_empty());
-            if !more || round.delivered == 0 {
+            if round.delivered == 0 {
                 break;
             }
         }
