@@ -13,12 +13,14 @@
 //!
 //! [`process`] joins them: it gathers what the plan needs, calls the core, and carries the actions
 //! out; [`lifecycle`] carries out the channel moves, publishing and retention (for `process` and
-//! for the `promote`, `rollback` and `channels` commands); [`error`] says whether a retry helps. [`settings`] assembles what each part parses; [`stage`] builds the Functions app folder;
+//! for the `promote`, `rollback` and `channels` commands); [`events`] writes history changes
+//! with the CloudEvents they emit and delivers the outbox to the sinks; [`error`] says whether a retry helps. [`settings`] assembles what each part parses; [`stage`] builds the Functions app folder;
 //! [`telemetry`] sets up logging. The local Custom Vision and Azurite (`cvchain-standin`) come in
 //! only with the `standin` feature, for `cvchain dev`.
 
 pub mod commands;
 pub mod error;
+pub mod events;
 pub mod lifecycle;
 pub mod process;
 pub mod server;

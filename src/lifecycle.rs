@@ -5,6 +5,7 @@
 //! what they decided.
 
 use crate::error::ProcessError;
+use crate::events::Events;
 use cvchain_azure::customvision::TrainingApi;
 use cvchain_azure::history::store::HistoryStore;
 use cvchain_azure::storage::channels::{ChannelStore, Loaded};
@@ -29,9 +30,33 @@ pub struct Lifecycle {
     pub publish: Option<PublishSettings>,
     /// `CVCHAIN_EXPORTS` (retention keeps an iteration until they are all released).
     pub chain: Vec<ExportTarget>,
+    /// Outbound events: channel moves and deletions are told.
+    pub events: Option<Arc<Events>>,
 }
 
 impl Lifecycle {
+    /// Records a channel move or a deletion, with its event when a sink is configured.
+    async fn record(
+        &self,
+        row: &cvchain_core::history::HistoryRow,
+        project_name: &str,
+    ) -> Result<(), ProcessError> {
+        match &self.events {
+            Some(events) => {
+                let facts = cvchain_core::events::IterationFacts {
+                    project_name: project_name.to_owned(),
+                    ..Default::default()
+                };
+                events.record(row, &facts, None, Vec::new()).await?;
+            }
+            // Without sinks nothing reads the row that is there already.
+            None => {
+                self.history.record_once(row).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The iteration passed the gate: the production pointer moves to it unless it is older or
     /// vetoed, and the prediction endpoint follows the pointer. Returns the channel status and,
     /// with publishing configured, the publish status.
@@ -63,8 +88,7 @@ impl Lifecycle {
         let pointer = loaded.manifest.production_pointer.as_ref();
         let status = match (&change.pointer, pointer) {
             (Some(pm), _) => {
-                self.history
-                    .record(&pointer_row(project, pm, now, None))
+                self.record(&pointer_row(project, pm, now, None), project_name)
                     .await?;
                 format!("production now follows {} (gate)", pm.to.name)
             }
@@ -285,7 +309,7 @@ impl Lifecycle {
             self.channels
                 .sync(project, project_name, mv, source)
                 .await?;
-            self.history.record_once(&move_row(project, mv)).await?;
+            self.record(&move_row(project, mv), project_name).await?;
         }
         Ok(())
     }
@@ -328,8 +352,7 @@ impl Lifecycle {
                     continue;
                 }
             }
-            self.history
-                .record(&retention::deletion_row(project, d, &plan, now))
+            self.record(&retention::deletion_row(project, d, &plan, now), &name)
                 .await?;
             deleted.push(d.name.clone());
         }
@@ -453,8 +476,7 @@ impl Lifecycle {
         self.carry_out_moves(project, project_name, &change.moves, &[])
             .await?;
         if let Some(pm) = &change.pointer {
-            self.history
-                .record(&pointer_row(project, pm, now, note))
+            self.record(&pointer_row(project, pm, now, note), project_name)
                 .await?;
         }
         let publish = match (&change.pointer, &loaded.manifest.production_pointer) {

@@ -3,6 +3,7 @@
 //! the queue worker) goes through here. Nothing is decided here that the core could decide.
 
 use crate::error::ProcessError;
+use crate::events::Events;
 use crate::lifecycle::Lifecycle;
 use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
@@ -79,6 +80,8 @@ pub struct Processor {
     lifecycle: Lifecycle,
     max_dequeue: u32,
     claims: Claims,
+    /// Outbound events (`None`: no sink configured, no event recorded).
+    events: Option<Arc<Events>>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -99,6 +102,7 @@ impl Processor {
         cv: Option<Arc<dyn TrainingApi>>,
     ) -> Result<Self, StorageError> {
         let poison_queue = poison_queue_name(&settings.queue_name);
+        let events = Events::from_settings(settings, clients, Default::default())?;
         Ok(Self {
             history: HistoryStore::new(clients.table(&settings.history_table)?),
             poison: clients.queue(&poison_queue)?,
@@ -131,7 +135,9 @@ impl Processor {
                 cv: cv.clone(),
                 publish: settings.chain.publish.clone(),
                 chain: settings.chain.exports.clone(),
+                events: events.clone(),
             },
+            events,
             table_name: settings.history_table.clone(),
             cv,
         })
@@ -139,6 +145,11 @@ impl Processor {
 
     pub fn history(&self) -> &HistoryStore {
         &self.history
+    }
+
+    /// Outbound events, when a sink is configured.
+    pub fn events(&self) -> Option<&Arc<Events>> {
+        self.events.as_ref()
     }
 
     /// The lifecycle operations (`promote`, `rollback`, `channels` use them too).
@@ -151,6 +162,13 @@ impl Processor {
     /// poison-queue entry has a matching row.
     pub async fn process(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
         let result = self.process_once(incoming).await;
+        // The events this message recorded (and any its project still owes) go out now, in the
+        // background: the answer to the host does not wait for a sink.
+        if let (Ok(_), Some(events), Ok(parsed)) = (&result, &self.events, &incoming.parsed)
+            && let Some(project) = parsed.notification.project_id()
+        {
+            events.deliver_later(project.to_string());
+        }
         if let Err(e) = &result
             && incoming.received.dequeue_count >= self.max_dequeue
         {
@@ -360,6 +378,9 @@ impl Processor {
         let mut chain_status: Option<String> = None;
         // Where the chain stands after this message (`None`: no chain ran).
         let mut chain_next: Option<Next> = None;
+        // When the chain run ended: `chain.completed` takes its place in the order there, before
+        // what retention does next.
+        let mut chain_ended_at = now;
         let mut publish_status: Option<String> = None;
         let mut channel_status: Option<String> = None;
         let mut retention_status: Option<String> = None;
@@ -438,6 +459,7 @@ impl Processor {
                     scratch.logs.push(format!("export chain: {status}"));
                     chain_status = Some(status);
                     chain_next = Some(next.unwrap_or(Next::Empty));
+                    chain_ended_at = OffsetDateTime::now_utc();
                 }
                 Action::Record(mut row) => {
                     if let Some(s) = &chain_status {
@@ -453,7 +475,18 @@ impl Processor {
                         row.properties.set(Prop::RetentionStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
-                    match self.history.record(&row).await? {
+                    let recorded = match &self.events {
+                        Some(events) => {
+                            let done = (chain_next == Some(Next::Complete))
+                                .then(|| decision_ids(&decision))
+                                .flatten();
+                            events
+                                .record_notification(&row, observed, done, now, chain_ended_at)
+                                .await?
+                        }
+                        None => self.history.record(&row).await?,
+                    };
+                    match recorded {
                         Recorded::Inserted => {
                             scratch.logs.push(format!("recorded {row_desc}"));
                         }
@@ -529,7 +562,7 @@ impl Processor {
             let plan = plan_chain(chain, it, &exports, &refused);
             let steps = self.steps(cache, project, iteration).await?;
             for w in step_writes(project, iteration, &plan, steps, now) {
-                self.write_step(&w, cache).await?;
+                self.write_step(&w, cache, observed).await?;
             }
             let Next::Request(target) = &plan.next else {
                 if let Next::NotReady(r) = &plan.next {
@@ -610,7 +643,7 @@ impl Processor {
                 ),
                 now,
             ) {
-                Some(w) => self.write_step(&w, cache).await,
+                Some(w) => self.write_step(&w, cache, observed).await,
                 None => Ok(()),
             };
             self.claims.release(&claim).await?;
@@ -718,7 +751,7 @@ impl Processor {
                 &steps,
                 now,
             ) {
-                self.write_step(&w, cache).await?;
+                self.write_step(&w, cache, observed).await?;
             }
             done.push(released);
         }
@@ -739,14 +772,28 @@ impl Processor {
         Ok(cache.as_mut().expect("just read"))
     }
 
+    /// Writes a step row change (with events configured, with the events it emits, told from
+    /// the row as this message knows it) and keeps the message's step rows in line.
     async fn write_step(
         &self,
         w: &StepWrite,
         cache: &mut Option<Vec<StepRow>>,
+        observed: &Observed,
     ) -> Result<(), ProcessError> {
+        if let Some(events) = &self.events {
+            events
+                .write_step(w, cache.as_deref().unwrap_or_default(), observed)
+                .await?;
+        } else {
+            self.write_step_plain(w).await?;
+        }
         if let Some(steps) = cache.as_mut() {
             apply_step_write(steps, w);
         }
+        Ok(())
+    }
+
+    async fn write_step_plain(&self, w: &StepWrite) -> Result<(), ProcessError> {
         match w {
             StepWrite::Insert(row) => {
                 self.history.record(row).await?;
@@ -762,5 +809,13 @@ impl Processor {
             }
         }
         Ok(())
+    }
+}
+
+/// The project and iteration a notification is about.
+fn decision_ids(decision: &Decision) -> Option<(Uuid, Uuid)> {
+    match decision {
+        Decision::Accepted(n) => Some((n.project_id()?, n.iteration_id()?)),
+        _ => None,
     }
 }

@@ -12,7 +12,8 @@ use axum::{
     routing::{get, post},
 };
 use cvchain_core::envelope::{
-    FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING, decode_queue_invocation,
+    DELIVER_EVENTS_FUNCTION, FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING,
+    decode_queue_invocation, timer_is_past_due,
 };
 use cvchain_core::message::{Incoming, Received};
 use cvchain_core::report;
@@ -34,6 +35,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(ready))
         .route(&format!("/{FUNCTION_NAME}"), post(invoke))
+        // The timer function: pending events go out every minute.
+        .route(&format!("/{DELIVER_EVENTS_FUNCTION}"), post(deliver_events))
         // The History function: forwarded as a plain HTTP request (host.json
         // enableForwardingHttpRequest), under the host's `api` route prefix.
         .route("/api/history", get(history_all))
@@ -140,6 +143,50 @@ async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         .to_owned();
     let span = tracing::info_span!("invocation", id = %invocation_id);
     handle(state, body).instrument(span).await
+}
+
+/// `DeliverEvents`: every project's pending events to the sinks that are due. A failure answers
+/// 500 (the host logs it; the next minute's run tries again).
+async fn deliver_events(State(state): State<AppState>, body: Bytes) -> Response {
+    let late = match timer_is_past_due(&body) {
+        Ok(late) => late,
+        Err(e) => {
+            tracing::warn!(error = %e, "DeliverEvents: unreadable timer invocation; delivering anyway");
+            false
+        }
+    };
+    let Some(events) = state.processor.events() else {
+        return (
+            StatusCode::OK,
+            Json(InvocationResponse::with_logs(vec![
+                "no event sink configured (CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL)".into(),
+            ])),
+        )
+            .into_response();
+    };
+    match events.deliver_all().await {
+        Ok(report) => {
+            let line = format!(
+                "events: {}{}",
+                report.describe(),
+                if late { " (a late run)" } else { "" }
+            );
+            tracing::info!("{line}");
+            (
+                StatusCode::OK,
+                Json(InvocationResponse::with_logs(vec![line])),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "DeliverEvents failed; the next run tries again");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(InvocationResponse::with_logs(vec![e.to_string()])),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn handle(state: AppState, body: Bytes) -> Response {

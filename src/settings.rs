@@ -6,6 +6,7 @@
 //! never quotes a secret.
 
 use cvchain_azure::customvision::{CV_ENDPOINT_SETTING, CustomVisionSettings};
+use cvchain_azure::events::settings::EventsSettings;
 use cvchain_azure::storage::settings::{
     StorageSettings, validate_container_name, validate_queue_name, validate_table_name,
 };
@@ -58,6 +59,8 @@ pub struct Settings {
     pub max_dequeue: u32,
     /// How long a claim on an export request or a copy lasts.
     pub claim_seconds: u64,
+    /// Where outbound events go (none configured: no event is recorded).
+    pub events: EventsSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +128,7 @@ impl Settings {
             " (host.json's maxDequeueCount)",
         )? as u32;
         let custom_vision = CustomVisionSettings::from_vars(&vars)?;
+        let events = EventsSettings::from_vars(&vars)?;
         if custom_vision.is_none() {
             let needs = if !chain.exports.is_empty() {
                 Some(EXPORTS_SETTING)
@@ -154,6 +158,7 @@ impl Settings {
             projects,
             max_dequeue,
             claim_seconds,
+            events,
         })
     }
 

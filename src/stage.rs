@@ -380,6 +380,11 @@ pub fn validate(app: &Path) -> Result<AppLayout, StageError> {
                     "{name}/function.json: queueTrigger needs queueName and connection"
                 ));
             }
+            if b["type"] == "timerTrigger" && !valid_schedule(b["schedule"].as_str()) {
+                problems.push(format!(
+                    "{name}/function.json: timerTrigger needs a schedule: six NCRONTAB fields ({{second}} {{minute}} {{hour}} {{day}} {{month}} {{day-of-week}}) or %Setting%"
+                ));
+            }
         }
         functions.push(name);
     }
@@ -395,6 +400,22 @@ pub fn validate(app: &Path) -> Result<AppLayout, StageError> {
     } else {
         Err(StageError::Rules(problems))
     }
+}
+
+/// A timer schedule the host accepts: NCRONTAB with six fields, or an app setting's name.
+fn valid_schedule(schedule: Option<&str>) -> bool {
+    let Some(s) = schedule.map(str::trim) else {
+        return false;
+    };
+    if s.len() > 2 && s.starts_with('%') && s.ends_with('%') {
+        return true;
+    }
+    let fields: Vec<&str> = s.split_whitespace().collect();
+    fields.len() == 6
+        && fields.iter().all(|f| {
+            f.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '*' | '/' | ',' | '-'))
+        })
 }
 
 fn executable_path(host: &Value) -> Option<&str> {

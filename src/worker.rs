@@ -104,6 +104,8 @@ pub async fn run(
     if let Err(e) = create_if_missing(&queue).await {
         tracing::warn!(error = %e, "cannot create the queue; polling anyway");
     }
+    // Pending events go out on a timer too (retries, and what a crash left behind).
+    let deliverer = processor.events().map(|e| e.periodic());
     tokio::pin!(shutdown);
     tracing::info!(
         batch = options.batch,
@@ -171,6 +173,9 @@ pub async fn run(
         in_flight = tasks.len(),
         "shutdown requested; draining the worker"
     );
+    if let Some(d) = deliverer {
+        d.abort();
+    }
     let drained = tokio::time::timeout(options.drain, async {
         while tasks.join_next().await.is_some() {}
     })

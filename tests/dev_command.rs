@@ -40,6 +40,12 @@ fn the_local_chain_runs_to_completion_and_shows_its_work() {
         "models/Widget-Detector/channels/production/ONNX.zip",
         "models/Widget-Detector/channels/latest/DockerFile-Linux.zip",
         "production  TensorFlow:TensorFlowLite    Iteration 2",
+        // The local webhook receiver checks every event's signature and prints it.
+        "event training.completed (Iteration 1) — signature verified",
+        "event gate.evaluated (Iteration 2) — signature verified",
+        "event model.released ONNX (Iteration 2) — signature verified",
+        "event chain.completed (Iteration 2) — signature verified",
+        "32 event(s) received by the local webhook receiver, 32 signature(s) verified",
     ] {
         assert!(
             stdout.contains(expected),

@@ -88,7 +88,10 @@ fn the_staged_app_follows_the_hosts_rules() {
         }
     }
     names.sort();
-    assert_eq!(names, vec!["CustomVisionNotification", "History"]);
+    assert_eq!(
+        names,
+        vec!["CustomVisionNotification", "DeliverEvents", "History"]
+    );
     for name in &names {
         assert!(is_function_name(name), "{name}");
     }
@@ -115,6 +118,16 @@ fn the_staged_app_follows_the_hosts_rules() {
     assert_eq!(b["queueName"], "%CVCHAIN_QUEUE%");
     assert_eq!(b["connection"], "CVCHAIN_STORAGE");
     assert_eq!(names[0], cvchain_core::envelope::FUNCTION_NAME);
+    // The timer that delivers pending events: every minute, the binding named as the handler
+    // reads it.
+    let timer = json(&app.join("DeliverEvents/function.json"));
+    let tb = timer["bindings"].as_array().unwrap();
+    assert_eq!(tb.len(), 1);
+    assert_eq!(tb[0]["type"], "timerTrigger");
+    assert_eq!(tb[0]["direction"], "in");
+    assert_eq!(tb[0]["name"], cvchain_core::envelope::TIMER_BINDING);
+    assert_eq!(tb[0]["schedule"], "0 */1 * * * *");
+    assert_eq!(names[1], cvchain_core::envelope::DELIVER_EVENTS_FUNCTION);
 
     // Never deploy local settings.
     let ignore = fs::read_to_string(app.join(".funcignore")).unwrap();
@@ -187,7 +200,14 @@ fn broken_layouts_are_refused_with_the_rule_they_break() {
         r#"{"bindings":[{"type":"queueTrigger","direction":"in","name":"my_item"}]}"#,
     )
     .unwrap();
+    fs::create_dir_all(app.join("bad_timer")).unwrap();
+    fs::write(
+        app.join("bad_timer/function.json"),
+        r#"{"bindings":[{"type":"timerTrigger","direction":"in","name":"timer","schedule":"*/5 * * * *"}]}"#,
+    )
+    .unwrap();
     let err = cvchain::stage::validate(&app).unwrap_err().to_string();
+    assert!(err.contains("timerTrigger needs a schedule"), "{err}");
     assert!(err.contains("cvchain: not executable"), "{err}");
     assert!(err.contains("binding name \"my_item\" is invalid"), "{err}");
     assert!(
@@ -259,6 +279,8 @@ fn the_package_zip_holds_the_app_with_an_executable_handler_and_no_local_setting
             ".funcignore",
             "CustomVisionNotification/",
             "CustomVisionNotification/function.json",
+            "DeliverEvents/",
+            "DeliverEvents/function.json",
             "History/",
             "History/function.json",
             "cvchain",
@@ -297,7 +319,7 @@ fn the_package_zip_holds_the_app_with_an_executable_handler_and_no_local_setting
     let (layout, _) = cvchain::stage::inspect_zip(&zip_path).unwrap();
     assert_eq!(
         layout.functions,
-        vec!["CustomVisionNotification", "History"]
+        vec!["CustomVisionNotification", "DeliverEvents", "History"]
     );
     if let Ok(listing) = Command::new("zipinfo").arg(&zip_path).output() {
         let listing = String::from_utf8_lossy(&listing.stdout);

@@ -38,6 +38,16 @@ async fn tables_queues_and_release_copies_work_with_tokens_over_https() {
     table.insert(&e).await.unwrap();
     assert_eq!(table.get("p", "r").await.unwrap().unwrap().entity["V"], 1);
     assert_eq!(table.query(None, 10).await.unwrap().len(), 1);
+    // The outbox's transactions carry the same bearer token.
+    e.insert("RowKey".into(), json!("r2"));
+    assert_eq!(
+        table
+            .transact(&[cvchain_azure::storage::table::BatchOp::Insert(e.clone())])
+            .await
+            .unwrap(),
+        cvchain_azure::storage::table::BatchOutcome::Committed
+    );
+    assert_eq!(table.query(None, 10).await.unwrap().len(), 2);
 
     send_text(&clients.queue(&unique("oauth")).unwrap(), "hello")
         .await

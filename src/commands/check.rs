@@ -4,6 +4,7 @@
 use crate::settings::Settings;
 use azure_core::http::StatusCode;
 use cvchain_azure::customvision::{CvAuthSetting, TrainingApi, training_client};
+use cvchain_azure::events::sinks::Sinks;
 use cvchain_azure::storage::{
     StorageError, clients::StorageClients, queue::poison_queue_name, settings::StorageAuth,
 };
@@ -162,6 +163,30 @@ pub async fn check(
             "Custom Vision".into(),
             "not configured (CUSTOM_VISION_ENDPOINT unset): notifications are only recorded",
         )),
+    }
+    out.extend(check_sinks(settings, clients).await);
+    out
+}
+
+/// Reaches each event sink without sending an event.
+async fn check_sinks(settings: &Settings, clients: &StorageClients) -> Vec<Check> {
+    if !settings.events.any() {
+        return vec![ok(
+            "event sinks".into(),
+            "none configured (CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL): no events are recorded",
+        )];
+    }
+    let sinks = match Sinks::new(&settings.events, clients, Default::default()) {
+        Ok(s) => s,
+        Err(e) => return vec![failed("event sinks".into(), e.to_string())],
+    };
+    let mut out = Vec::new();
+    for sink in sinks.configured() {
+        let what = format!("event sink: {}", sinks.describe(sink));
+        out.push(match sinks.reach(sink).await {
+            Ok(d) => ok(what, d),
+            Err(d) => failed(what, d),
+        });
     }
     out
 }

@@ -58,7 +58,12 @@ fn start_azurite(root: &Path) -> anyhow::Result<Azurite> {
 }
 
 /// The settings of the run: the environment's, with local defaults filled in.
-fn dev_settings(storage: &str, standin: &str, run: &str) -> anyhow::Result<Settings> {
+fn dev_settings(
+    storage: &str,
+    standin: &str,
+    run: &str,
+    webhook: &LocalReceiver,
+) -> anyhow::Result<Settings> {
     let blob = storage_blob_url(storage)?;
     let backup = format!("{}/cvbackups", blob.trim_end_matches('/'));
     let defaults: Vec<(String, String)> = vec![
@@ -70,6 +75,10 @@ fn dev_settings(storage: &str, standin: &str, run: &str) -> anyhow::Result<Setti
         ("CVCHAIN_EXPORTS".into(), DEFAULT_CHAIN.into()),
         ("CVCHAIN_GATE".into(), DEFAULT_GATE.into()),
         ("CVCHAIN_BACKUP_CONTAINER".into(), backup),
+        // Events go to the local receiver, which checks each signature and prints the event.
+        ("CVCHAIN_WEBHOOK_URL".into(), webhook.url.clone()),
+        ("CVCHAIN_WEBHOOK_SECRET".into(), webhook.secret.clone()),
+        ("CVCHAIN_EVENTS_RETRY_SECONDS".into(), "1".into()),
     ];
     let lookup = move |k: &str| -> Option<String> {
         match k {
@@ -138,7 +147,14 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         ..Default::default()
     });
 
-    let settings = dev_settings(&connection, &standin.endpoint(), &run_id)?;
+    let receiver = LocalReceiver::start().await?;
+    let settings = dev_settings(&connection, &standin.endpoint(), &run_id, &receiver)?;
+    if let Some(w) = &settings.events.webhook {
+        println!(
+            "● events: CloudEvents to {} (a local Standard Webhooks receiver here unless CVCHAIN_WEBHOOK_URL is set)",
+            cvchain_azure::events::settings::display_url(&w.url)
+        );
+    }
     let app = Application::build(settings.clone())?;
     let clients = app.clients.clone();
     let store = app.history().clone();
@@ -224,6 +240,35 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         script.train(project_id, round > 1).await?;
         watch(&store, &pid, total * round, total, &mut seen, started).await?;
     }
+    // The last message's events may still be on their way: once each chain's completion is
+    // recorded, deliver what is pending.
+    if let Some(events) = app_lifecycle.events() {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let done = events
+                .outbox()
+                .list(Some(&pid), false, 10_000)
+                .await?
+                .iter()
+                .filter(|r| r.kind == "io.cvchain.chain.completed")
+                .count();
+            if done >= DEMO_PERFORMANCE.len() || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        events.deliver_all().await?;
+    }
+    let (received, bad) = receiver.counts();
+    println!(
+        "\n● {received} event(s) received by the local webhook receiver, {} signature(s) verified{}",
+        received - bad,
+        if bad > 0 {
+            format!(", {bad} refused")
+        } else {
+            String::new()
+        }
+    );
     println!(
         "\n● both chains complete in {:.1} s\n\nHistory ({}):",
         started.elapsed().as_secs_f64(),
@@ -409,7 +454,7 @@ fn describe(r: &HistoryRow) -> Option<String> {
                 _ => Some(format!("  ! {target}: {status} {}", step.reason)),
             }
         }
-        Some(RowKind::Notification(Kind::Export) | RowKind::Claim) => None,
+        Some(RowKind::Notification(Kind::Export) | RowKind::Claim | RowKind::Outbox) => None,
         other => Some(format!(
             "  · {}: {status}",
             other.map(RowKind::as_str).unwrap_or("row")
@@ -425,4 +470,96 @@ fn progress(done: usize, total: usize) -> String {
         "#".repeat(filled),
         "-".repeat(width - filled)
     )
+}
+
+/// A local Standard Webhooks receiver: verifies each request's signature with the secret it
+/// shares with the worker, and prints the event.
+struct LocalReceiver {
+    url: String,
+    secret: String,
+    counts: std::sync::Arc<std::sync::Mutex<(usize, usize)>>,
+}
+
+impl LocalReceiver {
+    async fn start() -> anyhow::Result<Self> {
+        use axum::{
+            Router, body::Bytes, extract::State, http::HeaderMap, http::StatusCode, routing::post,
+        };
+        use cvchain_core::events::{CloudEvent, webhook};
+        let mut random = Uuid::new_v4().as_bytes().to_vec();
+        random.extend(Uuid::new_v4().as_bytes());
+        let secret = webhook::secret_text(&random);
+        let key = webhook::parse_secret(&secret).map_err(anyhow::Error::msg)?;
+        let counts = std::sync::Arc::new(std::sync::Mutex::new((0usize, 0usize)));
+        type Shared = (Vec<u8>, std::sync::Arc<std::sync::Mutex<(usize, usize)>>);
+        async fn receive(
+            State((key, counts)): State<Shared>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> StatusCode {
+            let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let verified = webhook::verify(
+                &key,
+                h("webhook-id"),
+                h("webhook-timestamp"),
+                h("webhook-signature"),
+                &body,
+                now,
+            );
+            let mut c = counts.lock().expect("counts");
+            c.0 += 1;
+            match (
+                verified,
+                CloudEvent::from_json(&String::from_utf8_lossy(&body)),
+            ) {
+                (Ok(()), Ok(e)) => {
+                    let name = e
+                        .data
+                        .get("iterationName")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default();
+                    let what = e
+                        .data
+                        .get("platform")
+                        .and_then(|v| v.as_str())
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_default();
+                    println!(
+                        "    ⚑ event {}{what} ({name}) — signature verified",
+                        e.kind.trim_start_matches("io.cvchain.")
+                    );
+                    StatusCode::NO_CONTENT
+                }
+                (Err(e), _) => {
+                    c.1 += 1;
+                    println!("    ✗ webhook request refused: {e}");
+                    StatusCode::UNAUTHORIZED
+                }
+                (_, Err(e)) => {
+                    c.1 += 1;
+                    println!("    ✗ webhook request refused: {e}");
+                    StatusCode::BAD_REQUEST
+                }
+            }
+        }
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let url = format!("http://{}/events", listener.local_addr()?);
+        let app = Router::new()
+            .route("/events", post(receive))
+            .with_state((key, counts.clone()));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            url,
+            secret,
+            counts,
+        })
+    }
+
+    /// Requests received, and how many were refused.
+    fn counts(&self) -> (usize, usize) {
+        *self.counts.lock().expect("counts")
+    }
 }

@@ -5,6 +5,7 @@ pub mod channels;
 pub mod check;
 #[cfg(feature = "standin")]
 pub mod dev;
+pub mod events;
 pub mod history;
 pub mod invoke;
 pub mod promote;
@@ -57,7 +58,8 @@ pub enum Command {
     History(history::Args),
     /// Reach every dependency with the configured credentials; say what to fix.
     ///
-    /// The queue, the poison queue, the history table, the containers and Custom Vision.
+    /// The queue, the poison queue, the history table, the containers, Custom Vision and
+    /// each event sink.
     Check,
     /// Every release channel with the iteration it holds and its metrics.
     Channels(channels::Args),
@@ -72,6 +74,11 @@ pub enum Command {
     Rollback(rollback::Args),
     /// Move poison messages back to the queue, recording each move.
     Replay(replay::Args),
+    /// The outbound events (the outbox) with each sink's delivery state.
+    ///
+    /// `events replay` sends events again; `events test` sends one io.cvchain.test event to
+    /// every configured sink and shows each answer.
+    Events(events::Args),
     /// Deliver a queue message to a running handler as the Functions host does.
     Invoke(invoke::Args),
     /// Stage the Functions app folder with this binary as the handler.
@@ -147,6 +154,7 @@ impl Command {
             Command::Promote(args) => promote::run(args),
             Command::Rollback(args) => rollback::run(args),
             Command::Replay(args) => replay::run(args),
+            Command::Events(args) => events::run(args),
             Command::Invoke(args) => invoke::run(args),
             Command::StageApp(args) => stage_app::run(args),
         }
@@ -205,6 +213,18 @@ fn print_change(change: &cvchain_core::channels::Change, publish: Option<&str>) 
     }
     if let Some(p) = publish {
         println!("publish: {p}");
+    }
+}
+
+/// Sends the events a manual change recorded (the channel moves) now, rather than at the next
+/// notification or timer run; says so when a sink did not take them.
+async fn deliver_events(app: &crate::startup::Application, project: uuid::Uuid) {
+    if let Some(events) = app.processor.events() {
+        match events.deliver(&project.to_string()).await {
+            Ok(r) if r.waiting + r.failed + r.busy > 0 => println!("events: {}", r.describe()),
+            Ok(_) => {}
+            Err(e) => println!("events: not delivered now ({e}); the timer delivers them"),
+        }
     }
 }
 

@@ -44,6 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
             .await?;
         super::print_change(&change, publish.as_deref());
+        super::deliver_events(&app, args.project).await;
         if change.moves.is_empty() && change.pointer.is_none() {
             println!(
                 "{} already holds {} (or it has no release copy yet)",

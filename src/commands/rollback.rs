@@ -30,6 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         {
             Ok((change, publish)) => {
                 super::print_change(&change, publish.as_deref());
+                super::deliver_events(&app, args.project).await;
                 anyhow::Ok(())
             }
             Err(why) => anyhow::bail!("nothing rolled back: {why}"),

@@ -7,11 +7,13 @@
 //!   ([`storage::blobs`]) and queue messages ([`storage::queue`]).
 //! - [`customvision`]: the Training API client, its settings and its process-wide rate limit.
 //! - [`history`]: typed history rows as table entities, the history store, claims.
+//! - [`events`]: the event sinks (queue, Event Grid, webhook), their settings, the outbox.
 //! - [`transport`]: one lazily built HTTP client per set of clients.
 //!
 //! The decisions these adapters carry out live in `cvchain-core`.
 
 pub mod customvision;
+pub mod events;
 pub mod history;
 pub mod storage;
 pub mod transport;

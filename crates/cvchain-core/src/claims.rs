@@ -14,6 +14,8 @@ pub enum Purpose {
     ExportRequest,
     /// Copying one export into the release container.
     Copy,
+    /// Delivering a project's outbox: one deliverer at a time, so no sink gets an event twice.
+    Deliver,
 }
 
 impl Purpose {
@@ -21,6 +23,7 @@ impl Purpose {
         match self {
             Purpose::ExportRequest => "ExportIteration",
             Purpose::Copy => "Copy",
+            Purpose::Deliver => "DeliverEvents",
         }
     }
 }
@@ -49,6 +52,18 @@ impl ClaimKey {
             partition_key: project.to_string(),
             row_key: safe_key(format!("ReleaseClaim_{iteration}_{}", target.key())),
             purpose: Purpose::Copy,
+        }
+    }
+}
+
+impl ClaimKey {
+    /// One deliverer at a time for a project's outbox (a partition key: a project id, or a
+    /// partition such as `_noproject`).
+    pub fn deliver(partition_key: &str) -> Self {
+        Self {
+            partition_key: partition_key.to_owned(),
+            row_key: "DeliveryClaim".into(),
+            purpose: Purpose::Deliver,
         }
     }
 }

@@ -120,6 +120,29 @@ fn get_ci<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     })
 }
 
+/// The timer-triggered function that delivers pending events (`functions/DeliverEvents`).
+pub const DELIVER_EVENTS_FUNCTION: &str = "DeliverEvents";
+/// Its timer binding's name: `Data.timer` holds the host's `TimerInfo`.
+pub const TIMER_BINDING: &str = "timer";
+
+/// What a timer invocation says: whether the run is late (`IsPastDue`, after a restart). The
+/// host sends `{"Data": {"timer": {"Schedule": …, "ScheduleStatus": …, "IsPastDue": false}},
+/// "Metadata": {…}}`; anything else that is a JSON object is accepted too, since a timer run
+/// needs nothing from it.
+pub fn timer_is_past_due(body: &[u8]) -> Result<bool, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(root) = v else {
+        return Err("not a JSON object".into());
+    };
+    let timer = get_ci(&root, "Data")
+        .and_then(Value::as_object)
+        .and_then(|d| get_ci(d, TIMER_BINDING))
+        .and_then(Value::as_object);
+    Ok(timer.and_then(|t| get_ci(t, "IsPastDue")).is_some_and(|p| {
+        p == &Value::Bool(true) || p.as_str().is_some_and(|s| s.eq_ignore_ascii_case("true"))
+    }))
+}
+
 /// The answer the host expects: always a JSON object, never an empty body.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct InvocationResponse {
@@ -171,6 +194,21 @@ pub fn encode_queue_invocation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timer_invocation_says_whether_it_is_late() {
+        let body = br#"{"Data":{"timer":{"Schedule":{"AdjustForDST":true},
+            "ScheduleStatus":{"Last":"2026-12-01T10:00:00+00:00","Next":"2026-12-01T10:01:00+00:00",
+            "LastUpdated":"2026-12-01T10:00:00+00:00"},"IsPastDue":true}},
+            "Metadata":{"sys":{"MethodName":"DeliverEvents","UtcNow":"2026-12-01T10:01:00.1Z","RandGuid":"x"}}}"#;
+        assert_eq!(timer_is_past_due(body), Ok(true));
+        assert_eq!(
+            timer_is_past_due(br#"{"Data":{"timer":{"IsPastDue":"False"}}}"#),
+            Ok(false)
+        );
+        assert_eq!(timer_is_past_due(b"{}"), Ok(false));
+        assert!(timer_is_past_due(b"[").is_err());
+    }
 
     #[test]
     fn the_encoder_produces_what_the_decoder_reads_in_the_hosts_shape() {

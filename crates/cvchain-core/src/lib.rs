@@ -11,7 +11,9 @@
 //!   [`claims`] (who may request or copy), [`gate`] (may it go to production), [`channels`]
 //!   (which iteration `latest` and `production` hold) and [`retention`] (which iterations go);
 //! - [`history`]: the typed rows everything is recorded in, and the views read back from them;
-//! - [`report`]: the history as people read it (the `history` command and page).
+//! - [`report`]: the history as people read it (the `history` command and page);
+//! - [`events`]: the CloudEvents a history change emits, their outbox rows, and how each sink
+//!   gets them (order, retries, size, Standard Webhooks signatures).
 //!
 //! Beside them: [`customvision`] (the Training API's models and error classes), [`config`] (the
 //! settings the decisions take, and the one number parser settings use), [`redact`] (secrets out
@@ -23,6 +25,7 @@ pub mod claims;
 pub mod config;
 pub mod customvision;
 pub mod envelope;
+pub mod events;
 pub mod fuzzing;
 pub mod gate;
 pub mod history;

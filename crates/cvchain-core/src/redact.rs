@@ -19,7 +19,13 @@ const SECRET_KEYS: &[&str] = &[
     "ocp-apim-subscription-key",
     "client_secret",
     "password",
+    // Event Grid's access key and SAS token headers.
+    "aeg-sas-key",
+    "aeg-sas-token",
 ];
+
+/// A Standard Webhooks secret is recognised by its value: `whsec_` and base64.
+const WEBHOOK_SECRET_PREFIX: &str = "whsec_";
 
 /// Replaces the value after any `key=` or `"key":"` whose key is a secret, case-insensitively.
 pub fn redact(text: &str) -> String {
@@ -29,6 +35,27 @@ pub fn redact(text: &str) -> String {
     let mut copied = 0;
     let mut i = 0;
     while i < bytes.len() {
+        if bytes[i] == b'w'
+            && lower[i..].starts_with(WEBHOOK_SECRET_PREFIX)
+            && (i == 0 || !bytes[i - 1].is_ascii_alphanumeric())
+        {
+            let value_start = i + WEBHOOK_SECRET_PREFIX.len();
+            // Base64 (standard or URL-safe), nothing else.
+            let value_end = value_start
+                + bytes[value_start..]
+                    .iter()
+                    .take_while(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+                    })
+                    .count();
+            if value_end > value_start {
+                out.push_str(&text[copied..value_start]);
+                out.push_str(REDACTED);
+                copied = value_end;
+                i = value_end;
+                continue;
+            }
+        }
         if let Some(value_start) = secret_value_start(&lower, i) {
             let value_end = value_end(bytes, value_start);
             if value_end > value_start {
@@ -162,6 +189,24 @@ mod tests {
             redact(r#"{"trainingKey": "k1"}"#),
             r#"{"trainingKey": "REDACTED"}"#
         );
+    }
+
+    #[test]
+    fn event_grid_keys_and_webhook_secrets_are_removed() {
+        assert_eq!(
+            redact("aeg-sas-key: VXbGWce53249Mt8wuotr0GPmyJ/nDT4hgdEj9DpBeRr38arnnm5OFg=="),
+            "aeg-sas-key: REDACTED"
+        );
+        assert_eq!(
+            redact("secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw in a message"),
+            "secret whsec_REDACTED in a message"
+        );
+        assert_eq!(
+            redact(r#"{"CVCHAIN_WEBHOOK_SECRET":"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}"#),
+            r#"{"CVCHAIN_WEBHOOK_SECRET":"whsec_REDACTED"}"#
+        );
+        // The prefix alone (in help texts) is not a secret.
+        assert_eq!(redact("a `whsec_` secret"), "a `whsec_` secret");
     }
 
     #[test]

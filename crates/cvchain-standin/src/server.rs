@@ -102,7 +102,9 @@ impl Drop for Standin {
     }
 }
 
-fn tls_acceptor(
+/// A TLS acceptor for `cert` and `key` (PEM): for the stand-in, and for the tests' other local
+/// https servers.
+pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> std::io::Result<tokio_rustls::TlsAcceptor> {
@@ -126,7 +128,7 @@ fn tls_acceptor(
 }
 
 /// axum over rustls: one hyper HTTP/1 connection per accepted TLS stream.
-async fn serve_tls(
+pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     app: Router,
     acceptor: tokio_rustls::TlsAcceptor,

@@ -2,6 +2,8 @@
 //!
 //! - [`azurite`]: an Azurite of the test's own (free loopback ports, its own data folder or
 //!   memory, stopped on drop), on `cvchain-standin`'s launcher;
+//! - [`eventgrid`]: a local Event Grid topic that checks what the service checks (no emulator
+//!   exists);
 //! - [`handler`]: the `cvchain` binary started as the Functions host starts it (`serve`) or as a
 //!   queue worker;
 //! - [`host`]: the Functions host's queue trigger, played against a running handler;
@@ -12,6 +14,7 @@
 //! - [`hot_path`]: the per-notification CPU work the benchmarks measure.
 
 pub mod azurite;
+pub mod eventgrid;
 pub mod handler;
 pub mod host;
 pub mod hot_path;
@@ -20,6 +23,7 @@ pub mod standin;
 pub mod tls;
 
 pub use azurite::{Azurite, unique};
+pub use eventgrid::{EventGridTopic, TopicAuth};
 pub use handler::Handler;
 pub use host::{HostEmulator, PumpStats, host_envelope};
 pub use secrets::assert_no_secrets;

@@ -1,9 +1,13 @@
 //! The history table: insert-if-absent writes, so a redelivered message leaves its row unchanged.
+//! A write can carry outbox rows (the events it emits, `cvchain_core::events`): they go in the
+//! same entity-group transaction, so the change and its events exist together or not at all.
 
 use super::{from_stored, props_to_entity, to_entity};
 use crate::storage::{
     StorageError,
-    table::{StoredEntity, TableClient, UpdateMode, WriteOutcome, filter_eq},
+    table::{
+        BatchOp, BatchOutcome, StoredEntity, TableClient, UpdateMode, WriteOutcome, filter_eq,
+    },
 };
 use cvchain_core::history::{HistoryRow, Props, StepRow, step_key_range};
 use cvchain_core::report::newest_first;
@@ -70,6 +74,142 @@ impl HistoryStore {
             other => other?,
         };
         Ok(matches!(outcome, WriteOutcome::Written { .. }))
+    }
+
+    /// As [`record`](Self::record), with the outbox rows of the events the row emits, in one
+    /// transaction: a redelivery finds the row there and writes nothing, and an outbox row that
+    /// exists already (the same event, written by another change or instance) is left as it is.
+    pub async fn record_with(
+        &self,
+        row: &HistoryRow,
+        outbox: &[HistoryRow],
+    ) -> Result<Recorded, StorageError> {
+        if outbox.is_empty() {
+            return self.record(row).await;
+        }
+        let first = BatchOp::Insert(to_entity(row));
+        match self.transact_with(first, outbox).await? {
+            None => Ok(Recorded::Inserted),
+            Some(_) => {
+                let existing = self
+                    .get(&row.partition_key, &row.row_key)
+                    .await?
+                    .ok_or_else(|| StorageError::Other {
+                        service: "table",
+                        detail: format!("row {} vanished after a conflict", row.describe()),
+                    })?;
+                Ok(Recorded::AlreadyPresent(existing))
+            }
+        }
+    }
+
+    /// As [`merge`](Self::merge), with outbox rows in the same transaction.
+    pub async fn merge_with(
+        &self,
+        partition_key: &str,
+        row_key: &str,
+        properties: &Props,
+        outbox: &[HistoryRow],
+    ) -> Result<(), StorageError> {
+        if outbox.is_empty() {
+            return self.merge(partition_key, row_key, properties).await;
+        }
+        let mut e = props_to_entity(properties);
+        e.insert("PartitionKey".into(), partition_key.into());
+        e.insert("RowKey".into(), row_key.into());
+        match self.transact_with(BatchOp::Merge(e), outbox).await? {
+            None => Ok(()),
+            Some(status) => Err(StorageError::Service {
+                service: "table",
+                status,
+                code: String::new(),
+                message: format!("the merge into {partition_key}/{row_key} was refused"),
+            }),
+        }
+    }
+
+    /// `first` and the outbox rows in one transaction. Outbox rows that exist already are
+    /// dropped and the rest sent again; `Some(status)` when `first` itself was refused (409: the
+    /// row exists). Creates the table on first use.
+    async fn transact_with(
+        &self,
+        first: BatchOp,
+        outbox: &[HistoryRow],
+    ) -> Result<Option<u16>, StorageError> {
+        let mut rest: Vec<&HistoryRow> = outbox.iter().collect();
+        let mut created = false;
+        loop {
+            let mut ops = vec![first.clone()];
+            ops.extend(rest.iter().map(|r| BatchOp::Insert(to_entity(r))));
+            match self.table.transact(&ops).await? {
+                BatchOutcome::Committed => return Ok(None),
+                BatchOutcome::Refused { status: 404, .. } if !created => {
+                    self.table.create_if_missing().await?;
+                    created = true;
+                }
+                BatchOutcome::Refused {
+                    index: Some(0),
+                    status,
+                    ..
+                } => return Ok(Some(status)),
+                BatchOutcome::Refused {
+                    index: Some(i),
+                    status: 409,
+                    ..
+                } if i <= rest.len() => {
+                    rest.remove(i - 1);
+                }
+                BatchOutcome::Refused {
+                    index: None,
+                    status: 409,
+                    ..
+                } => {
+                    // The service did not say which: find out by reading.
+                    let (pk, rk) = match &first {
+                        BatchOp::Insert(e) | BatchOp::Merge(e) => (
+                            e["PartitionKey"].as_str().unwrap_or_default().to_owned(),
+                            e["RowKey"].as_str().unwrap_or_default().to_owned(),
+                        ),
+                    };
+                    if matches!(first, BatchOp::Insert(_))
+                        && self.table.get(&pk, &rk).await?.is_some()
+                    {
+                        return Ok(Some(409));
+                    }
+                    let before = rest.len();
+                    let mut kept = Vec::new();
+                    for r in rest {
+                        if self
+                            .table
+                            .get(&r.partition_key, &r.row_key)
+                            .await?
+                            .is_none()
+                        {
+                            kept.push(r);
+                        }
+                    }
+                    rest = kept;
+                    if rest.len() == before {
+                        return Err(StorageError::Other {
+                            service: "table",
+                            detail: "a transaction conflicted on no row that exists".into(),
+                        });
+                    }
+                }
+                BatchOutcome::Refused { status, code, .. } => {
+                    return Err(StorageError::from_status(
+                        "table",
+                        status,
+                        if code.is_empty() {
+                            code
+                        } else {
+                            format!(" {code}")
+                        },
+                        "the transaction was refused".into(),
+                    ));
+                }
+            }
+        }
     }
 
     /// Adds or overwrites some properties of a row.

@@ -1,8 +1,9 @@
 //! A small Table storage client on `azure_core`'s HTTP pipeline: the GA SDK has no Tables crate.
 //!
 //! JSON over the Table REST API (2019-02-02): create table, insert, upserts, ETag-conditional
-//! writes, point reads and queries with continuation. 404, 409 and 412 come back as typed outcomes,
-//! not errors, because callers build idempotence on them.
+//! writes, point reads, queries with continuation, and entity-group transactions (`$batch`: a
+//! changeset of writes to one partition, all or nothing). 404, 409 and 412 come back as typed
+//! outcomes, not errors, because callers build idempotence on them.
 
 use super::{StorageError, status_u16};
 use azure_core::{
@@ -66,6 +67,35 @@ pub enum UpdateMode {
     Replace,
     /// PATCH (MERGE): properties sent are added or overwritten, others stay.
     Merge,
+}
+
+/// One write of an entity-group transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchOp {
+    /// Insert; the transaction fails (409) if an entity with these keys exists.
+    Insert(Entity),
+    /// Insert-or-merge, unconditionally.
+    Merge(Entity),
+}
+
+impl BatchOp {
+    fn entity(&self) -> &Entity {
+        match self {
+            BatchOp::Insert(e) | BatchOp::Merge(e) => e,
+        }
+    }
+}
+
+/// What an entity-group transaction did: everything, or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    Committed,
+    /// Nothing was written: operation `index` (when the service says which) was refused.
+    Refused {
+        index: Option<usize>,
+        status: u16,
+        code: String,
+    },
 }
 
 /// A client for one table.
@@ -293,6 +323,66 @@ impl TableClient {
         Ok(out)
     }
 
+    /// Writes `ops` as one entity-group transaction: in order, all or nothing. They must share
+    /// one PartitionKey and name each entity once; at most 100.
+    pub async fn transact(&self, ops: &[BatchOp]) -> Result<BatchOutcome, StorageError> {
+        if ops.is_empty() {
+            return Ok(BatchOutcome::Committed);
+        }
+        if ops.len() > 100 {
+            return Err(StorageError::Other {
+                service: SERVICE,
+                detail: format!("a transaction holds at most 100 writes, not {}", ops.len()),
+            });
+        }
+        let mut partition = None;
+        for op in ops {
+            let (pk, _) = check_keys(op.entity())?;
+            if partition.get_or_insert(pk) != &pk {
+                return Err(StorageError::Other {
+                    service: SERVICE,
+                    detail: "a transaction's writes must share one PartitionKey".into(),
+                });
+            }
+        }
+        let id = uuid::Uuid::new_v4();
+        let (batch, changeset) = (format!("batch_{id}"), format!("changeset_{id}"));
+        let base = self.service.as_str().trim_end_matches('/');
+        let mut body =
+            format!("--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n");
+        for op in ops {
+            let entity = op.entity();
+            let (pk, rk) = check_keys(entity)?;
+            let (line, prefer) = match op {
+                BatchOp::Insert(_) => (
+                    format!("POST {base}/{} HTTP/1.1", self.table),
+                    "Prefer: return-no-content\r\n",
+                ),
+                BatchOp::Merge(_) => (
+                    format!("MERGE {base}/{} HTTP/1.1", entity_path(&self.table, pk, rk)),
+                    "",
+                ),
+            };
+            let json = serde_json::to_string(entity).expect("JSON values serialize");
+            body.push_str(&format!(
+                "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+                 {line}\r\nContent-Type: application/json\r\nAccept: application/json;odata=minimalmetadata\r\n\
+                 DataServiceVersion: 3.0\r\n{prefer}\r\n{json}\r\n"
+            ));
+        }
+        body.push_str(&format!("--{changeset}--\r\n--{batch}--\r\n"));
+        let mut req = self.request(Method::Post, "$batch", &[]);
+        req.insert_header("content-type", format!("multipart/mixed; boundary={batch}"));
+        req.set_body(body.into_bytes());
+        let rsp = self.send(&mut req).await?;
+        let status = status_u16(rsp.status());
+        if !(200..300).contains(&status) && status != 409 && status != 400 {
+            return Err(service_error(&rsp));
+        }
+        let text = String::from_utf8_lossy(rsp.body().as_ref()).into_owned();
+        Ok(batch_outcome(status, &text))
+    }
+
     fn request(&self, method: Method, path: &str, query: &[(&str, String)]) -> Request {
         let mut url = format!("{}/{}", self.service.as_str().trim_end_matches('/'), path);
         let mut sep = '?';
@@ -332,6 +422,49 @@ impl TableClient {
             )
             .await
             .map_err(|e| StorageError::from_azure(SERVICE, &e))
+    }
+}
+
+/// Reads a `$batch` answer: each operation's status line (`HTTP/1.1 204 No Content`); the first
+/// that is not 2xx failed the transaction, and its error message starts with the operation's
+/// index (`1:The specified entity already exists.`).
+fn batch_outcome(outer: u16, text: &str) -> BatchOutcome {
+    let mut parts = text.split("HTTP/1.1 ").skip(1);
+    let failed = parts.find_map(|part| {
+        let status: u16 = part.get(..3)?.parse().ok()?;
+        (!(200..300).contains(&status)).then_some((status, part))
+    });
+    let Some((status, part)) =
+        failed.or_else(|| (!(200..300).contains(&outer)).then_some((outer, text)))
+    else {
+        return BatchOutcome::Committed;
+    };
+    let error: Option<Value> = part
+        .find('{')
+        .and_then(|at| {
+            serde_json::Deserializer::from_str(&part[at..])
+                .into_iter()
+                .next()
+        })
+        .and_then(Result::ok);
+    let err = error.as_ref().and_then(|e| e.get("odata.error"));
+    let code = err
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let message = err
+        .and_then(|e| e.get("message"))
+        .and_then(|m| m.get("value").or(Some(m)))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let index = message
+        .split_once(':')
+        .and_then(|(n, _)| n.trim().parse::<usize>().ok());
+    BatchOutcome::Refused {
+        index,
+        status,
+        code,
     }
 }
 
@@ -456,6 +589,28 @@ mod tests {
             assert!(!is_valid_key(k), "{k:?}");
         }
         assert!(is_valid_key("Training_3c2a1b0d-8e7f"));
+    }
+
+    #[test]
+    fn batch_answers_say_which_operation_failed() {
+        let ok = "--batchresponse_1\r\nContent-Type: multipart/mixed; boundary=changesetresponse_1\r\n\r\n\
+            --changesetresponse_1\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\
+            --changesetresponse_1\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\
+            --changesetresponse_1--\r\n--batchresponse_1--";
+        assert_eq!(batch_outcome(202, ok), BatchOutcome::Committed);
+        let failed = "--batchresponse_1\r\n--changesetresponse_1\r\nContent-Type: application/http\r\n\r\n\
+            HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\n\r\n\
+            {\"odata.error\":{\"code\":\"EntityAlreadyExists\",\"message\":{\"lang\":\"en-US\",\
+            \"value\":\"1:The specified entity already exists.\\nRequestId:x\"}}}\r\n\
+            --changesetresponse_1--\r\n--batchresponse_1--";
+        assert_eq!(
+            batch_outcome(202, failed),
+            BatchOutcome::Refused {
+                index: Some(1),
+                status: 409,
+                code: "EntityAlreadyExists".into()
+            }
+        );
     }
 
     #[test]

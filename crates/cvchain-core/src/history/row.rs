@@ -138,6 +138,30 @@ props! {
     Note: Text,
     /// A retention deletion: which iterations were kept, and why.
     Kept: Text,
+    /// An outbox row: the CloudEvent's `type` (`EventType` is the row's kind).
+    CloudEventType: Text,
+    /// An outbox row: the CloudEvent's `id`, deterministic from the change it describes.
+    EventId: Text,
+    /// An outbox row: the CloudEvent's `subject`.
+    Subject: Text,
+    /// An outbox row: the CloudEvent's `time`.
+    EventTime: Time,
+    /// An outbox row: its place in the project's order of events.
+    Sequence: Text,
+    /// An outbox row: some sink has yet to take it (cleared when every sink delivered or gave up).
+    Pending: Bool,
+    /// An outbox row: the sinks it is for (`queue,eventgrid,webhook`).
+    Sinks: Text,
+    /// An outbox row: the whole CloudEvent, as JSON.
+    CloudEvent: Text,
+    /// An outbox row: the history row the event describes.
+    DescribesRow: Text,
+    /// An outbox row: its delivery to the Storage queue sink (JSON, `events::DeliveryState`).
+    QueueDelivery: Text,
+    /// An outbox row: its delivery to the Event Grid sink.
+    EventGridDelivery: Text,
+    /// An outbox row: its delivery to the webhook sink.
+    WebhookDelivery: Text,
     /// Set by the table service on every write; never written.
     Timestamp: Time,
 }
@@ -374,10 +398,12 @@ pub enum RowKind {
     ChannelMove,
     /// Retention deleted an iteration.
     IterationDeleted,
+    /// An outbound CloudEvent, written with the change it describes, and its delivery.
+    Outbox,
 }
 
 impl RowKind {
-    pub const ALL: [RowKind; 11] = [
+    pub const ALL: [RowKind; 12] = [
         RowKind::Notification(Kind::ConnectionTest),
         RowKind::Notification(Kind::Training),
         RowKind::Notification(Kind::Export),
@@ -389,6 +415,7 @@ impl RowKind {
         RowKind::Claim,
         RowKind::ChannelMove,
         RowKind::IterationDeleted,
+        RowKind::Outbox,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -404,6 +431,7 @@ impl RowKind {
             RowKind::Claim => "Claim",
             RowKind::ChannelMove => "ChannelMove",
             RowKind::IterationDeleted => "IterationDeleted",
+            RowKind::Outbox => "Outbox",
         }
     }
 

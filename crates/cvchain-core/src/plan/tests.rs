@@ -688,6 +688,7 @@ fn what_could_not_be_read_is_noted_in_the_row_and_the_chain_goes_on() {
     };
     let (decision, actions) = plan_text(&training_completed(), &observed, &chain_config());
     assert!(matches!(decision, Decision::Accepted(_)));
+    // No gate configured: the iteration passes it, so production moves to it too.
     let [
         Action::Promote { .. },
         Action::Chain { .. },

@@ -1,0 +1,89 @@
+//! The outbox, read and updated: each project's outbox rows live in its partition of the history
+//! table (written with the changes they describe, `HistoryStore::record_with`); here they are
+//! listed, their per-sink delivery state recorded, and replays reset.
+
+use crate::history::store::HistoryStore;
+use crate::storage::{StorageError, table::filter_eq};
+use cvchain_core::events::{DeliveryState, OutboxRow, Sink, delivery, outbox_key_range};
+use cvchain_core::history::{Prop, Props};
+
+/// A sortable place in a project's order of events: the write's clock (nanoseconds) and the
+/// event's index within the write.
+pub fn sequence(now: time::OffsetDateTime, index: usize) -> String {
+    format!("{:020}-{index:03}", now.unix_timestamp_nanos().max(0))
+}
+
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    history: HistoryStore,
+}
+
+impl Outbox {
+    pub fn new(history: HistoryStore) -> Self {
+        Self { history }
+    }
+
+    fn filter(project: Option<&str>, pending_only: bool) -> String {
+        let (from, to) = outbox_key_range();
+        let mut f = format!("RowKey ge '{from}' and RowKey lt '{to}'");
+        if let Some(p) = project {
+            f = format!("{} and {f}", filter_eq("PartitionKey", p));
+        }
+        if pending_only {
+            f.push_str(" and Pending eq true");
+        }
+        f
+    }
+
+    /// Outbox rows, in each project's order (of one project, or of all).
+    pub async fn list(
+        &self,
+        project: Option<&str>,
+        pending_only: bool,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StorageError> {
+        let rows = self
+            .history
+            .query(Some(&Self::filter(project, pending_only)), limit)
+            .await?;
+        Ok(OutboxRow::all_in_order(&rows))
+    }
+
+    /// The projects that have events some sink has yet to take.
+    pub async fn pending_projects(&self) -> Result<Vec<String>, StorageError> {
+        let mut projects: Vec<String> = self
+            .list(None, true, 100_000)
+            .await?
+            .into_iter()
+            .map(|r| r.partition_key)
+            .collect();
+        projects.dedup();
+        Ok(projects)
+    }
+
+    /// Records the row's delivery states, and whether the event is still pending for any sink.
+    pub async fn save(&self, row: &OutboxRow) -> Result<(), StorageError> {
+        let mut p = Props::new();
+        for (sink, state) in &row.states {
+            p.set(sink.prop(), state.to_json());
+        }
+        p.set(Prop::Pending, delivery::still_pending(row));
+        self.history
+            .merge(&row.partition_key, &row.row_key, &p)
+            .await
+    }
+
+    /// `cvchain events replay`: the event is pending again for `sinks` (its id unchanged), as if
+    /// never sent.
+    pub async fn reset(&self, row: &OutboxRow, sinks: &[Sink]) -> Result<(), StorageError> {
+        let mut p = Props::new();
+        for s in sinks {
+            p.set(s.prop(), DeliveryState::default().to_json());
+        }
+        p.set(Prop::Sinks, delivery::sinks_text(sinks));
+        p.set(Prop::Pending, !sinks.is_empty());
+        self.history
+            .merge(&row.partition_key, &row.row_key, &p)
+            .await
+    }
+}

@@ -1,0 +1,362 @@
+//! Delivery, decided: per-sink state on each outbox row, which events a sink takes next (in
+//! order, never past one that is waiting for its retry), what an answer means (delivered, retry
+//! later, or failed for good), the backoff, and events too large for a sink.
+
+use super::OutboxRow;
+use crate::history::Prop;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::time::Duration;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+/// Where events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Sink {
+    /// A Storage queue in cvchain's account (`CVCHAIN_EVENTS_QUEUE`).
+    Queue,
+    /// An Event Grid topic (`CVCHAIN_EVENTGRID_ENDPOINT`).
+    EventGrid,
+    /// An HTTP endpoint, signed as Standard Webhooks says (`CVCHAIN_WEBHOOK_URL`).
+    Webhook,
+}
+
+impl Sink {
+    pub const ALL: [Sink; 3] = [Sink::Queue, Sink::EventGrid, Sink::Webhook];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sink::Queue => "queue",
+            Sink::EventGrid => "eventgrid",
+            Sink::Webhook => "webhook",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// The outbox row property holding this sink's delivery state.
+    pub fn prop(self) -> Prop {
+        match self {
+            Sink::Queue => Prop::QueueDelivery,
+            Sink::EventGrid => Prop::EventGridDelivery,
+            Sink::Webhook => Prop::WebhookDelivery,
+        }
+    }
+
+    /// The largest event (bytes of JSON) the sink takes; larger ones are sent trimmed. A queue
+    /// message holds 64 KiB (48 KiB before base64, should the text need it); an Event Grid
+    /// event 1 MB; a webhook the ~20 kB the Standard Webhooks specification advises.
+    pub fn max_event_bytes(self) -> usize {
+        match self {
+            Sink::Queue => 48 * 1024,
+            Sink::EventGrid => 1_000_000,
+            Sink::Webhook => 20 * 1024,
+        }
+    }
+}
+
+pub fn sinks_text(sinks: &[Sink]) -> String {
+    sinks
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn parse_sinks(text: &str) -> Vec<Sink> {
+    text.split(',').filter_map(Sink::parse).collect()
+}
+
+/// Where one event stands with one sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Not delivered yet: never tried, or waiting for its retry.
+    #[default]
+    Pending,
+    Delivered,
+    /// Given up: the sink refused it for good (a 4xx other than 408/429), or it kept failing
+    /// for [`RetryPolicy::give_up_after`]. `cvchain events replay` sends it again.
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Delivered => "delivered",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// One event's delivery to one sink, as recorded on its outbox row (JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryState {
+    pub state: State,
+    #[serde(default)]
+    pub attempts: u32,
+    /// RFC 3339: not before then (backoff, or the sink's `Retry-After`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<String>,
+    /// The last answer: `HTTP 202`, or the sink's error (never a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// Sent trimmed: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl DeliveryState {
+    /// A stored state; one that does not read counts as pending, never tried.
+    pub fn parse(text: &str) -> Self {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a delivery state serializes")
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state != State::Pending
+    }
+
+    fn next(&self) -> Option<OffsetDateTime> {
+        self.next_at
+            .as_deref()
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+    }
+
+    /// Pending and not waiting for a retry.
+    pub fn is_due(&self, now: OffsetDateTime) -> bool {
+        self.state == State::Pending && self.next().is_none_or(|at| at <= now)
+    }
+
+    /// One line for `cvchain events`.
+    pub fn describe(&self) -> String {
+        let mut s = self.state.as_str().to_owned();
+        if self.attempts > 0 && self.state != State::Delivered {
+            s.push_str(&format!(" ({} attempts", self.attempts));
+            if let (State::Pending, Some(at)) = (self.state, &self.next_at) {
+                s.push_str(&format!(", next {at}"));
+            }
+            s.push(')');
+        }
+        if let Some(a) = &self.answer
+            && self.state != State::Delivered
+        {
+            s.push_str(&format!(": {a}"));
+        }
+        if let Some(n) = &self.note {
+            s.push_str(&format!(" [{n}]"));
+        }
+        s
+    }
+}
+
+/// How long to wait between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// After the first failure (`CVCHAIN_EVENTS_RETRY_SECONDS`); each next wait is 3× longer.
+    pub first: Duration,
+    pub max: Duration,
+    /// Failures for this long after the first attempt: given up (recorded as failed).
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            first: Duration::from_secs(5),
+            max: Duration::from_secs(12 * 3600),
+            give_up_after: Duration::from_secs(72 * 3600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after the `attempts`-th failed attempt (1-based): 5 s, 15 s, 45 s, … up to
+    /// `max`, with up to 10% jitter derived from `salt` so many events do not retry in step.
+    pub fn backoff(&self, attempts: u32, salt: &str) -> Duration {
+        let factor = 3u32.saturating_pow(attempts.saturating_sub(1).min(20));
+        let base = self.first.saturating_mul(factor).min(self.max);
+        let spread = salt
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+            % 100;
+        base + base / 10 * spread / 100
+    }
+}
+
+/// What one attempt to deliver got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Taken (2xx, or the message is on the queue).
+    Delivered(String),
+    /// Not taken. `status` is the HTTP status when there was an answer (none for a refused
+    /// connection or a timeout); `detail` never holds a secret.
+    Refused {
+        status: Option<u16>,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Whether a status means "do not send this again": a 4xx other than 408 and 429, or a redirect
+/// (not followed: the URL is to be fixed).
+pub fn is_permanent(status: u16) -> bool {
+    (300..500).contains(&status) && status != 408 && status != 429
+}
+
+/// The state after an attempt.
+pub fn after_attempt(
+    prev: &DeliveryState,
+    answer: &Answer,
+    policy: &RetryPolicy,
+    salt: &str,
+    now: OffsetDateTime,
+) -> DeliveryState {
+    let now_text = super::rfc3339(now);
+    let mut s = prev.clone();
+    s.attempts = prev.attempts.saturating_add(1);
+    s.last_at = Some(now_text.clone());
+    if s.first_at.is_none() {
+        s.first_at = Some(now_text);
+    }
+    match answer {
+        Answer::Delivered(what) => {
+            s.state = State::Delivered;
+            s.next_at = None;
+            s.answer = Some(what.clone());
+        }
+        Answer::Refused {
+            status,
+            detail,
+            retry_after,
+        } => {
+            s.answer = Some(crate::message::bounded(&crate::redact::redact(detail), 512).0);
+            let first = s
+                .first_at
+                .as_deref()
+                .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+                .unwrap_or(now);
+            let elapsed = (now - first).unsigned_abs();
+            if status.is_some_and(is_permanent) {
+                s.state = State::Failed;
+                s.next_at = None;
+            } else if elapsed >= policy.give_up_after {
+                s.state = State::Failed;
+                s.next_at = None;
+                s.answer = Some(format!(
+                    "gave up after {} attempts: {}",
+                    s.attempts,
+                    s.answer.clone().unwrap_or_default()
+                ));
+            } else {
+                let wait = retry_after
+                    .map(|r| r.clamp(Duration::from_secs(1), Duration::from_secs(24 * 3600)))
+                    .unwrap_or_else(|| policy.backoff(s.attempts, salt));
+                s.state = State::Pending;
+                s.next_at = Some(super::rfc3339(
+                    now + time::Duration::try_from(wait).unwrap_or(time::Duration::HOUR),
+                ));
+            }
+        }
+    }
+    s
+}
+
+/// The events `sink` takes now, in order: the project's pending events for it, up to the first
+/// one still waiting for its retry (so a later event never overtakes an earlier one).
+pub fn due_for(rows: &[OutboxRow], sink: Sink, now: OffsetDateTime) -> Vec<&OutboxRow> {
+    let mut out = Vec::new();
+    for row in rows.iter().filter(|r| r.sinks.contains(&sink)) {
+        let state = row.state(sink);
+        if state.is_done() {
+            continue;
+        }
+        if !state.is_due(now) {
+            break;
+        }
+        out.push(row);
+    }
+    out
+}
+
+/// Whether some sink of the row still has to take it.
+pub fn still_pending(row: &OutboxRow) -> bool {
+    row.sinks.iter().any(|s| !row.state(*s).is_done())
+}
+
+/// The earliest moment one of the rows is due again for one of its sinks.
+pub fn next_due(rows: &[OutboxRow]) -> Option<OffsetDateTime> {
+    rows.iter()
+        .flat_map(|r| r.sinks.iter().map(move |s| r.state(*s)))
+        .filter(|s| s.state == State::Pending)
+        .map(|s| s.next().unwrap_or(OffsetDateTime::UNIX_EPOCH))
+        .min()
+}
+
+/// An event as a sink gets it: the JSON as it is, or, when it is larger than `limit` bytes, the
+/// same event with `data` trimmed to the ids, a pointer to its history row and a note saying so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fitted {
+    pub body: String,
+    /// Why it was trimmed.
+    pub trimmed: Option<String>,
+}
+
+pub fn fit(event_json: &str, limit: usize) -> Fitted {
+    if event_json.len() <= limit {
+        return Fitted {
+            body: event_json.to_owned(),
+            trimmed: None,
+        };
+    }
+    let note = format!(
+        "sent trimmed: {} bytes over the sink's limit of {limit}",
+        event_json.len()
+    );
+    let mut value: Value = serde_json::from_str(event_json).unwrap_or_else(|_| json!({}));
+    let data = value.get("data").cloned().unwrap_or(Value::Null);
+    let keep = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
+    let trimmed = json!({
+        "projectId": keep("projectId"),
+        "iterationId": keep("iterationId"),
+        "history": keep("history"),
+        "trimmed": {
+            "size": event_json.len(),
+            "limit": limit,
+            "note": "the full event is in the history row's outbox entry (`cvchain events --json`)",
+        },
+    });
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("data".into(), trimmed);
+    }
+    let mut body = serde_json::to_string(&value).unwrap_or_default();
+    if body.len() > limit {
+        // Even the attributes are too large (a source of kilobytes): ids only.
+        let attr = |k: &str| value.get(k).cloned().unwrap_or(Value::Null);
+        body = json!({
+            "specversion": "1.0",
+            "id": attr("id"),
+            "source": attr("source"),
+            "type": attr("type"),
+            "datacontenttype": super::DATA_CONTENT_TYPE,
+            "data": {"trimmed": {"size": event_json.len(), "limit": limit}},
+        })
+        .to_string();
+    }
+    Fitted {
+        body,
+        trimmed: Some(note),
+    }
+}

@@ -1,0 +1,594 @@
+use super::delivery::{Answer, RetryPolicy, State, after_attempt, due_for, fit, still_pending};
+use super::webhook::{VerifyError, parse_secret, secret_text, sign, verify};
+use super::*;
+use crate::chain::ExportTarget;
+use crate::channels::{Channel, Holder, IterationRef, Move, PointerMove, Reason};
+use crate::history::{StepRow, step_row};
+use std::time::Duration;
+use time::macros::datetime;
+use uuid::Uuid;
+
+const PROJECT: &str = "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f";
+const ITERATION: &str = "3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d";
+
+fn ctx() -> EventContext {
+    EventContext {
+        source: EventContext::default_source("acct", "CustomVisionHistory"),
+        table: "CustomVisionHistory".into(),
+        release_container: Some("https://acct.blob.core.windows.net/models".into()),
+    }
+}
+
+fn facts() -> IterationFacts {
+    IterationFacts {
+        project_name: "Widgets".into(),
+        iteration_name: "Iteration 2".into(),
+        precision: Some(0.9),
+        recall: Some(0.8),
+        map: Some(0.85),
+    }
+}
+
+fn now() -> OffsetDateTime {
+    datetime!(2026-12-01 10:00:00 UTC)
+}
+
+fn training_row(status: EventStatus, verdict: Option<&str>) -> HistoryRow {
+    let mut p = Props::new();
+    p.set(
+        Prop::EventType,
+        RowKind::Notification(Kind::Training).as_str(),
+    );
+    p.set(Prop::Status, RowStatus::Event(status).as_str());
+    p.set(Prop::ProjectId, PROJECT);
+    p.set(Prop::IterationId, ITERATION);
+    p.set(Prop::ReceivedAt, datetime!(2026-12-01 09:00:00.123 UTC));
+    if status == EventStatus::TrainingCompleted {
+        p.set(Prop::ProjectName, "Widgets");
+        p.set(Prop::IterationName, "Iteration 2");
+        p.set(Prop::TrainedAt, datetime!(2026-12-01 08:59:00 UTC));
+        p.set(Prop::Precision, 0.9);
+        p.set(Prop::Recall, 0.8);
+        p.set(Prop::AveragePrecision, 0.85);
+        p.set(Prop::Exportable, true);
+        p.set(Prop::ExportableTo, "ONNX,TensorFlow");
+    }
+    if let Some(v) = verdict {
+        p.set(Prop::GateVerdict, v);
+        p.set(Prop::GateReasons, "map 0.85 >= 0.80; recall 0.80 >= 0.75");
+    }
+    HistoryRow {
+        partition_key: PROJECT.into(),
+        row_key: format!("Training_{ITERATION}_{}", status.as_str()),
+        properties: p,
+    }
+}
+
+fn target(platform: &str, flavor: Option<&str>) -> ExportTarget {
+    ExportTarget {
+        platform: platform.into(),
+        flavor: flavor.map(str::to_owned),
+    }
+}
+
+fn ids() -> (Uuid, Uuid) {
+    (
+        Uuid::parse_str(PROJECT).unwrap(),
+        Uuid::parse_str(ITERATION).unwrap(),
+    )
+}
+
+#[test]
+fn a_completed_training_tells_its_metrics_and_the_gates_verdict() {
+    let row = training_row(EventStatus::TrainingCompleted, Some("passed"));
+    let events = insert_events(&row, &IterationFacts::default(), &ctx(), now());
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["io.cvchain.training.completed", "io.cvchain.gate.evaluated"]
+    );
+    let e = &events[0];
+    assert_eq!(e.specversion, "1.0");
+    assert_eq!(e.source, "/cvchain/acct/CustomVisionHistory");
+    assert_eq!(
+        e.subject,
+        format!("projects/{PROJECT}/iterations/{ITERATION}")
+    );
+    assert_eq!(e.time, "2026-12-01T09:00:00.123Z");
+    assert_eq!(e.datacontenttype, "application/json");
+    assert_eq!(e.data["projectName"], "Widgets");
+    assert_eq!(e.data["iterationName"], "Iteration 2");
+    assert_eq!(e.data["metrics"]["mAP"], 0.85);
+    assert_eq!(e.data["exportableTo"], json!(["ONNX", "TensorFlow"]));
+    assert_eq!(e.data["history"]["rowKey"], row.row_key);
+    let g = &events[1];
+    assert_eq!(g.data["verdict"], "passed");
+    assert_eq!(g.data["passed"], true);
+    assert_eq!(
+        g.data["reasons"],
+        json!(["map 0.85 >= 0.80", "recall 0.80 >= 0.75"])
+    );
+    assert_ne!(e.id, g.id);
+    // The same row again (a redelivery) gets the same ids, whenever it is built.
+    let again = insert_events(
+        &row,
+        &IterationFacts::default(),
+        &ctx(),
+        now() + time::Duration::HOUR,
+    );
+    assert_eq!(again, events);
+    // Ids are UUIDs: no `.`, as Standard Webhooks' webhook-id needs.
+    assert!(Uuid::parse_str(&e.id).is_ok());
+}
+
+#[test]
+fn a_failed_training_and_a_training_without_verdict() {
+    let events = insert_events(
+        &training_row(EventStatus::TrainingFailed, None),
+        &IterationFacts::default(),
+        &ctx(),
+        now(),
+    );
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "io.cvchain.training.failed");
+    let events = insert_events(
+        &training_row(EventStatus::TrainingCompleted, None),
+        &IterationFacts::default(),
+        &ctx(),
+        now(),
+    );
+    assert_eq!(events.len(), 1, "no verdict recorded: no gate event");
+}
+
+fn step(state: EntryState) -> HistoryRow {
+    let (p, i) = ids();
+    step_row(p, i, 0, &target("ONNX", None), state)
+}
+
+#[test]
+fn step_rows_tell_requests_failures_and_releases_once() {
+    let (p, i) = ids();
+    // Requested: a new row in Exporting.
+    let mut row = step(EntryState::Exporting);
+    row.properties.set(Prop::RequestedAt, now());
+    let requested = step_write_events(
+        &StepWrite::Insert(row.clone()),
+        None,
+        &facts(),
+        &ctx(),
+        now(),
+    );
+    assert_eq!(requested.len(), 1);
+    assert_eq!(requested[0].kind, "io.cvchain.export.requested");
+    assert_eq!(requested[0].data["platform"], "ONNX");
+    assert_eq!(requested[0].data["chainPosition"], 1);
+    assert_eq!(requested[0].data["iterationName"], "Iteration 2");
+    let before = StepRow::from_row(&row);
+    // Done by GetExports: nothing to tell yet (the release tells).
+    let mut done = Props::new();
+    done.set(Prop::Status, "Done");
+    done.set(Prop::EndedAt, now());
+    let w = StepWrite::Merge {
+        partition_key: p.to_string(),
+        row_key: row.row_key.clone(),
+        properties: done,
+    };
+    assert!(step_write_events(&w, Some(&before), &facts(), &ctx(), now()).is_empty());
+    // Released.
+    let mut rel = Props::new();
+    rel.set(
+        Prop::ReleaseUrl,
+        "https://acct.blob.core.windows.net/models/Widgets/Iteration-2/ONNX.zip",
+    );
+    rel.set(Prop::ReleasePath, "Widgets/Iteration-2/ONNX.zip");
+    rel.set_int(Prop::ReleaseSize, 1234);
+    rel.set(Prop::ReleasedAt, now());
+    let merge = |props: Props| StepWrite::Merge {
+        partition_key: p.to_string(),
+        row_key: row.row_key.clone(),
+        properties: props,
+    };
+    let released = step_write_events(&merge(rel.clone()), Some(&before), &facts(), &ctx(), now());
+    assert_eq!(released.len(), 1);
+    let r = &released[0];
+    assert_eq!(r.kind, "io.cvchain.model.released");
+    assert_eq!(r.data["size"], 1234);
+    assert_eq!(r.data["metrics"]["precision"], 0.9);
+    assert!(!r.to_json().contains('?'), "a URL without its query");
+    // A redelivery that sees the copy recorded: nothing.
+    let mut after = before.clone();
+    after.release_url = Some(rel.text(Prop::ReleaseUrl).to_owned());
+    after.state = Some(EntryState::Done);
+    assert!(step_write_events(&merge(rel), Some(&after), &facts(), &ctx(), now()).is_empty());
+    // Failed, and refused: export.failed with the reason.
+    let mut failed = Props::new();
+    failed.set(Prop::Status, "Refused");
+    failed.set(Prop::Reason, "BadRequestProjectUnsupportedExportPlatform");
+    let f = step_write_events(&merge(failed), Some(&before), &facts(), &ctx(), now());
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].kind, "io.cvchain.export.failed");
+    assert_eq!(f[0].data["status"], "Refused");
+    assert_eq!(
+        f[0].data["reason"],
+        "BadRequestProjectUnsupportedExportPlatform"
+    );
+    // Each change of the row has its own id, and the same change the same id.
+    let ids: std::collections::BTreeSet<&str> = [&requested[0], r, &f[0]]
+        .iter()
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let _ = i;
+}
+
+#[test]
+fn skipped_and_unknown_steps_tell_nothing() {
+    for s in [EntryState::Skipped, EntryState::Unknown, EntryState::Done] {
+        let events = insert_events(&step(s), &facts(), &ctx(), now());
+        assert!(events.is_empty(), "{s:?}");
+    }
+    let failed = insert_events(&step(EntryState::Failed), &facts(), &ctx(), now());
+    assert_eq!(failed[0].kind, "io.cvchain.export.failed");
+}
+
+fn iteration_ref(name: &str, id: Uuid) -> IterationRef {
+    IterationRef {
+        id,
+        name: name.into(),
+        trained_at: Some("2026-12-01T08:59:00Z".into()),
+        precision: Some(0.9),
+        recall: Some(0.8),
+        map: Some(0.85),
+    }
+}
+
+#[test]
+fn channel_moves_name_both_iterations_and_urls() {
+    let (p, i) = ids();
+    let prev = Uuid::from_u128(7);
+    let mv = Move {
+        channel: Channel::Production,
+        target: target("TensorFlow", Some("TensorFlowLite")),
+        to: Holder {
+            iteration: iteration_ref("Iteration 2", i),
+            release_path: "Widgets/Iteration 2/TensorFlow-TensorFlowLite.zip".into(),
+            channel_path: "Widgets/channels/production/TensorFlow-TensorFlowLite.zip".into(),
+            size: 10,
+            content_md5: None,
+            promoted_at: "2026-12-01T10:00:00.000Z".into(),
+            reason: Reason::Gate,
+            revision: 4,
+            note: None,
+        },
+        from: Some(iteration_ref("Iteration 1", prev)),
+    };
+    let row = crate::channels::move_row(p, &mv);
+    let events = insert_events(&row, &facts(), &ctx(), now());
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(e.kind, "io.cvchain.channel.moved");
+    assert_eq!(e.data["channel"], "production");
+    assert_eq!(e.data["pointer"], false);
+    assert_eq!(e.data["flavor"], "TensorFlowLite");
+    assert_eq!(e.data["reason"], "gate");
+    assert_eq!(e.data["revision"], 4);
+    assert_eq!(e.data["previousIteration"]["name"], "Iteration 1");
+    assert_eq!(
+        e.data["releaseUrl"],
+        "https://acct.blob.core.windows.net/models/Widgets/Iteration%202/TensorFlow-TensorFlowLite.zip"
+    );
+    assert_eq!(
+        e.data["channelUrl"],
+        "https://acct.blob.core.windows.net/models/Widgets/channels/production/TensorFlow-TensorFlowLite.zip"
+    );
+    let pm = PointerMove {
+        to: iteration_ref("Iteration 2", i),
+        from: None,
+        reason: Reason::Gate,
+        revision: 3,
+    };
+    let row = crate::channels::pointer_row(p, &pm, now(), None);
+    let e = &insert_events(&row, &facts(), &ctx(), now())[0];
+    assert_eq!(e.data["pointer"], true);
+    assert_eq!(e.data["platform"], Value::Null);
+    assert_eq!(e.data["previousIteration"], Value::Null);
+}
+
+#[test]
+fn a_retention_deletion_says_why_and_what_was_kept() {
+    let (p, i) = ids();
+    let d = crate::retention::Decision {
+        iteration: i,
+        name: "Iteration 1".into(),
+        trained_at: Some("2026-11-01T00:00:00Z".into()),
+        why: "older than the newest 2".into(),
+    };
+    let plan = crate::retention::Plan {
+        delete: vec![d.clone()],
+        kept: Vec::new(),
+    };
+    let row = crate::retention::deletion_row(p, &d, &plan, now());
+    let e = &insert_events(&row, &facts(), &ctx(), now())[0];
+    assert_eq!(e.kind, "io.cvchain.iteration.deleted");
+    assert_eq!(e.data["reason"], "older than the newest 2");
+    assert_eq!(e.time, "2026-12-01T10:00:00Z");
+}
+
+#[test]
+fn the_chain_completes_once_per_iteration() {
+    let (p, i) = ids();
+    let mut onnx = step(EntryState::Done);
+    onnx.properties.set(
+        Prop::ReleaseUrl,
+        "https://acct.blob.core.windows.net/models/x.zip",
+    );
+    let mut tf = step_row(p, i, 1, &target("TensorFlow", None), EntryState::Refused);
+    tf.properties.set(Prop::Reason, "unsupported");
+    let steps = StepRow::all(&[tf, onnx]);
+    let row_a = training_row(EventStatus::TrainingCompleted, None);
+    let mut row_b = row_a.clone();
+    row_b.row_key = format!("Export_{ITERATION}_ONNX_ExportCompleted");
+    let a = chain_completed(&row_a, PROJECT, ITERATION, &steps, &facts(), &ctx(), now());
+    let b = chain_completed(&row_b, PROJECT, ITERATION, &steps, &facts(), &ctx(), now());
+    assert_eq!(a.id, b.id, "whichever notification sees it");
+    assert_eq!(a.kind, "io.cvchain.chain.completed");
+    let exports = a.data["exports"].as_array().unwrap();
+    assert_eq!(exports[0]["platform"], "ONNX", "in chain order");
+    assert_eq!(exports[1]["status"], "Refused");
+    assert_eq!(exports[1]["reason"], "unsupported");
+}
+
+#[test]
+fn an_outbox_row_reads_back_as_written() {
+    let e = &insert_events(
+        &training_row(EventStatus::TrainingCompleted, None),
+        &facts(),
+        &ctx(),
+        now(),
+    )[0];
+    let row = outbox_row(
+        PROJECT,
+        e,
+        "Training_x",
+        &[Sink::Queue, Sink::Webhook],
+        "0001-00",
+    );
+    assert_eq!(row.row_key, format!("Outbox_{}", e.id));
+    assert_eq!(row.kind(), Some(RowKind::Outbox));
+    let o = OutboxRow::from_row(&row).unwrap();
+    assert_eq!(o.sinks, [Sink::Queue, Sink::Webhook]);
+    assert!(o.pending);
+    assert_eq!(CloudEvent::from_json(&o.event).unwrap(), *e);
+    assert_eq!(o.state(Sink::Queue), DeliveryState::default());
+    assert_eq!(o.kind, "io.cvchain.training.completed");
+    assert_eq!(
+        EventType::parse("model.released"),
+        Some(EventType::ModelReleased)
+    );
+    assert_eq!(
+        EventType::parse("io.cvchain.CHANNEL.moved"),
+        Some(EventType::ChannelMoved)
+    );
+}
+
+fn outbox(seq: &str, sinks: &[Sink]) -> OutboxRow {
+    let e = test_event(&ctx(), &format!("id-{seq}"), now());
+    OutboxRow::from_row(&outbox_row(PROJECT, &e, "x", sinks, seq)).unwrap()
+}
+
+#[test]
+fn answers_become_states() {
+    let policy = RetryPolicy::default();
+    let s0 = DeliveryState::default();
+    let ok = after_attempt(
+        &s0,
+        &Answer::Delivered("HTTP 204".into()),
+        &policy,
+        "a",
+        now(),
+    );
+    assert_eq!((ok.state, ok.attempts), (State::Delivered, 1));
+    // 5xx, a refused connection: later, with backoff.
+    let down = Answer::Refused {
+        status: None,
+        detail: "connection refused".into(),
+        retry_after: None,
+    };
+    let s1 = after_attempt(&s0, &down, &policy, "a", now());
+    assert_eq!(s1.state, State::Pending);
+    assert!(!s1.is_due(now()));
+    assert!(s1.is_due(now() + time::Duration::seconds(6)));
+    let s2 = after_attempt(&s1, &down, &policy, "a", now() + time::Duration::seconds(6));
+    assert!(!s2.is_due(now() + time::Duration::seconds(6 + 14)));
+    assert!(s2.is_due(now() + time::Duration::seconds(6 + 17)));
+    // Retry-After wins over the backoff.
+    let throttled = Answer::Refused {
+        status: Some(429),
+        detail: "HTTP 429".into(),
+        retry_after: Some(Duration::from_secs(120)),
+    };
+    let s = after_attempt(&s0, &throttled, &policy, "a", now());
+    assert!(!s.is_due(now() + time::Duration::seconds(119)));
+    assert!(s.is_due(now() + time::Duration::seconds(120)));
+    // A 4xx other than 408/429: failed for good, with the answer.
+    for status in [400, 401, 404, 410, 413, 301] {
+        let s = after_attempt(
+            &s0,
+            &Answer::Refused {
+                status: Some(status),
+                detail: format!("HTTP {status}: no sig=abc"),
+                retry_after: None,
+            },
+            &policy,
+            "a",
+            now(),
+        );
+        assert_eq!(s.state, State::Failed, "{status}");
+        assert!(!s.answer.as_ref().unwrap().contains("abc"), "redacted");
+    }
+    for status in [408, 429, 500, 503] {
+        let s = after_attempt(
+            &s0,
+            &Answer::Refused {
+                status: Some(status),
+                detail: "x".into(),
+                retry_after: None,
+            },
+            &policy,
+            "a",
+            now(),
+        );
+        assert_eq!(s.state, State::Pending, "{status}");
+    }
+    // Failing for three days: given up.
+    let late = after_attempt(&s1, &down, &policy, "a", now() + time::Duration::hours(73));
+    assert_eq!(late.state, State::Failed);
+    assert!(late.answer.unwrap().starts_with("gave up after 2 attempts"));
+    // The state survives its JSON.
+    assert_eq!(DeliveryState::parse(&s2.to_json()), s2);
+    assert_eq!(DeliveryState::parse("not json"), DeliveryState::default());
+}
+
+#[test]
+fn backoff_grows_threefold_to_its_cap() {
+    let p = RetryPolicy {
+        first: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let waits: Vec<u64> = (1..=4).map(|n| p.backoff(n, "").as_secs()).collect();
+    assert_eq!(waits, [5, 15, 45, 135]);
+    assert_eq!(p.backoff(30, "").as_secs(), 12 * 3600);
+    let jittered = p.backoff(2, "some-event-id");
+    assert!(jittered >= Duration::from_secs(15) && jittered <= Duration::from_millis(16_500));
+}
+
+#[test]
+fn a_sink_takes_events_in_order_and_never_past_one_waiting() {
+    let mut rows = vec![
+        outbox("1", &[Sink::Webhook, Sink::Queue]),
+        outbox("2", &[Sink::Webhook, Sink::Queue]),
+        outbox("3", &[Sink::Webhook]),
+    ];
+    let due: Vec<&str> = due_for(&rows, Sink::Webhook, now())
+        .iter()
+        .map(|r| r.sequence.as_str())
+        .collect();
+    assert_eq!(due, ["1", "2", "3"]);
+    // The first waits for its retry: the webhook takes nothing; the queue is not held up.
+    let waiting = after_attempt(
+        &DeliveryState::default(),
+        &Answer::Refused {
+            status: Some(503),
+            detail: "down".into(),
+            retry_after: None,
+        },
+        &RetryPolicy::default(),
+        "",
+        now(),
+    );
+    rows[0].states.push((Sink::Webhook, waiting));
+    assert!(due_for(&rows, Sink::Webhook, now()).is_empty());
+    assert_eq!(due_for(&rows, Sink::Queue, now()).len(), 2);
+    assert!(due_for(&rows, Sink::EventGrid, now()).is_empty());
+    // A failed one is passed over.
+    rows[0].states = vec![(
+        Sink::Webhook,
+        DeliveryState {
+            state: State::Failed,
+            ..Default::default()
+        },
+    )];
+    assert_eq!(due_for(&rows, Sink::Webhook, now()).len(), 2);
+    assert!(still_pending(&rows[0]), "the queue has not taken it");
+    rows[0].states.push((
+        Sink::Queue,
+        DeliveryState {
+            state: State::Delivered,
+            ..Default::default()
+        },
+    ));
+    assert!(!still_pending(&rows[0]));
+}
+
+#[test]
+fn an_event_too_large_for_a_sink_is_sent_trimmed_with_a_pointer() {
+    let mut e = insert_events(
+        &training_row(EventStatus::TrainingCompleted, None),
+        &facts(),
+        &ctx(),
+        now(),
+    )
+    .remove(0);
+    let small = fit(&e.to_json(), Sink::Webhook.max_event_bytes());
+    assert_eq!((small.body, small.trimmed), (e.to_json(), None));
+    e.data["projectName"] = json!("x".repeat(25_000));
+    let json = e.to_json();
+    // Whole in the outbox (under its limit), trimmed for the webhook only.
+    let row = outbox_row(PROJECT, &e, "Training_x", &[Sink::Webhook], "1");
+    assert_eq!(row.properties.text(Prop::CloudEvent), json);
+    assert!(!row.properties.contains(Prop::Note));
+    assert_eq!(fit(&json, Sink::Queue.max_event_bytes()).trimmed, None);
+    let f = fit(&json, Sink::Webhook.max_event_bytes());
+    assert!(f.body.len() <= Sink::Webhook.max_event_bytes());
+    assert!(f.trimmed.unwrap().contains("over the sink's limit"));
+    let back = CloudEvent::from_json(&f.body).unwrap();
+    assert_eq!(back.id, e.id);
+    assert_eq!(back.data["history"]["rowKey"], e.data["history"]["rowKey"]);
+    assert_eq!(back.data["iterationId"], ITERATION);
+    assert_eq!(back.data["trimmed"]["size"], json.len());
+    // Larger than a table property holds: recorded trimmed, and the row says so.
+    e.data["projectName"] = json!("x".repeat(100_000));
+    let row = outbox_row(PROJECT, &e, "Training_x", &[Sink::Webhook], "1");
+    assert!(row.properties.text(Prop::CloudEvent).len() <= OUTBOX_MAX_EVENT);
+    assert!(
+        row.properties
+            .text(Prop::Note)
+            .contains("over the outbox's limit")
+    );
+    let stored = CloudEvent::from_json(row.properties.text(Prop::CloudEvent)).unwrap();
+    assert_eq!(stored.id, e.id);
+}
+
+#[test]
+fn signatures_match_the_standard_webhooks_reference() {
+    // The example of Standard Webhooks' libraries: the same secret, id, timestamp and body
+    // give the same signature.
+    let key = parse_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let body = br#"{"test": 2432232314}"#;
+    let sig = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+    assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    let ok = |sigs: &str, ts: i64, body: &[u8]| {
+        verify(
+            &key,
+            Some("msg_p5jXN8AQM9LWM0D4loKWxJek"),
+            Some(&ts.to_string()),
+            Some(sigs),
+            body,
+            1614265330 + 10,
+        )
+    };
+    assert_eq!(ok(&sig, 1614265330, body), Ok(()));
+    assert_eq!(ok(&format!("v1a,xyz {sig}"), 1614265330, body), Ok(()));
+    assert_eq!(
+        ok(&sig, 1614265330, br#"{"test": 2432232315}"#),
+        Err(VerifyError::NoMatch)
+    );
+    assert!(matches!(
+        ok(&sig, 1614265330 - 600, body),
+        Err(VerifyError::OutsideTolerance(_))
+    ));
+}
+
+#[test]
+fn secrets_are_checked_without_being_quoted() {
+    let good = secret_text(&[7u8; 32]);
+    assert_eq!(parse_secret(&good).unwrap(), vec![7u8; 32]);
+    for bad in [
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_not base64!",
+        &secret_text(&[1u8; 8]),
+    ] {
+        let e = parse_secret(bad).unwrap_err();
+        assert!(!e.contains(bad.trim_start_matches("whsec_")), "{e}");
+    }
+}

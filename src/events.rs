@@ -1,0 +1,490 @@
+//! Outbound events, in the application: history writes that carry the events they emit (one
+//! transaction each, see `HistoryStore::record_with`), and delivery of the outbox to the sinks.
+//!
+//! Delivery runs after each invocation for the project it touched (in the background, so the
+//! chain never waits for a sink), every minute from the `DeliverEvents` timer function, and
+//! periodically in `cvchain worker`. One deliverer per project at a time (a claim row), so no
+//! sink gets an event twice from two instances; within a project each sink takes events in
+//! order, and a sink that is down only holds up itself. Which events exist and what an answer
+//! means is the core's (`cvchain_core::events`).
+
+use crate::settings::Settings;
+use cvchain_azure::events::{
+    outbox::{Outbox, sequence},
+    sinks::{SinkOptions, Sinks},
+};
+use cvchain_azure::history::{
+    claims::Claims,
+    store::{HistoryStore, Recorded},
+};
+use cvchain_azure::storage::{StorageError, clients::StorageClients, settings::StorageAuth};
+use cvchain_core::claims::ClaimKey;
+use cvchain_core::events::{
+    CloudEvent, EventContext, EventType, IterationFacts, OutboxRow, Sink, chain_completed,
+    delivery::{self, Answer, RetryPolicy, after_attempt, due_for, fit},
+    insert_events, outbox_row, step_write_events,
+};
+use cvchain_core::history::{HistoryRow, StepRow};
+use cvchain_core::plan::{Observed, StepWrite};
+use std::sync::Arc;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// What a delivery round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub delivered: usize,
+    /// Refused and waiting for a retry.
+    pub waiting: usize,
+    /// Given up for good (recorded on the outbox row).
+    pub failed: usize,
+    /// Projects another instance was delivering at that moment.
+    pub busy: usize,
+}
+
+impl DeliveryReport {
+    fn add(&mut self, other: &DeliveryReport) {
+        self.delivered += other.delivered;
+        self.waiting += other.waiting;
+        self.failed += other.failed;
+        self.busy += other.busy;
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} delivered, {} waiting for a retry, {} failed for good{}",
+            self.delivered,
+            self.waiting,
+            self.failed,
+            if self.busy > 0 {
+                format!(
+                    ", {} project(s) being delivered by another instance",
+                    self.busy
+                )
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// The outbox and the sinks.
+pub struct Events {
+    history: HistoryStore,
+    outbox: Outbox,
+    pub sinks: Sinks,
+    ctx: EventContext,
+    claims: Claims,
+    retry: RetryPolicy,
+    /// How often `cvchain worker` delivers what is pending.
+    pub deliver_every: std::time::Duration,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("sinks", &self.sinks)
+            .field("source", &self.ctx.source)
+            .finish()
+    }
+}
+
+/// The storage account's name, for the default `source`.
+fn account_name(settings: &Settings) -> String {
+    if let StorageAuth::SharedKey { account, .. } = &settings.storage.auth {
+        return account.clone();
+    }
+    let url = &settings.storage.table_endpoint;
+    match url.host() {
+        Some(url::Host::Domain(d)) if d != "localhost" => {
+            d.split('.').next().unwrap_or(d).to_owned()
+        }
+        _ => url
+            .path_segments()
+            .and_then(|mut s| s.find(|p| !p.is_empty()))
+            .unwrap_or("account")
+            .to_owned(),
+    }
+}
+
+impl Events {
+    /// The events machinery the settings describe; `None` when no sink is configured (then no
+    /// event is recorded at all).
+    pub fn from_settings(
+        settings: &Settings,
+        clients: &StorageClients,
+        options: SinkOptions,
+    ) -> Result<Option<Arc<Self>>, StorageError> {
+        if !settings.events.any() {
+            return Ok(None);
+        }
+        let table = &settings.history_table;
+        let source = settings
+            .events
+            .source
+            .clone()
+            .unwrap_or_else(|| EventContext::default_source(&account_name(settings), table));
+        let release_container = format!(
+            "{}/{}",
+            settings
+                .storage
+                .blob_endpoint
+                .as_str()
+                .trim_end_matches('/'),
+            settings.release.container
+        );
+        let history = HistoryStore::new(clients.table(table)?);
+        Ok(Some(Arc::new(Self {
+            outbox: Outbox::new(history.clone()),
+            history,
+            sinks: Sinks::new(&settings.events, clients, options)?,
+            ctx: EventContext {
+                source,
+                table: table.clone(),
+                release_container: Some(release_container),
+            },
+            claims: Claims::new(
+                clients.table(table)?,
+                std::time::Duration::from_secs(settings.claim_seconds),
+            ),
+            retry: settings.events.retry,
+            deliver_every: settings.events.deliver_every,
+        })))
+    }
+
+    pub fn context(&self) -> &EventContext {
+        &self.ctx
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The outbox rows of `events`, placed in the project's order at `at`.
+    fn rows_for(
+        &self,
+        partition_key: &str,
+        describes: &str,
+        events: &[CloudEvent],
+        at: OffsetDateTime,
+    ) -> Vec<HistoryRow> {
+        let sinks = self.sinks.configured();
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| outbox_row(partition_key, e, describes, &sinks, &sequence(at, i)))
+            .collect()
+    }
+
+    /// Inserts `row` (unless it exists) with the events it emits, plus `extra` events, each
+    /// with its place in the project's order. The row's own events take theirs at `at` (a
+    /// notification's: when its processing began, so `training.completed` comes before the
+    /// export it started, although its row is written last), or now.
+    pub async fn record(
+        &self,
+        row: &HistoryRow,
+        facts: &IterationFacts,
+        at: Option<OffsetDateTime>,
+        extra: Vec<(CloudEvent, OffsetDateTime)>,
+    ) -> Result<Recorded, StorageError> {
+        let now = OffsetDateTime::now_utc();
+        let own = insert_events(row, facts, &self.ctx, now);
+        let mut outbox = self.rows_for(&row.partition_key, &row.row_key, &own, at.unwrap_or(now));
+        for (event, at) in extra {
+            outbox.extend(self.rows_for(&row.partition_key, &row.row_key, &[event], at));
+        }
+        self.history.record_with(row, &outbox).await
+    }
+
+    /// Records a notification row with the events it emits; `chain_done` names the (project,
+    /// iteration) whose chain this message saw complete, at `chain_ended_at`.
+    pub async fn record_notification(
+        &self,
+        row: &HistoryRow,
+        observed: &Observed,
+        chain_done: Option<(Uuid, Uuid)>,
+        at: OffsetDateTime,
+        chain_ended_at: OffsetDateTime,
+    ) -> Result<Recorded, StorageError> {
+        let facts = facts(observed);
+        let mut extra = Vec::new();
+        if let Some((project, iteration)) = chain_done {
+            let steps = self.history.steps(project, iteration).await?;
+            let event = chain_completed(
+                row,
+                &project.to_string(),
+                &iteration.to_string(),
+                &steps,
+                &facts,
+                &self.ctx,
+                chain_ended_at,
+            );
+            extra.push((event, chain_ended_at));
+        }
+        self.record(row, &facts, Some(at), extra).await
+    }
+
+    /// Writes a step row change with the events it emits; what the row said before comes from
+    /// `steps` (as the writer read them).
+    pub async fn write_step(
+        &self,
+        w: &StepWrite,
+        steps: &[StepRow],
+        observed: &Observed,
+    ) -> Result<(), StorageError> {
+        let rk = match w {
+            StepWrite::Insert(row) => &row.row_key,
+            StepWrite::Merge { row_key, .. } => row_key,
+        };
+        let before = StepRow::find(steps, rk);
+        let events = step_write_events(
+            w,
+            before,
+            &facts(observed),
+            &self.ctx,
+            OffsetDateTime::now_utc(),
+        );
+        match w {
+            StepWrite::Insert(row) => {
+                let now = OffsetDateTime::now_utc();
+                let outbox = self.rows_for(&row.partition_key, &row.row_key, &events, now);
+                self.history.record_with(row, &outbox).await.map(|_| ())
+            }
+            StepWrite::Merge {
+                partition_key,
+                row_key,
+                properties,
+            } => {
+                let now = OffsetDateTime::now_utc();
+                let outbox = self.rows_for(partition_key, row_key, &events, now);
+                self.history
+                    .merge_with(partition_key, row_key, properties, &outbox)
+                    .await
+            }
+        }
+    }
+
+    /// Delivers `partition_key`'s pending events in the background: the invocation that wrote
+    /// them does not wait for a sink.
+    pub fn deliver_later(self: &Arc<Self>, partition_key: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.deliver(&partition_key).await {
+                Ok(r) if r == DeliveryReport::default() => {}
+                Ok(r) => tracing::info!(project = %partition_key, "events: {}", r.describe()),
+                Err(e) => {
+                    tracing::warn!(project = %partition_key, error = %e, "events: delivery failed; the timer retries")
+                }
+            }
+        });
+    }
+
+    /// Delivers every project's pending events every `deliver_every`, until dropped or aborted
+    /// (`cvchain worker`'s periodic task: what the `DeliverEvents` timer is under the host).
+    pub fn periodic(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(me.deliver_every).await;
+                match me.deliver_all().await {
+                    Ok(r) if r == DeliveryReport::default() => {}
+                    Ok(r) => tracing::info!("events: {}", r.describe()),
+                    Err(e) => tracing::warn!(error = %e, "events: periodic delivery failed"),
+                }
+            }
+        })
+    }
+
+    /// Every project with pending events (the timer function and the worker's periodic task).
+    pub async fn deliver_all(&self) -> Result<DeliveryReport, StorageError> {
+        let mut report = DeliveryReport::default();
+        for pk in self.outbox.pending_projects().await? {
+            report.add(&self.deliver(&pk).await?);
+        }
+        Ok(report)
+    }
+
+    /// Delivers one project's pending events to every sink that is due, under the project's
+    /// delivery claim (taken only when something is due). After giving the claim back it looks
+    /// once more, so events written while it held the claim (by an invocation that found it
+    /// held) are not left for the timer.
+    pub async fn deliver(&self, partition_key: &str) -> Result<DeliveryReport, StorageError> {
+        let mut report = DeliveryReport::default();
+        for _ in 0..5 {
+            // Nothing due (the usual case for a redelivery): one query, no claim.
+            let rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+            let now = OffsetDateTime::now_utc();
+            if Sink::ALL
+                .into_iter()
+                .all(|s| due_for(&rows, s, now).is_empty())
+            {
+                break;
+            }
+            let Some(claim) = self
+                .claims
+                .acquire(&ClaimKey::deliver(partition_key))
+                .await?
+            else {
+                report.busy += 1;
+                return Ok(report);
+            };
+            let round = self.round(partition_key).await;
+            self.claims.release(&claim).await?;
+            let round = round?;
+            report.add(&round);
+            if round.delivered == 0 {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn round(&self, partition_key: &str) -> Result<DeliveryReport, StorageError> {
+        let mut rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+        let now = OffsetDateTime::now_utc();
+        let configured = self.sinks.configured();
+        // Each sink on its own: a slow or dead one does not hold the others up.
+        let sends = configured.iter().map(|&sink| {
+            let due: Vec<&OutboxRow> = due_for(&rows, sink, now);
+            let fitted: Vec<(String, String, String, Option<String>)> = due
+                .iter()
+                .map(|r| {
+                    let f = fit(&r.event, sink.max_event_bytes());
+                    (r.row_key.clone(), r.id.clone(), f.body, f.trimmed)
+                })
+                .collect();
+            async move {
+                let batch: Vec<(String, String)> = fitted
+                    .iter()
+                    .map(|(_, id, body, _)| (id.clone(), body.clone()))
+                    .collect();
+                let answers = if batch.is_empty() {
+                    Vec::new()
+                } else {
+                    self.sinks.send(sink, &batch).await
+                };
+                (sink, fitted, answers)
+            }
+        });
+        let results = futures::future::join_all(sends).await;
+        let mut report = DeliveryReport::default();
+        let now = OffsetDateTime::now_utc();
+        let mut changed: Vec<usize> = Vec::new();
+        for (sink, fitted, answers) in results {
+            for ((rk, _, _, trimmed), answer) in fitted.iter().zip(&answers) {
+                let Some(i) = rows.iter().position(|r| &r.row_key == rk) else {
+                    continue;
+                };
+                let mut state =
+                    after_attempt(&rows[i].state(sink), answer, &self.retry, &rows[i].id, now);
+                if trimmed.is_some() {
+                    state.note = trimmed.clone();
+                }
+                match (&state.state, answer) {
+                    (delivery::State::Delivered, _) => report.delivered += 1,
+                    (delivery::State::Failed, _) => {
+                        report.failed += 1;
+                        tracing::warn!(
+                            sink = %self.sinks.describe(sink),
+                            event = %rows[i].id,
+                            answer = state.answer.as_deref().unwrap_or_default(),
+                            "events: a sink refused an event for good; `cvchain events replay` sends it again"
+                        );
+                    }
+                    (_, Answer::Refused { .. }) => {
+                        report.waiting += 1;
+                        tracing::warn!(
+                            sink = %self.sinks.describe(sink),
+                            next = state.next_at.as_deref().unwrap_or_default(),
+                            answer = state.answer.as_deref().unwrap_or_default(),
+                            "events: a sink did not take an event; it waits for a retry"
+                        );
+                    }
+                    _ => {}
+                }
+                rows[i].states.retain(|(s, _)| *s != sink);
+                rows[i].states.push((sink, state));
+                if !changed.contains(&i) {
+                    changed.push(i);
+                }
+            }
+        }
+        for i in changed {
+            self.outbox.save(&rows[i]).await?;
+        }
+        Ok(report)
+    }
+
+    /// `cvchain events replay`: the matching events become pending again for every configured
+    /// sink (same ids), then are delivered.
+    pub async fn replay(
+        &self,
+        project: Option<&str>,
+        since: Option<OffsetDateTime>,
+        kind: Option<EventType>,
+    ) -> Result<(usize, DeliveryReport), StorageError> {
+        let rows = self.outbox.list(project, false, 100_000).await?;
+        let sinks = self.sinks.configured();
+        let mut projects: Vec<String> = Vec::new();
+        let mut count = 0;
+        for r in rows.iter().filter(|r| {
+            since.is_none_or(|s| r.time.is_some_and(|t| t >= s))
+                && kind.is_none_or(|k| r.kind == k.as_str())
+        }) {
+            self.outbox.reset(r, &sinks).await?;
+            count += 1;
+            if !projects.contains(&r.partition_key) {
+                projects.push(r.partition_key.clone());
+            }
+        }
+        let mut report = DeliveryReport::default();
+        for p in projects {
+            report.add(&self.deliver(&p).await?);
+        }
+        Ok((count, report))
+    }
+
+    /// `cvchain events test`: one `io.cvchain.test` event to every sink, now, with each answer.
+    /// Not recorded in the outbox.
+    pub async fn test(&self) -> Vec<(Sink, String, Answer)> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let event = cvchain_core::events::test_event(&self.ctx, &id, OffsetDateTime::now_utc());
+        let body = event.to_json();
+        let mut out = Vec::new();
+        for sink in self.sinks.configured() {
+            let answer = self
+                .sinks
+                .send(sink, &[(id.clone(), body.clone())])
+                .await
+                .into_iter()
+                .next()
+                .unwrap_or(Answer::Refused {
+                    status: None,
+                    detail: "not sent".into(),
+                    retry_after: None,
+                });
+            out.push((sink, self.sinks.describe(sink), answer));
+        }
+        out
+    }
+}
+
+/// What Custom Vision said about the iteration, for the events' names and metrics.
+pub fn facts(observed: &Observed) -> IterationFacts {
+    let perf = observed.performance.as_ref();
+    IterationFacts {
+        project_name: observed
+            .project
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default(),
+        iteration_name: observed
+            .iteration
+            .as_ref()
+            .map(|i| i.name.clone())
+            .unwrap_or_default(),
+        precision: perf.and_then(|p| p.precision),
+        recall: perf.and_then(|p| p.recall),
+        map: perf.and_then(|p| p.average_precision),
+    }
+}

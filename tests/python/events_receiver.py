@@ -1,0 +1,90 @@
+"""What cvchain sends, checked by implementations that are not cvchain's.
+
+    events_receiver.py serve PORT SECRET OUT
+        A Standard Webhooks endpoint on 127.0.0.1:PORT: each POST is verified by the
+        `standardwebhooks` library with SECRET and parsed by the CloudEvents SDK (HTTP binding,
+        structured mode); one JSON line per request is appended to OUT. A request that does not
+        verify or parse is answered 400 and recorded with "ok": false.
+
+    events_receiver.py parse < events.json
+        A JSON array of texts, each a CloudEvent or an array of them (a queue message, an Event
+        Grid batch): each event is parsed by the CloudEvents SDK's JSON format; prints one JSON
+        line per event with its attributes, or exits 1 naming the one that does not parse.
+"""
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+from cloudevents.core.formats.json import JSONFormat
+from standardwebhooks import Webhook, WebhookVerificationError
+
+
+def attributes(event):
+    return {
+        "id": event.get_id(),
+        "source": event.get_source(),
+        "type": event.get_type(),
+        "subject": event.get_subject(),
+        "time": event.get_time().isoformat() if event.get_time() else None,
+        "specversion": event.get_specversion(),
+        "datacontenttype": event.get_datacontenttype(),
+        "data": event.get_data(),
+    }
+
+
+def serve(port, secret, out_path):
+    webhook = Webhook(secret)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            record = {"webhookId": headers.get("webhook-id"),
+                      "contentType": headers.get("content-type")}
+            try:
+                webhook.verify(body, headers)
+                event = from_http_event(HTTPMessage(headers=headers, body=body))
+                record.update(attributes(event))
+                record["ok"] = (record["webhookId"] == record["id"]
+                                and headers.get("content-type", "").startswith("application/cloudevents+json"))
+                status = 204 if record["ok"] else 400
+            except (WebhookVerificationError, Exception) as e:  # noqa: BLE001
+                record.update({"ok": False, "error": f"{type(e).__name__}: {e}"})
+                status = 400
+            with lock, open(out_path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(record, default=str) + "\n")
+            self.send_response(status)
+            self.end_headers()
+
+        def do_HEAD(self):
+            self.send_response(405)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+def parse():
+    fmt = JSONFormat()
+    for text in json.load(sys.stdin):
+        value = json.loads(text)
+        for item in value if isinstance(value, list) else [value]:
+            event = fmt.read(None, json.dumps(item).encode())
+            print(json.dumps(attributes(event), default=str))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "parse":
+        parse()
+    else:
+        sys.exit(f"unknown mode {sys.argv[1]!r}")
