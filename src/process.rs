@@ -14,11 +14,14 @@ use cvchain_azure::storage::{
     blobs::ReleaseStore,
     clients::StorageClients,
     queue::{poison_queue_name, send_text},
+    rejected::store_text,
 };
 use cvchain_core::chain::{ExportTarget, Next, plan_chain};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::customvision::{CvError, codes};
-use cvchain_core::history::{PoisonCopy, Prop, Props, StepRow, failed_row, table_datetime};
+use cvchain_core::history::{
+    Existing, PoisonCopy, Prop, Props, StepRow, existing_row, failed_row, table_datetime,
+};
 use cvchain_core::message::Incoming;
 use cvchain_core::notification::Notification;
 use cvchain_core::plan::{
@@ -26,7 +29,7 @@ use cvchain_core::plan::{
     describe_next, needs, plan, plan_unreadable, refused_targets, release_writes, request_outcome,
     step_after_request, step_exists, step_writes,
 };
-use cvchain_core::redact::redact;
+use cvchain_core::redact::scrub;
 use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, plan_releases};
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -79,6 +82,8 @@ impl ProcessError {
 pub struct Processor {
     history: HistoryStore,
     poison: QueueClient,
+    /// Where rejected texts too large for the poison queue are kept (named like it).
+    rejected: azure_storage_blob::BlobContainerClient,
     config: PlanConfig,
     table_name: String,
     cv: Option<Arc<dyn TrainingApi>>,
@@ -108,6 +113,7 @@ impl Processor {
         Ok(Self {
             history: HistoryStore::new(clients.table(&settings.history_table)?),
             poison: clients.queue(&poison_queue)?,
+            rejected: clients.blob_service()?.blob_container_client(&poison_queue),
             config: PlanConfig {
                 poison_queue,
                 chain: settings.chain.clone(),
@@ -168,7 +174,8 @@ impl Processor {
         if let Decision::Retry(reason) = &decision {
             return Err(ProcessError::NotReady(reason.clone()));
         }
-        self.carry_out(decision, actions, &observed).await
+        self.carry_out(decision, actions, &observed, &incoming.key)
+            .await
     }
 
     /// Records something that arrived but could not be read as a message at all.
@@ -178,7 +185,7 @@ impl Processor {
         reason: &str,
     ) -> Result<Outcome, ProcessError> {
         let (decision, actions) = plan_unreadable(incoming, reason, &self.config);
-        self.carry_out(decision, actions, &Observed::default())
+        self.carry_out(decision, actions, &Observed::default(), &incoming.key)
             .await
     }
 
@@ -245,6 +252,7 @@ impl Processor {
         decision: Decision,
         actions: Vec<Action>,
         observed: &Observed,
+        message_key: &str,
     ) -> Result<Outcome, ProcessError> {
         let now = OffsetDateTime::now_utc();
         let mut logs = Vec::new();
@@ -291,14 +299,39 @@ impl Processor {
                         row.properties.set(Prop::PublishStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
-                    match self.history.record(&row).await? {
+                    let mut recorded = self.history.record(&row).await?;
+                    // A row under this event's keys that another message wrote: this message
+                    // gets its own row, and both say so.
+                    if let Recorded::AlreadyPresent(existing) = &recorded
+                        && let Existing::Another { row: own, note } =
+                            existing_row(&row, existing, message_key)
+                    {
+                        let first = existing.row_key.clone();
+                        row = own;
+                        row_desc = format!("{}/{}", self.table_name, row.describe());
+                        recorded = self.history.record(&row).await?;
+                        if recorded == Recorded::Inserted {
+                            self.history
+                                .merge(&row.partition_key, &first, &note)
+                                .await?;
+                            tracing::warn!(
+                                row = %row_desc,
+                                first = %first,
+                                "another message recorded this event first; recorded apart"
+                            );
+                        }
+                    }
+                    match recorded {
                         Recorded::Inserted => {
                             logs.push(format!("recorded {row_desc}"));
                         }
                         Recorded::AlreadyPresent(existing) => {
                             duplicate = true;
-                            poison_already_sent = existing.properties.text(Prop::PoisonCopy)
-                                == PoisonCopy::Sent.as_str();
+                            poison_already_sent = matches!(
+                                existing.properties.text(Prop::PoisonCopy),
+                                s if s == PoisonCopy::Sent.as_str()
+                                    || s == PoisonCopy::Stored.as_str()
+                            );
                             logs.push(format!(
                                 "{row_desc} already recorded: a redelivery, left unchanged"
                             ));
@@ -319,6 +352,25 @@ impl Processor {
                     }
                     logs.push(format!("copied the message to queue {queue}"));
                 }
+                Action::StoreRejected {
+                    container,
+                    blob,
+                    text,
+                } => {
+                    if poison_already_sent {
+                        continue;
+                    }
+                    store_text(&self.rejected, &blob, &text).await?;
+                    if let Some((pk, rk)) = &recorded_row {
+                        let mut stored = Props::new();
+                        stored.set(Prop::PoisonCopy, PoisonCopy::Stored.as_str());
+                        stored.set(Prop::PoisonBlob, &blob);
+                        self.history.merge(pk, rk, &stored).await?;
+                    }
+                    logs.push(format!(
+                        "too large for the poison queue: stored whole as blob {container}/{blob}"
+                    ));
+                }
             }
         }
         let disposition = match &decision {
@@ -327,7 +379,7 @@ impl Processor {
                 Disposition::Recorded
             }
             Decision::Rejected { reason, .. } => {
-                logs.insert(0, format!("rejected: {}", redact(reason)));
+                logs.insert(0, format!("rejected: {reason}"));
                 Disposition::Rejected
             }
             Decision::Retry(reason) => return Err(ProcessError::NotReady(reason.clone())),
@@ -336,7 +388,8 @@ impl Processor {
             disposition,
             row: row_desc,
             duplicate,
-            logs,
+            // Lines may quote what a message said (an unknown type): never a secret.
+            logs: logs.iter().map(|l| scrub(l)).collect(),
         })
     }
 

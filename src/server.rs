@@ -200,7 +200,9 @@ async fn handle(state: AppState, body: Bytes) -> Response {
             );
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(InvocationResponse::with_logs(vec![e.to_string()])),
+                Json(InvocationResponse::with_logs(vec![
+                    cvchain_core::redact::scrub(&e.to_string()),
+                ])),
             )
                 .into_response()
         }

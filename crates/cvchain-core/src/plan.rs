@@ -9,7 +9,7 @@ use crate::history::{
     HistoryRow, PoisonCopy, Prop, Props, RowStatus, StepRow, enrich_training, notification_row,
     rejected_row, step_row, step_row_key,
 };
-use crate::message::Incoming;
+use crate::message::{Incoming, fits_queue_message};
 use crate::notification::{ExportStatus, Notification, Parsed, TrainingStatus};
 use crate::release::{ModelUri, Released, classify_model_uri};
 use time::OffsetDateTime;
@@ -37,6 +37,13 @@ pub enum Action {
     Record(HistoryRow),
     /// Copy the message text to the poison queue, once per recorded row.
     CopyToPoison { queue: String, text: String },
+    /// A rejected text too large for the poison queue: stored whole as a blob in the container
+    /// named like the poison queue, once per recorded row, and the row points to it.
+    StoreRejected {
+        container: String,
+        blob: String,
+        text: String,
+    },
     /// Publish the iteration (its outcome goes into the Training row).
     Publish {
         project: Uuid,
@@ -167,18 +174,25 @@ fn reject(incoming: &Incoming, reason: &str, field: Option<String>, config: &Pla
     row.properties.set(Prop::PoisonQueue, &config.poison_queue);
     row.properties
         .set(Prop::PoisonCopy, PoisonCopy::Pending.as_str());
+    let text = incoming.received.text.clone();
+    let copy = if fits_queue_message(&text) {
+        Action::CopyToPoison {
+            queue: config.poison_queue.clone(),
+            text,
+        }
+    } else {
+        Action::StoreRejected {
+            container: config.poison_queue.clone(),
+            blob: row.row_key.clone(),
+            text,
+        }
+    };
     (
         Decision::Rejected {
             reason: reason.to_owned(),
             field,
         },
-        vec![
-            Action::Record(row),
-            Action::CopyToPoison {
-                queue: config.poison_queue.clone(),
-                text: incoming.received.text.clone(),
-            },
-        ],
+        vec![Action::Record(row), copy],
     )
 }
 

@@ -22,7 +22,7 @@ pub mod tls;
 pub use azurite::{Azurite, unique};
 pub use handler::Handler;
 pub use host::{HostEmulator, PumpStats, host_envelope};
-pub use secrets::assert_no_secrets;
+pub use secrets::{assert_no_secrets, find_secret};
 pub use standin::{StandinApi, standin_calls, standin_config};
 pub use tls::{AzuriteTokenCredential, RecordingCredential, TestCa};
 
