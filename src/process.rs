@@ -11,7 +11,7 @@ use cvchain_azure::history::{
 };
 use cvchain_azure::storage::{
     StorageError,
-    blobs::ReleaseStore,
+    blobs::{ReleaseError, ReleaseStore},
     clients::StorageClients,
     queue::{poison_queue_name, send_text},
     rejected::store_text,
@@ -26,8 +26,8 @@ use cvchain_core::message::Incoming;
 use cvchain_core::notification::Notification;
 use cvchain_core::plan::{
     Action, Decision, Observed, PlanConfig, RequestOutcome, StepWrite, chain_position,
-    describe_next, needs, plan, plan_unreadable, refused_targets, release_writes, request_outcome,
-    step_after_request, step_exists, step_writes,
+    describe_next, needs, plan, plan_unreadable, refused_targets, release_refused_writes,
+    release_writes, request_outcome, step_after_request, step_exists, step_writes,
 };
 use cvchain_core::redact::scrub;
 use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, plan_releases};
@@ -570,7 +570,27 @@ impl Processor {
             };
             let released = self.releases.release(&plan, &names, &facts).await;
             self.claims.release(&claim).await?;
-            let released = released?;
+            let released = match released {
+                Ok(r) => r,
+                Err(ReleaseError::Storage(e)) => return Err(e.into()),
+                // Permanent: recorded on the step row; the other exports go on.
+                Err(ReleaseError::Refused(reason)) => {
+                    tracing::warn!(export = %target, "release refused: {reason}");
+                    logs.push(format!("release of {target} refused: {reason}"));
+                    for w in release_refused_writes(
+                        project,
+                        iteration,
+                        &self.config.chain.exports,
+                        &target,
+                        &reason,
+                        &steps,
+                        now,
+                    ) {
+                        self.write_step(&w).await?;
+                    }
+                    continue;
+                }
+            };
             if released.copied {
                 logs.push(format!(
                     "released {target} to {}/{} ({} bytes, {} ms)",

@@ -500,6 +500,7 @@ pub fn release_writes(
         .map(|(_, t)| t.clone())
         .unwrap_or_else(|| export.clone());
     let mut props = Props::new();
+    props.set(Prop::ReleaseStatus, RELEASED);
     props.set(Prop::ReleaseUrl, &released.url);
     props.set(Prop::ReleasePath, &released.path);
     props.set_int(Prop::ReleaseSize, released.size as i64);
@@ -528,6 +529,56 @@ pub fn release_writes(
             }
             row.properties.set(Prop::EndedAt, now);
             row.properties.extend(props);
+            vec![StepWrite::Insert(row)]
+        }
+    }
+}
+
+/// A step row's `ReleaseStatus` once its copy is made.
+pub const RELEASED: &str = "released";
+
+/// Records on the export's step row why it has no release copy (both its paths hold blobs
+/// that are not this export's). A redelivery that finds the same refusal writes nothing.
+pub fn release_refused_writes(
+    project: Uuid,
+    iteration: Uuid,
+    chain: &[ExportTarget],
+    export: &ExportTarget,
+    reason: &str,
+    steps: &[StepRow],
+    now: OffsetDateTime,
+) -> Vec<StepWrite> {
+    let in_chain = chain_entry(chain, export);
+    let target = in_chain
+        .as_ref()
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| export.clone());
+    let status = format!("refused: {reason}");
+    let rk = step_row_key(iteration, &target);
+    match StepRow::find(steps, &rk) {
+        Some(step) if step.release_status.as_deref() == Some(status.as_str()) => Vec::new(),
+        Some(_) => {
+            let mut props = Props::new();
+            props.set(Prop::ReleaseStatus, status);
+            vec![StepWrite::Merge {
+                partition_key: project.to_string(),
+                row_key: rk,
+                properties: props,
+            }]
+        }
+        None => {
+            let mut row = step_row(
+                project,
+                iteration,
+                in_chain.as_ref().map_or(0, |(i, _)| *i),
+                &target,
+                EntryState::Done,
+            );
+            if in_chain.is_none() {
+                row.properties.set_int(Prop::ChainPosition, 0);
+            }
+            row.properties.set(Prop::EndedAt, now);
+            row.properties.set(Prop::ReleaseStatus, status);
             vec![StepWrite::Insert(row)]
         }
     }

@@ -250,7 +250,9 @@ pub fn plan_releases(
                 .filter(|u| Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "https" | "http")))
                 .map(str::to_owned);
             let backup_name = backup_blob_name(project, iteration, &e.platform);
-            let pointed_here = matches!(model_uri, ModelUri::InBackup { blob_name } if blob_name.eq_ignore_ascii_case(&backup_name));
+            // Blob names are case-sensitive: `… .onnx` is another blob than `… .ONNX`.
+            let pointed_here =
+                matches!(model_uri, ModelUri::InBackup { blob_name } if *blob_name == backup_name);
             let source = if same_platform == 1 && (pointed_here || backup_configured) {
                 Source::Backup {
                     blob_name: match model_uri {
@@ -388,9 +390,15 @@ pub fn release_metadata(
         m.insert("recall".into(), format!("{r:.4}"));
     }
     m.insert("exportedat".into(), facts.exported_at.clone());
+    // A URL is already percent-encoded: encoded again, `%20` would read `%2520`.
+    let source = crate::redact::url_without_secrets(source);
     m.insert(
         "source".into(),
-        metadata_value(&crate::redact::url_without_secrets(source)),
+        if source.bytes().all(|b| b.is_ascii_graphic()) {
+            source
+        } else {
+            metadata_value(&source)
+        },
     );
     m.insert(META_SOURCE_ETAG.into(), etag.to_owned());
     m.insert(META_SOURCE_LENGTH.into(), len.to_string());

@@ -23,6 +23,17 @@ use std::{
 
 const SERVICE: &str = "blob";
 
+/// Why a release was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Both the plain and the id-qualified path hold blobs that are not this export's: nothing
+    /// is overwritten, and retrying cannot help until someone moves one of them.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
 /// The release container and the sources a release may read.
 pub struct ReleaseStore {
     clients: StorageClients,
@@ -95,7 +106,7 @@ impl ReleaseStore {
         plan: &ReleasePlan,
         names: &ReleaseNames,
         facts: &ReleaseFacts,
-    ) -> Result<Released, StorageError> {
+    ) -> Result<Released, ReleaseError> {
         // The source: its URL for the copy, its ETag and length for the currency check. A
         // missing backup falls back to GetExports' downloadUri.
         let (source_client, copy_source, backup, props) = match &plan.source {
@@ -108,13 +119,13 @@ impl ReleaseStore {
                     }
                     Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
                         let Some(url) = &plan.fallback else {
-                            return Err(err(e));
+                            return Err(err(e).into());
                         };
                         let c = self.download_client(url)?;
                         let props = c.get_properties(None).await.map_err(err)?;
                         (c, url.clone(), false, props)
                     }
-                    Err(e) => return Err(err(e)),
+                    Err(e) => return Err(err(e).into()),
                 }
             }
             Source::Download { url } => {
@@ -137,8 +148,18 @@ impl ReleaseStore {
         if let Some(meta) = &existing
             && belongs_elsewhere(meta, names.project_id, names.iteration_id)
         {
+            let plain = path;
             path = self.template.render(names, true);
             existing = self.metadata_of(&path).await?;
+            // Nothing that is not this export's is overwritten, on this path either.
+            if let Some(meta) = &existing
+                && belongs_elsewhere(meta, names.project_id, names.iteration_id)
+            {
+                return Err(ReleaseError::Refused(format!(
+                    "{plain} and {path} in {} both hold blobs that are not this export's",
+                    self.container_name
+                )));
+            }
         }
         let dest = self.container.blob_client(&path);
         let dest_url = self.readable_url(&path);
@@ -192,7 +213,8 @@ impl ReleaseStore {
                     "the copy of {} holds {size} bytes, the source {source_len}",
                     plan.platform
                 ),
-            });
+            }
+            .into());
         }
         // The copy request set the destination's tags (`x-ms-tags`); only the backup needs them.
         if backup {

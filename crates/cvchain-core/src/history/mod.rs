@@ -43,7 +43,8 @@ pub fn platform_from_model_uri(model_uri: &str, n: &Notification) -> Option<Stri
     );
     let platform_ok =
         !ext.is_empty() && ext.len() <= 32 && ext.chars().all(|c| c.is_ascii_alphanumeric());
-    (stem.eq_ignore_ascii_case(&expected) && platform_ok).then(|| ext.to_owned())
+    // Blob names are case-sensitive: only the name Custom Vision writes (lower-case ids) is it.
+    (stem == expected && platform_ok).then(|| ext.to_owned())
 }
 
 /// The row for a message that parsed.

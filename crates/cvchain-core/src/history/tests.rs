@@ -287,6 +287,12 @@ fn only_backup_blob_names_give_a_platform() {
         format!("https://a/c/{P}%20-%20{I}.x/y"),
         format!("https://a/c/other%20-%20{I}.ONNX"),
         format!("https://a/c/{P}%20-%20{I}.ON%2FNX"),
+        // Blob names are case-sensitive: not the name Custom Vision writes.
+        format!(
+            "https://a/c/{}%20-%20{}.ONNX",
+            P.to_uppercase(),
+            I.to_uppercase()
+        ),
     ] {
         assert_eq!(platform_from_model_uri(&bad, &n), None, "{bad}");
     }

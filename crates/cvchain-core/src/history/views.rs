@@ -19,6 +19,8 @@ pub struct StepRow {
     pub reason: String,
     pub release_url: Option<String>,
     pub release_path: Option<String>,
+    /// `released`, or why there is no release copy (`refused: …`).
+    pub release_status: Option<String>,
 }
 
 impl StepRow {
@@ -43,6 +45,7 @@ impl StepRow {
             reason: p.text(Prop::Reason).to_owned(),
             release_url: non_empty(Prop::ReleaseUrl),
             release_path: non_empty(Prop::ReleasePath),
+            release_status: non_empty(Prop::ReleaseStatus),
         }
     }
 
