@@ -6,7 +6,7 @@ use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
 use cvchain_azure::customvision::TrainingApi;
 use cvchain_azure::history::{
-    claims::Claims,
+    claims::{Claims, HoldError},
     store::{HistoryStore, Recorded},
 };
 use cvchain_azure::storage::{
@@ -65,6 +65,16 @@ pub enum ProcessError {
     CustomVision(#[from] CvError),
     #[error("not ready: {0}")]
     NotReady(String),
+}
+
+impl From<HoldError> for ProcessError {
+    fn from(e: HoldError) -> Self {
+        match e {
+            HoldError::Storage(e) => ProcessError::Storage(e),
+            // Whoever holds the claim now finishes the work; this delivery is retried.
+            lost @ HoldError::Lost(_) => ProcessError::NotReady(lost.to_string()),
+        }
+    }
 }
 
 impl ProcessError {
@@ -458,28 +468,32 @@ impl Processor {
                     "{target} is being requested by another invocation"
                 )));
             };
-            let fresh = match cv.get_exports(project, iteration).await {
-                Ok(fresh) => fresh,
-                Err(e) => {
-                    self.claims.release(&claim).await?;
-                    return Err(e.into());
+            // Custom Vision's retries can outlast the claim: it is renewed while they run.
+            let asked = self
+                .claims
+                .hold(claim, async {
+                    let fresh = cv.get_exports(project, iteration).await?;
+                    if fresh.iter().any(|e| target.matches(e)) {
+                        return Ok(Err(fresh));
+                    }
+                    Ok(Ok(cv
+                        .export_iteration(
+                            project,
+                            iteration,
+                            &target.platform,
+                            target.flavor.as_deref(),
+                        )
+                        .await))
+                })
+                .await?;
+            let result = match asked.map_err(ProcessError::CustomVision)? {
+                Err(fresh) => {
+                    exports = fresh;
+                    continue;
                 }
+                Ok(result) => result,
             };
-            if fresh.iter().any(|e| target.matches(e)) {
-                self.claims.release(&claim).await?;
-                exports = fresh;
-                continue;
-            }
-            let result = cv
-                .export_iteration(
-                    project,
-                    iteration,
-                    &target.platform,
-                    target.flavor.as_deref(),
-                )
-                .await;
             let outcome = request_outcome(&result);
-            self.claims.release(&claim).await?;
             if outcome == RequestOutcome::Transient {
                 return Err(result
                     .err()
@@ -568,8 +582,12 @@ impl Processor {
                     "{target} is being copied by another invocation"
                 )));
             };
-            let released = self.releases.release(&plan, &names, &facts).await;
-            self.claims.release(&claim).await?;
+            // A copy is polled for up to ten minutes: the claim is renewed while it runs, and
+            // the work stops the moment the claim is lost.
+            let released = self
+                .claims
+                .hold(claim, self.releases.release(&plan, &names, &facts))
+                .await?;
             let released = match released {
                 Ok(r) => r,
                 Err(ReleaseError::Storage(e)) => return Err(e.into()),

@@ -421,6 +421,49 @@ pub fn is_current(
         && get(META_SOURCE_LENGTH) == Some(source_length.to_string().as_str())
 }
 
+/// Where a copy into a destination blob stands (its `x-ms-copy-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    /// Not written by a copy.
+    None,
+    Pending,
+    Success,
+    /// Failed or aborted: the blob holds no usable model.
+    Failed,
+}
+
+/// What to do about a destination before copying into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeforeCopy {
+    /// It already holds this source: nothing to write.
+    Current,
+    /// A copy into it is still running (started by a holder whose claim lapsed, or by a
+    /// delivery that gave up waiting): wait for it to end, then look again, rather than start
+    /// a second copy of the same model.
+    AwaitCopy,
+    Copy,
+}
+
+/// Decides from the destination's metadata and copy state. A copy that failed or has not
+/// ended is never taken for a current one, whatever its metadata says.
+pub fn before_copy(
+    dest_metadata: &std::collections::HashMap<String, String>,
+    copy: CopyState,
+    source_etag: &str,
+    source_length: u64,
+) -> BeforeCopy {
+    match copy {
+        CopyState::Pending => BeforeCopy::AwaitCopy,
+        CopyState::Failed => BeforeCopy::Copy,
+        CopyState::None | CopyState::Success
+            if is_current(dest_metadata, source_etag, source_length) =>
+        {
+            BeforeCopy::Current
+        }
+        _ => BeforeCopy::Copy,
+    }
+}
+
 /// Whether a blob at the plain path belongs to another project or iteration.
 pub fn belongs_elsewhere(
     dest_metadata: &std::collections::HashMap<String, String>,

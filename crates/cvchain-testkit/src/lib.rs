@@ -1,5 +1,7 @@
 //! What cvchain's tests and benchmarks share, so no test reaches into another's files:
 //!
+//! - [`copy_proxy`]: a fault proxy in front of Azurite's blob port that makes copies slow
+//!   (`pending`, then `success`, `failed` or `aborted`), as a real service's are;
 //! - [`azurite`]: an Azurite of the test's own (free loopback ports, its own data folder or
 //!   memory, stopped on drop), on `cvchain-standin`'s launcher;
 //! - [`handler`]: the `cvchain` binary started as the Functions host starts it (`serve`) or as a
@@ -12,6 +14,7 @@
 //! - [`hot_path`]: the per-notification CPU work the benchmarks measure.
 
 pub mod azurite;
+pub mod copy_proxy;
 pub mod handler;
 pub mod host;
 pub mod hot_path;
@@ -20,6 +23,7 @@ pub mod standin;
 pub mod tls;
 
 pub use azurite::{Azurite, unique};
+pub use copy_proxy::{CopyEnd, CopyFaults, CopyProxy};
 pub use handler::Handler;
 pub use host::{HostEmulator, PumpStats, host_envelope};
 pub use secrets::{assert_no_secrets, find_secret};

@@ -250,3 +250,28 @@ fn metadata_is_ascii_and_currency_is_checked_by_etag_and_length() {
     assert!(belongs_elsewhere(&meta, Uuid::nil(), iid()));
     assert!(belongs_elsewhere(&HashMap::new(), pid(), iid()));
 }
+
+#[test]
+fn a_copy_that_failed_or_runs_is_never_current() {
+    let meta: HashMap<String, String> = [
+        ("sourceetag".to_owned(), "0x8D1".to_owned()),
+        ("sourcelength".to_owned(), "42".to_owned()),
+    ]
+    .into();
+    for (copy, want) in [
+        (CopyState::None, BeforeCopy::Current),
+        (CopyState::Success, BeforeCopy::Current),
+        (CopyState::Pending, BeforeCopy::AwaitCopy),
+        (CopyState::Failed, BeforeCopy::Copy),
+    ] {
+        assert_eq!(before_copy(&meta, copy, "0x8D1", 42), want, "{copy:?}");
+    }
+    assert_eq!(
+        before_copy(&meta, CopyState::Success, "0x8D2", 42),
+        BeforeCopy::Copy
+    );
+    assert_eq!(
+        before_copy(&HashMap::new(), CopyState::Pending, "0x8D1", 42),
+        BeforeCopy::AwaitCopy
+    );
+}
