@@ -386,7 +386,11 @@ fn leak_in(s: &str) -> Option<String> {
             }
             let value: String = lower[j..].chars().take_while(|c| !ends_value(*c)).collect();
             if !value.is_empty() && !value.starts_with("redacted") {
-                return Some(format!("a `{key}` value in clear"));
+                return Some(if *key == "sig" {
+                    "a SAS signature in clear".to_owned()
+                } else {
+                    format!("a `{key}` value in clear")
+                });
             }
         }
     }

@@ -25,7 +25,7 @@ pub fn find_secret(text: &str, secrets: &[&str]) -> Option<String> {
         for (n, secret) in secrets.iter().enumerate() {
             if !secret.is_empty() && form.contains(secret) {
                 return Some(format!(
-                    "secret #{n} ({} characters) near: {}",
+                    "a secret (#{n}, {} characters) near: {}",
                     secret.len(),
                     context(form, secret)
                 ));
