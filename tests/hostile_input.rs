@@ -719,3 +719,233 @@ async fn hostile_platform_names_make_valid_claim_and_step_keys() {
         );
     }
 }
+
+/// The handler's resident memory, from `/proc`.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// Slow clients (issue 17, finding 6): 300 connections trickling their headers and 100 bodies
+/// stalled at 800 KB of 900 KB. The trickling connections are closed once the header timeout
+/// passes, the stalled bodies are answered 408 once the body timeout passes, memory stays
+/// bounded meanwhile, and `GET /`, the host's readiness probe, is answered at once throughout.
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_readiness_is_answered_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let handler = Handler::start(&[("CVCHAIN_STORAGE", "UseDevelopmentStorage=true".into())]);
+    let addr = format!("127.0.0.1:{}", handler.port);
+    let ready = |http: reqwest::Client, url: String| async move {
+        let asked = std::time::Instant::now();
+        let rsp = http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .expect("GET / answered");
+        assert_eq!(rsp.status(), 200);
+        asked.elapsed()
+    };
+    let http = reqwest::Client::new();
+    let idle_rss = rss_mib(handler.pid());
+
+    // 300 connections that send a header line a second and never finish.
+    let mut trickling = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /api/history HTTP/1.1\r\n").await.unwrap();
+        trickling.push(tokio::spawn(async move {
+            let opened = std::time::Instant::now();
+            let mut buf = [0u8; 256];
+            loop {
+                tokio::select! {
+                    r = s.read(&mut buf) => {
+                        // Closed by the server (EOF or reset), or answered with an error.
+                        let _ = r;
+                        return opened.elapsed();
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                            return opened.elapsed();
+                        }
+                    }
+                }
+                if opened.elapsed() > Duration::from_secs(40) {
+                    return opened.elapsed();
+                }
+            }
+        }));
+    }
+    // 100 invocations whose bodies stall at 800 KB of 900 KB.
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        stalled.push(tokio::spawn(async move {
+            let opened = std::time::Instant::now();
+            let head = "POST /CustomVisionNotification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n";
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return (opened.elapsed(), String::new());
+            }
+            let chunk = vec![b' '; 16 * 1024];
+            for _ in 0..50 {
+                if s.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut answer)).await;
+            let line = String::from_utf8_lossy(&answer)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            (opened.elapsed(), line)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The readiness probe is answered at once although every slot could be taken.
+    for _ in 0..5 {
+        let took = ready(http.clone(), handler.url("/")).await;
+        assert!(took < Duration::from_millis(1500), "GET / took {took:?}");
+    }
+    let peak = rss_mib(handler.pid());
+    assert!(
+        peak - idle_rss < 48.0,
+        "resident memory grew from {idle_rss:.1} MiB to {peak:.1} MiB"
+    );
+    for t in trickling {
+        let lived = t.await.unwrap();
+        assert!(
+            lived < Duration::from_secs(15),
+            "a trickling connection lived {lived:?}"
+        );
+    }
+    for t in stalled {
+        let (lived, status) = t.await.unwrap();
+        assert!(
+            lived < Duration::from_secs(30),
+            "a stalled body was held {lived:?}"
+        );
+        assert!(
+            status.is_empty()
+                || status.starts_with("HTTP/1.1 408")
+                || status.starts_with("HTTP/1.1 503"),
+            "{status}"
+        );
+    }
+    let took = ready(http.clone(), handler.url("/")).await;
+    assert!(took < Duration::from_millis(1500), "GET / took {took:?}");
+}
+
+/// The history page (issue 17, finding 6): locked down (a Content-Security-Policy that allows
+/// nothing but its own inline style, `nosniff`), and read a page at a time: a request reads at
+/// most one page of trained iterations, and the next page is linked.
+#[tokio::test]
+async fn the_history_page_is_locked_down_and_paged() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let table_name = unique("History");
+    let table = clients.table(&table_name).unwrap();
+    table.create_if_missing().await.unwrap();
+    for n in 1..=7 {
+        let iteration = format!("00000000-0000-0000-0000-00000000000{n}");
+        for entity in [
+            serde_json::json!({"PartitionKey": P, "RowKey": format!("Training_{iteration}_TrainingCompleted"),
+                "EventType": "Training", "ProjectId": P, "ProjectName": "<script>alert(1)</script>",
+                "IterationId": iteration, "IterationName": format!("Iteration {n}"),
+                "Status": "TrainingCompleted", "TrainedAt": format!("2026-11-2{n}T10:00:00.0000000Z"),
+                "Precision": 0.5, "Recall": 0.5, "AveragePrecision": 0.5}),
+            serde_json::json!({"PartitionKey": P, "RowKey": format!("ExportStep_{iteration}_ONNX"),
+                "EventType": "ExportStep", "IterationId": iteration, "Platform": "ONNX",
+                "Flavor": "", "ChainPosition": 1, "Status": "Done",
+                "ReleasePath": format!("W/Iteration-{n}/ONNX.zip"),
+                "ReleaseUrl": "javascript:alert(1)"}),
+        ] {
+            table.insert(entity.as_object().unwrap()).await.unwrap();
+        }
+    }
+    let handler = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_HISTORY_TABLE", table_name),
+    ]);
+    let http = reqwest::Client::new();
+    // Headers, for HTML and JSON alike.
+    for accept in ["text/html", "application/json"] {
+        let rsp = http
+            .get(handler.url(&format!("/api/history/{P}")))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            rsp.headers()["x-content-type-options"],
+            "nosniff",
+            "{accept}"
+        );
+        let csp = rsp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(csp.starts_with("default-src 'none'"), "{csp}");
+        assert!(!csp.contains("unsafe"), "{csp}");
+        let body = rsp.text().await.unwrap();
+        if accept == "text/html" {
+            assert!(!body.contains("<script>"), "{body}");
+            assert!(!body.contains("href=\"javascript:"), "{body}");
+        }
+    }
+    // Pages of three, linked until the last.
+    let mut url = handler.url(&format!("/api/history/{P}?limit=3"));
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let rsp = http
+            .get(&url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        let next = rsp
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_owned());
+        let page: Value = rsp.json().await.unwrap();
+        let page = page.as_array().unwrap().clone();
+        assert!(page.len() <= 3, "{page:?}");
+        for it in &page {
+            assert_eq!(it["exports"][0]["platform"], "ONNX");
+            seen.push(it["iterationName"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        let Some(link) = next else { break };
+        let target = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once(">; rel=\"next\""))
+            .map(|(u, _)| u.to_owned())
+            .unwrap_or_else(|| panic!("{link}"));
+        url = handler.url(&target);
+        assert!(pages < 10);
+    }
+    seen.sort();
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    seen.dedup();
+    assert_eq!(seen.len(), 7, "an iteration on two pages");
+    assert!(pages >= 3);
+    // The HTML page links the next page too.
+    let html = http
+        .get(handler.url(&format!("/api/history/{P}?limit=3&format=html")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("rel=\"next\""), "{html}");
+}
