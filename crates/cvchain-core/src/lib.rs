@@ -12,10 +12,11 @@
 //! - [`history`]: the typed rows everything is recorded in, and the views read back from them;
 //! - [`report`]: the history as people read it (the `history` command and page).
 //!
-//! Beside them: [`customvision`] (the Training API's models and error classes), [`config`] (the
+//! Beside them: [`bounds`] (sizes as Table storage counts them), [`customvision`] (the Training API's models and error classes), [`config`] (the
 //! settings the decisions take, and the one number parser settings use), [`redact`] (secrets out
 //! of every text that is stored or logged) and [`fuzzing`] (entry points for the fuzz targets).
 
+pub mod bounds;
 pub mod chain;
 pub mod claims;
 pub mod config;

@@ -3,7 +3,7 @@
 //! and what a history row records of it, redacted and bounded. Everything after the edge uses
 //! the [`Incoming`] value; nothing unwraps, parses or redacts the text again.
 
-use crate::history::{MAX_PROPERTY_UNITS, fit};
+use crate::bounds::{MAX_PROPERTY_UNITS, fit};
 use crate::notification::{Encoding, ParseError, Parsed, parse_json, unwrap_text};
 use crate::redact::redact;
 use base64::Engine as _;

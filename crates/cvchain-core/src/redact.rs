@@ -46,7 +46,18 @@ fn ends_value(c: char) -> bool {
 /// Replaces the value after any `key=`, `key: ` or `"key":"` whose key is a secret, however
 /// its characters are escaped, and the password in any URL's user info.
 pub fn redact(text: &str) -> String {
+    if !may_hold_a_secret(text) {
+        return text.to_owned();
+    }
     redact_userinfo(&redact_keys(text))
+}
+
+/// A key's separator (`=`, `:`, or one escaped with `%` or a backslash) or a URL's user info
+/// (`:` and `@`) is needed for a secret to be spelled at all: most texts (ids, statuses, names)
+/// have none, and are left as they are without a scan.
+fn may_hold_a_secret(text: &str) -> bool {
+    text.bytes()
+        .any(|b| matches!(b, b'=' | b':' | b'%' | b'\\'))
 }
 
 /// [`redact`], and when [`find_leak`] still finds a secret in the result, [`WITHHELD`] instead
@@ -269,6 +280,9 @@ pub fn url_without_secrets(url: &str) -> String {
 /// encoding, as a URL's server would) and says what secret is left in clear, if any: a
 /// secret key's value that is not [`REDACTED`], or a URL's password. Never quotes the secret.
 pub fn find_leak(text: &str) -> Option<String> {
+    if !may_hold_a_secret(text) && !could_be_base64(text) {
+        return None;
+    }
     let mut level = text.to_owned();
     for _ in 0..8 {
         for candidate in [
@@ -287,11 +301,7 @@ pub fn find_leak(text: &str) -> Option<String> {
     }
     // A base64 message (the text of a `Raw` property): look inside it too.
     let compact = text.trim();
-    if compact.len() >= 8
-        && compact
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'-' | b'_'))
-    {
+    if could_be_base64(compact) {
         use base64::Engine as _;
         use base64::engine::general_purpose::{STANDARD, URL_SAFE};
         if let Some(inner) = [STANDARD, URL_SAFE]
@@ -304,6 +314,14 @@ pub fn find_leak(text: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Long enough and of base64's characters only.
+fn could_be_base64(text: &str) -> bool {
+    let t = text.trim();
+    t.len() >= 8
+        && t.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'-' | b'_'))
 }
 
 /// One layer of JSON string escapes undone, leniently: what is not a valid escape stays.

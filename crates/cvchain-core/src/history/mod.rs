@@ -6,8 +6,9 @@ mod row;
 mod seal;
 mod views;
 
+pub use crate::bounds::{MAX_ENTITY_BYTES, MAX_PROPERTY_UNITS, encoded_units, fit};
 pub use row::{HistoryRow, PoisonCopy, Prop, Props, RowKind, RowStatus, Value, ValueKind};
-pub use seal::{MAX_ENTITY_BYTES, MAX_PROPERTY_UNITS, encoded_units, fit, seal};
+pub use seal::seal;
 pub use views::{StepRow, TrainingRow};
 
 use crate::chain::{EntryState, ExportTarget};
