@@ -280,24 +280,28 @@ pub fn url_without_secrets(url: &str) -> String {
 /// encoding, as a URL's server would) and says what secret is left in clear, if any: a
 /// secret key's value that is not [`REDACTED`], or a URL's password. Never quotes the secret.
 pub fn find_leak(text: &str) -> Option<String> {
-    if !may_hold_a_secret(text) && !could_be_base64(text) {
-        return None;
-    }
-    let mut level = text.to_owned();
-    for _ in 0..8 {
-        for candidate in [
-            std::borrow::Cow::Borrowed(level.as_str()),
-            percent_encoding::percent_decode_str(&level).decode_utf8_lossy(),
-        ] {
-            if let Some(leak) = leak_in(&candidate) {
+    // Without a separator or an escape nothing is spelled in clear; only base64 can hide one.
+    if may_hold_a_secret(text) {
+        let mut level = text.to_owned();
+        for _ in 0..8 {
+            if let Some(leak) = leak_in(&level) {
                 return Some(leak);
             }
+            if level.contains('%')
+                && let Some(leak) =
+                    leak_in(&percent_encoding::percent_decode_str(&level).decode_utf8_lossy())
+            {
+                return Some(leak);
+            }
+            if !level.contains('\\') {
+                break;
+            }
+            let next = json_unescape(&level);
+            if next == level {
+                break;
+            }
+            level = next;
         }
-        let next = json_unescape(&level);
-        if next == level {
-            break;
-        }
-        level = next;
     }
     // A base64 message (the text of a `Raw` property): look inside it too.
     let compact = text.trim();
@@ -383,12 +387,15 @@ pub fn json_unescape(s: &str) -> String {
 fn leak_in(s: &str) -> Option<String> {
     let lower = s.to_ascii_lowercase();
     let b = lower.as_bytes();
-    for key in SECRET_KEYS {
-        let mut from = 0;
-        while let Some(at) = lower[from..].find(key) {
-            let start = from + at;
-            from = start + key.len();
-            if start > 0 && is_word(b[start - 1] as char) {
+    // One pass: only a key's first letter after a word boundary can start one.
+    for start in 0..b.len() {
+        if !SECRET_KEYS.iter().any(|k| k.as_bytes()[0] == b[start])
+            || (start > 0 && is_word(b[start - 1] as char))
+        {
+            continue;
+        }
+        for key in SECRET_KEYS {
+            if !b[start..].starts_with(key.as_bytes()) {
                 continue;
             }
             let mut j = start + key.len();

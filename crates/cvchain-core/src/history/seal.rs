@@ -35,6 +35,14 @@ pub fn seal(props: &Props) -> Props {
         };
         out.set(prop, value);
     }
+    // A generous bound first (no byte costs more than twelve): most rows are far below it.
+    let rough: usize = out
+        .iter()
+        .map(|(p, v)| 2 * p.name().len() + 64 + v.as_text().map_or(64, |t| 12 * t.len()))
+        .sum();
+    if rough <= MAX_ENTITY_BYTES {
+        return out;
+    }
     let mut costs: Vec<(Prop, usize)> = out.iter().map(|(p, v)| (p, cost(p, v))).collect();
     let mut total: usize = costs.iter().map(|(_, c)| c).sum();
     while total > MAX_ENTITY_BYTES {
