@@ -325,7 +325,8 @@ pub fn existing_row(row: &HistoryRow, existing: &HistoryRow, message_key: &str) 
             id_of(theirs),
             existing.row_key,
             if differences.is_empty() {
-                String::new()
+                // A producer that sent one notification twice (or a forgery word for word).
+                "; the same text under another message id".to_owned()
             } else {
                 format!("; {}", differences.join("; "))
             }

@@ -90,6 +90,10 @@ fn a_second_message_for_the_same_event_gets_its_own_row_and_says_why() {
         ),
         "{why}"
     );
+    assert!(
+        why.ends_with("; the same text under another message id"),
+        "{why}"
+    );
     assert!(note.text(Prop::Disagreement).contains(&own.row_key));
     // A different modelUri is named.
     let other = row_for(
