@@ -1,6 +1,7 @@
 //! Why a message could not be processed now: the error every part of the shell returns, split by
 //! whether a retry can help.
 
+use cvchain_azure::history::claims::HoldError;
 use cvchain_azure::storage::{StorageError, channels::ChannelError};
 use cvchain_core::customvision::CvError;
 
@@ -22,6 +23,16 @@ impl From<ChannelError> for ProcessError {
         match e {
             ChannelError::Storage(s) => ProcessError::Storage(s),
             other => ProcessError::Channels(other),
+        }
+    }
+}
+
+impl From<HoldError> for ProcessError {
+    fn from(e: HoldError) -> Self {
+        match e {
+            HoldError::Storage(e) => ProcessError::Storage(e),
+            // Whoever holds the claim now finishes the work; this delivery is retried.
+            lost @ HoldError::Lost(_) => ProcessError::NotReady(lost.to_string()),
         }
     }
 }

@@ -14,27 +14,28 @@ use cvchain_azure::history::{
 };
 use cvchain_azure::storage::{
     StorageError,
-    blobs::ReleaseStore,
+    blobs::{ReleaseError, ReleaseStore},
     channels::ChannelStore,
     clients::StorageClients,
     queue::{poison_queue_name, send_text},
+    rejected::store_text,
 };
 use cvchain_core::chain::{EntryState, ExportTarget, Next, plan_chain};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::customvision::CvError;
 use cvchain_core::history::{
-    PoisonCopy, Prop, Props, StepRow, TrainingRow, failed_row, step_row_key, table_datetime,
-    training_row_key,
+    Existing, PoisonCopy, Prop, Props, StepRow, TrainingRow, existing_row, failed_row,
+    step_row_key, table_datetime, training_row_key,
 };
 use cvchain_core::message::Incoming;
 use cvchain_core::notification::{Notification, TrainingStatus};
 use cvchain_core::plan::{
     Action, Decision, Observed, PlanConfig, Production, RequestOutcome, StepWrite,
-    apply_step_write, chain_position, describe_next, needs, plan, plan_unreadable, record_key,
-    refused_targets, release_writes, releases_due, request_outcome, retention_due,
-    step_after_request, step_exists, step_writes,
+    apply_step_write, chain_position, describe_next, needs, plan, plan_unreadable,
+    redelivery_probe, refused_targets, release_refused_writes, release_writes, releases_due,
+    request_outcome, retention_due, step_after_request, step_exists, step_writes,
 };
-use cvchain_core::redact::redact;
+use cvchain_core::redact::scrub;
 use cvchain_core::release::{ModelUri, ReleaseFacts, ReleaseNames, Released, plan_releases};
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -73,6 +74,8 @@ struct Scratch {
 pub struct Processor {
     history: HistoryStore,
     poison: QueueClient,
+    /// Where rejected texts too large for the poison queue are kept (named like it).
+    rejected: azure_storage_blob::BlobContainerClient,
     config: PlanConfig,
     table_name: String,
     cv: Option<Arc<dyn TrainingApi>>,
@@ -106,6 +109,7 @@ impl Processor {
         Ok(Self {
             history: HistoryStore::new(clients.table(&settings.history_table)?),
             poison: clients.queue(&poison_queue)?,
+            rejected: clients.blob_service()?.blob_container_client(&poison_queue),
             config: PlanConfig {
                 poison_queue,
                 chain: settings.chain.clone(),
@@ -190,11 +194,14 @@ impl Processor {
 
     async fn process_once(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
         // A redelivery of a handled notification costs one read.
+        // (Another message's row under the same event's keys is not: that one is recorded
+        // apart, see `carry_out`.)
         if let Ok(parsed) = &incoming.parsed
-            && let Some((pk, rk)) = record_key(incoming, parsed, &self.config)
-            && self.history.get(&pk, &rk).await?.is_some()
+            && let Some(row) = redelivery_probe(incoming, parsed, &self.config)
+            && let Some(existing) = self.history.get(&row.partition_key, &row.row_key).await?
+            && existing_row(&row, &existing, &incoming.key) == Existing::Redelivery
         {
-            let row_desc = format!("{}/{pk}/{rk}", self.table_name);
+            let row_desc = format!("{}/{}", self.table_name, row.describe());
             return Ok(Outcome {
                 disposition: Disposition::Recorded,
                 logs: vec![
@@ -213,7 +220,8 @@ impl Processor {
         if let Decision::Retry(reason) = &decision {
             return Err(ProcessError::NotReady(reason.clone()));
         }
-        self.carry_out(decision, actions, &observed).await
+        self.carry_out(decision, actions, &observed, &incoming.key)
+            .await
     }
 
     /// Records something that arrived but could not be read as a message at all.
@@ -223,7 +231,7 @@ impl Processor {
         reason: &str,
     ) -> Result<Outcome, ProcessError> {
         let (decision, actions) = plan_unreadable(incoming, reason, &self.config);
-        self.carry_out(decision, actions, &Observed::default())
+        self.carry_out(decision, actions, &Observed::default(), &incoming.key)
             .await
     }
 
@@ -368,6 +376,7 @@ impl Processor {
         decision: Decision,
         actions: Vec<Action>,
         observed: &Observed,
+        message_key: &str,
     ) -> Result<Outcome, ProcessError> {
         let now = OffsetDateTime::now_utc();
         let mut scratch = Scratch::default();
@@ -475,7 +484,7 @@ impl Processor {
                         row.properties.set(Prop::RetentionStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
-                    let recorded = match &self.events {
+                    let mut recorded = match &self.events {
                         Some(events) => {
                             let done = (chain_next == Some(Next::Complete))
                                 .then(|| decision_ids(&decision))
@@ -486,14 +495,39 @@ impl Processor {
                         }
                         None => self.history.record(&row).await?,
                     };
+                    // A row under this event's keys that another message wrote: this message
+                    // gets its own row, and both say so. It tells no event: the event was told
+                    // when the first row was written.
+                    if let Recorded::AlreadyPresent(existing) = &recorded
+                        && let Existing::Another { row: own, note } =
+                            existing_row(&row, existing, message_key)
+                    {
+                        let first = existing.row_key.clone();
+                        row = own;
+                        row_desc = format!("{}/{}", self.table_name, row.describe());
+                        recorded = self.history.record(&row).await?;
+                        if recorded == Recorded::Inserted {
+                            self.history
+                                .merge(&row.partition_key, &first, &note)
+                                .await?;
+                            tracing::warn!(
+                                row = %row_desc,
+                                first = %first,
+                                "another message recorded this event first; recorded apart"
+                            );
+                        }
+                    }
                     match recorded {
                         Recorded::Inserted => {
                             scratch.logs.push(format!("recorded {row_desc}"));
                         }
                         Recorded::AlreadyPresent(existing) => {
                             duplicate = true;
-                            poison_already_sent = existing.properties.text(Prop::PoisonCopy)
-                                == PoisonCopy::Sent.as_str();
+                            poison_already_sent = matches!(
+                                existing.properties.text(Prop::PoisonCopy),
+                                s if s == PoisonCopy::Sent.as_str()
+                                    || s == PoisonCopy::Stored.as_str()
+                            );
                             scratch.logs.push(format!(
                                 "{row_desc} already recorded: a redelivery, left unchanged"
                             ));
@@ -516,6 +550,25 @@ impl Processor {
                         .logs
                         .push(format!("copied the message to queue {queue}"));
                 }
+                Action::StoreRejected {
+                    container,
+                    blob,
+                    text,
+                } => {
+                    if poison_already_sent {
+                        continue;
+                    }
+                    store_text(&self.rejected, &blob, &text).await?;
+                    if let Some((pk, rk)) = &recorded_row {
+                        let mut stored = Props::new();
+                        stored.set(Prop::PoisonCopy, PoisonCopy::Stored.as_str());
+                        stored.set(Prop::PoisonBlob, &blob);
+                        self.history.merge(pk, rk, &stored).await?;
+                    }
+                    scratch.logs.push(format!(
+                        "too large for the poison queue: stored whole as blob {container}/{blob}"
+                    ));
+                }
             }
         }
         let disposition = match &decision {
@@ -524,9 +577,7 @@ impl Processor {
                 Disposition::Recorded
             }
             Decision::Rejected { reason, .. } => {
-                scratch
-                    .logs
-                    .insert(0, format!("rejected: {}", redact(reason)));
+                scratch.logs.insert(0, format!("rejected: {reason}"));
                 Disposition::Rejected
             }
             Decision::Retry(reason) => return Err(ProcessError::NotReady(reason.clone())),
@@ -535,7 +586,8 @@ impl Processor {
             disposition,
             row: row_desc,
             duplicate,
-            logs: scratch.logs,
+            // Lines may quote what a message said (an unknown type): never a secret.
+            logs: scratch.logs.iter().map(|l| scrub(l)).collect(),
         })
     }
 
@@ -584,76 +636,77 @@ impl Processor {
                     "{target} is being requested by another invocation"
                 )));
             };
-            if claim.taken_over {
-                let fresh = match cv.get_exports(project, iteration).await {
-                    Ok(fresh) => fresh,
-                    Err(e) => {
-                        self.claims.release(&claim).await?;
-                        return Err(e.into());
-                    }
-                };
-                if fresh.iter().any(|e| target.matches(e)) {
-                    self.claims.release(&claim).await?;
+            /// What the request under the claim came to.
+            enum Asked {
+                /// GetExports shows the export already (a claim taken over).
+                Exists(Vec<cvchain_core::customvision::Export>),
+                /// Its step row shows another instance requested it a moment ago.
+                Requested,
+                Answered(RequestOutcome, Option<CvError>),
+            }
+            let taken_over = claim.taken_over;
+            let position = chain_position(chain, target);
+            // The claim is renewed while the work runs (Custom Vision's retries can outlast it),
+            // and given back only after the step row is written: whoever takes it next sees the
+            // row. A claim taken over from a holder that crashed asks GetExports, the source of
+            // truth, since that holder may have requested without writing its row.
+            let asked =
+                self.claims
+                    .hold(claim, async {
+                        if taken_over {
+                            let fresh = cv.get_exports(project, iteration).await?;
+                            if fresh.iter().any(|e| target.matches(e)) {
+                                return Ok::<_, ProcessError>(Asked::Exists(fresh));
+                            }
+                        } else {
+                            let key = step_row_key(iteration, target);
+                            let row = self.history.get(&project.to_string(), &key).await?;
+                            if row.map(|r| StepRow::from_row(&r)).is_some_and(|s| {
+                                s.state.is_some_and(|st| st != EntryState::Pending)
+                            }) {
+                                return Ok(Asked::Requested);
+                            }
+                        }
+                        let result = cv
+                            .export_iteration(
+                                project,
+                                iteration,
+                                &target.platform,
+                                target.flavor.as_deref(),
+                            )
+                            .await;
+                        let outcome = request_outcome(&result);
+                        if outcome != RequestOutcome::Transient {
+                            let exists = step_exists(
+                                self.steps(cache, project, iteration).await?,
+                                iteration,
+                                target,
+                            );
+                            if let Some(w) = step_after_request(
+                                project, iteration, position, target, &outcome, exists, now,
+                            ) {
+                                self.write_step(&w, cache, observed).await?;
+                            }
+                        }
+                        Ok(Asked::Answered(outcome, result.err()))
+                    })
+                    .await??;
+            match asked {
+                Asked::Exists(fresh) => {
                     exports = fresh;
                     continue;
                 }
-            } else {
-                let key = step_row_key(iteration, target);
-                let requested = match self.history.get(&project.to_string(), &key).await {
-                    Ok(row) => row
-                        .map(|r| StepRow::from_row(&r))
-                        .is_some_and(|s| s.state.is_some_and(|st| st != EntryState::Pending)),
-                    Err(e) => {
-                        self.claims.release(&claim).await?;
-                        return Err(e.into());
-                    }
-                };
-                if requested {
-                    self.claims.release(&claim).await?;
-                    return Ok(Some(Next::Wait(target.clone())));
+                Asked::Requested => return Ok(Some(Next::Wait(target.clone()))),
+                Asked::Answered(RequestOutcome::Transient, error) => {
+                    return Err(error
+                        .map(ProcessError::CustomVision)
+                        .unwrap_or_else(|| ProcessError::NotReady("export".into())));
                 }
-            }
-            let result = cv
-                .export_iteration(
-                    project,
-                    iteration,
-                    &target.platform,
-                    target.flavor.as_deref(),
-                )
-                .await;
-            let outcome = request_outcome(&result);
-            if outcome == RequestOutcome::Transient {
-                self.claims.release(&claim).await?;
-                return Err(result
-                    .err()
-                    .map(ProcessError::CustomVision)
-                    .unwrap_or_else(|| ProcessError::NotReady("export".into())));
-            }
-            // The step row first, then the claim back: whoever takes the claim next sees it.
-            let written = match step_after_request(
-                project,
-                iteration,
-                chain_position(chain, target),
-                target,
-                &outcome,
-                step_exists(
-                    self.steps(cache, project, iteration).await?,
-                    iteration,
-                    target,
-                ),
-                now,
-            ) {
-                Some(w) => self.write_step(&w, cache, observed).await,
-                None => Ok(()),
-            };
-            self.claims.release(&claim).await?;
-            written?;
-            match outcome {
-                RequestOutcome::Refused(reason) => {
+                Asked::Answered(RequestOutcome::Refused(reason), _) => {
                     logs.push(format!("export {target} refused: {reason}"));
                     refused.push(target.clone());
                 }
-                _ => return Ok(Some(plan.next)),
+                Asked::Answered(..) => return Ok(Some(plan.next)),
             }
         }
         Ok(Some(Next::NotReady("stopped after refusals".into())))
@@ -728,9 +781,33 @@ impl Processor {
                     "{target} is being copied by another invocation"
                 )));
             };
-            let released = self.releases.release(&plan, &names, &facts).await;
-            self.claims.release(&claim).await?;
-            let released = released?;
+            // A copy is polled for up to ten minutes: the claim is renewed while it runs, and
+            // the work stops the moment the claim is lost.
+            let released = self
+                .claims
+                .hold(claim, self.releases.release(&plan, &names, &facts))
+                .await?;
+            let released = match released {
+                Ok(r) => r,
+                Err(ReleaseError::Storage(e)) => return Err(e.into()),
+                // Permanent: recorded on the step row; the other exports go on.
+                Err(ReleaseError::Refused(reason)) => {
+                    tracing::warn!(export = %target, "release refused: {reason}");
+                    logs.push(format!("release of {target} refused: {reason}"));
+                    for w in release_refused_writes(
+                        project,
+                        iteration,
+                        &self.config.chain.exports,
+                        &target,
+                        &reason,
+                        &steps,
+                        now,
+                    ) {
+                        self.write_step(&w, cache, observed).await?;
+                    }
+                    continue;
+                }
+            };
             if released.copied {
                 logs.push(format!(
                     "released {target} to {}/{} ({} bytes, {} ms)",

@@ -1,33 +1,95 @@
 //! The HTTP side of the Functions custom-handler protocol (`cvchain serve`). Decoding lives in
 //! the core's `envelope` and `message`, decisions in its `plan`, effects in `process`; this file
 //! only maps them to HTTP.
+//!
+//! It also bounds what one client can hold ([`Limits`]): a request's headers must arrive within
+//! a few seconds, an invocation's body within a few more, bodies buffered at once share a
+//! budget, and at most so many connections are kept: a new one closes the oldest idle one
+//! rather than wait, so the host's readiness probe (`GET /`) is answered at once whatever
+//! slow clients hold.
 
 use crate::process::{Disposition, Processor};
 use axum::{
     Json, Router,
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{DefaultBodyLimit, Path, RawQuery, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use cvchain_azure::storage::table::Continuation;
 use cvchain_core::envelope::{
     DELIVER_EVENTS_FUNCTION, FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING,
     decode_queue_invocation, timer_is_past_due,
 };
 use cvchain_core::message::{Incoming, Received};
 use cvchain_core::report;
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use futures::StreamExt;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tracing::Instrument;
 
 /// A queue message is at most 64 KiB; its envelope, double-encoded, stays well below this.
 const MAX_BODY: usize = 1024 * 1024;
 
+/// What one client can hold of the handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request's headers must arrive within this; an idle keep-alive connection is closed
+    /// after it too. The host sends its requests at once.
+    pub header_timeout: Duration,
+    /// An invocation's body must arrive within this once its headers have.
+    pub body_timeout: Duration,
+    /// Connections kept at once: beyond it, each new connection closes the oldest one that has
+    /// no request in progress.
+    pub max_connections: usize,
+    /// Bytes of invocation bodies buffered at once, all connections together.
+    pub body_budget: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(15),
+            max_connections: 256,
+            body_budget: 16 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub processor: Arc<Processor>,
+    pub limits: Limits,
+    /// Permits for [`Limits::body_budget`] bytes.
+    bodies: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(processor: Arc<Processor>) -> Self {
+        Self::with_limits(processor, Limits::default())
+    }
+
+    pub fn with_limits(processor: Arc<Processor>, limits: Limits) -> Self {
+        Self {
+            processor,
+            limits,
+            bodies: Arc::new(Semaphore::new(limits.body_budget)),
+        }
+    }
 }
 
 /// The handler's routes, usable without a socket (`tower::ServiceExt::oneshot`).
@@ -69,60 +131,118 @@ async fn history_project(
 }
 
 /// JSON for API clients, HTML (with the chart) for browsers or `?format=html`.
+/// Trained iterations per page of the history, unless `?limit=` says otherwise (up to 200).
+const HISTORY_PAGE: u32 = 50;
+const HISTORY_PAGE_MAX: u32 = 200;
+
+/// JSON for API clients, HTML (with the chart) for browsers or `?format=html`. One page of
+/// iterations per request (`?limit=`); the next page is linked (`Link: <…>; rel="next"`, and a
+/// link at the foot of the HTML page), carrying the table's continuation.
 async fn history_page(
     state: AppState,
     project: Option<String>,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
+    let locked = |mut rsp: Response| {
+        let h = rsp.headers_mut();
+        h.insert(
+            axum::http::header::CONTENT_SECURITY_POLICY,
+            axum::http::HeaderValue::from_str(&report::content_security_policy())
+                .expect("an ASCII policy"),
+        );
+        h.insert(
+            axum::http::header::X_CONTENT_TYPE_OPTIONS,
+            axum::http::HeaderValue::from_static("nosniff"),
+        );
+        rsp
+    };
+    let bad = |why: &str| {
+        locked(
+            (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": why })),
+            )
+                .into_response(),
+        )
+    };
     let project = match project.map(|p| uuid::Uuid::parse_str(&p)) {
         None => None,
         Some(Ok(id)) => Some(id.to_string()),
-        Some(Err(_)) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({"error": "projectId must be a UUID"})),
-            )
-                .into_response();
-        }
+        Some(Err(_)) => return bad("projectId must be a UUID"),
     };
-    let rows = match state
+    let params: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let limit = match param("limit").map(str::parse::<u32>) {
+        None => HISTORY_PAGE,
+        Some(Ok(n)) if n >= 1 => n.min(HISTORY_PAGE_MAX),
+        Some(_) => return bad("limit must be a whole number from 1"),
+    };
+    let from = param("npk").map(|pk| Continuation {
+        next_partition_key: pk.to_owned(),
+        next_row_key: param("nrk").map(str::to_owned),
+    });
+    let (rows, next) = match state
         .processor
         .history()
-        .recent(project.as_deref(), 5000)
+        .iterations_page(project.as_deref(), limit, from.as_ref())
         .await
     {
-        Ok(rows) => rows,
+        Ok(page) => page,
         Err(e) => {
             tracing::error!(error = %e, "history page: cannot read the history table");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"error": "the history table cannot be read right now"})),
-            )
-                .into_response();
+            return locked(
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(
+                        serde_json::json!({"error": "the history table cannot be read right now"}),
+                    ),
+                )
+                    .into_response(),
+            );
         }
     };
     let views = report::iterations(&rows);
-    let format = query
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("format="))
-        .unwrap_or_default();
+    let format = param("format").unwrap_or_default();
     let wants_html = format == "html"
         || (format != "json"
             && headers
                 .get("accept")
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|a| a.contains("text/html")));
-    if wants_html {
+    let next = next.map(|c| {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("limit", &limit.to_string());
+        if !format.is_empty() {
+            q.append_pair("format", format);
+        }
+        q.append_pair("npk", &c.next_partition_key);
+        if let Some(rk) = &c.next_row_key {
+            q.append_pair("nrk", rk);
+        }
+        match &project {
+            Some(p) => format!("/api/history/{p}?{}", q.finish()),
+            None => format!("/api/history?{}", q.finish()),
+        }
+    });
+    let mut rsp = if wants_html {
         let title = match &project {
             Some(p) => format!("cvchain history — project {p}"),
             None => "cvchain history".to_owned(),
         };
-        axum::response::Html(report::html_page(&title, &views)).into_response()
+        axum::response::Html(report::html_page(&title, &views, next.as_deref())).into_response()
     } else {
         Json(views).into_response()
+    };
+    if let Some(n) = &next
+        && let Ok(v) = axum::http::HeaderValue::from_str(&format!("<{n}>; rel=\"next\""))
+    {
+        rsp.headers_mut().insert(axum::http::header::LINK, v);
     }
+    locked(rsp)
 }
 
 async fn not_found() -> Response {
@@ -135,14 +255,101 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let invocation_id = headers
         .get("x-azure-functions-invocationid")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
     let span = tracing::info_span!("invocation", id = %invocation_id);
-    handle(state, body).instrument(span).await
+    async move {
+        // The permit is the body's share of the budget: held while the body is in memory.
+        let (body, _permit) = match read_body(&state, &headers, body).await {
+            Ok(read) => read,
+            Err((status, why)) => {
+                tracing::warn!(%status, "invocation body not read: {why}");
+                return (
+                    status,
+                    Json(InvocationResponse::with_logs(vec![why.to_owned()])),
+                )
+                    .into_response();
+            }
+        };
+        handle(state, body).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads an invocation body within the body timeout and the shared budget: a client that
+/// stalls is answered 408, one that cannot get a share of the budget in time 503, one that
+/// sends more than 1 MiB 413.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), (StatusCode, &'static str)> {
+    const TOO_LARGE: (StatusCode, &str) = (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "the invocation body is over 1 MiB",
+    );
+    const STALLED: (StatusCode, &str) = (
+        StatusCode::REQUEST_TIMEOUT,
+        "the invocation body did not arrive in time",
+    );
+    const BUSY: (StatusCode, &str) = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many invocation bodies in flight; try again",
+    );
+    let deadline = Instant::now() + state.limits.body_timeout;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Err(TOO_LARGE);
+    }
+    let share = |n: usize| {
+        let bodies = state.bodies.clone();
+        async move {
+            match tokio::time::timeout_at(deadline, bodies.acquire_many_owned(n as u32)).await {
+                Ok(Ok(permit)) => Ok(permit),
+                _ => Err(BUSY),
+            }
+        }
+    };
+    // A declared length is reserved at once, and the buffer is allocated to it.
+    let mut held = match declared {
+        Some(n) => Some(share(n).await?),
+        None => None,
+    };
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0));
+    let mut stream = body.into_data_stream();
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(STALLED),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "the invocation body could not be read",
+                ));
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        if buf.len() + chunk.len() > declared.unwrap_or(MAX_BODY).min(MAX_BODY) {
+            return Err(TOO_LARGE);
+        }
+        if declared.is_none() {
+            let permit = share(chunk.len()).await?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((Bytes::from(buf), held))
 }
 
 /// `DeliverEvents`: every project's pending events to the sinks that are due. A failure answers
@@ -247,11 +454,135 @@ async fn handle(state: AppState, body: Bytes) -> Response {
             );
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(InvocationResponse::with_logs(vec![e.to_string()])),
+                Json(InvocationResponse::with_logs(vec![
+                    cvchain_core::redact::scrub(&e.to_string()),
+                ])),
             )
                 .into_response()
         }
     }
+}
+
+/// One connection, as the accept loop tracks it.
+struct Conn {
+    opened: Instant,
+    /// Requests in progress on it.
+    busy: AtomicUsize,
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+/// Marks a request in progress on its connection for as long as it lives.
+struct InProgress(Arc<Conn>);
+
+impl InProgress {
+    fn enter(conn: &Arc<Conn>) -> Self {
+        conn.busy.fetch_add(1, Ordering::SeqCst);
+        Self(conn.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The connections being served.
+#[derive(Default)]
+struct Conns {
+    open: Mutex<Vec<Arc<Conn>>>,
+    closed: Notify,
+}
+
+impl Conns {
+    /// Makes room for one more connection: at the cap, the oldest connection without a request
+    /// in progress is closed (a slow or idle client); when every one has a request in progress,
+    /// waits for one to end (requests end within their own bounds).
+    async fn make_room(&self, max: usize) {
+        loop {
+            {
+                let open = self.open.lock().expect("connections");
+                let kept = open
+                    .iter()
+                    .filter(|c| !c.evicted.load(Ordering::SeqCst))
+                    .count();
+                if kept < max {
+                    return;
+                }
+                if let Some(idle) = open
+                    .iter()
+                    .filter(|c| {
+                        !c.evicted.load(Ordering::SeqCst) && c.busy.load(Ordering::SeqCst) == 0
+                    })
+                    .min_by_key(|c| c.opened)
+                {
+                    idle.evicted.store(true, Ordering::SeqCst);
+                    idle.evict.notify_one();
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.closed.notified()).await;
+        }
+    }
+
+    fn add(&self) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            opened: Instant::now(),
+            busy: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        self.open.lock().expect("connections").push(conn.clone());
+        conn
+    }
+
+    fn remove(&self, conn: &Arc<Conn>) {
+        self.open
+            .lock()
+            .expect("connections")
+            .retain(|c| !Arc::ptr_eq(c, conn));
+        self.closed.notify_one();
+    }
+}
+
+/// Serves one connection until it ends, is evicted, or shutdown asks it to finish.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+    limits: Limits,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let inner = hyper_util::service::TowerToHyperService::new(router);
+    let tracked = conn.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let in_progress = InProgress::enter(&tracked);
+        let answer = hyper::service::Service::call(&inner, request);
+        async move {
+            let answer = answer.await;
+            drop(in_progress);
+            answer
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        // Evicted to make room: dropping the connection closes it.
+        _ = conn.evict.notified() => {}
+        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.as_mut().await;
+        }
+    }
+    conns.remove(&conn);
 }
 
 /// Serves on `addr` until SIGTERM or SIGINT, then lets in-flight invocations finish (up to
@@ -259,28 +590,50 @@ async fn handle(state: AppState, body: Bytes) -> Response {
 pub async fn serve(listener: TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "cvchain handler listening");
-    let (tx, mut rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested; finishing in-flight invocations");
-        let _ = tx.send(true);
-    });
-    let server = tokio::spawn(async move { server.await });
-    tokio::pin!(server);
-    tokio::select! {
-        res = &mut server => return res.map_err(std::io::Error::other)?,
-        _ = rx.wait_for(|v| *v) => {}
+    let limits = state.limits;
+    let router = app(state);
+    let conns = Arc::new(Conns::default());
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let stream = tokio::select! {
+            _ = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        conns.make_room(limits.max_connections).await;
+        let conn = conns.add();
+        tasks.spawn(serve_connection(
+            stream,
+            router.clone(),
+            conn,
+            conns.clone(),
+            limits,
+            stopping.clone(),
+        ));
     }
-    match tokio::time::timeout(drain, &mut server).await {
-        Ok(res) => res.map_err(std::io::Error::other)?,
-        Err(_) => {
-            tracing::warn!(
-                ?drain,
-                "in-flight invocations did not finish in time; exiting"
-            );
-            Ok(())
-        }
+    tracing::info!("shutdown requested; finishing in-flight invocations");
+    drop(listener);
+    let _ = stop.send(true);
+    let drained =
+        tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?drain,
+            "in-flight invocations did not finish in time; exiting"
+        );
     }
+    Ok(())
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).

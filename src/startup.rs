@@ -85,9 +85,7 @@ impl Application {
 
     /// Serves the Functions custom-handler protocol on `listener` until SIGTERM or SIGINT.
     pub async fn serve(self, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
-        let state = crate::server::AppState {
-            processor: self.processor,
-        };
+        let state = crate::server::AppState::new(self.processor);
         crate::server::serve(listener, state, drain).await
     }
 

@@ -113,7 +113,7 @@ impl Fleet {
         let rows = self.rows().await;
         let count = |kind: &str| {
             rows.iter()
-                .filter(|r| r.entity["EventType"] == kind)
+                .filter(|r| r.entity["EventType"] == kind && !r.entity.contains_key("SameEventAs"))
                 .count()
         };
         let released = rows
@@ -193,8 +193,24 @@ impl Fleet {
     /// Everything happened exactly once, and nothing is missing.
     async fn assert_exactly_once(&self) {
         let rows = self.rows().await;
+        // A notification the producer sent twice (its queue write retried while storage was
+        // away) is a second message: it has a row of its own that names the first and says the
+        // texts agree. Each event is counted once, under its own key.
+        let (events, seconds): (Vec<&StoredEntity>, Vec<&StoredEntity>) = rows
+            .iter()
+            .partition(|r| !r.entity.contains_key("SameEventAs"));
+        for s in &seconds {
+            assert!(
+                s.entity["Disagreement"]
+                    .as_str()
+                    .is_some_and(|d| d.ends_with("the same text under another message id")),
+                "a second message that disagrees: {s:?}"
+            );
+        }
         let of = |kind: &str| -> Vec<&StoredEntity> {
-            rows.iter()
+            events
+                .iter()
+                .copied()
                 .filter(|r| r.entity["EventType"] == kind)
                 .collect()
         };
@@ -411,4 +427,315 @@ async fn the_worker_killed_mid_message_and_restarted() {
     })
     .await;
     f.assert_exactly_once().await;
+}
+
+/// Long copies (issue 17): a fault proxy in front of Azurite's blob port keeps every copy
+/// `pending` for two seconds, twice the one-second claims, then lets it succeed, fail
+/// or abort. Two `cvchain serve` instances share the queue, and redeliveries come while copies
+/// run. cvchain polls each copy to its end, renews its claim meanwhile (no claim is ever taken
+/// over), never starts a second copy into a destination whose copy is running, copies again
+/// after a failed or aborted copy, records each release once, and gives a message up as
+/// documented when its copy keeps failing: the last failure in `_failed`, the message poisoned.
+#[tokio::test]
+async fn long_copies_pending_failing_and_aborted_across_two_instances() {
+    use cvchain_testkit::{CopyEnd, CopyFaults, CopyProxy};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let proxy = CopyProxy::start(
+        azurite.blob_port,
+        CopyFaults {
+            pending_for: Duration::from_secs(2),
+            rules: vec![
+                ("Fail-once".into(), vec![CopyEnd::Failed, CopyEnd::Success]),
+                (
+                    "Abort-once".into(),
+                    vec![CopyEnd::Aborted, CopyEnd::Success],
+                ),
+                ("Always-fails".into(), vec![CopyEnd::Failed]),
+            ],
+        },
+    );
+    let queue = unique("lq");
+    let table = unique("History");
+    let backup = azurite.container_url("cvbackups");
+    let standin = Standin::start(StandinConfig {
+        model_size: 4096,
+        ..cvchain_testkit::standin_config(&clients, KEY, 50)
+    })
+    .await
+    .unwrap();
+    let env = [
+        ("CVCHAIN_STORAGE", proxy.connection_string(&azurite)),
+        ("CVCHAIN_QUEUE", queue.clone()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+        ("CVCHAIN_EXPORTS", "ONNX".into()),
+        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
+        ("CVCHAIN_CV_MAX_RPS", "1000".into()),
+        ("CVCHAIN_CLAIM_SECONDS", "1".into()),
+        ("CVCHAIN_MAX_DEQUEUE", "6".into()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    let handlers = [Handler::start(&env), Handler::start(&env)];
+    let hosts: Vec<Arc<HostEmulator>> = handlers
+        .iter()
+        .map(|h| {
+            let mut host = HostEmulator::new(&clients, &queue, h.url(""));
+            host.max_dequeue = 6;
+            host.visibility_seconds = 2;
+            Arc::new(host)
+        })
+        .collect();
+    let api = cvchain_testkit::StandinApi::new(&standin.endpoint(), KEY);
+    let queue_uri = azurite.queue_url(&queue);
+    let mut projects = Vec::new();
+    for name in [
+        "Fine 1",
+        "Fine 2",
+        "Fail-once",
+        "Abort-once",
+        "Always-fails",
+    ] {
+        let p = api
+            .create_project(&[
+                ("name", name),
+                ("domainId", COMPACT_DOMAIN),
+                ("notificationQueueUri", &queue_uri),
+                ("exportModelContainerUri", &backup),
+            ])
+            .await;
+        let i = api.train(p).await;
+        projects.push((name, p, i));
+    }
+    let rows = || async {
+        clients
+            .table(&table)
+            .unwrap()
+            .query(None, 10_000)
+            .await
+            .unwrap_or_default()
+    };
+    let released = |rows: &[StoredEntity], p: uuid::Uuid| {
+        rows.iter().any(|r| {
+            r.entity["PartitionKey"] == p.to_string()
+                && r.entity["EventType"] == "ExportStep"
+                && r.entity.contains_key("ReleaseUrl")
+        })
+    };
+    // Each instance's host pumps on its own, as two hosts do: a message that becomes visible
+    // again while one instance still works on it goes to whichever asks first.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pumps: Vec<_> = hosts
+        .iter()
+        .map(|host| {
+            let (host, stop) = (host.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut stats = PumpStats::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if host.round(&mut stats).await == 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                stats
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    loop {
+        let now = rows().await;
+        let given_up = now.iter().any(|r| r.entity["PartitionKey"] == "_failed");
+        if given_up && projects[..4].iter().all(|(_, p, _)| released(&now, *p)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run did not finish\n{}\n{}",
+            handlers[0].stderr(),
+            handlers[1].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pumps {
+        p.await.unwrap();
+    }
+    // Let any delivery still in flight end.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rows = rows().await;
+    let log = proxy.log();
+    let starts = log.starts();
+    let starts_of = |name: &str| -> usize {
+        starts
+            .iter()
+            .filter(|(dest, _)| {
+                dest.replace("%2F", "/")
+                    .contains(&format!("/models/{name}/"))
+            })
+            .map(|(_, n)| *n)
+            .sum()
+    };
+    // Polled while pending; never a second copy into a destination whose copy was running.
+    assert!(log.polls_while_pending > 0, "{log:?}");
+    assert_eq!(log.refused_while_pending, 0, "{log:?}");
+    // One copy per model, and one more after each failed or aborted copy.
+    assert_eq!(starts_of("Fine-1"), 1, "{starts:?}");
+    assert_eq!(starts_of("Fine-2"), 1, "{starts:?}");
+    assert_eq!(starts_of("Fail-once"), 2, "{starts:?}");
+    assert_eq!(starts_of("Abort-once"), 2, "{starts:?}");
+    assert!(starts_of("Always-fails") >= 1, "{starts:?}");
+    // Each release recorded once, on its step row; the models are the backups.
+    let service = clients.blob_service().unwrap();
+    for (name, p, i) in &projects[..4] {
+        let steps: Vec<&StoredEntity> = rows
+            .iter()
+            .filter(|r| {
+                r.entity["PartitionKey"] == p.to_string() && r.entity["EventType"] == "ExportStep"
+            })
+            .collect();
+        assert_eq!(steps.len(), 1, "{name}: {steps:?}");
+        let path = steps[0].entity["ReleasePath"].as_str().unwrap();
+        let copy = service
+            .blob_container_client("models")
+            .blob_client(path)
+            .download(None)
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap();
+        let original = service
+            .blob_container_client("cvbackups")
+            .blob_client(&format!("{p} - {i}.ONNX"))
+            .download(None)
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(copy, original, "{name}");
+    }
+    // The copy that keeps failing: the last delivery's failure recorded, the message poisoned,
+    // no release recorded.
+    let (_, p, _) = projects[4];
+    assert!(!released(&rows, p));
+    let failed: Vec<&StoredEntity> = rows
+        .iter()
+        .filter(|r| r.entity["PartitionKey"] == "_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].entity["Raw"]
+            .as_str()
+            .unwrap()
+            .contains(&p.to_string())
+    );
+    let poison = hosts[0]
+        .poison
+        .peek_messages(None)
+        .await
+        .unwrap()
+        .into_model()
+        .unwrap()
+        .items
+        .unwrap_or_default();
+    assert_eq!(poison.len(), 1, "{poison:?}");
+    // The claims outlasted the copies: none was ever taken over from a live holder.
+    for h in &handlers {
+        let log = h.stderr();
+        assert!(!log.contains("took over an expired claim"), "{log}");
+        assert!(!log.contains("lapsed while its work ran"), "{log}");
+        cvchain_testkit::assert_no_secrets(
+            "the handler's logs",
+            &log,
+            &[KEY, cvchain_azure::storage::settings::DEV_ACCOUNT_KEY],
+        );
+    }
+}
+
+/// A copy that outlasts the delivery that started it (issue 17): the delivery gives up
+/// waiting and is retried; the retry finds the copy still running and waits for it instead of
+/// starting a second one, and then records the release.
+#[tokio::test]
+async fn a_copy_that_outlasts_its_delivery_is_resumed_not_restarted() {
+    use cvchain_azure::storage::blobs::ReleaseStore;
+    use cvchain_core::release::{
+        DEFAULT_TEMPLATE, PathTemplate, ReleaseFacts, ReleaseNames, ReleasePlan, Source,
+    };
+    use cvchain_testkit::{CopyFaults, CopyProxy};
+    let azurite = Azurite::start();
+    let proxy = CopyProxy::start(
+        azurite.blob_port,
+        CopyFaults {
+            pending_for: Duration::from_secs(3),
+            rules: Vec::new(),
+        },
+    );
+    let direct = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let through_proxy = StorageClients::new(
+        &cvchain_azure::storage::settings::parse_connection_string(
+            "CVCHAIN_STORAGE",
+            &proxy.connection_string(&azurite),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (p, i) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let backup = direct
+        .blob_service()
+        .unwrap()
+        .blob_container_client("cvbackups");
+    let _ = backup.create(None).await;
+    let name = format!("{p} - {i}.ONNX");
+    backup
+        .blob_client(&name)
+        .upload(
+            azure_core::http::RequestContent::from(vec![7u8; 4096]),
+            None,
+        )
+        .await
+        .unwrap();
+    let store = ReleaseStore::new(
+        &through_proxy,
+        "models",
+        Some(url::Url::parse(&azurite.container_url("cvbackups")).unwrap()),
+        PathTemplate::parse(DEFAULT_TEMPLATE).unwrap(),
+    )
+    .unwrap()
+    .with_copy_timeout(Duration::from_secs(1));
+    let plan = ReleasePlan {
+        platform: "ONNX".into(),
+        flavor: None,
+        source: Source::Backup { blob_name: name },
+        fallback: None,
+    };
+    let names = ReleaseNames {
+        project_id: p,
+        project_name: "Slow".into(),
+        iteration_id: i,
+        iteration_name: "Iteration 1".into(),
+        platform: "ONNX".into(),
+        flavor: None,
+    };
+    let facts = ReleaseFacts::default();
+    let first = store.release(&plan, &names, &facts).await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("still pending")),
+        "{first:?}"
+    );
+    let second = store.release(&plan, &names, &facts).await.unwrap();
+    assert_eq!(second.path, "Slow/Iteration-1/ONNX.zip");
+    let log = proxy.log();
+    assert_eq!(log.copies.len(), 1, "{log:?}");
+    assert_eq!(log.refused_while_pending, 0);
+    assert!(log.polls_while_pending >= 2, "{log:?}");
+    // A third delivery finds the copy current and writes nothing.
+    let third = store.release(&plan, &names, &facts).await.unwrap();
+    assert!(!third.copied);
+    assert_eq!(proxy.log().copies.len(), 1);
 }

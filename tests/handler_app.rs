@@ -30,9 +30,7 @@ fn state_without_storage() -> AppState {
             max_retries: 0,
             max_total: Duration::from_secs(1),
         });
-    AppState {
-        processor: Arc::new(Processor::new(&settings, &clients, None).unwrap()),
-    }
+    AppState::new(Arc::new(Processor::new(&settings, &clients, None).unwrap()))
 }
 
 async fn call(req: Request<Body>) -> (u16, String, serde_json::Value) {

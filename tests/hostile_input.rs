@@ -171,3 +171,781 @@ fn odd_metadata_is_tolerated_not_trusted() {
         assert_eq!(inv.message_id, None);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile messages through `cvchain serve`, Azurite and the Custom Vision stand-in, as an
+// attacker with write access to the queue (and, for the forged exports, to the backup
+// container) would send them. Every one is answered 200 on every delivery, recorded, and
+// leaves no secret in any spelling in the rows, the answers or the logs.
+
+use cvchain_azure::storage::{clients::StorageClients, table::StoredEntity};
+use cvchain_standin::{COMPACT_DOMAIN, Standin};
+use cvchain_testkit::{Azurite, Handler, HostEmulator, StandinApi, host_envelope, unique};
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+const KEY: &str = "hostile-training-key-77c1";
+
+struct World {
+    azurite: Azurite,
+    standin: Standin,
+    handler: Handler,
+    host: HostEmulator,
+    clients: StorageClients,
+    table: String,
+    queue: String,
+    backup: String,
+    http: reqwest::Client,
+    /// Every answer body, for the secret scan.
+    answers: std::sync::Mutex<Vec<String>>,
+}
+
+async fn world(export_delay_ms: u64, chain: &str) -> World {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let queue = unique("hq");
+    let table = unique("History");
+    let backup = azurite.container_url("cvbackups");
+    let standin = Standin::start(cvchain_standin::StandinConfig {
+        export_delay: Duration::from_millis(export_delay_ms),
+        model_size: 2048,
+        ..cvchain_testkit::standin_config(&clients, KEY, 50)
+    })
+    .await
+    .unwrap();
+    let handler = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_QUEUE", queue.clone()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+        ("CVCHAIN_EXPORTS", chain.into()),
+        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
+        ("CVCHAIN_CV_MAX_RPS", "1000".into()),
+    ]);
+    let host = HostEmulator::new(&clients, &queue, handler.url(""));
+    World {
+        azurite,
+        standin,
+        handler,
+        host,
+        clients,
+        table,
+        queue,
+        backup,
+        http: reqwest::Client::new(),
+        answers: Default::default(),
+    }
+}
+
+impl World {
+    async fn post_body(&self, body: String) -> u16 {
+        let rsp = self
+            .http
+            .post(self.handler.url("/CustomVisionNotification"))
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = rsp.status().as_u16();
+        let answer = rsp.text().await.unwrap();
+        self.answers.lock().unwrap().push(answer);
+        status
+    }
+
+    async fn deliver(&self, text: &str, id: &str, dequeue: u32) -> u16 {
+        self.post_body(host_envelope(text, id, dequeue)).await
+    }
+
+    async fn rows(&self) -> Vec<StoredEntity> {
+        self.clients
+            .table(&self.table)
+            .unwrap()
+            .query(None, 10_000)
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn rows_with(&self, prop: &str, value: &str) -> Vec<StoredEntity> {
+        self.rows()
+            .await
+            .into_iter()
+            .filter(|r| r.entity.get(prop).and_then(Value::as_str) == Some(value))
+            .collect()
+    }
+
+    async fn blob(&self, container: &str, name: &str) -> Option<Vec<u8>> {
+        let blob = self
+            .clients
+            .blob_service()
+            .unwrap()
+            .blob_container_client(container)
+            .blob_client(name);
+        match blob.download(None).await {
+            Ok(rsp) => Some(rsp.body.collect().await.unwrap().to_vec()),
+            Err(_) => None,
+        }
+    }
+
+    async fn put_blob(&self, container: &str, name: &str, body: &[u8]) {
+        let c = self
+            .clients
+            .blob_service()
+            .unwrap()
+            .blob_container_client(container);
+        let _ = c.create(None).await;
+        c.blob_client(name)
+            .upload(azure_core::http::RequestContent::from(body.to_vec()), None)
+            .await
+            .unwrap();
+    }
+
+    /// No secret in any spelling in the rows, the answers or the handler's logs.
+    async fn assert_no_secrets(&self, extra: &[&str]) {
+        let mut secrets = vec![KEY, cvchain_azure::storage::settings::DEV_ACCOUNT_KEY];
+        secrets.extend_from_slice(extra);
+        let rows = self.rows().await;
+        for r in &rows {
+            let text = serde_json::to_string(&r.entity).unwrap();
+            cvchain_testkit::assert_no_secrets(
+                &format!(
+                    "row {}/{}",
+                    r.entity["PartitionKey"].as_str().unwrap_or_default(),
+                    r.entity["RowKey"].as_str().unwrap_or_default()
+                ),
+                &text,
+                &secrets,
+            );
+        }
+        for a in self.answers.lock().unwrap().iter() {
+            cvchain_testkit::assert_no_secrets("an invocation answer", a, &secrets);
+        }
+        cvchain_testkit::assert_no_secrets("the handler's logs", &self.handler.stderr(), &secrets);
+    }
+
+    /// Trains a new project wired to the queue and the backup container.
+    async fn trained_project(&self, name: &str) -> (Uuid, Uuid) {
+        let api = StandinApi::new(&self.standin.endpoint(), KEY);
+        let queue_uri = self.azurite.queue_url(&self.queue);
+        let project = api
+            .create_project(&[
+                ("name", name),
+                ("domainId", COMPACT_DOMAIN),
+                ("notificationQueueUri", &queue_uri),
+                ("exportModelContainerUri", &self.backup),
+            ])
+            .await;
+        let iteration = api.train(project).await;
+        (project, iteration)
+    }
+
+    async fn step(&self, project: Uuid, iteration: Uuid, platform: &str) -> Option<StoredEntity> {
+        self.rows().await.into_iter().find(|r| {
+            r.entity["PartitionKey"] == project.to_string()
+                && r.entity["RowKey"] == format!("ExportStep_{iteration}_{platform}")
+        })
+    }
+}
+
+fn export_message(project: &str, iteration: &str, model_uri: &str) -> String {
+    serde_json::json!({
+        "version": "1.0", "type": "Export",
+        "Content": {"projectId": project, "iterationId": iteration,
+                    "exportStatus": "ExportCompleted", "modelUri": model_uri}
+    })
+    .to_string()
+}
+
+fn connection_test(extra: &str) -> String {
+    format!(r#"{{"version":"1.0","type":"ConnectionTest","Content":{{"projectId":"{P}"}}{extra}}}"#)
+}
+
+/// Findings 1 and 2 of issue 17, and messages with unsafe ids: signatures in escaped JSON,
+/// unknown types that echo a secret, messages whose text cannot be stored as it is, and
+/// rejected messages and envelopes too large for the poison queue.
+#[tokio::test]
+async fn hostile_messages_are_answered_200_recorded_and_leak_no_secret() {
+    let w = world(50, "ONNX").await;
+    let uri = |q: &str| format!("https://acct.blob.core.windows.net/x/model.zip?sv=1{q}");
+    // (id, message text) that must be recorded as a notification.
+    let mut notifications: Vec<(String, String)> = Vec::new();
+    // Signatures in every spelling System.Text.Json and URLs allow, as the JSON text spells them.
+    for (n, q) in [
+        r"\u0026sig=LEAK1SIG\u0026se=2",
+        r"&sig\u003dLEAK2SIG",
+        r"&\u0073ig=LEAK3SIG",
+        "&%73ig=LEAK4SIG",
+        r"\u0026sig=LEAK5%2BSIG",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let text = format!(
+            r#"{{"version":"1.0","type":"Export","Content":{{"projectId":"{P}","iterationId":"{I}","exportStatus":"ExportCompleted","modelUri":"{}"}}}}"#,
+            uri(q)
+        );
+        notifications.push((format!("sig-{n}"), text.clone()));
+        notifications.push((format!("sig-b64-{n}"), b64(text.as_bytes())));
+    }
+    // An unknown type that echoes a secret (it reaches `UnknownType` and the answer's Logs).
+    notifications.push((
+        "unknown-1".into(),
+        r#"{"version":"1.0","type":"x sig=LEAK6SIG y\u0026sig=LEAK7SIG","Content":{}}"#.into(),
+    ));
+    // A password in a URL.
+    notifications.push((
+        "userinfo-1".into(),
+        export_message(
+            P,
+            I,
+            "https://user:LEAK8PASS@acct.blob.core.windows.net/x/m.zip",
+        ),
+    ));
+    // 60 KB padded with U+0085: each one is six units once escaped.
+    notifications.push((
+        "nel-padding".into(),
+        connection_test(&format!(r#","pad":"{}""#, "\u{85}".repeat(30_000))),
+    ));
+    // A modelUri of 60,000 characters.
+    notifications.push((
+        "long-model-uri".into(),
+        export_message(
+            P,
+            I,
+            &format!(
+                "https://acct.blob.core.windows.net/x/{}",
+                "a".repeat(60_000)
+            ),
+        ),
+    ));
+    // The same text under two unsafe ids: two deliveries, two rows.
+    let twice = connection_test(r#","n":"twice""#);
+    notifications.push(("unsafe/id#1".into(), twice.clone()));
+    notifications.push(("unsafe/id#2".into(), twice.clone()));
+
+    for (id, text) in &notifications {
+        for dequeue in [1, 5] {
+            assert_eq!(
+                w.deliver(text, id, dequeue).await,
+                200,
+                "{id} (delivery {dequeue})"
+            );
+        }
+        assert_eq!(
+            w.rows_with("MessageId", id).await.len(),
+            1,
+            "{id}: one row for the message"
+        );
+    }
+    // Rejected messages the poison queue cannot hold: a message over 64 KiB, and one under
+    // it whose copy must be base64 (XML cannot carry U+0001) and so is over it.
+    let rejected = [
+        ("too-large", connection_test(&" ".repeat(70_000))),
+        ("xml-unsafe", format!("{{oops{}", "\u{1}".repeat(50_000))),
+        (
+            "sig-rejected",
+            r#"{"modelUri":"https://x/y?a=1\u0026sig=LEAK9SIG"#.to_owned(),
+        ),
+    ];
+    for (id, text) in &rejected {
+        for dequeue in [1, 5] {
+            assert_eq!(
+                w.deliver(text, id, dequeue).await,
+                200,
+                "{id} (delivery {dequeue})"
+            );
+        }
+        let rows = w.rows_with("MessageId", id).await;
+        assert_eq!(rows.len(), 1, "{id}");
+        let row = &rows[0].entity;
+        assert_eq!(row["PartitionKey"], "_rejected", "{id}");
+        // Nothing is lost: the whole text is in the poison queue or, when it cannot go there,
+        // in a blob the row points to.
+        match row["PoisonCopy"].as_str() {
+            Some("sent") => {}
+            Some("stored") => {
+                let name = row["PoisonBlob"].as_str().expect("PoisonBlob");
+                let container = format!("{}-poison", w.queue);
+                let stored = w.blob(&container, name).await.expect("the stored copy");
+                assert_eq!(stored, text.as_bytes(), "{id}");
+            }
+            other => panic!("{id}: PoisonCopy {other:?}"),
+        }
+    }
+    // An unreadable envelope of a megabyte.
+    let body = "x".repeat(1_000_000);
+    assert_eq!(w.post_body(body.clone()).await, 200);
+    let unreadable: Vec<StoredEntity> = w
+        .rows_with("PartitionKey", "_rejected")
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.entity["Reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("invocation body is not JSON"))
+        })
+        .collect();
+    assert_eq!(unreadable.len(), 1);
+    assert_eq!(unreadable[0].entity["PoisonCopy"], "stored");
+    let name = unreadable[0].entity["PoisonBlob"].as_str().unwrap();
+    assert_eq!(
+        w.blob(&format!("{}-poison", w.queue), name).await.unwrap(),
+        body.as_bytes()
+    );
+
+    let leaks: Vec<String> = (1..=9).map(|n| format!("LEAK{n}")).collect();
+    let leaks: Vec<&str> = leaks.iter().map(String::as_str).collect();
+    w.assert_no_secrets(&leaks).await;
+}
+
+/// Findings 3, 4 and 5 of issue 17, and the release metadata's `source`: a forged
+/// ExportCompleted recorded before the genuine one, backup blobs whose names differ from the
+/// genuine one only by case, and a release whose plain and id-qualified paths both hold blobs
+/// cvchain did not write.
+#[tokio::test]
+async fn forged_exports_neither_replace_nor_displace_the_genuine_ones() {
+    let w = world(1500, "ONNX").await;
+    let (p, i) = w.trained_project("Widgets").await;
+    let backup_name = format!("{p} - {i}.ONNX");
+    let genuine_uri = format!("{}/{p}%20-%20{i}.ONNX", w.backup);
+    // The chain requests ONNX; its ExportCompleted comes 1.5 s later.
+    w.host
+        .pump_until(Duration::from_secs(30), || async {
+            w.step(p, i, "ONNX").await.is_some()
+        })
+        .await;
+    // A forged ExportCompleted, exactly as the genuine one will read, recorded first.
+    let forged = export_message(&p.to_string(), &i.to_string(), &genuine_uri);
+    assert_eq!(w.deliver(&forged, "forged-first", 1).await, 200);
+    let stats = w
+        .host
+        .pump_until(Duration::from_secs(30), || async {
+            w.step(p, i, "ONNX")
+                .await
+                .is_some_and(|s| s.entity.contains_key("ReleaseUrl"))
+        })
+        .await;
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    // Both messages have a row of their own; the later one records the disagreement.
+    let exports: Vec<StoredEntity> = w
+        .rows_with("EventType", "Export")
+        .await
+        .into_iter()
+        .filter(|r| r.entity["IterationId"] == i.to_string())
+        .collect();
+    assert_eq!(exports.len(), 2, "{exports:#?}");
+    let genuine = exports
+        .iter()
+        .find(|r| r.entity["MessageId"] != "forged-first")
+        .expect("the genuine message's row");
+    assert!(
+        genuine.entity["Disagreement"]
+            .as_str()
+            .is_some_and(|d| d.contains("forged-first")),
+        "{genuine:#?}"
+    );
+
+    // Blobs whose names differ from the genuine backup's only by case: never released.
+    let step = w.step(p, i, "ONNX").await.unwrap();
+    let release_path = step.entity["ReleasePath"].as_str().unwrap().to_owned();
+    let genuine_bytes = w.blob("cvbackups", &backup_name).await.unwrap();
+    let upper = format!(
+        "{} - {}.ONNX",
+        p.to_string().to_uppercase(),
+        i.to_string().to_uppercase()
+    );
+    for (n, name) in [format!("{p} - {i}.onnx"), upper].iter().enumerate() {
+        w.put_blob("cvbackups", name, format!("attacker {n}").as_bytes())
+            .await;
+        let uri = format!("{}/{}", w.backup, name.replace(' ', "%20"));
+        let forged = export_message(&p.to_string(), &i.to_string(), &uri);
+        assert_eq!(w.deliver(&forged, &format!("case-{n}"), 1).await, 200);
+        assert_eq!(
+            w.blob("models", &release_path).await.unwrap(),
+            genuine_bytes,
+            "the release copy was replaced by {name}"
+        );
+    }
+    // The release copy's `source` is the backup's URL, percent-encoded once.
+    use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
+    let meta = w
+        .clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client("models")
+        .blob_client(&release_path)
+        .get_properties(None)
+        .await
+        .unwrap()
+        .metadata()
+        .unwrap();
+    assert_eq!(meta["source"], genuine_uri);
+
+    // The plain and the id-qualified path both hold someone else's blobs: neither is
+    // overwritten; the refusal is recorded and the message answered 200.
+    let (p2, i2) = w.trained_project("Gadgets").await;
+    let plain = "Gadgets/Iteration-1/ONNX.zip".to_owned();
+    let qualified = format!("Gadgets-{p2}/Iteration-1-{i2}/ONNX.zip");
+    for path in [&plain, &qualified] {
+        w.put_blob("models", path, b"not cvchain's").await;
+    }
+    let stats = w
+        .host
+        .pump_until(Duration::from_secs(30), || async {
+            w.rows_with("EventType", "Export")
+                .await
+                .iter()
+                .any(|r| r.entity["IterationId"] == i2.to_string())
+        })
+        .await;
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    for path in [&plain, &qualified] {
+        assert_eq!(
+            w.blob("models", path).await.unwrap(),
+            b"not cvchain's",
+            "{path}"
+        );
+    }
+    let step = w.step(p2, i2, "ONNX").await.expect("the ONNX step row");
+    assert!(
+        step.entity["ReleaseStatus"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("refused")),
+        "{step:#?}"
+    );
+    w.assert_no_secrets(&[]).await;
+}
+
+/// A training key with a newline and an endpoint with a password: the setting is named, and
+/// the password is printed nowhere (not by `check`, not by `serve`'s start-up line).
+#[test]
+fn hostile_settings_are_named_and_never_quoted() {
+    use std::process::Command;
+    let bin = cvchain_testkit::handler::cvchain_bin();
+    let run = |command: &str, endpoint: &str, key: &str| {
+        let out = Command::new(&bin)
+            .arg(command)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CVCHAIN_STORAGE", "UseDevelopmentStorage=true")
+            .env("CUSTOM_VISION_ENDPOINT", endpoint)
+            .env("CUSTOM_VISION_TRAINING_KEY", key)
+            .env(
+                "FUNCTIONS_CUSTOMHANDLER_PORT",
+                cvchain_testkit::free_port().to_string(),
+            )
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{command} accepted it");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    for command in ["check", "serve"] {
+        let out = run(command, "http://user:HUNTER2PASS@127.0.0.1:9/", "plain-key");
+        assert!(out.contains("CUSTOM_VISION_ENDPOINT"), "{command}: {out}");
+        cvchain_testkit::assert_no_secrets(command, &out, &["HUNTER2PASS"]);
+        let out = run(command, "http://127.0.0.1:9/", "abc\ndef-KEYTAIL");
+        assert!(
+            out.contains("CUSTOM_VISION_TRAINING_KEY"),
+            "{command}: {out}"
+        );
+        assert!(!out.contains("failed to build request"), "{command}: {out}");
+        cvchain_testkit::assert_no_secrets(command, &out, &["KEYTAIL"]);
+    }
+}
+
+/// Platform names no Custom Vision should report, but one could: claims and step rows keyed by
+/// them are still valid table keys, taken and given back.
+#[tokio::test]
+async fn hostile_platform_names_make_valid_claim_and_step_keys() {
+    use cvchain_azure::history::{claims::Claims, store::HistoryStore};
+    use cvchain_core::chain::{EntryState, ExportTarget};
+    use cvchain_core::claims::ClaimKey;
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let table = unique("History");
+    let store = HistoryStore::new(clients.table(&table).unwrap());
+    let claims = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(60));
+    let (p, i) = (Uuid::new_v4(), Uuid::new_v4());
+    for platform in [
+        "ON/NX",
+        "a\\b",
+        "q?x#y",
+        "it's 100%",
+        "tab\there",
+        "\u{7f}\u{85}",
+        "ünïcödé",
+        &"x".repeat(2_000),
+    ] {
+        let target = ExportTarget {
+            platform: platform.to_owned(),
+            flavor: Some("f/l".into()),
+        };
+        for key in [
+            ClaimKey::copy(p, i, &target),
+            ClaimKey::export_request(p, i, &target),
+        ] {
+            let claim = claims
+                .acquire(&key)
+                .await
+                .unwrap_or_else(|e| panic!("{platform:?}: {e}"))
+                .unwrap_or_else(|| panic!("{platform:?}: not taken"));
+            assert!(
+                claims.acquire(&key).await.unwrap().is_none(),
+                "{platform:?}"
+            );
+            claims.release(&claim).await.unwrap();
+        }
+        let row = cvchain_core::history::step_row(p, i, 0, &target, EntryState::Done);
+        store
+            .record(&row)
+            .await
+            .unwrap_or_else(|e| panic!("{platform:?}: {e}"));
+        assert_eq!(
+            store
+                .steps(p, i)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|s| s.target == target)
+                .count(),
+            1,
+            "{platform:?}"
+        );
+    }
+}
+
+/// The handler's resident memory, from `/proc`.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// Slow clients (issue 17, finding 6): 300 connections trickling their headers and 100 bodies
+/// stalled at 800 KB of 900 KB. The trickling connections are closed once the header timeout
+/// passes, the stalled bodies are answered 408 once the body timeout passes, memory stays
+/// bounded meanwhile, and `GET /`, the host's readiness probe, is answered at once throughout.
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_readiness_is_answered_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let handler = Handler::start(&[("CVCHAIN_STORAGE", "UseDevelopmentStorage=true".into())]);
+    let addr = format!("127.0.0.1:{}", handler.port);
+    let ready = |http: reqwest::Client, url: String| async move {
+        let asked = std::time::Instant::now();
+        let rsp = http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .expect("GET / answered");
+        assert_eq!(rsp.status(), 200);
+        asked.elapsed()
+    };
+    let http = reqwest::Client::new();
+    let idle_rss = rss_mib(handler.pid());
+
+    // 300 connections that send a header line a second and never finish.
+    let mut trickling = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /api/history HTTP/1.1\r\n").await.unwrap();
+        trickling.push(tokio::spawn(async move {
+            let opened = std::time::Instant::now();
+            let mut buf = [0u8; 256];
+            loop {
+                tokio::select! {
+                    r = s.read(&mut buf) => {
+                        // Closed by the server (EOF or reset), or answered with an error.
+                        let _ = r;
+                        return opened.elapsed();
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                            return opened.elapsed();
+                        }
+                    }
+                }
+                if opened.elapsed() > Duration::from_secs(40) {
+                    return opened.elapsed();
+                }
+            }
+        }));
+    }
+    // 100 invocations whose bodies stall at 800 KB of 900 KB.
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        stalled.push(tokio::spawn(async move {
+            let opened = std::time::Instant::now();
+            let head = "POST /CustomVisionNotification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n";
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return (opened.elapsed(), String::new());
+            }
+            let chunk = vec![b' '; 16 * 1024];
+            for _ in 0..50 {
+                if s.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut answer)).await;
+            let line = String::from_utf8_lossy(&answer)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            (opened.elapsed(), line)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The readiness probe is answered at once although every slot could be taken.
+    for _ in 0..5 {
+        let took = ready(http.clone(), handler.url("/")).await;
+        assert!(took < Duration::from_millis(1500), "GET / took {took:?}");
+    }
+    let peak = rss_mib(handler.pid());
+    assert!(
+        peak - idle_rss < 48.0,
+        "resident memory grew from {idle_rss:.1} MiB to {peak:.1} MiB"
+    );
+    for t in trickling {
+        let lived = t.await.unwrap();
+        assert!(
+            lived < Duration::from_secs(15),
+            "a trickling connection lived {lived:?}"
+        );
+    }
+    for t in stalled {
+        let (lived, status) = t.await.unwrap();
+        assert!(
+            lived < Duration::from_secs(30),
+            "a stalled body was held {lived:?}"
+        );
+        assert!(
+            status.is_empty()
+                || status.starts_with("HTTP/1.1 408")
+                || status.starts_with("HTTP/1.1 503"),
+            "{status}"
+        );
+    }
+    let took = ready(http.clone(), handler.url("/")).await;
+    assert!(took < Duration::from_millis(1500), "GET / took {took:?}");
+}
+
+/// The history page (issue 17, finding 6): locked down (a Content-Security-Policy that allows
+/// nothing but its own inline style, `nosniff`), and read a page at a time: a request reads at
+/// most one page of trained iterations, and the next page is linked.
+#[tokio::test]
+async fn the_history_page_is_locked_down_and_paged() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let table_name = unique("History");
+    let table = clients.table(&table_name).unwrap();
+    table.create_if_missing().await.unwrap();
+    for n in 1..=7 {
+        let iteration = format!("00000000-0000-0000-0000-00000000000{n}");
+        for entity in [
+            serde_json::json!({"PartitionKey": P, "RowKey": format!("Training_{iteration}_TrainingCompleted"),
+                "EventType": "Training", "ProjectId": P, "ProjectName": "<script>alert(1)</script>",
+                "IterationId": iteration, "IterationName": format!("Iteration {n}"),
+                "Status": "TrainingCompleted", "TrainedAt": format!("2026-11-2{n}T10:00:00.0000000Z"),
+                "Precision": 0.5, "Recall": 0.5, "AveragePrecision": 0.5}),
+            serde_json::json!({"PartitionKey": P, "RowKey": format!("ExportStep_{iteration}_ONNX"),
+                "EventType": "ExportStep", "IterationId": iteration, "Platform": "ONNX",
+                "Flavor": "", "ChainPosition": 1, "Status": "Done",
+                "ReleasePath": format!("W/Iteration-{n}/ONNX.zip"),
+                "ReleaseUrl": "javascript:alert(1)"}),
+        ] {
+            table.insert(entity.as_object().unwrap()).await.unwrap();
+        }
+    }
+    let handler = Handler::start(&[
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_HISTORY_TABLE", table_name),
+    ]);
+    let http = reqwest::Client::new();
+    // Headers, for HTML and JSON alike.
+    for accept in ["text/html", "application/json"] {
+        let rsp = http
+            .get(handler.url(&format!("/api/history/{P}")))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            rsp.headers()["x-content-type-options"],
+            "nosniff",
+            "{accept}"
+        );
+        let csp = rsp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(csp.starts_with("default-src 'none'"), "{csp}");
+        assert!(!csp.contains("unsafe"), "{csp}");
+        let body = rsp.text().await.unwrap();
+        if accept == "text/html" {
+            assert!(!body.contains("<script>"), "{body}");
+            assert!(!body.contains("href=\"javascript:"), "{body}");
+        }
+    }
+    // Pages of three, linked until the last.
+    let mut url = handler.url(&format!("/api/history/{P}?limit=3"));
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let rsp = http
+            .get(&url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        let next = rsp
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_owned());
+        let page: Value = rsp.json().await.unwrap();
+        let page = page.as_array().unwrap().clone();
+        assert!(page.len() <= 3, "{page:?}");
+        for it in &page {
+            assert_eq!(it["exports"][0]["platform"], "ONNX");
+            seen.push(it["iterationName"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        let Some(link) = next else { break };
+        let target = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once(">; rel=\"next\""))
+            .map(|(u, _)| u.to_owned())
+            .unwrap_or_else(|| panic!("{link}"));
+        url = handler.url(&target);
+        assert!(pages < 10);
+    }
+    seen.sort();
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    seen.dedup();
+    assert_eq!(seen.len(), 7, "an iteration on two pages");
+    assert!(pages >= 3);
+    // The HTML page links the next page too.
+    let html = http
+        .get(handler.url(&format!("/api/history/{P}?limit=3&format=html")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("rel=\"next\""), "{html}");
+}

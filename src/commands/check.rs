@@ -141,7 +141,10 @@ pub async fn check(
 
     match (cv, &settings.custom_vision) {
         (Some(cv), Some(cfg)) => {
-            let what = format!("Custom Vision {}", cfg.endpoint);
+            let what = format!(
+                "Custom Vision {}",
+                cvchain_core::redact::url_without_secrets(cfg.endpoint.as_str())
+            );
             // A project that cannot exist: NotFoundProject proves the key or identity works.
             out.push(match cv.get_project(uuid::Uuid::nil()).await {
                 Ok(_) => ok(what, "reachable"),

@@ -3,7 +3,7 @@
 //! with conditional writes.
 
 use crate::chain::ExportTarget;
-use crate::history::{HistoryRow, Prop, Props, RowKind, safe_key};
+use crate::history::{HistoryRow, Prop, Props, RowKind, key_part, safe_key};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -41,7 +41,7 @@ impl ClaimKey {
     pub fn export_request(project: Uuid, iteration: Uuid, target: &ExportTarget) -> Self {
         Self {
             partition_key: project.to_string(),
-            row_key: safe_key(format!("Claim_{iteration}_{}", target.key())),
+            row_key: safe_key(format!("Claim_{iteration}_{}", key_part(&target.key()))),
             purpose: Purpose::ExportRequest,
         }
     }
@@ -50,7 +50,10 @@ impl ClaimKey {
     pub fn copy(project: Uuid, iteration: Uuid, target: &ExportTarget) -> Self {
         Self {
             partition_key: project.to_string(),
-            row_key: safe_key(format!("ReleaseClaim_{iteration}_{}", target.key())),
+            row_key: safe_key(format!(
+                "ReleaseClaim_{iteration}_{}",
+                key_part(&target.key())
+            )),
             purpose: Purpose::Copy,
         }
     }

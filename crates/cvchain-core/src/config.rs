@@ -80,10 +80,19 @@ impl<'a> Vars<'a> {
     }
 }
 
-/// An absolute http(s) URL without a query string (a SAS belongs elsewhere).
+/// An absolute http(s) URL without a query string (a SAS belongs elsewhere) and without a user
+/// name or password (they would be printed wherever the URL is).
 pub fn parse_url(setting: &str, what: &str, value: &str) -> Result<Url, SettingsError> {
     match Url::parse(value.trim()) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
+            if !u.username().is_empty() || u.password().is_some() {
+                return Err(SettingsError::new(
+                    setting,
+                    format!(
+                        "{what} must not carry a user name or password (credentials go in their own settings)"
+                    ),
+                ));
+            }
             if u.query().is_some() {
                 return Err(SettingsError::new(
                     setting,

@@ -15,10 +15,11 @@
 //! - [`events`]: the CloudEvents a history change emits, their outbox rows, and how each sink
 //!   gets them (order, retries, size, Standard Webhooks signatures).
 //!
-//! Beside them: [`customvision`] (the Training API's models and error classes), [`config`] (the
+//! Beside them: [`bounds`] (sizes as Table storage counts them), [`customvision`] (the Training API's models and error classes), [`config`] (the
 //! settings the decisions take, and the one number parser settings use), [`redact`] (secrets out
 //! of every text that is stored or logged) and [`fuzzing`] (entry points for the fuzz targets).
 
+pub mod bounds;
 pub mod chain;
 pub mod channels;
 pub mod claims;

@@ -3,14 +3,15 @@
 //! and what a history row records of it, redacted and bounded. Everything after the edge uses
 //! the [`Incoming`] value; nothing unwraps, parses or redacts the text again.
 
+use crate::bounds::{MAX_PROPERTY_UNITS, fit};
 use crate::notification::{Encoding, ParseError, Parsed, parse_json, unwrap_text};
 use crate::redact::redact;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-/// A table string property holds 32 K UTF-16 units; stay well below.
-pub const MAX_TEXT_CHARS: usize = 30_000;
+/// A queue message holds 64 KiB of text (the service counts its UTF-8 bytes).
+pub const MAX_QUEUE_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// A message as it arrived, whatever the transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,8 @@ pub struct Received {
 
 impl Received {
     /// A key fragment that identifies the message: its id when that is a safe key, else a hash of
-    /// the text (the same text redelivered gives the same key).
+    /// the id and the text (a redelivery, same id and text, gives the same key; two messages
+    /// with the same text under different ids do not share one).
     pub fn message_key(&self) -> String {
         match &self.message_id {
             Some(id)
@@ -37,13 +39,16 @@ impl Received {
             {
                 id.clone()
             }
+            Some(id) if !id.is_empty() => {
+                format!("sha256-{}", short_hash(&format!("{id}\n{}", self.text)))
+            }
             _ => format!("sha256-{}", short_hash(&self.text)),
         }
     }
 }
 
 /// What history rows record of a message's text: secrets redacted, control characters escaped,
-/// bounded in length.
+/// bounded by its size as the table counts it (a cut text ends with a marker that says so).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedText {
     /// The text as received. A base64 message's JSON is redacted and encoded again, since base64
@@ -61,7 +66,7 @@ impl RecordedText {
         let (raw, decoded) = match unwrapped {
             Some((json_text, Encoding::Base64)) => {
                 let clean = redact(json_text);
-                let decoded = bounded(&clean, MAX_TEXT_CHARS);
+                let decoded = fit(&escape_controls(&clean), MAX_PROPERTY_UNITS);
                 (
                     base64::engine::general_purpose::STANDARD.encode(clean),
                     Some(decoded),
@@ -69,7 +74,7 @@ impl RecordedText {
             }
             _ => (redact(text), None),
         };
-        let (raw, raw_truncated) = bounded(&raw, MAX_TEXT_CHARS);
+        let (raw, raw_truncated) = fit(&escape_controls(&raw), MAX_PROPERTY_UNITS);
         Self {
             raw,
             raw_truncated,
@@ -120,9 +125,49 @@ pub fn short_hash(text: &str) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Control characters other than whitespace escaped (`\u{1}`), so a recorded text prints safely.
+pub fn escape_controls(s: &str) -> String {
+    if !s
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return s.to_owned();
+    }
+    bounded(s, usize::MAX).0
+}
+
+/// Characters XML 1.0 (and so a queue message) can carry.
+pub fn xml_safe(text: &str) -> bool {
+    text.chars().all(|c| {
+        matches!(c, '\t' | '\n' | '\r')
+            || ('\u{20}'..='\u{D7FF}').contains(&c)
+            || ('\u{E000}'..='\u{FFFD}').contains(&c)
+            || c >= '\u{10000}'
+    })
+}
+
+/// Whether `text` can be copied to a queue: as it is when XML can carry it, else as base64,
+/// counted as the request carries it (XML escapes included), so a copy is never refused as
+/// too large.
+pub fn fits_queue_message(text: &str) -> bool {
+    if xml_safe(text) {
+        let escaped: usize = text
+            .chars()
+            .map(|c| match c {
+                '&' | '<' | '>' => 5,
+                '"' | '\'' => 6,
+                c => c.len_utf8(),
+            })
+            .sum();
+        escaped <= MAX_QUEUE_MESSAGE_BYTES
+    } else {
+        text.len().div_ceil(3) * 4 <= MAX_QUEUE_MESSAGE_BYTES
+    }
+}
+
 /// At most `max` characters, control characters other than whitespace escaped; true when cut.
 pub fn bounded(s: &str, max: usize) -> (String, bool) {
-    let mut out = String::with_capacity(s.len().min(max * 4));
+    let mut out = String::with_capacity(s.len().min(max.saturating_mul(4)));
     for (count, c) in s.chars().enumerate() {
         if count >= max {
             return (out, true);

@@ -598,10 +598,12 @@ impl Notification {
 impl fmt::Display for Notification {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // The type and version are the sender's words: shortened and scrubbed of secrets.
             Notification::Unknown { kind, version, .. } => write!(
                 f,
-                "Unknown(type={kind:?}, version={:?})",
-                version.as_deref().unwrap_or("")
+                "Unknown(type={:?}, version={:?})",
+                crate::redact::scrub(&shorten(kind)),
+                crate::redact::scrub(&shorten(version.as_deref().unwrap_or("")))
             ),
             other => {
                 write!(f, "{:?}", other.kind())?;

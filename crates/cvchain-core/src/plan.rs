@@ -11,7 +11,7 @@ use crate::history::{
     HistoryRow, PoisonCopy, Prop, Props, RowStatus, StepRow, enrich_training, notification_row,
     rejected_row, step_row, step_row_key,
 };
-use crate::message::Incoming;
+use crate::message::{Incoming, fits_queue_message};
 use crate::notification::{ExportStatus, Notification, Parsed, TrainingStatus};
 use crate::release::{ModelUri, Released, classify_model_uri};
 use time::OffsetDateTime;
@@ -39,6 +39,13 @@ pub enum Action {
     Record(HistoryRow),
     /// Copy the message text to the poison queue, once per recorded row.
     CopyToPoison { queue: String, text: String },
+    /// A rejected text too large for the poison queue: stored whole as a blob in the container
+    /// named like the poison queue, once per recorded row, and the row points to it.
+    StoreRejected {
+        container: String,
+        blob: String,
+        text: String,
+    },
     /// The iteration passed the gate: the project's production pointer moves to it (unless it
     /// is older than the pointer or was rolled back from) and, with publishing configured, the
     /// prediction endpoint follows the pointer.
@@ -195,24 +202,25 @@ pub fn plan(incoming: &Incoming, observed: &Observed, config: &PlanConfig) -> Pl
     }
 }
 
-/// The keys of the row a notification is recorded under, worth reading before anything else:
-/// the row is written last, after every other effect, so when it exists the notification was
-/// handled and a redelivery has nothing to do. The key is the one [`plan_notification`]
-/// records, whatever was observed. `None` when recording the row is all there is to do (a
-/// ConnectionTest, a failed training without Custom Vision): the insert itself tells a
-/// redelivery, so a read first would only add a request.
-pub fn record_key(
+/// The row a notification is recorded under, worth looking for before anything else: the row
+/// is written last, after every other effect, so when this message's own row exists (see
+/// [`existing_row`](crate::history::existing_row)) it was handled and a redelivery has nothing
+/// to do. The keys are the ones [`plan_notification`] records, whatever was observed. `None`
+/// when recording the row is all there is to do (a ConnectionTest, a failed training without
+/// Custom Vision): the insert itself tells a redelivery, so a read first would only add a
+/// request.
+pub fn redelivery_probe(
     incoming: &Incoming,
     parsed: &Parsed,
     config: &PlanConfig,
-) -> Option<(String, String)> {
+) -> Option<HistoryRow> {
     let (_, actions) = plan_notification(incoming, parsed, &Observed::default(), config);
     let only_the_row = actions.iter().all(|a| matches!(a, Action::Record(_)));
     if only_the_row && needs(&parsed.notification, config) == Needs::default() {
         return None;
     }
     actions.into_iter().rev().find_map(|a| match a {
-        Action::Record(row) => Some((row.partition_key, row.row_key)),
+        Action::Record(row) => Some(row),
         _ => None,
     })
 }
@@ -227,18 +235,25 @@ fn reject(incoming: &Incoming, reason: &str, field: Option<String>, config: &Pla
     row.properties.set(Prop::PoisonQueue, &config.poison_queue);
     row.properties
         .set(Prop::PoisonCopy, PoisonCopy::Pending.as_str());
+    let text = incoming.received.text.clone();
+    let copy = if fits_queue_message(&text) {
+        Action::CopyToPoison {
+            queue: config.poison_queue.clone(),
+            text,
+        }
+    } else {
+        Action::StoreRejected {
+            container: config.poison_queue.clone(),
+            blob: row.row_key.clone(),
+            text,
+        }
+    };
     (
         Decision::Rejected {
             reason: reason.to_owned(),
             field,
         },
-        vec![
-            Action::Record(row),
-            Action::CopyToPoison {
-                queue: config.poison_queue.clone(),
-                text: incoming.received.text.clone(),
-            },
-        ],
+        vec![Action::Record(row), copy],
     )
 }
 
@@ -709,6 +724,7 @@ pub fn release_writes(
         .map(|(_, t)| t.clone())
         .unwrap_or_else(|| export.clone());
     let mut props = Props::new();
+    props.set(Prop::ReleaseStatus, RELEASED);
     props.set(Prop::ReleaseUrl, &released.url);
     props.set(Prop::ReleasePath, &released.path);
     props.set_int(Prop::ReleaseSize, released.size as i64);
@@ -747,6 +763,56 @@ pub fn release_writes(
             }
             row.properties.set(Prop::EndedAt, now);
             row.properties.extend(props);
+            vec![StepWrite::Insert(row)]
+        }
+    }
+}
+
+/// A step row's `ReleaseStatus` once its copy is made.
+pub const RELEASED: &str = "released";
+
+/// Records on the export's step row why it has no release copy (both its paths hold blobs
+/// that are not this export's). A redelivery that finds the same refusal writes nothing.
+pub fn release_refused_writes(
+    project: Uuid,
+    iteration: Uuid,
+    chain: &[ExportTarget],
+    export: &ExportTarget,
+    reason: &str,
+    steps: &[StepRow],
+    now: OffsetDateTime,
+) -> Vec<StepWrite> {
+    let in_chain = chain_entry(chain, export);
+    let target = in_chain
+        .as_ref()
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| export.clone());
+    let status = format!("refused: {reason}");
+    let rk = step_row_key(iteration, &target);
+    match StepRow::find(steps, &rk) {
+        Some(step) if step.release_status.as_deref() == Some(status.as_str()) => Vec::new(),
+        Some(_) => {
+            let mut props = Props::new();
+            props.set(Prop::ReleaseStatus, status);
+            vec![StepWrite::Merge {
+                partition_key: project.to_string(),
+                row_key: rk,
+                properties: props,
+            }]
+        }
+        None => {
+            let mut row = step_row(
+                project,
+                iteration,
+                in_chain.as_ref().map_or(0, |(i, _)| *i),
+                &target,
+                EntryState::Done,
+            );
+            if in_chain.is_none() {
+                row.properties.set_int(Prop::ChainPosition, 0);
+            }
+            row.properties.set(Prop::EndedAt, now);
+            row.properties.set(Prop::ReleaseStatus, status);
             vec![StepWrite::Insert(row)]
         }
     }

@@ -287,7 +287,9 @@ pub fn plan_releases(
                 .filter(|u| Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "https" | "http")))
                 .map(str::to_owned);
             let backup_name = backup_blob_name(project, iteration, &e.platform);
-            let pointed_here = matches!(model_uri, ModelUri::InBackup { blob_name } if blob_name.eq_ignore_ascii_case(&backup_name));
+            // Blob names are case-sensitive: `… .onnx` is another blob than `… .ONNX`.
+            let pointed_here =
+                matches!(model_uri, ModelUri::InBackup { blob_name } if *blob_name == backup_name);
             let source = if same_platform == 1 && (pointed_here || backup_configured) {
                 Source::Backup {
                     blob_name: match model_uri {
@@ -429,9 +431,15 @@ pub fn release_metadata(
         m.insert("recall".into(), format!("{r:.4}"));
     }
     m.insert("exportedat".into(), facts.exported_at.clone());
+    // A URL is already percent-encoded: encoded again, `%20` would read `%2520`.
+    let source = crate::redact::url_without_secrets(source);
     m.insert(
         "source".into(),
-        metadata_value(&crate::redact::url_without_secrets(source)),
+        if source.bytes().all(|b| b.is_ascii_graphic()) {
+            source
+        } else {
+            metadata_value(&source)
+        },
     );
     m.insert(META_SOURCE_ETAG.into(), etag.to_owned());
     m.insert(META_SOURCE_LENGTH.into(), len.to_string());
@@ -452,6 +460,49 @@ pub fn is_current(
     };
     get(META_SOURCE_ETAG) == Some(source_etag.trim_matches('"'))
         && get(META_SOURCE_LENGTH) == Some(source_length.to_string().as_str())
+}
+
+/// Where a copy into a destination blob stands (its `x-ms-copy-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    /// Not written by a copy.
+    None,
+    Pending,
+    Success,
+    /// Failed or aborted: the blob holds no usable model.
+    Failed,
+}
+
+/// What to do about a destination before copying into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeforeCopy {
+    /// It already holds this source: nothing to write.
+    Current,
+    /// A copy into it is still running (started by a holder whose claim lapsed, or by a
+    /// delivery that gave up waiting): wait for it to end, then look again, rather than start
+    /// a second copy of the same model.
+    AwaitCopy,
+    Copy,
+}
+
+/// Decides from the destination's metadata and copy state. A copy that failed or has not
+/// ended is never taken for a current one, whatever its metadata says.
+pub fn before_copy(
+    dest_metadata: &std::collections::HashMap<String, String>,
+    copy: CopyState,
+    source_etag: &str,
+    source_length: u64,
+) -> BeforeCopy {
+    match copy {
+        CopyState::Pending => BeforeCopy::AwaitCopy,
+        CopyState::Failed => BeforeCopy::Copy,
+        CopyState::None | CopyState::Success
+            if is_current(dest_metadata, source_etag, source_length) =>
+        {
+            BeforeCopy::Current
+        }
+        _ => BeforeCopy::Copy,
+    }
 }
 
 /// Whether a blob at the plain path belongs to another project or iteration.

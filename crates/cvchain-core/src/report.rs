@@ -487,8 +487,23 @@ pub fn chart_svg(views: &[IterationView]) -> String {
     svg
 }
 
-/// The history page: the chart, then each iteration with its exports.
-pub fn html_page(title: &str, views: &[IterationView]) -> String {
+/// The page's only style, inline; the Content-Security-Policy allows exactly this text.
+const STYLE: &str = "body{font-family:sans-serif;margin:2em;background:#fff;color:#222}table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}ul{margin:0;padding-left:1em}.gate-passed{color:#2ca02c}.gate-failed{color:#d62728}";
+
+/// The history page's Content-Security-Policy: nothing may load or run but its own inline
+/// style (by hash); the chart is inline SVG and needs nothing else.
+pub fn content_security_policy() -> String {
+    use base64::Engine as _;
+    use sha2::{Digest, Sha256};
+    let hash = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(STYLE.as_bytes()));
+    format!(
+        "default-src 'none'; style-src 'sha256-{hash}'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+}
+
+/// The history page: the chart, then each iteration with its exports, and a link to the next
+/// page when there is one.
+pub fn html_page(title: &str, views: &[IterationView], next: Option<&str>) -> String {
     let mut rows = String::new();
     for v in views {
         let exports: Vec<String> = v
@@ -500,8 +515,14 @@ pub fn html_page(title: &str, views: &[IterationView]) -> String {
                 } else {
                     format!("{}:{}", e.platform, e.flavor)
                 };
+                // Only web links: a row's URL is text anyone with table access could write.
+                let linkable = ["https://", "http://"]
+                    .iter()
+                    .any(|p| e.release_url.to_ascii_lowercase().starts_with(p));
                 let release = if e.release_url.is_empty() {
                     String::new()
+                } else if !linkable {
+                    format!(" → {}", esc(&e.release_path))
                 } else {
                     format!(
                         r#" → <a href="{}">{}</a>"#,
@@ -544,10 +565,13 @@ pub fn html_page(title: &str, views: &[IterationView]) -> String {
     }
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{t}</title>
-<style>body{{font-family:sans-serif;margin:2em;background:#fff;color:#222}}table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}}ul{{margin:0;padding-left:1em}}.gate-passed{{color:#2ca02c}}.gate-failed{{color:#d62728}}</style>
-</head><body><h1>{t}</h1>{chart}<h2>Iterations</h2><table><tr><th>project</th><th>iteration</th><th>trained at</th><th>precision</th><th>recall</th><th>mAP</th><th>gate</th><th>channels</th><th>exports</th></tr>{rows}</table></body></html>"#,
+<style>{STYLE}</style>
+</head><body><h1>{t}</h1>{chart}<h2>Iterations</h2><table><tr><th>project</th><th>iteration</th><th>trained at</th><th>precision</th><th>recall</th><th>mAP</th><th>gate</th><th>channels</th><th>exports</th></tr>{rows}</table>{more}</body></html>"#,
         t = esc(title),
         chart = chart_svg(views),
+        more = next
+            .map(|n| format!(r#"<p><a rel="next" href="{}">next page</a></p>"#, esc(n)))
+            .unwrap_or_default(),
     )
 }
 
@@ -586,7 +610,10 @@ mod page_tests {
         assert!(!svg.contains(r#"data-series="mAP""#));
         // Iteration 1 (0.5) is drawn left of Iteration 2 (0.9): y 128.0 then 38.4.
         assert!(svg.contains(r#"points="48.0,128.0 624.0,38.4""#), "{svg}");
-        let page = html_page("History", &views);
+        let page = html_page("History", &views, Some("/api/history?x=1&y=2"));
+        assert!(page.contains(r#"<a rel="next" href="/api/history?x=1&amp;y=2">"#));
+        assert!(page.contains(&format!("<style>{STYLE}</style>")));
+        assert!(content_security_policy().starts_with("default-src 'none'; style-src 'sha256-"));
         assert!(page.contains("W&lt;i&gt;dgets") && !page.contains("W<i>dgets"));
         assert!(page.contains(r#"<span class="gate-failed">failed</span><br><small>recall &lt;b&gt;low&lt;/b&gt;</small>"#));
         assert!(page.contains("<li>latest ONNX</li>"));

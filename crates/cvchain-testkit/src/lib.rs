@@ -1,5 +1,7 @@
 //! What cvchain's tests and benchmarks share, so no test reaches into another's files:
 //!
+//! - [`copy_proxy`]: a fault proxy in front of Azurite's blob port that makes copies slow
+//!   (`pending`, then `success`, `failed` or `aborted`), as a real service's are;
 //! - [`azurite`]: an Azurite of the test's own (free loopback ports, its own data folder or
 //!   memory, stopped on drop), on `cvchain-standin`'s launcher;
 //! - [`eventgrid`]: a local Event Grid topic that checks what the service checks (no emulator
@@ -14,6 +16,7 @@
 //! - [`hot_path`]: the per-notification CPU work the benchmarks measure.
 
 pub mod azurite;
+pub mod copy_proxy;
 pub mod eventgrid;
 pub mod handler;
 pub mod host;
@@ -23,10 +26,11 @@ pub mod standin;
 pub mod tls;
 
 pub use azurite::{Azurite, unique};
+pub use copy_proxy::{CopyEnd, CopyFaults, CopyProxy};
 pub use eventgrid::{EventGridTopic, TopicAuth};
 pub use handler::Handler;
 pub use host::{HostEmulator, PumpStats, host_envelope};
-pub use secrets::assert_no_secrets;
+pub use secrets::{assert_no_secrets, find_secret};
 pub use standin::{StandinApi, standin_calls, standin_config};
 pub use tls::{AzuriteTokenCredential, RecordingCredential, TestCa};
 

@@ -75,7 +75,10 @@ impl fmt::Debug for CustomVisionSettings {
             }
         };
         f.debug_struct("CustomVisionSettings")
-            .field("endpoint", &self.endpoint.as_str())
+            .field(
+                "endpoint",
+                &cvchain_core::redact::url_without_secrets(self.endpoint.as_str()),
+            )
             .field("auth", &auth)
             .field("max_rps", &self.max_rps)
             .finish()
@@ -118,6 +121,14 @@ fn from_vars(vars: &Vars) -> Result<Option<CustomVisionSettings>, SettingsError>
             ));
         }
         None => match get(CV_KEY_SETTING) {
+            // Sent as a header: a line break or other control character would fail every
+            // request with "failed to build request".
+            Some(k) if !k.trim().chars().all(|c| c.is_ascii_graphic()) => {
+                return Err(err(
+                    CV_KEY_SETTING,
+                    "must be the key on one line, printable ASCII without spaces (as the portal shows it)",
+                ));
+            }
             Some(k) => CvAuthSetting::Key(Secret::new(k.trim().to_owned())),
             None => {
                 return Err(err(

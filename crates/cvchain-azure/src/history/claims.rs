@@ -3,16 +3,35 @@
 //! row; a claim whose holder crashed expires and is taken over with an ETag-conditional update,
 //! so exactly one contender wins. No check-then-act. Which key guards what, and when a claim has
 //! lapsed, is decided in `cvchain_core::claims`.
+//!
+//! Work can outlast a claim's lifetime (a copy is polled for up to ten minutes, a Custom Vision
+//! call retried for minutes), so [`Claims::hold`] renews the claim while the work runs, as the
+//! worker renews its message lease, and stops the work the moment the claim turns out to be
+//! lost: two holders never work at once.
 
-use super::{from_stored, to_entity};
+use super::{from_stored, props_to_entity, to_entity};
 use crate::storage::{
     StorageError,
     table::{TableClient, UpdateMode, WriteOutcome},
 };
 use cvchain_core::claims::{ClaimKey, claim_row, is_expired};
+use cvchain_core::history::{Prop, Props};
+use std::future::Future;
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio::time::Instant;
 use uuid::Uuid;
+
+/// Why work under a claim did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HoldError {
+    /// The claim lapsed or was taken over while the work ran; the work was stopped. Retrying
+    /// later is right: the new holder finishes or resumes it.
+    #[error("the claim {0} lapsed while its work ran; the work was stopped")]
+    Lost(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
 
 /// A held claim; release it when the work is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +92,81 @@ impl Claims {
             .update(&entity, UpdateMode::Replace, &current.etag)
             .await?
         {
-            WriteOutcome::Written { etag } => Ok(Some(held(etag, true))),
+            WriteOutcome::Written { etag } => {
+                // Its holder stopped renewing it: crashed, or stalled past its lifetime.
+                tracing::warn!(claim = %rk, "took over an expired claim");
+                Ok(Some(held(etag, true)))
+            }
             _ => Ok(None),
+        }
+    }
+
+    /// Extends a held claim by another lifetime (ETag-conditional); `None` when it was taken
+    /// over meanwhile.
+    pub async fn renew(&self, claim: &Claim) -> Result<Option<Claim>, StorageError> {
+        let expires = OffsetDateTime::now_utc()
+            + time::Duration::try_from(self.ttl).unwrap_or(time::Duration::minutes(2));
+        let mut props = Props::new();
+        props.set(Prop::ExpiresAt, expires);
+        let mut entity = props_to_entity(&props);
+        entity.insert("PartitionKey".into(), claim.partition_key.clone().into());
+        entity.insert("RowKey".into(), claim.row_key.clone().into());
+        match self
+            .table
+            .update(&entity, UpdateMode::Merge, &claim.etag)
+            .await?
+        {
+            WriteOutcome::Written { etag } => Ok(Some(Claim {
+                etag,
+                ..claim.clone()
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Runs `work` under `claim`, renewing it every third of its lifetime, then gives it back.
+    /// When a renewal finds the claim taken over, or renewals keep failing until the claim is
+    /// about to lapse, `work` is dropped at once and [`HoldError::Lost`] returned.
+    pub async fn hold<T>(
+        &self,
+        claim: Claim,
+        work: impl Future<Output = T>,
+    ) -> Result<T, HoldError> {
+        let period = (self.ttl / 3).max(Duration::from_millis(100));
+        let mut claim = claim;
+        // The claim was written just before: it lasts about a lifetime from now.
+        let mut valid_until = Instant::now() + self.ttl;
+        let mut next = Instant::now() + period;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => {
+                    // A claim not given back expires on its own: the work's outcome matters more.
+                    if let Err(e) = self.release(&claim).await {
+                        tracing::warn!(error = %e, claim = %claim.row_key, "cannot give a claim back; it expires");
+                    }
+                    return Ok(out);
+                }
+                _ = tokio::time::sleep_until(next) => {
+                    let asked = Instant::now();
+                    match self.renew(&claim).await {
+                        Ok(Some(renewed)) => {
+                            claim = renewed;
+                            valid_until = asked + self.ttl;
+                            next = Instant::now() + period;
+                        }
+                        Ok(None) => return Err(HoldError::Lost(claim.row_key.clone())),
+                        Err(e) => {
+                            tracing::warn!(error = %e, claim = %claim.row_key, "cannot renew a claim; retrying");
+                            // Stop before the claim can lapse under the work.
+                            if Instant::now() + period / 2 >= valid_until {
+                                return Err(HoldError::Lost(claim.row_key.clone()));
+                            }
+                            next = Instant::now() + (period / 4).max(Duration::from_millis(50));
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -9,7 +9,7 @@ pub mod store;
 
 use crate::storage::table::{Entity, StoredEntity};
 use cvchain_core::history::{
-    HistoryRow, Prop, Props, Value, ValueKind, parse_service_time, table_datetime,
+    HistoryRow, Prop, Props, Value, ValueKind, parse_service_time, seal, table_datetime,
 };
 use serde_json::{Number, Value as Json};
 
@@ -39,10 +39,12 @@ fn put(e: &mut Entity, prop: Prop, value: &Value) {
     }
 }
 
-/// The properties as entity JSON (without keys). The service's `Timestamp` is never written.
+/// The properties as entity JSON (without keys), sealed first (`cvchain_core::history::seal`):
+/// every text redacted and bounded by what the table counts, so no write carries a secret or is
+/// refused as too large. The service's `Timestamp` is never written.
 pub fn props_to_entity(props: &Props) -> Entity {
     let mut e = Entity::new();
-    for (prop, value) in props.iter() {
+    for (prop, value) in seal(props).iter() {
         if prop != Prop::Timestamp {
             put(&mut e, prop, value);
         }

@@ -6,10 +6,11 @@ use super::{from_stored, props_to_entity, to_entity};
 use crate::storage::{
     StorageError,
     table::{
-        BatchOp, BatchOutcome, StoredEntity, TableClient, UpdateMode, WriteOutcome, filter_eq,
+        BatchOp, BatchOutcome, Continuation, StoredEntity, TableClient, UpdateMode, WriteOutcome,
+        filter_eq,
     },
 };
-use cvchain_core::history::{HistoryRow, Props, StepRow, step_key_range};
+use cvchain_core::history::{HistoryRow, Prop, Props, StepRow, step_key_range};
 use cvchain_core::report::newest_first;
 use uuid::Uuid;
 
@@ -244,15 +245,8 @@ impl HistoryStore {
         project: Uuid,
         iteration: Uuid,
     ) -> Result<Vec<StepRow>, StorageError> {
-        let (from, to) = step_key_range(iteration);
-        let filter = format!(
-            "{} and {} and {}",
-            filter_eq("PartitionKey", &project.to_string()),
-            format_args!("RowKey ge '{}'", from.replace('\'', "''")),
-            format_args!("RowKey lt '{}'", to.replace('\'', "''")),
-        );
         Ok(self
-            .query(Some(&filter), 1000)
+            .step_rows(project, iteration)
             .await?
             .iter()
             .map(StepRow::from_row)
@@ -309,5 +303,65 @@ impl HistoryStore {
         let mut rows = self.query(filter.as_deref(), limit).await?;
         newest_first(&mut rows);
         Ok(rows)
+    }
+
+    /// One page of trained iterations (their Training rows, up to `limit`, from `from` on) and
+    /// the export step rows of each, for the history page: a request reads one bounded page,
+    /// never the whole table. The continuation is where the next page starts.
+    pub async fn iterations_page(
+        &self,
+        project: Option<&str>,
+        limit: u32,
+        from: Option<&Continuation>,
+    ) -> Result<(Vec<HistoryRow>, Option<Continuation>), StorageError> {
+        use futures::StreamExt;
+        let mut filter = filter_eq("EventType", "Training");
+        if let Some(p) = project {
+            filter = format!("{} and {filter}", filter_eq("PartitionKey", p));
+        }
+        let page = match self
+            .table
+            .query_page(Some(&filter), Some(limit), from)
+            .await
+        {
+            Err(StorageError::Service { status: 404, .. }) => return Ok((Vec::new(), None)),
+            other => other?,
+        };
+        let trainings: Vec<HistoryRow> = page.entities.iter().map(from_stored).collect();
+        let iterations: Vec<(Uuid, Uuid)> = trainings
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.partition_key.parse().ok()?,
+                    t.properties.text(Prop::IterationId).parse().ok()?,
+                ))
+            })
+            .collect();
+        let steps: Vec<Result<Vec<HistoryRow>, StorageError>> = futures::stream::iter(iterations)
+            .map(|(p, i)| self.step_rows(p, i))
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut rows = trainings;
+        for s in steps {
+            rows.extend(s?);
+        }
+        Ok((rows, page.next))
+    }
+
+    /// The iteration's export step rows, as stored.
+    async fn step_rows(
+        &self,
+        project: Uuid,
+        iteration: Uuid,
+    ) -> Result<Vec<HistoryRow>, StorageError> {
+        let (from, to) = step_key_range(iteration);
+        let filter = format!(
+            "{} and {} and {}",
+            filter_eq("PartitionKey", &project.to_string()),
+            format_args!("RowKey ge '{}'", from.replace('\'', "''")),
+            format_args!("RowKey lt '{}'", to.replace('\'', "''")),
+        );
+        self.query(Some(&filter), 1000).await
     }
 }

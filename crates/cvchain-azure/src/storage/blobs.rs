@@ -13,8 +13,8 @@ use azure_storage_blob::{
 };
 use cvchain_core::redact::url_without_secrets;
 use cvchain_core::release::{
-    PathTemplate, ReleaseFacts, ReleaseNames, ReleasePlan, Released, Source, belongs_elsewhere,
-    index_tags, is_current, release_metadata, tags_header,
+    BeforeCopy, CopyState, PathTemplate, ReleaseFacts, ReleaseNames, ReleasePlan, Released, Source,
+    before_copy, belongs_elsewhere, index_tags, release_metadata, tags_header,
 };
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,6 +22,17 @@ use std::{
 };
 
 const SERVICE: &str = "blob";
+
+/// Why a release was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Both the plain and the id-qualified path hold blobs that are not this export's: nothing
+    /// is overwritten, and retrying cannot help until someone moves one of them.
+    #[error("refused: {0}")]
+    Refused(String),
+}
 
 /// The release container and the sources a release may read.
 pub struct ReleaseStore {
@@ -62,6 +73,13 @@ impl ReleaseStore {
         })
     }
 
+    /// How long one release waits for its copy before leaving it to the next delivery (10
+    /// minutes unless set).
+    pub fn with_copy_timeout(mut self, timeout: Duration) -> Self {
+        self.copy_timeout = timeout;
+        self
+    }
+
     /// A client for a blob of the backup container.
     fn backup_blob(&self, name: &str) -> Result<BlobClient, StorageError> {
         let Some(base) = &self.backup_container else {
@@ -95,7 +113,7 @@ impl ReleaseStore {
         plan: &ReleasePlan,
         names: &ReleaseNames,
         facts: &ReleaseFacts,
-    ) -> Result<Released, StorageError> {
+    ) -> Result<Released, ReleaseError> {
         // The source: its URL for the copy, its ETag and length for the currency check. A
         // missing backup falls back to GetExports' downloadUri.
         let (source_client, copy_source, backup, props) = match &plan.source {
@@ -108,13 +126,13 @@ impl ReleaseStore {
                     }
                     Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
                         let Some(url) = &plan.fallback else {
-                            return Err(err(e));
+                            return Err(err(e).into());
                         };
                         let c = self.download_client(url)?;
                         let props = c.get_properties(None).await.map_err(err)?;
                         (c, url.clone(), false, props)
                     }
-                    Err(e) => return Err(err(e)),
+                    Err(e) => return Err(err(e).into()),
                 }
             }
             Source::Download { url } => {
@@ -133,12 +151,22 @@ impl ReleaseStore {
         // The destination: the plain path, or the id-qualified one when the plain path holds
         // another project's or iteration's model.
         let mut path = self.template.render(names, false);
-        let mut existing = self.metadata_of(&path).await?;
-        if let Some(meta) = &existing
-            && belongs_elsewhere(meta, names.project_id, names.iteration_id)
+        let mut existing = self.destination(&path).await?;
+        if let Some(d) = &existing
+            && belongs_elsewhere(&d.metadata, names.project_id, names.iteration_id)
         {
+            let plain = path;
             path = self.template.render(names, true);
-            existing = self.metadata_of(&path).await?;
+            existing = self.destination(&path).await?;
+            // Nothing that is not this export's is overwritten, on this path either.
+            if let Some(d) = &existing
+                && belongs_elsewhere(&d.metadata, names.project_id, names.iteration_id)
+            {
+                return Err(ReleaseError::Refused(format!(
+                    "{plain} and {path} in {} both hold blobs that are not this export's",
+                    self.container_name
+                )));
+            }
         }
         let dest = self.container.blob_client(&path);
         let dest_url = self.readable_url(&path);
@@ -148,17 +176,40 @@ impl ReleaseStore {
             &plan.platform,
             plan.flavor.as_deref(),
         );
-        if let Some(meta) = &existing
-            && is_current(meta, &source_etag, source_len)
+        // A copy still running into the destination is waited for, never started twice.
+        for _ in 0..3 {
+            let Some(d) = &existing else { break };
+            match before_copy(&d.metadata, d.copy, &source_etag, source_len) {
+                BeforeCopy::Current => {
+                    return Ok(Released {
+                        url: dest_url,
+                        path,
+                        size: source_len,
+                        millis: 0,
+                        copied: false,
+                        etag: d.etag.clone(),
+                        content_md5: None,
+                    });
+                }
+                BeforeCopy::AwaitCopy => {
+                    // Its end (failed or not) is read again below.
+                    let _ = self.wait_for_copy(&dest).await;
+                    existing = self.destination(&path).await?;
+                }
+                BeforeCopy::Copy => break,
+            }
+        }
+        if existing
+            .as_ref()
+            .is_some_and(|d| d.copy == CopyState::Pending)
         {
-            return Ok(Released {
-                url: dest_url,
-                path,
-                size: source_len,
-                millis: 0,
-                copied: false,
-                ..Default::default()
-            });
+            return Err(StorageError::Unreachable {
+                service: SERVICE,
+                detail: format!(
+                    "a copy into {path} is still pending; the next delivery looks again"
+                ),
+            }
+            .into());
         }
 
         let started = Instant::now();
@@ -167,6 +218,13 @@ impl ReleaseStore {
             metadata: Some(metadata),
             blob_tags_string: Some(tags_header(&tags)),
             source_if_match: Some(props.etag().map_err(err)?.unwrap_or_else(|| "*".into())),
+            // The destination as it was read: a writer that got there meanwhile is not
+            // overwritten (the copy fails with 412 and the next delivery looks again).
+            if_match: existing
+                .as_ref()
+                .and_then(|d| d.etag.clone())
+                .map(Into::into),
+            if_none_match: existing.is_none().then(|| "*".into()),
             ..Default::default()
         };
         // The container is created on the first 404 rather than before every copy: one request
@@ -209,7 +267,8 @@ impl ReleaseStore {
                     "the copy of {} holds {size} bytes, the source {source_len}",
                     plan.platform
                 ),
-            });
+            }
+            .into());
         }
         // The copy request set the destination's tags (`x-ms-tags`); only the backup needs them.
         if backup {
@@ -226,12 +285,19 @@ impl ReleaseStore {
         })
     }
 
-    async fn metadata_of(
-        &self,
-        path: &str,
-    ) -> Result<Option<HashMap<String, String>>, StorageError> {
+    /// What the destination holds now, if anything.
+    async fn destination(&self, path: &str) -> Result<Option<Destination>, StorageError> {
         match self.container.blob_client(path).get_properties(None).await {
-            Ok(p) => Ok(Some(p.metadata().map_err(err)?)),
+            Ok(p) => Ok(Some(Destination {
+                metadata: p.metadata().map_err(err)?,
+                copy: match p.copy_status().map_err(err)? {
+                    None => CopyState::None,
+                    Some(CopyStatus::Pending) => CopyState::Pending,
+                    Some(CopyStatus::Success) => CopyState::Success,
+                    Some(_) => CopyState::Failed,
+                },
+                etag: p.etag().map_err(err)?.map(|e| e.to_string()),
+            })),
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
             Err(e) => Err(err(e)),
         }
@@ -317,6 +383,13 @@ impl ReleaseStore {
     pub fn container_name(&self) -> &str {
         &self.container_name
     }
+}
+
+/// A destination blob, as a release sees it.
+struct Destination {
+    metadata: HashMap<String, String>,
+    copy: CopyState,
+    etag: Option<String>,
 }
 
 /// A 404 that says the container, not the blob, is missing.

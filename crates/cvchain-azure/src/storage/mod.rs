@@ -1,10 +1,11 @@
 //! Azure Storage adapters: clients built from settings, the two pieces the SDK lacks (SharedKey
-//! signing, Tables), and the poison queue.
+//! signing, Tables), the poison queue and the blobs that hold what it cannot.
 
 pub mod blobs;
 pub mod channels;
 pub mod clients;
 pub mod queue;
+pub mod rejected;
 pub mod settings;
 pub mod shared_key;
 pub mod table;

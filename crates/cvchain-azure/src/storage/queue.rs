@@ -29,15 +29,7 @@ impl SentAs {
     }
 }
 
-/// Characters a queue message (an XML 1.0 document) can hold.
-fn xml_safe(text: &str) -> bool {
-    text.chars().all(|c| {
-        matches!(c, '\t' | '\n' | '\r')
-            || ('\u{20}'..='\u{D7FF}').contains(&c)
-            || ('\u{E000}'..='\u{FFFD}').contains(&c)
-            || c >= '\u{10000}'
-    })
-}
+use cvchain_core::message::xml_safe;
 
 /// Sends `text`, creating the queue if it does not exist yet.
 pub async fn send_text(client: &QueueClient, text: &str) -> Result<SentAs, StorageError> {

@@ -3,9 +3,12 @@
 //! from stored rows. Pure: building and reading rows, no I/O.
 
 mod row;
+mod seal;
 mod views;
 
+pub use crate::bounds::{MAX_ENTITY_BYTES, MAX_PROPERTY_UNITS, encoded_units, fit};
 pub use row::{HistoryRow, PoisonCopy, Prop, Props, RowKind, RowStatus, Value, ValueKind};
+pub use seal::seal;
 pub use views::{ChannelMoveRow, StepRow, TrainingFacts, TrainingRow};
 
 use crate::chain::{EntryState, ExportTarget};
@@ -41,7 +44,8 @@ pub fn platform_from_model_uri(model_uri: &str, n: &Notification) -> Option<Stri
     );
     let platform_ok =
         !ext.is_empty() && ext.len() <= 32 && ext.chars().all(|c| c.is_ascii_alphanumeric());
-    (stem.eq_ignore_ascii_case(&expected) && platform_ok).then(|| ext.to_owned())
+    // Blob names are case-sensitive: only the name Custom Vision writes (lower-case ids) is it.
+    (stem == expected && platform_ok).then(|| ext.to_owned())
 }
 
 /// The row for a message that parsed.
@@ -170,7 +174,27 @@ pub fn training_row_key(iteration: Uuid, status: crate::notification::TrainingSt
 
 /// The row key of an export step: one row per chain entry of an iteration.
 pub fn step_row_key(iteration: Uuid, target: &ExportTarget) -> String {
-    safe_key(format!("ExportStep_{iteration}_{}", target.key()))
+    safe_key(format!(
+        "ExportStep_{iteration}_{}",
+        key_part(&target.key())
+    ))
+}
+
+/// A part of a key made from a name the service reported (a platform, a flavor): kept as it
+/// is when it is letters, digits, `.`, `_` and `-`; otherwise sanitized to those, with a short
+/// hash of the original so two names never share a key. The key stays readable and inside its
+/// range (`ExportStep_<iteration>_…`), where a hash of the whole key would not.
+pub fn key_part(name: &str) -> String {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !name.is_empty() && name.len() <= 100 && name.chars().all(ok) {
+        return name.to_owned();
+    }
+    let clean: String = name
+        .chars()
+        .take(64)
+        .map(|c| if ok(c) { c } else { '-' })
+        .collect();
+    format!("{clean}-h{}", &short_hash(name)[..12])
 }
 
 /// Row keys of an iteration's export steps lie in `[prefix, prefix_end)`.
@@ -254,6 +278,80 @@ pub fn rejected_row(incoming: &Incoming, reason: &str, field: Option<&str>) -> H
     }
 }
 
+/// What a row already holding a new row's keys is to the message being recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Existing {
+    /// This message's own row: a redelivery, nothing to write.
+    Redelivery,
+    /// Another message recorded the same event first (a forgery, or a second genuine message):
+    /// this one gets a row of its own, keyed by its message, that names the first and says how
+    /// they differ; `note` goes onto the first row once the new row is written.
+    Another { row: HistoryRow, note: Props },
+}
+
+/// Whether `existing` (found under `row`'s keys) is this message's own row. A notification's
+/// key comes from its event, so a forged message recorded first would otherwise pass the
+/// genuine one off as a redelivery.
+pub fn existing_row(row: &HistoryRow, existing: &HistoryRow, message_key: &str) -> Existing {
+    let notification = matches!(row.kind(), Some(RowKind::Notification(_)));
+    let (ours, theirs) = (&row.properties, &existing.properties);
+    let same_message = theirs.text(Prop::MessageId) == ours.text(Prop::MessageId)
+        && (!ours.text(Prop::MessageId).is_empty()
+            || theirs.text(Prop::Raw) == ours.text(Prop::Raw));
+    if !notification || same_message || existing.properties.contains(Prop::SameEventAs) {
+        return Existing::Redelivery;
+    }
+    let id_of = |p: &Props| match p.text(Prop::MessageId) {
+        "" => "a message without an id".to_owned(),
+        id => format!("message {id}"),
+    };
+    let mut differences = Vec::new();
+    if theirs.text(Prop::ModelUri) != ours.text(Prop::ModelUri) {
+        differences.push(format!(
+            "its modelUri was {:?}",
+            theirs.text(Prop::ModelUri)
+        ));
+    }
+    if theirs.text(Prop::Raw) != ours.text(Prop::Raw) {
+        differences.push("its text differs".to_owned());
+    }
+    let received = theirs
+        .time(Prop::ReceivedAt)
+        .map(|t| format!(", received {}", table_datetime(t)))
+        .unwrap_or_default();
+    let mut alternate = row.clone();
+    alternate.row_key = safe_key(format!("{}_{message_key}", row.row_key));
+    let p = &mut alternate.properties;
+    p.set(Prop::SameEventAs, &existing.row_key);
+    p.set(
+        Prop::Disagreement,
+        format!(
+            "{}{received} recorded this event first (row {}){}",
+            id_of(theirs),
+            existing.row_key,
+            if differences.is_empty() {
+                // A producer that sent one notification twice (or a forgery word for word).
+                "; the same text under another message id".to_owned()
+            } else {
+                format!("; {}", differences.join("; "))
+            }
+        ),
+    );
+    let mut note = Props::new();
+    note.set(
+        Prop::Disagreement,
+        format!(
+            "{} claims the same event: row {}",
+            id_of(ours),
+            alternate.row_key
+        ),
+    );
+    Existing::Another {
+        row: alternate,
+        note,
+    }
+}
+
 /// `Edm.DateTime` holds 100 ns ticks: seven fractional digits at most, always UTC.
 pub fn table_datetime(t: OffsetDateTime) -> String {
     let format = time::macros::format_description!(
@@ -289,9 +387,10 @@ fn insert_raw(p: &mut Props, recorded: &RecordedText) {
     }
 }
 
-/// What the Table service accepts in PartitionKey and RowKey (at most 1 KiB).
+/// What the Table service accepts in PartitionKey and RowKey (at most 1 KiB, which is 512
+/// UTF-16 units).
 pub fn is_valid_key(k: &str) -> bool {
-    k.len() <= 1024
+    k.len() <= 512
         && !k
             .chars()
             .any(|c| matches!(c, '/' | '\\' | '#' | '?') || c.is_control())

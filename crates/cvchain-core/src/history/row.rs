@@ -115,6 +115,15 @@ props! {
     /// [`PoisonCopy`]: whether the rejected message reached the poison queue.
     PoisonCopy: Text,
     PoisonEncoding: Text,
+    /// The blob, in the container named like the poison queue, that holds a rejected message
+    /// too large for the poison queue.
+    PoisonBlob: Text,
+    /// The row of another message that claims the same event (recorded first).
+    SameEventAs: Text,
+    /// How another message claiming the same event differs from this one.
+    Disagreement: Text,
+    /// Why a finished export has no release copy (`refused: …`), or `released`.
+    ReleaseStatus: Text,
     Transient: Bool,
     Owner: Text,
     Purpose: Text,
@@ -483,6 +492,8 @@ impl RowStatus {
 pub enum PoisonCopy {
     Pending,
     Sent,
+    /// Too large for the poison queue: stored whole in a blob (`PoisonBlob`).
+    Stored,
 }
 
 impl PoisonCopy {
@@ -490,6 +501,7 @@ impl PoisonCopy {
         match self {
             PoisonCopy::Pending => "pending",
             PoisonCopy::Sent => "sent",
+            PoisonCopy::Stored => "stored",
         }
     }
 }

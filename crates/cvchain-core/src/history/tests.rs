@@ -1,5 +1,5 @@
 use super::*;
-use crate::message::{MAX_TEXT_CHARS, Received};
+use crate::message::Received;
 use crate::notification::parse;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -58,10 +58,104 @@ fn keys_come_from_the_event_and_the_message_id() {
     let ct =
         format!(r#"{{"version":"1.0","type":"ConnectionTest","Content":{{"projectId":"{P}"}}}}"#);
     assert_eq!(row_for(&ct, Some("abc")).row_key, "ConnectionTest_abc");
-    // Without a usable id, a hash of the text keeps redeliveries on one row.
+    // Without an id, a hash of the text keeps redeliveries on one row.
     let a = row_for(&ct, None).row_key;
     assert!(a.starts_with("ConnectionTest_sha256-"), "{a}");
-    assert_eq!(row_for(&ct, Some("a/b#c")).row_key, a);
+    assert_eq!(row_for(&ct, None).row_key, a);
+    // An unsafe id is hashed with the text: its redeliveries share a row, other messages with
+    // the same text do not.
+    let b = row_for(&ct, Some("a/b#c")).row_key;
+    assert!(b.starts_with("ConnectionTest_sha256-"), "{b}");
+    assert_eq!(row_for(&ct, Some("a/b#c")).row_key, b);
+    assert_ne!(row_for(&ct, Some("a/b#d")).row_key, b);
+    assert_ne!(b, a);
+}
+
+#[test]
+fn a_second_message_for_the_same_event_gets_its_own_row_and_says_why() {
+    let backup = format!("https://acct.blob.core.windows.net/backups/{P}%20-%20{I}.ONNX");
+    let forged = row_for(&export(&backup), Some("forged-1"));
+    let genuine = incoming(&export(&backup), Some("genuine-1"));
+    let row = notification_row(&genuine, genuine.parsed.as_ref().unwrap());
+    assert_eq!(row.row_key, forged.row_key);
+    let Existing::Another { row: own, note } = existing_row(&row, &forged, &genuine.key) else {
+        panic!("taken for a redelivery");
+    };
+    assert_eq!(own.row_key, format!("{}_genuine-1", forged.row_key));
+    assert_eq!(own.properties[Prop::SameEventAs], forged.row_key);
+    let why = own.properties.text(Prop::Disagreement);
+    assert!(
+        why.starts_with(
+            "message forged-1, received 2026-11-26T10:00:00.0000000Z recorded this event first"
+        ),
+        "{why}"
+    );
+    assert!(
+        why.ends_with("; the same text under another message id"),
+        "{why}"
+    );
+    assert!(note.text(Prop::Disagreement).contains(&own.row_key));
+    // A different modelUri is named.
+    let other = row_for(
+        &export("https://acct.blob.core.windows.net/backups/other.onnx"),
+        Some("forged-2"),
+    );
+    let mut first = forged.clone();
+    first.properties = other.properties.clone();
+    let Existing::Another { row: own, .. } = existing_row(&row, &first, &genuine.key) else {
+        panic!("taken for a redelivery");
+    };
+    assert!(
+        own.properties
+            .text(Prop::Disagreement)
+            .contains("other.onnx")
+    );
+    // The message's own row is a redelivery, with or without an id.
+    assert_eq!(existing_row(&row, &row, &genuine.key), Existing::Redelivery);
+    let anonymous = row_for(&export(&backup), None);
+    assert_eq!(
+        existing_row(&anonymous, &anonymous.clone(), "sha256-x"),
+        Existing::Redelivery
+    );
+    // Rows keyed by the message itself are never disambiguated.
+    let rejected = rejected_row(&incoming("{oops", Some("r")), "bad", None);
+    let mut other = rejected.clone();
+    other.properties.set(Prop::MessageId, "someone-else");
+    assert_eq!(existing_row(&rejected, &other, "r"), Existing::Redelivery);
+}
+
+#[test]
+fn names_from_the_service_make_readable_keys_in_range() {
+    use crate::chain::ExportTarget;
+    let target = |p: &str, f: Option<&str>| ExportTarget {
+        platform: p.into(),
+        flavor: f.map(str::to_owned),
+    };
+    let i: Uuid = I.parse().unwrap();
+    assert_eq!(
+        step_row_key(i, &target("TensorFlow", Some("TensorFlowLite"))),
+        format!("ExportStep_{I}_TensorFlow-TensorFlowLite")
+    );
+    let (from, to) = step_key_range(i);
+    let mut keys = std::collections::HashSet::new();
+    for p in [
+        "ON/NX",
+        "ON#NX",
+        "ON?NX",
+        "ON\\NX",
+        "ON\tNX",
+        "ON NX",
+        "ÜNNX",
+        &"x".repeat(600),
+    ] {
+        let k = step_row_key(i, &target(p, Some("f/l")));
+        assert!(is_valid_key(&k), "{k}");
+        assert!(
+            k.as_str() >= from.as_str() && k.as_str() < to.as_str(),
+            "{k} out of range"
+        );
+        assert!(keys.insert(k), "{p}: two names share a key");
+    }
 }
 
 #[test]
@@ -169,8 +263,19 @@ fn huge_and_binary_text_is_bounded_and_escaped() {
     let row = rejected_row(&incoming(&text, None), "too large", None);
     let raw = row.properties[Prop::Raw].as_text().unwrap();
     assert!(raw.starts_with("\\u{1}x"));
-    assert_eq!(raw.chars().count(), MAX_TEXT_CHARS + 4);
+    assert!(encoded_units(raw) <= MAX_PROPERTY_UNITS);
+    assert!(
+        raw.ends_with("of 60005 characters kept]"),
+        "{}",
+        &raw[raw.len() - 50..]
+    );
     assert_eq!(row.properties[Prop::RawTruncated], true);
+    // Bounded by what the table counts, not by characters: U+0085 is six units escaped.
+    let text = format!(r#"{{"type":"x","pad":"{}"}}"#, "\u{85}".repeat(30_000));
+    let m = incoming(&text, Some("nel"));
+    let row = notification_row(&m, m.parsed.as_ref().unwrap());
+    assert!(encoded_units(row.properties.text(Prop::Raw)) <= MAX_PROPERTY_UNITS);
+    assert_eq!(seal(&row.properties), row.properties);
 }
 
 #[test]
@@ -186,6 +291,12 @@ fn only_backup_blob_names_give_a_platform() {
         format!("https://a/c/{P}%20-%20{I}.x/y"),
         format!("https://a/c/other%20-%20{I}.ONNX"),
         format!("https://a/c/{P}%20-%20{I}.ON%2FNX"),
+        // Blob names are case-sensitive: not the name Custom Vision writes.
+        format!(
+            "https://a/c/{}%20-%20{}.ONNX",
+            P.to_uppercase(),
+            I.to_uppercase()
+        ),
     ] {
         assert_eq!(platform_from_model_uri(&bad, &n), None, "{bad}");
     }

@@ -20,6 +20,8 @@ pub struct StepRow {
     pub release_url: Option<String>,
     pub release_path: Option<String>,
     pub release_size: Option<i64>,
+    /// `released`, or why there is no release copy (`refused: …`).
+    pub release_status: Option<String>,
     /// The row itself, so a write to it can be applied to this view too.
     pub row: HistoryRow,
 }
@@ -47,6 +49,7 @@ impl StepRow {
             release_url: non_empty(Prop::ReleaseUrl),
             release_path: non_empty(Prop::ReleasePath),
             release_size: p.int(Prop::ReleaseSize),
+            release_status: non_empty(Prop::ReleaseStatus),
             row: row.clone(),
         }
     }

@@ -806,7 +806,7 @@ fn a_notification_releases_its_export_and_whatever_was_left_behind() {
 fn key_to_read_first(text: &str, config: &PlanConfig) -> Option<(String, String)> {
     let incoming = Incoming::decode(received(text));
     let parsed = incoming.parsed.as_ref().expect("a readable message");
-    record_key(&incoming, parsed, config)
+    redelivery_probe(&incoming, parsed, config).map(|r| (r.partition_key, r.row_key))
 }
 
 #[test]

@@ -189,6 +189,21 @@ fn releases_cover_finished_exports_from_a_safe_source() {
     };
     let plans = plan_releases(pid(), iid(), &exports[..1], &refused, false);
     assert!(matches!(&plans[0].source, Source::Download { .. }));
+    // Blob names are case-sensitive: a modelUri naming `… .onnx` or upper-case ids points at
+    // another blob, and the genuine backup is used.
+    for other in [
+        format!("{P} - {I}.onnx"),
+        format!("{} - {}.ONNX", P.to_uppercase(), I.to_uppercase()),
+    ] {
+        let pointed = ModelUri::InBackup { blob_name: other };
+        let plans = plan_releases(pid(), iid(), &exports[..1], &pointed, true);
+        assert_eq!(
+            plans[0].source,
+            Source::Backup {
+                blob_name: format!("{P} - {I}.ONNX")
+            }
+        );
+    }
     // No usable downloadUri, no backup: nothing to copy.
     let none = [export("ONNX", None, "Done", "")];
     assert!(plan_releases(pid(), iid(), &none, &ModelUri::None, false).is_empty());
@@ -207,6 +222,21 @@ fn tags_stay_within_azures_rules() {
 #[test]
 fn metadata_is_ascii_and_currency_is_checked_by_etag_and_length() {
     assert_eq!(metadata_value("Détecteur 1"), "D%C3%A9tecteur 1");
+    // The source is a URL: percent-encoded once, as it is.
+    let names = ReleaseNames {
+        project_id: pid(),
+        project_name: "Widgets".into(),
+        iteration_id: iid(),
+        iteration_name: "Iteration 1".into(),
+        platform: "ONNX".into(),
+        flavor: None,
+    };
+    let source = format!("https://a.blob.core.windows.net/b/{P}%20-%20{I}.ONNX?sv=1&sig=s");
+    let m = release_metadata(&names, &ReleaseFacts::default(), &source, "0x1", 3);
+    assert_eq!(
+        m["source"],
+        format!("https://a.blob.core.windows.net/b/{P}%20-%20{I}.ONNX")
+    );
     let meta: HashMap<String, String> = [
         ("SourceEtag".to_owned(), "0x8D1".to_owned()),
         ("sourcelength".to_owned(), "42".to_owned()),
@@ -220,4 +250,29 @@ fn metadata_is_ascii_and_currency_is_checked_by_etag_and_length() {
     assert!(!belongs_elsewhere(&meta, pid(), iid()));
     assert!(belongs_elsewhere(&meta, Uuid::nil(), iid()));
     assert!(belongs_elsewhere(&HashMap::new(), pid(), iid()));
+}
+
+#[test]
+fn a_copy_that_failed_or_runs_is_never_current() {
+    let meta: HashMap<String, String> = [
+        ("sourceetag".to_owned(), "0x8D1".to_owned()),
+        ("sourcelength".to_owned(), "42".to_owned()),
+    ]
+    .into();
+    for (copy, want) in [
+        (CopyState::None, BeforeCopy::Current),
+        (CopyState::Success, BeforeCopy::Current),
+        (CopyState::Pending, BeforeCopy::AwaitCopy),
+        (CopyState::Failed, BeforeCopy::Copy),
+    ] {
+        assert_eq!(before_copy(&meta, copy, "0x8D1", 42), want, "{copy:?}");
+    }
+    assert_eq!(
+        before_copy(&meta, CopyState::Success, "0x8D2", 42),
+        BeforeCopy::Copy
+    );
+    assert_eq!(
+        before_copy(&HashMap::new(), CopyState::Pending, "0x8D1", 42),
+        BeforeCopy::AwaitCopy
+    );
 }
