@@ -327,7 +327,7 @@ impl World {
 
     /// Trains a new project wired to the queue and the backup container.
     async fn trained_project(&self, name: &str) -> (Uuid, Uuid) {
-        let api = StandinApi::new(&self.standin.endpoint(), KEY);
+        let api = StandinApi::with_storage(&self.standin.endpoint(), KEY, &self.clients);
         let queue_uri = self.azurite.queue_url(&self.queue);
         let project = api
             .create_project(&[

@@ -787,6 +787,24 @@ fn trim<T>(history: &mut Vec<T>) {
     }
 }
 
+/// What to do about a channel copy before a move copies into it. A copy still running is
+/// waited for rather than started twice, and one that failed or was aborted is redone whatever
+/// revision its metadata names (the copy request set it before the bytes arrived); one that
+/// ended well stays if it holds this revision or a newer one.
+pub fn before_sync(
+    held_revision: u64,
+    copy: crate::release::CopyState,
+    wanted: u64,
+) -> crate::release::BeforeCopy {
+    use crate::release::{BeforeCopy, CopyState};
+    match copy {
+        CopyState::Pending => BeforeCopy::AwaitCopy,
+        CopyState::Failed => BeforeCopy::Copy,
+        CopyState::None | CopyState::Success if held_revision >= wanted => BeforeCopy::Current,
+        CopyState::None | CopyState::Success => BeforeCopy::Copy,
+    }
+}
+
 /// The channel copy's metadata: which iteration it is, how good, since when and why.
 pub fn channel_metadata(
     channel: Channel,

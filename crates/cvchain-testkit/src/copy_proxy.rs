@@ -75,6 +75,8 @@ pub struct CopyLog {
     pub copies: Vec<CopyRecord>,
     /// Copy Blob requests refused because a copy into the destination was still pending.
     pub refused_while_pending: u32,
+    /// Their destinations, in order.
+    pub refused: Vec<String>,
     /// Property reads of a destination while its copy was pending (cvchain polling).
     pub polls_while_pending: u32,
 }
@@ -236,7 +238,10 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             .is_some_and(|c| copy_state(c, pending_for, now).is_ok());
         drop(log);
         if pending {
-            shared.log.lock().unwrap().refused_while_pending += 1;
+            let mut log = shared.log.lock().unwrap();
+            log.refused_while_pending += 1;
+            log.refused.push(path.clone());
+            drop(log);
             return Response::builder()
                 .status(StatusCode::CONFLICT)
                 .header("x-ms-error-code", "PendingCopyOperation")

@@ -14,9 +14,10 @@ use azure_storage_blob::{
 };
 use cvchain_core::chain::ExportTarget;
 use cvchain_core::channels::{
-    Change, Channel, Manifest, ManifestError, Move, Paths, channel_metadata, manifest_path,
+    Change, Channel, Manifest, ManifestError, Move, Paths, before_sync, channel_metadata,
+    manifest_path,
 };
-use cvchain_core::release::{index_tags, tags_header};
+use cvchain_core::release::{BeforeCopy, CopyState, index_tags, tags_header};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -60,6 +61,15 @@ pub struct Loaded {
     pub manifest: Manifest,
     /// `None`: there is no manifest yet (the write must not overwrite one that appears).
     pub etag: Option<String>,
+}
+
+/// A blob's properties as the channel code reads them.
+struct BlobProps {
+    meta: HashMap<String, String>,
+    etag: String,
+    len: u64,
+    md5: Option<Vec<u8>>,
+    copy: CopyState,
 }
 
 /// What a channel copy sync did.
@@ -240,20 +250,24 @@ impl ChannelStore {
         Err(ChannelError::Contended { path })
     }
 
-    async fn properties(
-        &self,
-        path: &str,
-    ) -> Result<Option<(HashMap<String, String>, String, u64, Option<Vec<u8>>)>, StorageError> {
+    async fn properties(&self, path: &str) -> Result<Option<BlobProps>, StorageError> {
         match self.blob(path).get_properties(None).await {
-            Ok(p) => Ok(Some((
-                p.metadata().map_err(err)?,
-                p.etag()
+            Ok(p) => Ok(Some(BlobProps {
+                meta: p.metadata().map_err(err)?,
+                etag: p
+                    .etag()
                     .map_err(err)?
                     .map(|e| e.to_string())
                     .unwrap_or_default(),
-                p.content_length().map_err(err)?.unwrap_or(0),
-                p.content_md5().map_err(err)?,
-            ))),
+                len: p.content_length().map_err(err)?.unwrap_or(0),
+                md5: p.content_md5().map_err(err)?,
+                copy: match p.copy_status().map_err(err)? {
+                    None => CopyState::None,
+                    Some(CopyStatus::Pending) => CopyState::Pending,
+                    Some(CopyStatus::Success) => CopyState::Success,
+                    Some(_) => CopyState::Failed,
+                },
+            })),
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
             Err(e) => Err(err(e)),
         }
@@ -265,15 +279,13 @@ impl ChannelStore {
         release_path: &str,
     ) -> Result<Option<(u64, Option<String>)>, StorageError> {
         use base64::Engine as _;
-        Ok(self
-            .properties(release_path)
-            .await?
-            .map(|(_, _, len, md5)| {
-                (
-                    len,
-                    md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
-                )
-            }))
+        Ok(self.properties(release_path).await?.map(|p| {
+            (
+                p.len,
+                p.md5
+                    .map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
+            )
+        }))
     }
 
     /// Where a new channel entry's copy goes: the plain path, unless it holds a blob of another
@@ -292,7 +304,7 @@ impl ChannelStore {
                 .channel_path(project, project_name, channel, target, qualify);
             match self.properties(&path).await? {
                 None => return Ok(Some(path)),
-                Some((meta, ..)) if owner(&meta) == Some(project) && is_channel(&meta) => {
+                Some(p) if owner(&p.meta) == Some(project) && is_channel(&p.meta) => {
                     return Ok(Some(path));
                 }
                 Some(_) => {}
@@ -322,7 +334,7 @@ impl ChannelStore {
             } else {
                 self.properties(&mv.to.channel_path).await?
             };
-            if let Some((meta, ..)) = &current {
+            if let Some(BlobProps { meta, copy, .. }) = &current {
                 if owner(meta) != Some(project) || !is_channel(meta) {
                     return Err(StorageError::Other {
                         service: SERVICE,
@@ -337,15 +349,22 @@ impl ChannelStore {
                     .find(|(k, _)| k.eq_ignore_ascii_case("revision"))
                     .and_then(|(_, v)| v.parse::<u64>().ok())
                     .unwrap_or(0);
-                if revision >= mv.to.revision {
-                    return Ok(Synced::Current);
+                match before_sync(revision, *copy, mv.to.revision) {
+                    BeforeCopy::Current => return Ok(Synced::Current),
+                    // Another delivery's copy is running: wait for its end and look again,
+                    // never start a second copy into it.
+                    BeforeCopy::AwaitCopy => match self.wait_for_copy(&dest).await {
+                        Err(e @ StorageError::Unreachable { .. }) => return Err(e),
+                        _ => continue,
+                    },
+                    BeforeCopy::Copy => {}
                 }
             }
             let release = self.blob(&mv.to.release_path);
             let (source_etag, source_len) = match source {
                 Some((etag, len)) => (etag.to_owned(), len),
                 None => match self.properties(&mv.to.release_path).await? {
-                    Some((_, etag, len, _)) => (etag, len),
+                    Some(p) => (p.etag, p.len),
                     None => {
                         return Err(StorageError::Other {
                             service: SERVICE,
@@ -374,7 +393,7 @@ impl ChannelStore {
                 ..Default::default()
             };
             match &current {
-                Some((_, etag, ..)) => options.if_match = Some(etag.clone().into()),
+                Some(p) => options.if_match = Some(p.etag.clone().into()),
                 None => options.if_none_match = Some("*".into()),
             }
             match dest

@@ -283,3 +283,15 @@ fn histories_stay_bounded() {
         HISTORY_DEPTH
     );
 }
+
+#[test]
+fn a_channel_copy_is_current_only_when_its_copy_ended_well() {
+    use crate::release::{BeforeCopy, CopyState};
+    // The metadata names revision 3 from the moment the copy request is accepted.
+    assert_eq!(before_sync(3, CopyState::Success, 3), BeforeCopy::Current);
+    assert_eq!(before_sync(4, CopyState::None, 3), BeforeCopy::Current);
+    assert_eq!(before_sync(2, CopyState::Success, 3), BeforeCopy::Copy);
+    assert_eq!(before_sync(3, CopyState::Pending, 3), BeforeCopy::AwaitCopy);
+    assert_eq!(before_sync(3, CopyState::Failed, 3), BeforeCopy::Copy);
+    assert_eq!(before_sync(9, CopyState::Failed, 3), BeforeCopy::Copy);
+}
