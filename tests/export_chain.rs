@@ -161,20 +161,8 @@ impl World {
     }
 
     async fn backup(&self, iteration: &str, platform: &str) -> Vec<u8> {
-        let blob = self
-            .clients()
-            .blob_service()
-            .unwrap()
-            .blob_container_client("cvbackups")
-            .blob_client(&format!("{} - {iteration}.{platform}", self.project));
-        blob.download(None)
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .to_vec()
+        let name = format!("{} - {iteration}.{platform}", self.project);
+        cvchain_testkit::blob_bytes(&self.clients(), "cvbackups", &name).await
     }
 
     async fn rows(&self) -> Vec<StoredEntity> {

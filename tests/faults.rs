@@ -6,7 +6,9 @@
 
 use cvchain_azure::storage::{clients::StorageClients, table::StoredEntity};
 use cvchain_standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
-use cvchain_testkit::{Azurite, Handler, HostEmulator, PumpStats, standin_calls, unique};
+use cvchain_testkit::{
+    Azurite, Handler, HostEmulator, PumpStats, blob_bytes, standin_calls, unique,
+};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -281,15 +283,7 @@ impl Fleet {
         assert_eq!(channels.len(), 2 * EXPORTS, "channel copies");
         // Spot-check contents against the backups.
         for name in releases.iter().take(6) {
-            let blob = service.blob_container_client("models").blob_client(name);
-            let body = blob
-                .download(None)
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap();
+            let body = blob_bytes(&self.clients, "models", name).await;
             assert_eq!(body.len(), 4096, "{name}");
         }
 
@@ -623,7 +617,6 @@ async fn long_copies_pending_failing_and_aborted_across_two_instances() {
     assert_eq!(starts_in("Abort-once", true), 4, "{starts:?}");
     assert_eq!(starts_in("Always-fails", true), 0, "{starts:?}");
     // Each release recorded once, on its step row; the models are the backups.
-    let service = clients.blob_service().unwrap();
     for (name, p, i) in &projects[..4] {
         let steps: Vec<&StoredEntity> = rows
             .iter()
@@ -633,41 +626,14 @@ async fn long_copies_pending_failing_and_aborted_across_two_instances() {
             .collect();
         assert_eq!(steps.len(), 1, "{name}: {steps:?}");
         let path = steps[0].entity["ReleasePath"].as_str().unwrap();
-        let copy = service
-            .blob_container_client("models")
-            .blob_client(path)
-            .download(None)
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap();
-        let original = service
-            .blob_container_client("cvbackups")
-            .blob_client(&format!("{p} - {i}.ONNX"))
-            .download(None)
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap();
+        let copy = blob_bytes(&clients, "models", path).await;
+        let original = blob_bytes(&clients, "cvbackups", &format!("{p} - {i}.ONNX")).await;
         assert_eq!(copy, original, "{name}");
         for r in rows.iter().filter(|r| {
             r.entity["PartitionKey"] == p.to_string() && r.entity.contains_key("ChannelPath")
         }) {
             let path = r.entity["ChannelPath"].as_str().unwrap();
-            let channel = service
-                .blob_container_client("models")
-                .blob_client(path)
-                .download(None)
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap();
+            let channel = blob_bytes(&clients, "models", path).await;
             assert_eq!(channel, original, "{name}: {path}");
         }
     }

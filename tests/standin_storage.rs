@@ -159,20 +159,7 @@ impl Setup {
     }
 
     async fn download(&self, container: &str, name: &str) -> Vec<u8> {
-        let blob = self
-            .clients
-            .blob_service()
-            .unwrap()
-            .blob_container_client(container)
-            .blob_client(name);
-        blob.download(None)
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .to_vec()
+        cvchain_testkit::blob_bytes(&self.clients, container, name).await
     }
 }
 

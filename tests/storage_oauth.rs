@@ -227,18 +227,7 @@ async fn the_whole_release_path_runs_with_tokens() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(exports_seen, 1);
-    let release = clients
-        .blob_service()
-        .unwrap()
-        .blob_container_client("models")
-        .blob_client("Widgets/Iteration-1/ONNX.zip");
-    let bytes = release
-        .download(None)
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap();
+    let bytes =
+        cvchain_testkit::blob_bytes(&clients, "models", "Widgets/Iteration-1/ONNX.zip").await;
     assert_eq!(bytes.len(), 64 * 1024);
 }

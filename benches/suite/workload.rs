@@ -67,6 +67,8 @@ impl Env {
             .with_application_id("cvchain-bench");
         let standin = Standin::start(StandinConfig {
             model_size: 4096,
+            // A round of 500 messages needs about 170 projects: more than one S0 resource holds.
+            max_projects: 10_000,
             ..standin_config(&clients, KEY, delay_ms)
         })
         .await

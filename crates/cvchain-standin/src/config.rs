@@ -25,6 +25,10 @@ pub struct StandinConfig {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// A Bearer token to accept besides the key (any other token is refused).
     pub accept_bearer: Option<String>,
+    /// Projects the resource holds before CreateProject answers `BadRequestExceedProjectLimit`:
+    /// the S0 tier's 100 unless raised. Only the benchmarks raise it, to stand for several
+    /// resources' projects in one stand-in.
+    pub max_projects: usize,
 }
 
 impl std::fmt::Debug for StandinConfig {
@@ -48,6 +52,7 @@ impl Default for StandinConfig {
             seed: 7,
             tls: None,
             accept_bearer: None,
+            max_projects: crate::state::MAX_PROJECTS,
         }
     }
 }

@@ -44,6 +44,27 @@ pub fn repo_root() -> PathBuf {
         .expect("the repository root")
 }
 
+/// A blob's bytes, read through cvchain's own clients (panics when it cannot be read).
+pub async fn blob_bytes(
+    clients: &cvchain_azure::storage::clients::StorageClients,
+    container: &str,
+    name: &str,
+) -> Vec<u8> {
+    clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client(container)
+        .blob_client(name)
+        .download(None)
+        .await
+        .unwrap_or_else(|e| panic!("{container}/{name}: {e}"))
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     cvchain_standin::azurite::free_port().expect("a free loopback port")

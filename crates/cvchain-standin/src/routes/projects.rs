@@ -5,7 +5,7 @@
 
 use crate::api::{ApiError, ApiResult, Params, json_body, now_string, optional_json, parse_id};
 use crate::spec::{self, ApiVersion, DOMAINS, GENERAL_DOMAIN};
-use crate::state::{MAX_PROJECTS, ProjectState, S};
+use crate::state::{ProjectState, S};
 use crate::storage::{self, Target};
 use axum::{
     Extension, Json,
@@ -192,10 +192,11 @@ pub async fn create_project(
         .export_model_container_uri
         .filter(|u| !u.is_empty())
         .or_else(|| q.get("exportModelContainerUri").map(str::to_owned));
-    if s.world().projects.len() >= MAX_PROJECTS {
+    let max_projects = s.config.max_projects;
+    if s.world().projects.len() >= max_projects {
         return Err(ApiError::bad_request(
             "BadRequestExceedProjectLimit",
-            format!("The resource holds at most {MAX_PROJECTS} projects"),
+            format!("The resource holds at most {max_projects} projects"),
         ));
     }
     let id = Uuid::new_v4();
