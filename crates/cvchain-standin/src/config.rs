@@ -3,6 +3,9 @@
 use cvchain_azure::storage::clients::StorageClients;
 use std::time::Duration;
 
+/// Projects per resource (S0): the default of [`StandinConfig::max_projects`].
+pub const MAX_PROJECTS: usize = 100;
+
 /// How the stand-in behaves.
 #[derive(Clone)]
 pub struct StandinConfig {
@@ -52,7 +55,7 @@ impl Default for StandinConfig {
             seed: 7,
             tls: None,
             accept_bearer: None,
-            max_projects: crate::state::MAX_PROJECTS,
+            max_projects: MAX_PROJECTS,
         }
     }
 }

@@ -26,11 +26,11 @@ mod state;
 mod storage;
 
 pub use api::ApiError;
-pub use config::StandinConfig;
+pub use config::{MAX_PROJECTS, StandinConfig};
 pub use faults::{CallLog, ExportCall, Faults, Metrics};
 pub use imaging::{MAX_IMAGE_BYTES, solid_png};
 pub use routes::model_bytes;
 pub use server::{Standin, serve_tls, tls_acceptor};
 pub use spec::{ApiVersion, COMPACT_DOMAIN, DOMAINS, GENERAL_DOMAIN};
-pub use state::{MAX_ITERATIONS, MAX_PROJECTS, MIN_IMAGES_PER_TAG};
+pub use state::{MAX_ITERATIONS, MIN_IMAGES_PER_TAG};
 pub use storage::INTERNAL_CONTAINER;

@@ -17,8 +17,6 @@ use uuid::Uuid;
 /// The service's cap on iterations per project (TrainProject answers
 /// `BadRequestExceedIterationPerProjectLimit` beyond it).
 pub const MAX_ITERATIONS: usize = 20;
-/// Projects per resource (S0).
-pub const MAX_PROJECTS: usize = 100;
 /// Tags per project (S0).
 pub const MAX_TAGS: usize = 500;
 /// Images each tag needs before a project can train (the service's documented minimum).
