@@ -11,12 +11,9 @@
 //!   Grid answering 400 records each event as failed for good, and once the receiver is up every
 //!   event arrives, in order, none lost; then `events test`, `events replay` and `check`.
 
-use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
 use cvchain_azure::storage::{clients::StorageClients, table::StoredEntity};
 use cvchain_standin::{COMPACT_DOMAIN, Faults, Metrics, Standin};
-use cvchain_testkit::{
-    Azurite, EventGridTopic, Handler, StandinApi, TopicAuth, host_envelope, repo_root, unique,
-};
+use cvchain_testkit::{Azurite, EventGridTopic, Handler, StandinApi, TopicAuth, repo_root, unique};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -280,32 +277,12 @@ impl World {
 
     /// Takes what the events queue holds now.
     async fn drain_events_queue(&mut self) {
-        let q = self.clients.queue(&self.events_queue).unwrap();
         loop {
-            let got = q
-                .receive_messages(Some(QueueClientReceiveMessagesOptions {
-                    number_of_messages: Some(32),
-                    visibility_timeout: Some(30),
-                    ..Default::default()
-                }))
-                .await
-                .ok()
-                .and_then(|r| r.into_model().ok())
-                .and_then(|m| m.items)
-                .unwrap_or_default();
+            let got = cvchain_testkit::take_messages(&self.clients, &self.events_queue).await;
             if got.is_empty() {
                 return;
             }
-            for m in got {
-                q.delete_message(
-                    m.message_id.as_deref().unwrap(),
-                    m.pop_receipt.as_deref().unwrap(),
-                    None,
-                )
-                .await
-                .unwrap();
-                self.queued.push(m.message_text.unwrap_or_default());
-            }
+            self.queued.extend(got.into_iter().map(|(text, _)| text));
         }
     }
 
@@ -369,63 +346,14 @@ impl World {
 
     /// The next notifications of the stand-in's queue, deleted from it.
     async fn take(&self) -> Vec<(String, String)> {
-        let q = self.clients.queue(&self.source).unwrap();
-        let got = q
-            .receive_messages(Some(QueueClientReceiveMessagesOptions {
-                number_of_messages: Some(16),
-                visibility_timeout: Some(30),
-                ..Default::default()
-            }))
-            .await
-            .ok()
-            .and_then(|r| r.into_model().ok())
-            .and_then(|m| m.items)
-            .unwrap_or_default();
-        let mut out = Vec::new();
-        for m in got {
-            let id = m.message_id.clone().unwrap();
-            q.delete_message(&id, m.pop_receipt.as_deref().unwrap(), None)
-                .await
-                .unwrap();
-            out.push((m.message_text.unwrap_or_default(), id));
-        }
-        out
+        cvchain_testkit::take_messages(&self.clients, &self.source).await
     }
 
     /// One message to both `serve` instances at the same moment, then once more to each after
     /// it succeeded: three deliveries or more. A 500 (the other instance holds a claim) is
     /// retried, as the host would.
     async fn deliver(&self, text: &str, id: &str) {
-        let http = reqwest::Client::new();
-        let post = |h: &Handler, n: u32| {
-            http.post(h.url("/CustomVisionNotification"))
-                .header("content-type", "application/json")
-                .body(host_envelope(text, id, n))
-                .send()
-        };
-        let (a, b) = (&self.handlers[0], &self.handlers[1]);
-        let (ra, rb) = tokio::join!(post(a, 1), post(b, 1));
-        let mut ok = [
-            ra.unwrap().status().is_success(),
-            rb.unwrap().status().is_success(),
-        ];
-        let mut count = 1;
-        for (i, h) in [a, b].into_iter().enumerate() {
-            let mut extra = 1;
-            while !ok[i] || extra > 0 {
-                count += 1;
-                assert!(count < 60, "message {id} kept failing");
-                let r = post(h, count).await.unwrap();
-                if r.status().is_success() {
-                    if ok[i] {
-                        extra -= 1;
-                    }
-                    ok[i] = true;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                }
-            }
-        }
+        cvchain_testkit::deliver_to_both(&self.handlers[0], &self.handlers[1], text, id).await;
     }
 
     fn cvchain(&self, args: &[&str]) -> std::process::Output {

@@ -8,10 +8,9 @@
 //! `promote` and `rollback` move production by hand.
 
 use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
-use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
 use cvchain_azure::storage::{clients::StorageClients, queue::send_text, table::StoredEntity};
 use cvchain_standin::{COMPACT_DOMAIN, Faults, Metrics, Standin};
-use cvchain_testkit::{Azurite, Handler, StandinApi, host_envelope, unique};
+use cvchain_testkit::{Azurite, Handler, StandinApi, unique};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::process::Command;
@@ -131,64 +130,14 @@ impl World {
 
     /// The next messages of the stand-in's queue, deleted from it.
     async fn take(&self) -> Vec<(String, String)> {
-        let q = self.clients.queue(&self.source).unwrap();
-        let got = q
-            .receive_messages(Some(QueueClientReceiveMessagesOptions {
-                number_of_messages: Some(16),
-                visibility_timeout: Some(30),
-                ..Default::default()
-            }))
-            .await
-            .ok()
-            .and_then(|r| r.into_model().ok())
-            .and_then(|m| m.items)
-            .unwrap_or_default();
-        let mut out = Vec::new();
-        for m in got {
-            let id = m.message_id.clone().unwrap();
-            q.delete_message(&id, m.pop_receipt.as_deref().unwrap(), None)
-                .await
-                .unwrap();
-            out.push((m.message_text.unwrap_or_default(), id));
-        }
-        out
+        cvchain_testkit::take_messages(&self.clients, &self.source).await
     }
 
     /// One message to both `serve` instances at the same moment, then once more to each: three
     /// deliveries or more, as the host makes them when it retries. A 500 (the other instance
     /// holds a claim) is retried, as the host would.
     async fn deliver(&self, text: &str, id: &str) {
-        let http = reqwest::Client::new();
-        let post = |h: &Handler, n: u32| {
-            http.post(h.url("/CustomVisionNotification"))
-                .header("content-type", "application/json")
-                .body(host_envelope(text, id, n))
-                .send()
-        };
-        let (a, b) = (&self.handlers[0], &self.handlers[1]);
-        let (ra, rb) = tokio::join!(post(a, 1), post(b, 1));
-        let mut count = 1;
-        let mut ok = [
-            ra.unwrap().status().is_success(),
-            rb.unwrap().status().is_success(),
-        ];
-        for (i, h) in [a, b].into_iter().enumerate() {
-            // Until it succeeds, then once more (a redelivery).
-            let mut extra = 1;
-            while !ok[i] || extra > 0 {
-                count += 1;
-                assert!(count < 60, "message {id} kept failing");
-                let r = post(h, count).await.unwrap();
-                if r.status().is_success() {
-                    if ok[i] {
-                        extra -= 1;
-                    }
-                    ok[i] = true;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                }
-            }
-        }
+        cvchain_testkit::deliver_to_both(&self.handlers[0], &self.handlers[1], text, id).await;
     }
 
     /// Whether the iteration's exports are all released, and every notification has been

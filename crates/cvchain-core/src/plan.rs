@@ -751,21 +751,34 @@ pub fn release_writes(
             }]
         }
         None => {
-            let mut row = step_row(
-                project,
-                iteration,
-                in_chain.as_ref().map_or(0, |(i, _)| *i),
-                &target,
-                EntryState::Done,
-            );
-            if in_chain.is_none() {
-                row.properties.set_int(Prop::ChainPosition, 0);
-            }
-            row.properties.set(Prop::EndedAt, now);
+            let mut row = done_step_row(project, iteration, in_chain.as_ref(), &target, now);
             row.properties.extend(props);
             vec![StepWrite::Insert(row)]
         }
     }
+}
+
+/// A step row, ended now, for an export found done without one: the chain entry's position,
+/// or `ChainPosition` 0 for an export outside the chain.
+fn done_step_row(
+    project: Uuid,
+    iteration: Uuid,
+    in_chain: Option<&(usize, ExportTarget)>,
+    target: &ExportTarget,
+    now: OffsetDateTime,
+) -> HistoryRow {
+    let mut row = step_row(
+        project,
+        iteration,
+        in_chain.map_or(0, |(i, _)| *i),
+        target,
+        EntryState::Done,
+    );
+    if in_chain.is_none() {
+        row.properties.set_int(Prop::ChainPosition, 0);
+    }
+    row.properties.set(Prop::EndedAt, now);
+    row
 }
 
 /// A step row's `ReleaseStatus` once its copy is made.
@@ -801,17 +814,7 @@ pub fn release_refused_writes(
             }]
         }
         None => {
-            let mut row = step_row(
-                project,
-                iteration,
-                in_chain.as_ref().map_or(0, |(i, _)| *i),
-                &target,
-                EntryState::Done,
-            );
-            if in_chain.is_none() {
-                row.properties.set_int(Prop::ChainPosition, 0);
-            }
-            row.properties.set(Prop::EndedAt, now);
+            let mut row = done_step_row(project, iteration, in_chain.as_ref(), &target, now);
             row.properties.set(Prop::ReleaseStatus, status);
             vec![StepWrite::Insert(row)]
         }

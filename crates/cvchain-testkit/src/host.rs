@@ -16,6 +16,69 @@ pub fn host_envelope(message_text: &str, message_id: &str, dequeue_count: u32) -
     )
 }
 
+/// Up to 16 messages of a queue, deleted from it: `(text, id)` each. Tests read what the
+/// stand-in notified this way and deliver it themselves.
+pub async fn take_messages(clients: &StorageClients, queue: &str) -> Vec<(String, String)> {
+    use azure_storage_queue::models::QueueClientReceiveMessagesOptions;
+    let q = clients.queue(queue).unwrap();
+    let got = q
+        .receive_messages(Some(QueueClientReceiveMessagesOptions {
+            number_of_messages: Some(16),
+            visibility_timeout: Some(30),
+            ..Default::default()
+        }))
+        .await
+        .ok()
+        .and_then(|r| r.into_model().ok())
+        .and_then(|m| m.items)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for m in got {
+        let id = m.message_id.clone().unwrap();
+        q.delete_message(&id, m.pop_receipt.as_deref().unwrap(), None)
+            .await
+            .unwrap();
+        out.push((m.message_text.unwrap_or_default(), id));
+    }
+    out
+}
+
+/// One message to two `serve` instances at the same moment, then to each until it succeeds and
+/// once more after that: three deliveries or more, as a host retrying makes them. A non-2xx
+/// (the other instance holds a claim) is retried, as the host would.
+pub async fn deliver_to_both(a: &crate::Handler, b: &crate::Handler, text: &str, id: &str) {
+    let http = reqwest::Client::new();
+    let post = |h: &crate::Handler, n: u32| {
+        http.post(h.url("/CustomVisionNotification"))
+            .header("content-type", "application/json")
+            .body(host_envelope(text, id, n))
+            .send()
+    };
+    let (ra, rb) = tokio::join!(post(a, 1), post(b, 1));
+    let mut count = 1;
+    let mut ok = [
+        ra.unwrap().status().is_success(),
+        rb.unwrap().status().is_success(),
+    ];
+    for (i, h) in [a, b].into_iter().enumerate() {
+        // Until it succeeds, then once more (a redelivery).
+        let mut extra = 1;
+        while !ok[i] || extra > 0 {
+            count += 1;
+            assert!(count < 60, "message {id} kept failing");
+            let r = post(h, count).await.unwrap();
+            if r.status().is_success() {
+                if ok[i] {
+                    extra -= 1;
+                }
+                ok[i] = true;
+            } else {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    }
+}
+
 /// Plays the Functions host's queue trigger against a running handler: receives messages with a
 /// visibility lease, POSTs each as the host does, deletes on 2xx, leaves it for a retry on
 /// non-2xx, and moves it to `<queue>-poison` once `DequeueCount` reaches `max_dequeue`.

@@ -29,7 +29,7 @@ pub use azurite::{Azurite, unique};
 pub use copy_proxy::{CopyEnd, CopyFaults, CopyProxy};
 pub use eventgrid::{EventGridTopic, TopicAuth};
 pub use handler::Handler;
-pub use host::{HostEmulator, PumpStats, host_envelope};
+pub use host::{HostEmulator, PumpStats, deliver_to_both, host_envelope, take_messages};
 pub use secrets::{assert_no_secrets, find_secret};
 pub use standin::{StandinApi, standin_calls, standin_config};
 pub use tls::{AzuriteTokenCredential, RecordingCredential, TestCa};
