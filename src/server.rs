@@ -3,7 +3,7 @@
 //! only maps them to HTTP.
 //!
 //! It also bounds what one client can hold ([`Limits`]): a request's headers must arrive within
-//! a few seconds, an invocation's body within a few more, bodies buffered at once share a
+//! a few seconds, its body (on every route) within a few more, bodies buffered at once share a
 //! budget, and at most so many connections are kept: a new one closes the oldest idle one
 //! rather than wait, so the host's readiness probe (`GET /`) is answered at once whatever
 //! slow clients hold.
@@ -50,12 +50,12 @@ pub struct Limits {
     /// A request's headers must arrive within this; an idle keep-alive connection is closed
     /// after it too. The host sends its requests at once.
     pub header_timeout: Duration,
-    /// An invocation's body must arrive within this once its headers have.
+    /// A request's body must arrive within this once its headers have.
     pub body_timeout: Duration,
     /// Connections kept at once: beyond it, each new connection closes the oldest one that has
     /// no request in progress.
     pub max_connections: usize,
-    /// Bytes of invocation bodies buffered at once, all connections together.
+    /// Bytes of request bodies buffered at once, all connections together.
     pub body_budget: usize,
 }
 
@@ -104,8 +104,35 @@ pub fn app(state: AppState) -> Router {
         .route("/api/history", get(history_all))
         .route("/api/history/{project}", get(history_project))
         .fallback(not_found)
+        // Every route, whatever it reads, takes its body through the same bounds.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), bounded))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Reads every request's body within [`Limits`] before its route sees it (see [`read_body`]),
+/// and holds the body's share of the budget until the route has answered: a stalled or
+/// oversized body on any route is cut off the same way, so none can hold a connection slot, or
+/// memory, beyond the bounds.
+async fn bounded(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let (bytes, _permit) = match read_body(&state, &parts.headers, body).await {
+        Ok(read) => read,
+        Err((status, why)) => {
+            tracing::warn!(%status, route = %parts.uri.path(), "request body not read: {why}");
+            return (
+                status,
+                Json(InvocationResponse::with_logs(vec![why.to_owned()])),
+            )
+                .into_response();
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// The host polls `GET /` until any answer: answer at once, without touching storage.
@@ -255,35 +282,20 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+/// The body was read within the bounds by [`bounded`].
+async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let invocation_id = headers
         .get("x-azure-functions-invocationid")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
     let span = tracing::info_span!("invocation", id = %invocation_id);
-    async move {
-        // The permit is the body's share of the budget: held while the body is in memory.
-        let (body, _permit) = match read_body(&state, &headers, body).await {
-            Ok(read) => read,
-            Err((status, why)) => {
-                tracing::warn!(%status, "invocation body not read: {why}");
-                return (
-                    status,
-                    Json(InvocationResponse::with_logs(vec![why.to_owned()])),
-                )
-                    .into_response();
-            }
-        };
-        handle(state, body).await
-    }
-    .instrument(span)
-    .await
+    handle(state, body).instrument(span).await
 }
 
-/// Reads an invocation body within the body timeout and the shared budget: a client that
-/// stalls is answered 408, one that cannot get a share of the budget in time 503, one that
-/// sends more than 1 MiB 413.
+/// Reads a request body within the body timeout and the shared budget: a client that stalls
+/// is answered 408, one that cannot get a share of the budget in time 503, one that sends more
+/// than 1 MiB 413. The permit is the body's share of the budget, held while it is in memory.
 async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
@@ -291,15 +303,15 @@ async fn read_body(
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), (StatusCode, &'static str)> {
     const TOO_LARGE: (StatusCode, &str) = (
         StatusCode::PAYLOAD_TOO_LARGE,
-        "the invocation body is over 1 MiB",
+        "the request body is over 1 MiB",
     );
     const STALLED: (StatusCode, &str) = (
         StatusCode::REQUEST_TIMEOUT,
-        "the invocation body did not arrive in time",
+        "the request body did not arrive in time",
     );
     const BUSY: (StatusCode, &str) = (
         StatusCode::SERVICE_UNAVAILABLE,
-        "too many invocation bodies in flight; try again",
+        "too many request bodies in flight; try again",
     );
     let deadline = Instant::now() + state.limits.body_timeout;
     let declared = headers
@@ -332,7 +344,7 @@ async fn read_body(
             Ok(Some(Err(_))) => {
                 return Err((
                     StatusCode::BAD_REQUEST,
-                    "the invocation body could not be read",
+                    "the request body could not be read",
                 ));
             }
             Ok(Some(Ok(chunk))) => chunk,
