@@ -202,6 +202,10 @@ struct World {
 }
 
 async fn world(export_delay_ms: u64, chain: &str) -> World {
+    world_with(export_delay_ms, chain, &[]).await
+}
+
+async fn world_with(export_delay_ms: u64, chain: &str, extra: &[(&str, String)]) -> World {
     let azurite = Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let queue = unique("hq");
@@ -214,7 +218,7 @@ async fn world(export_delay_ms: u64, chain: &str) -> World {
     })
     .await
     .unwrap();
-    let handler = Handler::start(&[
+    let mut settings = vec![
         ("CVCHAIN_STORAGE", azurite.connection_string()),
         ("CVCHAIN_QUEUE", queue.clone()),
         ("CVCHAIN_HISTORY_TABLE", table.clone()),
@@ -223,7 +227,9 @@ async fn world(export_delay_ms: u64, chain: &str) -> World {
         ("CVCHAIN_EXPORTS", chain.into()),
         ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
         ("CVCHAIN_CV_MAX_RPS", "1000".into()),
-    ]);
+    ];
+    settings.extend(extra.iter().cloned());
+    let handler = Handler::start(&settings);
     let host = HostEmulator::new(&clients, &queue, handler.url(""));
     World {
         azurite,
@@ -620,6 +626,146 @@ async fn forged_exports_neither_replace_nor_displace_the_genuine_ones() {
 
 /// A training key with a newline and an endpoint with a password: the setting is named, and
 /// the password is printed nowhere (not by `check`, not by `serve`'s start-up line).
+/// Forged training notifications: an event says only what cvchain verified. Twenty
+/// `TrainingFailed` for made-up ids, and a `TrainingCompleted` and a `TrainingFailed` that
+/// contradict what Custom Vision reports, are each recorded (with why they were not confirmed)
+/// and announced by no event, although Custom Vision was asked about each; a genuine failed
+/// training is confirmed and announced once, with its names.
+#[tokio::test]
+async fn forged_trainings_are_recorded_and_never_announced() {
+    let events = unique("ev");
+    let w = world_with(50, "ONNX", &[("CVCHAIN_EVENTS_QUEUE", events.clone())]).await;
+    let outbox = |rows: &[StoredEntity]| -> Vec<(String, String)> {
+        rows.iter()
+            .filter(|r| {
+                r.entity["RowKey"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("Outbox_"))
+            })
+            .map(|r| {
+                (
+                    r.entity["PartitionKey"].as_str().unwrap().to_owned(),
+                    r.entity["CloudEventType"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let training = |p: &Uuid, i: &Uuid, status: &str| {
+        serde_json::json!({"version": "1.0", "type": "Training",
+            "Content": {"projectId": p, "iterationId": i, "trainingStatus": status}})
+        .to_string()
+    };
+
+    // Twenty made-up projects and iterations.
+    let before = w.standin.calls();
+    let asked_before = before.counts.get("GetIteration").copied().unwrap_or(0);
+    let mut forged = Vec::new();
+    for n in 0..20 {
+        let (p, i) = (Uuid::new_v4(), Uuid::new_v4());
+        let text = training(&p, &i, "TrainingFailed");
+        assert_eq!(w.deliver(&text, &format!("forged-{n}"), 1).await, 200);
+        forged.push((p, i));
+    }
+    let asked = w
+        .standin
+        .calls()
+        .counts
+        .get("GetIteration")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        asked - asked_before >= 20,
+        "each forged training was checked with Custom Vision ({} GetIteration calls)",
+        asked - asked_before
+    );
+    let rows = w.rows().await;
+    for (p, i) in &forged {
+        let row = rows
+            .iter()
+            .find(|r| {
+                r.entity["PartitionKey"] == p.to_string()
+                    && r.entity["RowKey"] == format!("Training_{i}_TrainingFailed")
+            })
+            .unwrap_or_else(|| panic!("the forged training of {p} is recorded"));
+        assert_eq!(row.entity.get("Confirmed"), None);
+        let why = row.entity["Confirmation"].as_str().unwrap_or_default();
+        assert!(
+            why.starts_with("unconfirmed: Custom Vision answered"),
+            "{why}"
+        );
+    }
+    assert_eq!(outbox(&rows), Vec::<(String, String)>::new());
+
+    // A real project: its completed training is confirmed and announced; a TrainingFailed for
+    // it contradicts the service and is not.
+    let (p, i) = w.trained_project("Forgery Target").await;
+    w.host
+        .pump_until(Duration::from_secs(30), || async {
+            w.step(p, i, "ONNX")
+                .await
+                .is_some_and(|s| s.entity.contains_key("ReleaseUrl"))
+        })
+        .await;
+    let contradicting = training(&p, &i, "TrainingFailed");
+    assert_eq!(w.deliver(&contradicting, "contradicting", 1).await, 200);
+    let rows = w.rows().await;
+    let row = rows
+        .iter()
+        .find(|r| r.entity["RowKey"] == format!("Training_{i}_TrainingFailed"))
+        .expect("the contradicting notification is recorded");
+    assert_eq!(
+        row.entity["Confirmation"],
+        "contradicted: Custom Vision reports the iteration Completed, not Failed"
+    );
+    let told: Vec<String> = outbox(&rows).into_iter().map(|(_, t)| t).collect();
+    assert!(
+        told.contains(&"io.cvchain.training.completed".to_owned()),
+        "{told:?}"
+    );
+    assert!(
+        !told.contains(&"io.cvchain.training.failed".to_owned()),
+        "{told:?}"
+    );
+
+    // A training that really failed: confirmed, announced once, with its names.
+    w.standin.set_faults(cvchain_standin::Faults {
+        fail_training: true,
+        ..Default::default()
+    });
+    let (p, i) = w.trained_project("Failing Project").await;
+    w.host
+        .pump_until(Duration::from_secs(30), || async {
+            w.rows()
+                .await
+                .iter()
+                .any(|r| r.entity["RowKey"] == format!("Training_{i}_TrainingFailed"))
+        })
+        .await;
+    let rows = w.rows().await;
+    let failed: Vec<&StoredEntity> = rows
+        .iter()
+        .filter(|r| {
+            r.entity["PartitionKey"] == p.to_string()
+                && r.entity["RowKey"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("Outbox_"))
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "one event for the failed training");
+    assert_eq!(
+        failed[0].entity["CloudEventType"],
+        "io.cvchain.training.failed"
+    );
+    let event: Value =
+        serde_json::from_str(failed[0].entity["CloudEvent"].as_str().expect("the event")).unwrap();
+    assert_eq!(event["data"]["projectName"], "Failing Project");
+    assert!(event["data"]["iterationName"].is_string(), "{event}");
+    w.assert_no_secrets(&[]).await;
+}
+
 #[test]
 fn hostile_settings_are_named_and_never_quoted() {
     use std::process::Command;

@@ -299,6 +299,11 @@ pub fn insert_events(
 
 fn training_events(row: &HistoryRow, ctx: &EventContext, now: OffsetDateTime) -> Vec<CloudEvent> {
     let p = &row.properties;
+    // An event says what cvchain verified: a training outcome Custom Vision did not confirm (a
+    // made-up id, an outcome the service contradicts, no endpoint to ask) is recorded only.
+    if p.flag(Prop::Confirmed) != Some(true) {
+        return Vec::new();
+    }
     let (pk, rk) = (&row.partition_key, &row.row_key);
     let project = p.text(Prop::ProjectId);
     let iteration = p.text(Prop::IterationId);

@@ -12,7 +12,7 @@ use crate::history::{
     rejected_row, step_row, step_row_key,
 };
 use crate::message::{Incoming, fits_queue_message};
-use crate::notification::{ExportStatus, Notification, Parsed, TrainingStatus};
+use crate::notification::{EventStatus, ExportStatus, Notification, Parsed, TrainingStatus};
 use crate::release::{ModelUri, Released, classify_model_uri};
 use time::OffsetDateTime;
 use url::Url;
@@ -184,6 +184,16 @@ pub fn needs(n: &Notification, config: &PlanConfig) -> Needs {
             exports: true,
             production: false,
         },
+        // A failed training is announced only once Custom Vision confirms it (the iteration
+        // exists and failed); its names come with the answers.
+        Notification::Training {
+            status: TrainingStatus::Failed,
+            ..
+        } => Needs {
+            project: true,
+            iteration: true,
+            ..Needs::default()
+        },
         _ => Needs::default(),
     }
 }
@@ -282,7 +292,21 @@ pub fn plan_notification(
     if let Some(problem) = &observed.problem {
         row.properties
             .set(Prop::ChainStatus, format!("stopped: {problem}"));
+        if matches!(n, Notification::Training { .. }) {
+            row.properties.set(
+                Prop::Confirmation,
+                format!("unconfirmed: Custom Vision answered {problem}"),
+            );
+        }
         return (accepted(), vec![Action::Record(row)]);
+    }
+    if let Notification::Training { .. } = n
+        && !config.custom_vision
+    {
+        row.properties.set(
+            Prop::Confirmation,
+            "unconfirmed: no Custom Vision endpoint is configured to confirm it with",
+        );
     }
     match n {
         Notification::Training {
@@ -296,16 +320,26 @@ pub fn plan_notification(
                 observed.iteration.as_ref(),
                 observed.performance.as_ref(),
             );
-            if let Some(it) = &observed.iteration
-                && !it.status.eq_ignore_ascii_case("Completed")
-            {
-                return (
-                    Decision::Retry(format!(
-                        "Custom Vision still reports iteration {iteration_id} as {:?}",
-                        it.status
-                    )),
-                    Vec::new(),
-                );
+            if let Some(it) = &observed.iteration {
+                // The service says the opposite: recorded, neither announced nor acted on.
+                if it.status.eq_ignore_ascii_case("Failed") {
+                    confirm(&mut row, it);
+                    row.properties.set(
+                        Prop::ChainStatus,
+                        "stopped: Custom Vision reports the training failed",
+                    );
+                    return (accepted(), vec![Action::Record(row)]);
+                }
+                if !it.status.eq_ignore_ascii_case("Completed") {
+                    return (
+                        Decision::Retry(format!(
+                            "Custom Vision still reports iteration {iteration_id} as {:?}",
+                            it.status
+                        )),
+                        Vec::new(),
+                    );
+                }
+                confirm(&mut row, it);
             }
             let verdict = gate_verdict(observed, config);
             row.properties.set(
@@ -339,6 +373,35 @@ pub fn plan_notification(
                     project: *project_id,
                     keep,
                 });
+            }
+        }
+        Notification::Training {
+            iteration_id,
+            status: TrainingStatus::Failed,
+            ..
+        } if config.custom_vision => {
+            enrich_training(
+                &mut row,
+                observed.project.as_ref(),
+                observed.iteration.as_ref(),
+                None,
+            );
+            match &observed.iteration {
+                // Custom Vision's status can trail its notification by a moment.
+                Some(it) if is_training(&it.status) => {
+                    return (
+                        Decision::Retry(format!(
+                            "Custom Vision still reports iteration {iteration_id} as {:?}",
+                            it.status
+                        )),
+                        Vec::new(),
+                    );
+                }
+                Some(it) => confirm(&mut row, it),
+                None => row.properties.set(
+                    Prop::Confirmation,
+                    "unconfirmed: Custom Vision did not describe the iteration",
+                ),
             }
         }
         Notification::Export {
@@ -400,6 +463,38 @@ pub fn plan_notification(
     }
     actions.push(Action::Record(row));
     (accepted(), actions)
+}
+
+/// Whether Custom Vision's iteration status says it is still training.
+fn is_training(status: &str) -> bool {
+    status.eq_ignore_ascii_case("Training") || status.eq_ignore_ascii_case("Queued")
+}
+
+/// Marks a Training row confirmed when Custom Vision reports the outcome it claims
+/// (`TrainingCompleted`: the iteration is `Completed`; `TrainingFailed`: `Failed`), and says why
+/// not otherwise. Only a confirmed notification is announced: a forged one for an iteration
+/// that does not exist, or that says the opposite of the service, is recorded, never signed.
+fn confirm(row: &mut HistoryRow, it: &Iteration) {
+    let claimed = match row.status() {
+        Some(RowStatus::Event(EventStatus::TrainingCompleted)) => "Completed",
+        Some(RowStatus::Event(EventStatus::TrainingFailed)) => "Failed",
+        _ => return,
+    };
+    if it.status.eq_ignore_ascii_case(claimed) {
+        row.properties.set(Prop::Confirmed, true);
+        row.properties.set(
+            Prop::Confirmation,
+            format!("confirmed: Custom Vision reports the iteration {claimed}"),
+        );
+    } else {
+        row.properties.set(
+            Prop::Confirmation,
+            format!(
+                "contradicted: Custom Vision reports the iteration {}, not {claimed}",
+                crate::message::bounded(&it.status, 64).0
+            ),
+        );
+    }
 }
 
 /// The project's name as Custom Vision reported it (empty when it did not).

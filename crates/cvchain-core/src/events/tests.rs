@@ -43,6 +43,7 @@ fn training_row(status: EventStatus, verdict: Option<&str>) -> HistoryRow {
     p.set(Prop::ProjectId, PROJECT);
     p.set(Prop::IterationId, ITERATION);
     p.set(Prop::ReceivedAt, datetime!(2026-12-01 09:00:00.123 UTC));
+    p.set(Prop::Confirmed, true);
     if status == EventStatus::TrainingCompleted {
         p.set(Prop::ProjectName, "Widgets");
         p.set(Prop::IterationName, "Iteration 2");
@@ -119,6 +120,21 @@ fn a_completed_training_tells_its_metrics_and_the_gates_verdict() {
     assert_eq!(again, events);
     // Ids are UUIDs: no `.`, as Standard Webhooks' webhook-id needs.
     assert!(Uuid::parse_str(&e.id).is_ok());
+}
+
+#[test]
+fn a_training_custom_vision_did_not_confirm_tells_nothing() {
+    for status in [EventStatus::TrainingCompleted, EventStatus::TrainingFailed] {
+        let mut row = training_row(status, Some("passed"));
+        row.properties.remove(Prop::Confirmed);
+        assert_eq!(
+            insert_events(&row, &facts(), &ctx(), now()),
+            Vec::new(),
+            "{status:?} unconfirmed"
+        );
+        row.properties.set(Prop::Confirmed, false);
+        assert_eq!(insert_events(&row, &facts(), &ctx(), now()), Vec::new());
+    }
 }
 
 #[test]

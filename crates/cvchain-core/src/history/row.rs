@@ -81,6 +81,11 @@ props! {
     Version: Text,
     /// The project is outside `CVCHAIN_PROJECTS`.
     Ignored: Bool,
+    /// Custom Vision confirmed what the notification says (a training's outcome): only a
+    /// confirmed notification is announced as an event.
+    Confirmed: Bool,
+    /// How the notification was confirmed, or why it could not be.
+    Confirmation: Text,
     ChainStatus: Text,
     PublishStatus: Text,
     /// Fields of Custom Vision's answers that could not be read and were taken as absent.

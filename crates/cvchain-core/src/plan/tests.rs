@@ -830,3 +830,141 @@ fn a_notification_that_is_only_its_row_is_not_read_first() {
     // Without Custom Vision a finished training is its row alone too.
     assert_eq!(key_to_read_first(&training_completed(), &config()), None);
 }
+
+fn training_failed() -> String {
+    training_completed().replace("TrainingCompleted", "TrainingFailed")
+}
+
+fn training_row_of(actions: &[Action]) -> &HistoryRow {
+    let Some(Action::Record(row)) = actions.last() else {
+        panic!("the row comes last: {actions:?}")
+    };
+    row
+}
+
+#[test]
+fn a_failed_training_is_confirmed_with_custom_vision_before_it_counts() {
+    let n = crate::notification::parse(&training_failed())
+        .unwrap()
+        .notification;
+    let asked = needs(&n, &chain_config());
+    assert!(asked.iteration && asked.project, "{asked:?}");
+    assert!(!asked.exports && !asked.performance);
+    // Its redelivery is looked for first: handling it costs Custom Vision calls.
+    assert!(key_to_read_first(&training_failed(), &chain_config()).is_some());
+
+    let mut failed = completed_iteration();
+    failed.status = "Failed".into();
+    let observed = Observed {
+        iteration: Some(failed),
+        project: Some(Project {
+            id: pid(),
+            name: "Widgets".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (decision, actions) = plan_text(&training_failed(), &observed, &chain_config());
+    assert!(matches!(decision, Decision::Accepted(_)));
+    let row = training_row_of(&actions);
+    assert_eq!(
+        actions.len(),
+        1,
+        "a failed training runs nothing: {actions:?}"
+    );
+    assert_eq!(row.properties[Prop::Confirmed], true);
+    assert_eq!(row.properties[Prop::ProjectName], "Widgets");
+    assert_eq!(row.properties[Prop::IterationName], "Iteration 3");
+
+    // The iteration does not exist (a made-up id): recorded, never confirmed.
+    let gone = Observed {
+        problem: Some("iteration not found (NotFound)".into()),
+        ..Default::default()
+    };
+    let (_, actions) = plan_text(&training_failed(), &gone, &chain_config());
+    let row = training_row_of(&actions);
+    assert_eq!(row.properties.flag(Prop::Confirmed), None);
+    assert!(
+        row.properties
+            .text(Prop::Confirmation)
+            .starts_with("unconfirmed: Custom Vision answered iteration not found"),
+        "{:?}",
+        row.properties.text(Prop::Confirmation)
+    );
+
+    // The service says the iteration completed: the notification is contradicted.
+    let (_, actions) = plan_text(
+        &training_failed(),
+        &Observed {
+            iteration: Some(completed_iteration()),
+            ..Default::default()
+        },
+        &chain_config(),
+    );
+    let row = training_row_of(&actions);
+    assert_eq!(row.properties.flag(Prop::Confirmed), None);
+    assert_eq!(
+        row.properties[Prop::Confirmation],
+        "contradicted: Custom Vision reports the iteration Completed, not Failed"
+    );
+
+    // Still training: the service's status may trail its notification, so ask again later.
+    let mut training = completed_iteration();
+    training.status = "Training".into();
+    let (decision, _) = plan_text(
+        &training_failed(),
+        &Observed {
+            iteration: Some(training),
+            ..Default::default()
+        },
+        &chain_config(),
+    );
+    assert!(matches!(decision, Decision::Retry(_)));
+}
+
+#[test]
+fn a_training_is_confirmed_only_when_custom_vision_agrees() {
+    let observed = Observed {
+        iteration: Some(completed_iteration()),
+        ..Default::default()
+    };
+    let (_, actions) = plan_text(&training_completed(), &observed, &chain_config());
+    assert_eq!(training_row_of(&actions).properties[Prop::Confirmed], true);
+
+    // A TrainingCompleted for an iteration the service reports failed: recorded, nothing run.
+    let mut failed = completed_iteration();
+    failed.status = "Failed".into();
+    let (decision, actions) = plan_text(
+        &training_completed(),
+        &Observed {
+            iteration: Some(failed),
+            ..Default::default()
+        },
+        &chain_config(),
+    );
+    assert!(matches!(decision, Decision::Accepted(_)));
+    assert_eq!(actions.len(), 1, "nothing but the row: {actions:?}");
+    let row = training_row_of(&actions);
+    assert_eq!(row.properties.flag(Prop::Confirmed), None);
+    assert_eq!(
+        row.properties[Prop::Confirmation],
+        "contradicted: Custom Vision reports the iteration Failed, not Completed"
+    );
+
+    // Without Custom Vision nothing can confirm it; outside CVCHAIN_PROJECTS nothing is asked.
+    let (_, actions) = plan_text(&training_completed(), &Observed::default(), &config());
+    let row = training_row_of(&actions);
+    assert_eq!(row.properties.flag(Prop::Confirmed), None);
+    assert!(
+        row.properties
+            .text(Prop::Confirmation)
+            .starts_with("unconfirmed: no Custom Vision")
+    );
+    let mut only_others = chain_config();
+    only_others.projects = Some(vec![Uuid::from_u128(7)]);
+    let (_, actions) = plan_text(&training_completed(), &observed, &only_others);
+    assert_eq!(
+        training_row_of(&actions).properties.flag(Prop::Confirmed),
+        None
+    );
+}
