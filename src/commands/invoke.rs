@@ -11,9 +11,10 @@ pub struct Args {
     /// The message text, from a file, or `-` for standard input.
     #[arg(value_name = "FILE|-")]
     pub file: PathBuf,
-    /// The handler's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:7072/")]
-    pub url: String,
+    /// The handler's base URL [default: http://127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT/, where
+    /// `cvchain serve` listens; 8080 when unset].
+    #[arg(long)]
+    pub url: Option<String>,
     /// The queue message id (default: a new UUID).
     #[arg(long)]
     pub id: Option<String>,
@@ -30,8 +31,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read {}", args.file.display()))?
     };
     let id = args.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let url = match args.url {
+        Some(u) => u,
+        None => {
+            let port = crate::settings::handler_port(&|k| std::env::var(k).ok())?;
+            format!("http://127.0.0.1:{port}/")
+        }
+    };
     let (status, body) =
-        super::runtime()?.block_on(invoke(&args.url, &text, &id, args.dequeue_count))?;
+        super::runtime()?.block_on(invoke(&url, &text, &id, args.dequeue_count))?;
     println!("HTTP {status} {body}");
     if !(200..300).contains(&status) {
         anyhow::bail!("the handler answered HTTP {status}");
