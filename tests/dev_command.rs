@@ -58,3 +58,165 @@ fn the_local_chain_runs_to_completion_and_shows_its_work() {
         &[cvchain_azure::storage::settings::DEV_ACCOUNT_KEY],
     );
 }
+
+/// What a new user meets after the first run: a second run shows the same clean paths (the
+/// previous run's data is removed, and says so), nothing warns about the stand-in's own
+/// containers, and `--keep` hands over the environment so that `source .cvchain/dev.env` makes
+/// `cvchain history` and `cvchain channels` in another shell read this run.
+#[test]
+fn a_second_run_is_as_clean_as_the_first_and_keep_hands_over_its_environment() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        cvchain_testkit::repo_root().join("node_modules"),
+        dir.path().join("node_modules"),
+    )
+    .unwrap();
+    let dev = |keep: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cvchain"));
+        c.arg("dev")
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        if keep {
+            c.arg("--keep");
+        }
+        c
+    };
+    // The first run sends its events to the user's own webhook: it says how that went.
+    let hook = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hooks/ml",
+                    axum::routing::post(|| async { axum::http::StatusCode::NO_CONTENT }),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        format!("http://127.0.0.1:{port}/hooks/ml?code=not-for-logs")
+    };
+    let first = dev(false)
+        .env("CVCHAIN_WEBHOOK_URL", &hook)
+        .env(
+            "CVCHAIN_WEBHOOK_SECRET",
+            "whsec_c2VjcmV0LWZvci1jdmNoYWluLWRldi10ZXN0czE=",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("removed the previous run"), "{stdout}");
+    assert!(!stderr.contains("could not write a model blob"), "{stderr}");
+    assert!(
+        !stdout.contains("received by the local webhook receiver"),
+        "{stdout}"
+    );
+    let told = stdout
+        .lines()
+        .find(|l| l.starts_with("● events to webhook http://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("where the events went, in:\n{stdout}"));
+    assert!(
+        told.ends_with("/hooks/ml: 32 of 32 event(s) delivered"),
+        "{told}"
+    );
+    assert!(!stdout.contains("not-for-logs"), "{stdout}");
+
+    let mut second = dev(true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(second.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("then `cvchain history`") {
+            break;
+        }
+    }
+    let env_file = dir.path().join(".cvchain/dev.env");
+    let stop = |child: &mut std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        child.wait().unwrap()
+    };
+    let check = std::panic::catch_unwind(|| {
+        assert!(
+            seen.contains("● removed the previous run's demo data (.azurite/)"),
+            "{seen}"
+        );
+        for clean in [
+            "models/Widget-Detector/Iteration-1/ONNX.zip",
+            "models/Widget-Detector/Iteration-2/DockerFile-Linux.zip",
+            "models/Widget-Detector/channels/production/ONNX.zip",
+        ] {
+            assert!(seen.contains(clean), "missing {clean} in:\n{seen}");
+        }
+        assert!(seen.contains("export CVCHAIN_STORAGE='"), "{seen}");
+        assert!(seen.contains("export CVCHAIN_HISTORY_TABLE='"), "{seen}");
+        assert!(seen.contains("export CVCHAIN_WEBHOOK_URL='"), "{seen}");
+        let written = std::fs::read_to_string(&env_file).expect(".cvchain/dev.env is written");
+        for line in seen.lines().filter(|l| l.starts_with("export ")) {
+            assert!(written.contains(line), "{line} not in the file:\n{written}");
+        }
+        // Another shell: only the file, none of this test's environment.
+        let shell = |command: &str| {
+            let out = Command::new("bash")
+                .args([
+                    "-c",
+                    &format!(
+                        "source .cvchain/dev.env && {} {command}",
+                        env!("CARGO_BIN_EXE_cvchain")
+                    ),
+                ])
+                .current_dir(dir.path())
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "cvchain {command}:\n{text}");
+            text
+        };
+        let history = shell("history");
+        assert!(history.contains("Widget Detector"), "{history}");
+        assert!(history.contains("Iteration 2"), "{history}");
+        let pid = seen
+            .lines()
+            .find_map(|l| l.strip_prefix("● project \"Widget Detector\" "))
+            .and_then(|l| l.split_whitespace().next())
+            .expect("the project's id is printed");
+        let channels = shell(&format!("channels --project {pid}"));
+        assert!(
+            channels.contains("production follows Iteration 2"),
+            "{channels}"
+        );
+    });
+    let status = stop(&mut second);
+    if let Err(e) = check {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err);
+        eprintln!("cvchain dev --keep's stderr:\n{err}");
+        std::panic::resume_unwind(e);
+    }
+    assert!(status.success() || status.code().is_none(), "{status}");
+    assert!(!env_file.exists(), "the environment file goes with the run");
+}

@@ -6,11 +6,12 @@
 use crate::settings::Settings;
 use crate::startup::Application;
 use crate::worker::WorkerOptions;
-use anyhow::bail;
+use anyhow::{Context, bail};
 use cvchain_azure::storage::{
     clients::StorageClients,
-    settings::{DEV_ACCOUNT, STORAGE_SETTING, parse_connection_string},
+    settings::{STORAGE_SETTING, parse_connection_string},
 };
+use cvchain_core::events::Sink;
 use cvchain_core::history::{HistoryRow, Prop, RowKind, RowStatus, StepRow};
 use cvchain_core::notification::Kind;
 use cvchain_core::report;
@@ -49,11 +50,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     super::runtime()?.block_on(demo(std::env::current_dir()?, args.keep))
 }
 
-/// Azurite for the run, with its data in `.azurite/` of the repository.
+/// Azurite for the run, with its data in `.azurite/` of the repository. A previous run's data
+/// is removed first, so each run shows the paths a first release gets in production (an
+/// earlier demo project of the same name would hold them, and this run's copies would take the
+/// id-qualified paths).
 fn start_azurite(root: &Path) -> anyhow::Result<Azurite> {
+    let data = root.join(".azurite");
+    if std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()) {
+        std::fs::remove_dir_all(&data).with_context(|| {
+            format!(
+                "cannot remove the previous run's data in {}",
+                data.display()
+            )
+        })?;
+        println!("● removed the previous run's demo data (.azurite/)");
+    }
     Ok(Azurite::start(azurite::Options::new(
         root,
-        Data::Dir(root.join(".azurite")),
+        Data::Dir(data),
     ))?)
 }
 
@@ -259,16 +273,36 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
         }
         events.deliver_all().await?;
     }
-    let (received, bad) = receiver.counts();
-    println!(
-        "\n● {received} event(s) received by the local webhook receiver, {} signature(s) verified{}",
-        received - bad,
-        if bad > 0 {
-            format!(", {bad} refused")
-        } else {
-            String::new()
+    println!();
+    if let Some(events) = app_lifecycle.events() {
+        let rows = events.outbox().list(Some(&pid), false, 10_000).await?;
+        for sink in events.sinks.configured() {
+            let local = sink == Sink::Webhook
+                && settings
+                    .events
+                    .webhook
+                    .as_ref()
+                    .is_some_and(|w| w.url.as_str() == receiver.url);
+            if local {
+                let (received, bad) = receiver.counts();
+                println!(
+                    "● {received} event(s) received by the local webhook receiver, {} signature(s) verified{}",
+                    received - bad,
+                    if bad > 0 {
+                        format!(", {bad} refused")
+                    } else {
+                        String::new()
+                    }
+                );
+            } else {
+                println!(
+                    "● events to {}: {}",
+                    events.sinks.describe(sink),
+                    delivery_summary(&rows, sink)
+                );
+            }
         }
-    );
+    }
     println!(
         "\n● both chains complete in {:.1} s\n\nHistory ({}):",
         started.elapsed().as_secs_f64(),
@@ -316,12 +350,24 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
                 Some(&settings.storage)
             )
         );
+        let env = handed_over(
+            &settings,
+            azurite.as_ref().map(|_| connection.as_str()),
+            &standin.endpoint(),
+            &receiver,
+        );
+        let file = root.join(DEV_ENV);
+        write_env_file(&file, &env)?;
         println!(
-            "\n● still running (Ctrl-C stops). Point `func start --script-root dist/app` at the same storage with\n  CVCHAIN_STORAGE / AzureWebJobsStorage = the Azurite connection string (account {}, blob port {})",
-            DEV_ACCOUNT,
-            azurite.as_ref().map(|a| a.blob_port).unwrap_or(0)
+            "\n● still running (Ctrl-C stops). In another shell, `source {DEV_ENV}` (written now), or:\n"
+        );
+        print!("{env}");
+        println!(
+            "\n  then `cvchain history`, `cvchain channels`, `cvchain events`, or `func start --script-root dist/app`\n  (with AzureWebJobsStorage=\"$CVCHAIN_STORAGE\") all work on this run."
         );
         crate::server::shutdown_signal().await;
+        // The environment it describes ends now.
+        let _ = std::fs::remove_file(&file);
     }
     let _ = stop_tx.send(());
     let _ = worker.await;
@@ -388,6 +434,118 @@ async fn watch(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Where `cvchain dev --keep` writes the environment it hands over.
+const DEV_ENV: &str = ".cvchain/dev.env";
+
+/// `export NAME='value'` lines for every setting another shell needs to work on this run. Only
+/// values this run made up are written (its Azurite, with the emulator's well-known account key;
+/// the stand-in and its demo key; the local receiver's secret): a setting that came from the
+/// environment, maybe a real secret, is named, never quoted.
+fn handed_over(
+    settings: &Settings,
+    own_storage: Option<&str>,
+    standin: &str,
+    receiver: &LocalReceiver,
+) -> String {
+    let mut out = String::new();
+    let mut export = |name: &str, value: &str| {
+        out.push_str(&format!(
+            "export {name}='{}'\n",
+            value.replace('\'', "'\\''")
+        ));
+    };
+    let mut from_env = Vec::new();
+    match own_storage {
+        Some(c) => export(STORAGE_SETTING, c),
+        None => from_env.push(STORAGE_SETTING),
+    }
+    export("CVCHAIN_QUEUE", &settings.queue_name);
+    export("CVCHAIN_HISTORY_TABLE", &settings.history_table);
+    export("CVCHAIN_RELEASE_CONTAINER", &settings.release.container);
+    if let Some(b) = &settings.release.backup_container {
+        export(
+            "CVCHAIN_BACKUP_CONTAINER",
+            &cvchain_azure::events::settings::display_url(b),
+        );
+    }
+    let chain: Vec<String> = settings
+        .chain
+        .exports
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    export("CVCHAIN_EXPORTS", &chain.join(", "));
+    let gate = settings.lifecycle.gate.to_string();
+    if !gate.is_empty() {
+        export("CVCHAIN_GATE", &gate);
+    }
+    export("CUSTOM_VISION_ENDPOINT", standin);
+    export("CUSTOM_VISION_TRAINING_KEY", DEMO_KEY);
+    match &settings.events.webhook {
+        Some(w) if w.url.as_str() == receiver.url => {
+            export("CVCHAIN_WEBHOOK_URL", &receiver.url);
+            export("CVCHAIN_WEBHOOK_SECRET", &receiver.secret);
+        }
+        Some(_) => from_env.extend(["CVCHAIN_WEBHOOK_URL", "CVCHAIN_WEBHOOK_SECRET"]),
+        None => {}
+    }
+    for name in [
+        "CVCHAIN_EVENTS_QUEUE",
+        "CVCHAIN_EVENTGRID_ENDPOINT",
+        "CVCHAIN_EVENTGRID_KEY",
+    ] {
+        if std::env::var(name).is_ok_and(|v| !v.is_empty()) {
+            from_env.push(name);
+        }
+    }
+    if !from_env.is_empty() {
+        out.push_str(&format!(
+            "# also set, as in this shell's environment: {}\n",
+            from_env.join(", ")
+        ));
+    }
+    out
+}
+
+/// Writes the handed-over environment, readable by its owner only.
+fn write_env_file(path: &Path, env: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = format!(
+        "# cvchain dev --keep: the settings of the running demo; `source` this file.\n{env}"
+    );
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
+/// How a sink fared with the project's events: `12 of 12 delivered`, and what is not.
+fn delivery_summary(rows: &[cvchain_core::events::OutboxRow], sink: Sink) -> String {
+    use cvchain_core::events::delivery::State;
+    let mine: Vec<_> = rows.iter().filter(|r| r.sinks.contains(&sink)).collect();
+    let count = |s: State| mine.iter().filter(|r| r.state(sink).state == s).count();
+    let (delivered, pending, failed) = (
+        count(State::Delivered),
+        count(State::Pending),
+        count(State::Failed),
+    );
+    let mut text = format!("{delivered} of {} event(s) delivered", mine.len());
+    if pending > 0 {
+        text.push_str(&format!(", {pending} pending (`cvchain events` shows why)"));
+    }
+    if failed > 0 {
+        text.push_str(&format!(
+            ", {failed} failed (`cvchain events replay` sends them again)"
+        ));
+    }
+    text
 }
 
 fn rand_u32() -> u32 {

@@ -241,7 +241,16 @@ pub async fn upload(
                 if container == INTERNAL_CONTAINER
                     && matches!(e, StorageError::Service { status: 404, .. })
                 {
-                    let _ = c.create(None).await;
+                    // The service's own container, made on first use: nothing to warn about.
+                    match c.create(None).await {
+                        Ok(_) => continue,
+                        Err(e)
+                            if e.http_status() == Some(azure_core::http::StatusCode::Conflict) =>
+                        {
+                            continue;
+                        }
+                        Err(_) => {}
+                    }
                 } else if !e.is_transient() {
                     return Err(e);
                 }
