@@ -330,3 +330,65 @@ async fn an_entity_group_transaction_writes_all_or_nothing() {
     ];
     assert!(table.transact(&ops).await.is_err());
 }
+
+/// A download link (an account-key service SAS) reads its one blob with no other credential,
+/// and nothing else: not another blob, not a write, not after it expires.
+#[tokio::test]
+async fn a_download_link_reads_its_blob_and_nothing_else() {
+    use cvchain_azure::storage::links::Links;
+    let azurite = Azurite::start();
+    let clients = clients(&azurite);
+    let name = unique("models");
+    let container = clients.blob_service().unwrap().blob_container_client(&name);
+    container.create(None).await.unwrap();
+    for (blob, body) in [
+        ("Widget Detector/Iteration-1/ONNX.zip", &b"the model"[..]),
+        ("Widget Detector/Iteration-2/ONNX.zip", &b"another"[..]),
+    ] {
+        container
+            .blob_client(blob)
+            .upload(RequestContent::from(body.to_vec()), None)
+            .await
+            .unwrap();
+    }
+    let links = Links::new(&clients);
+    let now = time::OffsetDateTime::now_utc();
+    let url = links
+        .read_url(&name, "Widget Detector/Iteration-1/ONNX.zip", now)
+        .await
+        .unwrap()
+        .expect("a link under an account key");
+    let q = url.query().unwrap();
+    assert!(q.contains("sr=b") && q.contains("sp=r"), "{q}");
+    assert!(
+        !url.as_str()
+            .contains(cvchain_azure::storage::settings::DEV_ACCOUNT_KEY)
+    );
+    let http = reqwest::Client::new();
+    let got = http.get(url.as_str()).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"the model");
+    // The signature covers the blob: the same query on another blob is refused.
+    let other = url.as_str().replace("Iteration-1", "Iteration-2");
+    assert_eq!(http.get(other).send().await.unwrap().status(), 403);
+    // Read only.
+    let put = http
+        .put(url.as_str())
+        .header("x-ms-blob-type", "BlockBlob")
+        .body("overwritten")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 403);
+    // Expired.
+    let old = links
+        .read_url(
+            &name,
+            "Widget Detector/Iteration-1/ONNX.zip",
+            now - time::Duration::hours(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(http.get(old.as_str()).send().await.unwrap().status(), 403);
+}

@@ -231,3 +231,76 @@ async fn the_whole_release_path_runs_with_tokens() {
         cvchain_testkit::blob_bytes(&clients, "models", "Widgets/Iteration-1/ONNX.zip").await;
     assert_eq!(bytes.len(), 64 * 1024);
 }
+
+/// Under Microsoft Entra ID a download link is a user delegation SAS: the key comes from Get
+/// User Delegation Key (asked once, then reused), and the link reads its one blob with no other
+/// credential.
+#[tokio::test]
+async fn a_download_link_under_a_token_is_a_user_delegation_sas() {
+    use cvchain_azure::storage::links::Links;
+    let ca = TestCa::generate();
+    let azurite = Azurite::builder().oauth(&ca).start();
+    let (clients, cred) = token_clients(&azurite, &ca);
+    let name = unique("models");
+    let container = clients.blob_service().unwrap().blob_container_client(&name);
+    container.create(None).await.unwrap();
+    for blob in [
+        "Widgets/Iteration-1/ONNX.zip",
+        "Widgets/Iteration-2/ONNX.zip",
+    ] {
+        container
+            .blob_client(blob)
+            .upload(RequestContent::from(blob.as_bytes().to_vec()), None)
+            .await
+            .unwrap();
+    }
+    let links = Links::new(&clients);
+    let now = time::OffsetDateTime::now_utc();
+    let url = links
+        .read_url(&name, "Widgets/Iteration-1/ONNX.zip", now)
+        .await
+        .unwrap()
+        .expect("a link under a token");
+    let q = url.query().unwrap().to_owned();
+    assert!(
+        q.contains("skoid=") && q.contains("sr=b") && q.contains("sp=r"),
+        "{q}"
+    );
+    assert!(q.contains("spr=https"), "{q}");
+    assert!(cred.requests.load(Ordering::Relaxed) >= 1);
+    // No token, no key: the link alone.
+    let http = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca.ca_cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let got = http.get(url.as_str()).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(
+        got.bytes().await.unwrap().as_ref(),
+        b"Widgets/Iteration-1/ONNX.zip"
+    );
+    let other = url.as_str().replace("Iteration-1", "Iteration-2");
+    assert_eq!(http.get(other).send().await.unwrap().status(), 403);
+    // A link made a minute later reuses the delegation key (the same key start).
+    let second = links
+        .read_url(
+            &name,
+            "Widgets/Iteration-2/ONNX.zip",
+            now + time::Duration::minutes(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let skt = |u: &url::Url| {
+        u.query_pairs()
+            .find(|(k, _)| k == "skt")
+            .map(|(_, v)| v.into_owned())
+    };
+    assert_eq!(skt(&url), skt(&second));
+    assert_eq!(
+        http.get(second.as_str()).send().await.unwrap().status(),
+        200
+    );
+}

@@ -4,6 +4,7 @@
 pub mod blobs;
 pub mod channels;
 pub mod clients;
+pub mod links;
 pub mod queue;
 pub mod rejected;
 pub mod settings;
