@@ -27,6 +27,7 @@ pub mod config;
 pub mod customvision;
 pub mod envelope;
 pub mod events;
+pub mod forms;
 pub mod fuzzing;
 pub mod gate;
 pub mod history;
