@@ -952,7 +952,7 @@ async fn event_grid_takes_an_entra_id_token_for_its_scope() {
 // among others. The handlers run `serve` and are driven by the `DeliverEvents` timer function.
 
 /// Settings for handlers that only deliver: storage, the history table, the webhook, and a
-/// claim of 3 s, so one round outlasts it several times over.
+/// claim of 5 s, so one round outlasts it.
 fn delivery_env(
     azurite: &Azurite,
     table: &str,
@@ -964,7 +964,7 @@ fn delivery_env(
         ("CVCHAIN_HISTORY_TABLE", table.to_owned()),
         ("CVCHAIN_WEBHOOK_URL", receiver.url()),
         ("CVCHAIN_WEBHOOK_SECRET", SECRET.into()),
-        ("CVCHAIN_CLAIM_SECONDS", "3".into()),
+        ("CVCHAIN_CLAIM_SECONDS", "5".into()),
         ("CVCHAIN_EVENTS_RETRY_SECONDS", "1".into()),
     ]
 }
@@ -1052,7 +1052,7 @@ fn arrivals(receiver: &Receiver) -> Vec<(String, u64, bool)> {
         .collect()
 }
 
-/// A receiver that takes 2 s per request, six events (12 s, four claim lifetimes), and two
+/// A receiver that takes 2 s per request, six events (12 s, over two claim lifetimes), and two
 /// `serve` instances whose timers run while the first is still delivering: every event arrives
 /// once, in order, one request at a time. (Before the claim was held while the round ran, the
 /// second instance took the lapsed claim over and sent all six again, two in flight at once.)
@@ -1071,11 +1071,14 @@ async fn two_instances_and_a_slow_receiver_send_each_event_once_in_order() {
     let first = tokio::spawn(run_timer(a.url("")));
     // Once the first has delivered longer than its claim lives, the second's timer runs; and
     // again later.
-    until("two events answered", 60, || receiver.records().len() >= 2).await;
+    until("three events answered", 60, || {
+        receiver.records().len() >= 3
+    })
+    .await;
     let second = run_timer(b.url(""))
         .await
         .expect("the second instance answers");
-    until("four events answered", 60, || receiver.records().len() >= 4).await;
+    until("five events answered", 60, || receiver.records().len() >= 5).await;
     let third = run_timer(b.url(""))
         .await
         .expect("the second instance answers");
