@@ -11,8 +11,8 @@
 //!   Grid answering 400 records each event as failed for good, and once the receiver is up every
 //!   event arrives, in order, none lost; then `events test`, `events replay` and `check`;
 //! - delivery under load: two instances and a slow receiver (each event once, in order, one
-//!   request at a time), a crash mid-round (at most the event in flight twice), one slow project
-//!   among others (the others are not held up);
+//!   request at a time), a crash mid-round (at most the event in flight twice), a round that
+//!   loses its claim (it stops), one slow project among others (the others are not held up);
 //! - answers read only in part (a 400 MB error body), never keeping part of a secret, and no
 //!   command showing the webhook URL's query;
 //! - hostile names: every event any sink gets is a CloudEvent the SDK reads.
@@ -1176,6 +1176,60 @@ async fn a_crash_mid_round_sends_again_at_most_the_event_in_flight() {
         got.len() <= ids.len() + 1,
         "at most the event in flight twice: {got:?}"
     );
+}
+
+/// Another instance takes the claim while a round runs (here: the claim row replaced, as a
+/// takeover after a lapse would): the round's next renewal finds it lost and the round stops at
+/// once, sending nothing more; the new holder delivers the rest. (Before, a round never looked
+/// at its claim again and sent everything.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_loses_its_claim_stops() {
+    use cvchain_core::claims::{ClaimKey, claim_row};
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let mut receiver = Receiver::slow(&python(), 1.5, None);
+    receiver.start();
+    let table = unique("LostClaim");
+    let env = delivery_env(&azurite, &table, &receiver);
+    let handler = Handler::start(&env);
+    let project = Uuid::new_v4().to_string();
+    let ids = pending_events(&clients, &table, &project, 6).await;
+
+    let round = tokio::spawn(run_timer(handler.url("")));
+    until("one event answered", 60, || !receiver.records().is_empty()).await;
+    let taken = claim_row(
+        &ClaimKey::deliver(&project),
+        Uuid::new_v4(),
+        time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    );
+    clients
+        .table(&table)
+        .unwrap()
+        .upsert(
+            &cvchain_azure::history::to_entity(&taken),
+            cvchain_azure::storage::table::UpdateMode::Replace,
+        )
+        .await
+        .unwrap();
+    let answer = round.await.unwrap().expect("the handler answers");
+    assert!(
+        answer["Logs"].to_string().contains("1 round(s) stopped"),
+        "{answer}"
+    );
+    // The request in flight when the claim was lost may still be answered; nothing after it.
+    let sent = receiver.records().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = receiver.records().len();
+    assert!(
+        after <= sent + 1 && after < ids.len(),
+        "{sent} then {after} of {}",
+        ids.len()
+    );
+    let got: Vec<String> = arrivals(&receiver)
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(got, ids[..got.len()], "in order, once");
 }
 
 /// One project's receiver is slow (every request of that project takes 2 s); the timer's round
