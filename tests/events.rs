@@ -1176,6 +1176,7 @@ async fn a_crash_mid_round_sends_again_at_most_the_event_in_flight() {
         got.len() <= ids.len() + 1,
         "at most the event in flight twice: {got:?}"
     );
+    assert!(arrivals(&receiver).iter().all(|(_, _, ok)| *ok));
 }
 
 /// Another instance takes the claim while a round runs (here: the claim row replaced, as a
@@ -1230,6 +1231,7 @@ async fn a_round_that_loses_its_claim_stops() {
         .map(|(id, _, _)| id)
         .collect();
     assert_eq!(got, ids[..got.len()], "in order, once");
+    assert!(arrivals(&receiver).iter().all(|(_, _, ok)| *ok));
 }
 
 /// One project's receiver is slow (every request of that project takes 2 s); the timer's round
@@ -1272,6 +1274,7 @@ async fn one_slow_project_does_not_hold_up_the_others() {
     // The slow project's own order holds.
     let slow_got: Vec<&String> = got.iter().filter(|id| slow_ids.contains(id)).collect();
     assert_eq!(slow_got, slow_ids.iter().collect::<Vec<_>>());
+    assert!(arrivals(&receiver).iter().all(|(_, _, ok)| *ok));
 }
 
 // ---------------------------------------------------------------------------------------------
