@@ -3,32 +3,42 @@
 //!
 //! Delivery runs after each invocation for the project it touched (in the background, so the
 //! chain never waits for a sink), every minute from the `DeliverEvents` timer function, and
-//! periodically in `cvchain worker`. One deliverer per project at a time (a claim row), so no
-//! sink gets an event twice from two instances; within a project each sink takes events in
-//! order, and a sink that is down only holds up itself. Which events exist and what an answer
-//! means is the core's (`cvchain_core::events`).
+//! periodically in `cvchain worker` (up to [`PROJECTS_AT_ONCE`] projects at once, so a slow
+//! one holds up no other). One deliverer per project at a time: a claim row, held (renewed) for
+//! as long as the round runs, and the round stops the moment it is lost; each event's state is
+//! saved as soon as its sink answered (each Event Grid request's together), so a crash or a
+//! takeover sends again at most the one event, or request, that was in flight. Within a project
+//! each sink takes events in order, and a sink that is down only holds up itself. Which events
+//! exist and what an answer means is the core's (`cvchain_core::events`).
 
 use crate::settings::Settings;
 use cvchain_azure::events::{
     outbox::{Outbox, sequence},
-    sinks::{SinkOptions, Sinks},
+    sinks::{EVENTGRID_MAX_EVENTS, EVENTGRID_MAX_REQUEST, SinkOptions, Sinks},
 };
 use cvchain_azure::history::{
-    claims::Claims,
+    claims::{Claims, HoldError},
     store::{HistoryStore, Recorded},
 };
 use cvchain_azure::storage::{StorageError, clients::StorageClients, settings::StorageAuth};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::events::{
-    CloudEvent, EventContext, EventType, IterationFacts, OutboxRow, Sink, chain_completed,
-    delivery::{self, Answer, RetryPolicy, after_attempt, due_for, fit},
+    CloudEvent, DeliveryState, EventContext, EventType, IterationFacts, OutboxRow, Sink,
+    chain_completed,
+    delivery::{self, Answer, RetryPolicy, after_attempt, batches, due_for, for_sink},
     insert_events, outbox_row, step_write_events,
 };
 use cvchain_core::history::{HistoryRow, StepRow};
 use cvchain_core::plan::{Observed, StepWrite};
+use futures::StreamExt as _;
 use std::sync::Arc;
 use time::OffsetDateTime;
+use tokio::sync::Mutex;
 use uuid::Uuid;
+
+/// Projects the timer's round (and the worker's) delivers at once: a project whose sink is slow
+/// takes one of them, not everyone's turn.
+pub const PROJECTS_AT_ONCE: usize = 8;
 
 /// What a delivery round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,6 +50,12 @@ pub struct DeliveryReport {
     pub failed: usize,
     /// Projects another instance was delivering at that moment.
     pub busy: usize,
+    /// Rounds stopped because their claim was lost (renewals failed, or it was taken over):
+    /// whoever holds it now goes on.
+    pub stopped: usize,
+    /// Projects not delivered for a storage error (the timer's round goes on with the others;
+    /// the next run tries them again).
+    pub errors: usize,
 }
 
 impl DeliveryReport {
@@ -48,23 +64,34 @@ impl DeliveryReport {
         self.waiting += other.waiting;
         self.failed += other.failed;
         self.busy += other.busy;
+        self.stopped += other.stopped;
+        self.errors += other.errors;
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "{} delivered, {} waiting for a retry, {} failed for good{}",
-            self.delivered,
-            self.waiting,
-            self.failed,
-            if self.busy > 0 {
-                format!(
-                    ", {} project(s) being delivered by another instance",
-                    self.busy
-                )
-            } else {
-                String::new()
-            }
-        )
+        let mut s = format!(
+            "{} delivered, {} waiting for a retry, {} failed for good",
+            self.delivered, self.waiting, self.failed
+        );
+        if self.busy > 0 {
+            s.push_str(&format!(
+                ", {} project(s) being delivered by another instance",
+                self.busy
+            ));
+        }
+        if self.stopped > 0 {
+            s.push_str(&format!(
+                ", {} round(s) stopped: the project's claim was lost (its new holder goes on)",
+                self.stopped
+            ));
+        }
+        if self.errors > 0 {
+            s.push_str(&format!(
+                ", {} project(s) not delivered for a storage error (the next run tries again)",
+                self.errors
+            ));
+        }
+        s
     }
 }
 
@@ -295,19 +322,41 @@ impl Events {
         })
     }
 
-    /// Every project with pending events (the timer function and the worker's periodic task).
+    /// Every project with pending events (the timer function and the worker's periodic task),
+    /// [`PROJECTS_AT_ONCE`] at a time. A project that fails (a storage error) is logged and
+    /// counted, and the others go on; only when every one failed is it an error.
     pub async fn deliver_all(&self) -> Result<DeliveryReport, StorageError> {
+        let projects = self.outbox.pending_projects().await?;
+        let count = projects.len();
+        let mut results = futures::stream::iter(projects)
+            .map(|pk| async move {
+                let result = self.deliver(&pk).await;
+                (pk, result)
+            })
+            .buffer_unordered(PROJECTS_AT_ONCE);
         let mut report = DeliveryReport::default();
-        for pk in self.outbox.pending_projects().await? {
-            report.add(&self.deliver(&pk).await?);
+        let mut first_error = None;
+        while let Some((pk, result)) = results.next().await {
+            match result {
+                Ok(r) => report.add(&r),
+                Err(e) => {
+                    tracing::warn!(project = %pk, error = %e, "events: delivery failed; the next run tries again");
+                    report.errors += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(report)
+        match first_error {
+            Some(e) if report.errors == count => Err(e),
+            _ => Ok(report),
+        }
     }
 
     /// Delivers one project's pending events to every sink that is due, under the project's
-    /// delivery claim (taken only when something is due). After giving the claim back it looks
-    /// once more, so events written while it held the claim (by an invocation that found it
-    /// held) are not left for the timer.
+    /// delivery claim (taken only when something is due), held for as long as the round runs:
+    /// renewed while it sends, and the round stopped the moment the claim is lost. After the
+    /// claim is given back it looks once more, so events written while it held the claim (by an
+    /// invocation that found it held) are not left for the timer.
     pub async fn deliver(&self, partition_key: &str) -> Result<DeliveryReport, StorageError> {
         let mut report = DeliveryReport::default();
         for _ in 0..5 {
@@ -328,9 +377,15 @@ impl Events {
                 report.busy += 1;
                 return Ok(report);
             };
-            let round = self.round(partition_key).await;
-            self.claims.release(&claim).await?;
-            let round = round?;
+            let round = match self.claims.hold(claim, self.round(partition_key)).await {
+                Ok(round) => round?,
+                Err(HoldError::Lost(claim)) => {
+                    tracing::warn!(project = %partition_key, claim = %claim, "events: the delivery claim was lost mid-round; the round stopped (its new holder goes on)");
+                    report.stopped += 1;
+                    return Ok(report);
+                }
+                Err(HoldError::Storage(e)) => return Err(e),
+            };
             report.add(&round);
             if round.delivered == 0 {
                 break;
@@ -339,80 +394,137 @@ impl Events {
         Ok(report)
     }
 
+    /// One round: each sink, on its own (a slow or dead one holds up no other), takes its due
+    /// events in order; each event's state is saved as soon as its sink answered.
     async fn round(&self, partition_key: &str) -> Result<DeliveryReport, StorageError> {
-        let mut rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+        let rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
         let now = OffsetDateTime::now_utc();
-        let configured = self.sinks.configured();
-        // Each sink on its own: a slow or dead one does not hold the others up.
-        let sends = configured.iter().map(|&sink| {
-            let due: Vec<&OutboxRow> = due_for(&rows, sink, now);
-            let fitted: Vec<(String, String, String, Option<String>)> = due
-                .iter()
-                .map(|r| {
-                    let f = fit(&r.event, sink.max_event_bytes());
-                    (r.row_key.clone(), r.id.clone(), f.body, f.trimmed)
-                })
-                .collect();
-            async move {
-                let batch: Vec<(String, String)> = fitted
-                    .iter()
-                    .map(|(_, id, body, _)| (id.clone(), body.clone()))
-                    .collect();
-                let answers = if batch.is_empty() {
-                    Vec::new()
-                } else {
-                    self.sinks.send(sink, &batch).await
-                };
-                (sink, fitted, answers)
-            }
-        });
-        let results = futures::future::join_all(sends).await;
+        // The rows as saved so far: every save writes a row's states for all sinks and whether
+        // it is still pending, so saves of one row by two sinks go one after the other.
+        let saved = Mutex::new(rows.clone());
+        let sends = self
+            .sinks
+            .configured()
+            .into_iter()
+            .map(|sink| self.deliver_to(sink, due_for(&rows, sink, now), &saved));
         let mut report = DeliveryReport::default();
-        let now = OffsetDateTime::now_utc();
-        let mut changed: Vec<usize> = Vec::new();
-        for (sink, fitted, answers) in results {
-            for ((rk, _, _, trimmed), answer) in fitted.iter().zip(&answers) {
-                let Some(i) = rows.iter().position(|r| &r.row_key == rk) else {
-                    continue;
-                };
-                let mut state =
-                    after_attempt(&rows[i].state(sink), answer, &self.retry, &rows[i].id, now);
-                if trimmed.is_some() {
-                    state.note = trimmed.clone();
-                }
-                match (&state.state, answer) {
-                    (delivery::State::Delivered, _) => report.delivered += 1,
-                    (delivery::State::Failed, _) => {
-                        report.failed += 1;
-                        tracing::warn!(
-                            sink = %self.sinks.describe(sink),
-                            event = %rows[i].id,
-                            answer = state.answer.as_deref().unwrap_or_default(),
-                            "events: a sink refused an event for good; `cvchain events replay` sends it again"
-                        );
-                    }
-                    (_, Answer::Refused { .. }) => {
-                        report.waiting += 1;
-                        tracing::warn!(
-                            sink = %self.sinks.describe(sink),
-                            next = state.next_at.as_deref().unwrap_or_default(),
-                            answer = state.answer.as_deref().unwrap_or_default(),
-                            "events: a sink did not take an event; it waits for a retry"
-                        );
-                    }
-                    _ => {}
-                }
-                rows[i].states.retain(|(s, _)| *s != sink);
-                rows[i].states.push((sink, state));
-                if !changed.contains(&i) {
-                    changed.push(i);
+        let mut first_error = None;
+        for result in futures::future::join_all(sends).await {
+            match result {
+                Ok(r) => report.add(&r),
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        for i in changed {
-            self.outbox.save(&rows[i]).await?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Sends `due` to `sink` in order, one event per request (one request per batch for Event
+    /// Grid), recording each answer before the next request; stops at the first refusal (the
+    /// rest keep their place in the order).
+    async fn deliver_to(
+        &self,
+        sink: Sink,
+        due: Vec<&OutboxRow>,
+        saved: &Mutex<Vec<OutboxRow>>,
+    ) -> Result<DeliveryReport, StorageError> {
+        let mut report = DeliveryReport::default();
+        let fitted: Vec<delivery::Fitted> =
+            due.iter().map(|r| for_sink(r, sink, &self.ctx)).collect();
+        let groups = match sink {
+            Sink::EventGrid => {
+                let sizes: Vec<usize> = fitted.iter().map(|f| f.body.len()).collect();
+                batches(&sizes, EVENTGRID_MAX_REQUEST, EVENTGRID_MAX_EVENTS)
+            }
+            _ => (0..due.len()).map(|i| i..i + 1).collect(),
+        };
+        for group in groups {
+            let answer = match sink {
+                Sink::EventGrid => {
+                    let bodies: Vec<&str> = fitted[group.clone()]
+                        .iter()
+                        .map(|f| f.body.as_str())
+                        .collect();
+                    self.sinks.send_batch(&bodies).await
+                }
+                _ => {
+                    let i = group.start;
+                    self.sinks.send_one(sink, &due[i].id, &fitted[i].body).await
+                }
+            };
+            let now = OffsetDateTime::now_utc();
+            let mut states = Vec::new();
+            for i in group {
+                let row = due[i];
+                let mut state = after_attempt(&row.state(sink), &answer, &self.retry, &row.id, now);
+                if fitted[i].trimmed.is_some() {
+                    state.note = fitted[i].trimmed.clone();
+                }
+                self.tell(sink, row, &state, &answer, &mut report);
+                states.push((row.row_key.clone(), state));
+            }
+            self.save_states(sink, &states, saved).await?;
+            if !matches!(answer, Answer::Delivered(_)) {
+                break;
+            }
         }
         Ok(report)
+    }
+
+    /// Counts and logs what an answer made of one event.
+    fn tell(
+        &self,
+        sink: Sink,
+        row: &OutboxRow,
+        state: &DeliveryState,
+        answer: &Answer,
+        report: &mut DeliveryReport,
+    ) {
+        match (&state.state, answer) {
+            (delivery::State::Delivered, _) => report.delivered += 1,
+            (delivery::State::Failed, _) => {
+                report.failed += 1;
+                tracing::warn!(
+                    sink = %self.sinks.describe(sink),
+                    event = %row.id,
+                    answer = state.answer.as_deref().unwrap_or_default(),
+                    "events: a sink refused an event for good; `cvchain events replay` sends it again"
+                );
+            }
+            (_, Answer::Refused { .. }) => {
+                report.waiting += 1;
+                tracing::warn!(
+                    sink = %self.sinks.describe(sink),
+                    next = state.next_at.as_deref().unwrap_or_default(),
+                    answer = state.answer.as_deref().unwrap_or_default(),
+                    "events: a sink did not take an event; it waits for a retry"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Saves `sink`'s new states of these rows (one transaction for several).
+    async fn save_states(
+        &self,
+        sink: Sink,
+        states: &[(String, DeliveryState)],
+        saved: &Mutex<Vec<OutboxRow>>,
+    ) -> Result<(), StorageError> {
+        let mut rows = saved.lock().await;
+        let mut changed = Vec::new();
+        for (row_key, state) in states {
+            if let Some(row) = rows.iter_mut().find(|r| &r.row_key == row_key) {
+                row.states.retain(|(s, _)| *s != sink);
+                row.states.push((sink, state.clone()));
+                changed.push(row.clone());
+            }
+        }
+        self.outbox.save_all(&changed).await
     }
 
     /// `cvchain events replay`: the matching events become pending again for every configured

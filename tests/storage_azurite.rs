@@ -392,3 +392,51 @@ async fn a_download_link_reads_its_blob_and_nothing_else() {
         .unwrap();
     assert_eq!(http.get(old.as_str()).send().await.unwrap().status(), 403);
 }
+
+/// Names are any Unicode: a line or paragraph separator (U+2028, U+2029), a next-line (U+0085),
+/// a BOM, right-to-left marks, emoji, an escaped NUL: a transaction (`$batch`, a multipart
+/// body that the service and Azurite read line by line) carries them as written, and so does a
+/// single write. Azurite once refused the transaction: its parser's `.` stops at U+2028.
+#[tokio::test]
+async fn a_transaction_carries_any_unicode_in_its_values() {
+    use cvchain_azure::storage::table::{BatchOp, BatchOutcome};
+    let azurite = Azurite::start();
+    let table = clients(&azurite).table(&unique("Unicode")).unwrap();
+    table.create_if_missing().await.unwrap();
+    let names = [
+        "line\u{2028}separator",
+        "paragraph\u{2029}separator",
+        "next\u{85}line \u{feff}bom \u{200f}rtl\u{202e}override 😀 \u{0}nul \u{7f}del",
+        "}{\"]\\\r\n\t --changeset_x\r\n{\"PartitionKey\":\"q\"}",
+        "\u{2028}\u{2029}\u{2028}{\u{2029}}",
+    ];
+    let ops: Vec<BatchOp> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| BatchOp::Insert(entity("p", &format!("r{i}"), json!({ "Name": n }))))
+        .collect();
+    assert_eq!(table.transact(&ops).await.unwrap(), BatchOutcome::Committed);
+    let merges = [BatchOp::Merge(entity(
+        "p",
+        "r0",
+        json!({ "Other": names.join("|") }),
+    ))];
+    assert_eq!(
+        table.transact(&merges).await.unwrap(),
+        BatchOutcome::Committed
+    );
+    for (i, n) in names.iter().enumerate() {
+        let got = table.get("p", &format!("r{i}")).await.unwrap().unwrap();
+        assert_eq!(got.entity["Name"], *n, "row {i}");
+    }
+    let got = table.get("p", "r0").await.unwrap().unwrap();
+    assert_eq!(got.entity["Other"], names.join("|"));
+    // A single write carries them too.
+    let single = entity("p", "single", json!({ "Name": names.join("|") }));
+    assert!(matches!(
+        table.insert(&single).await.unwrap(),
+        WriteOutcome::Written { .. }
+    ));
+    let got = table.get("p", "single").await.unwrap().unwrap();
+    assert_eq!(got.entity["Name"], names.join("|"));
+}

@@ -221,7 +221,9 @@ fn print_change(change: &cvchain_core::channels::Change, publish: Option<&str>) 
 async fn deliver_events(app: &crate::startup::Application, project: uuid::Uuid) {
     if let Some(events) = app.processor.events() {
         match events.deliver(&project.to_string()).await {
-            Ok(r) if r.waiting + r.failed + r.busy > 0 => println!("events: {}", r.describe()),
+            Ok(r) if r.waiting + r.failed + r.busy + r.stopped > 0 => {
+                println!("events: {}", r.describe())
+            }
             Ok(_) => {}
             Err(e) => println!("events: not delivered now ({e}); the timer delivers them"),
         }

@@ -1,10 +1,13 @@
 """What cvchain sends, checked by implementations that are not cvchain's.
 
-    events_receiver.py serve PORT SECRET OUT
+    events_receiver.py serve PORT SECRET OUT [DELAY [MATCH]]
         A Standard Webhooks endpoint on 127.0.0.1:PORT: each POST is verified by the
         `standardwebhooks` library with SECRET and parsed by the CloudEvents SDK (HTTP binding,
-        structured mode); one JSON line per request is appended to OUT. A request that does not
-        verify or parse is answered 400 and recorded with "ok": false.
+        structured mode); one JSON line per request is appended to OUT when it is answered. A
+        request that does not verify or parse is answered 400 and recorded with "ok": false.
+        With DELAY, a slow receiver: each request (each whose body holds MATCH, when given) is
+        answered DELAY seconds after it arrived. Each line says how many requests were in
+        flight when it arrived ("inFlight", itself included).
 
     events_receiver.py parse < events.json
         A JSON array of texts, each a CloudEvent or an array of them (a queue message, an Event
@@ -15,6 +18,7 @@
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
@@ -35,19 +39,33 @@ def attributes(event):
     }
 
 
-def serve(port, secret, out_path):
+def serve(port, secret, out_path, delay=0.0, match=None):
     webhook = Webhook(secret)
     lock = threading.Lock()
+    in_flight = [0]
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_POST(self):
+            with lock:
+                in_flight[0] += 1
+                arrived_with = in_flight[0]
+            try:
+                self.answer(arrived_with)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+        def answer(self, arrived_with):
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             headers = {k.lower(): v for k, v in self.headers.items()}
             record = {"webhookId": headers.get("webhook-id"),
-                      "contentType": headers.get("content-type")}
+                      "contentType": headers.get("content-type"),
+                      "inFlight": arrived_with}
+            if delay and (match is None or match.encode() in body):
+                time.sleep(delay)
             try:
                 webhook.verify(body, headers)
                 event = from_http_event(HTTPMessage(headers=headers, body=body))
@@ -83,7 +101,9 @@ def parse():
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        serve(int(sys.argv[2]), sys.argv[3], sys.argv[4],
+              float(sys.argv[5]) if len(sys.argv) > 5 else 0.0,
+              sys.argv[6] if len(sys.argv) > 6 else None)
     elif sys.argv[1] == "parse":
         parse()
     else:

@@ -12,10 +12,13 @@
 //!   inserted), [`step_merge_events`] (a step row's status or release changed) and
 //!   [`chain_completed`].
 //! - [`outbox_row`] and [`OutboxRow`]: the event as a history row and read back.
+//! - [`shape`]: the event as it is stored and sent: redacted value by value, made smaller by
+//!   shortening its data's strings, never by cutting its JSON, so it is always a CloudEvent.
 //! - [`delivery`]: per-sink delivery state, ordering, retries with backoff, size limits.
 //! - [`webhook`]: Standard Webhooks signing and verification.
 
 pub mod delivery;
+pub mod shape;
 pub mod webhook;
 
 use crate::chain::EntryState;
@@ -39,8 +42,10 @@ pub const CONTENT_TYPE: &str = "application/cloudevents+json; charset=utf-8";
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json; charset=utf-8";
 /// Outbox rows' keys start with this, so one range holds a project's outbox.
 pub const OUTBOX_PREFIX: &str = "Outbox_";
-/// The largest event (bytes of JSON) an outbox row holds whole: a table's string property holds
-/// 32 K UTF-16 units. A larger one is recorded trimmed, with a pointer to its history row.
+/// The largest event an outbox row holds whole, in UTF-16 units of its JSON as the table counts
+/// the property (`bounds::encoded_units`: a `"` of a name is `\"` in the JSON, four units in
+/// the table): a string property holds 32 K. A larger one is recorded with its data's strings
+/// shortened ([`shape`]); the history row it points to has every fact.
 pub const OUTBOX_MAX_EVENT: usize = 30_000;
 
 /// The kinds of event cvchain emits.
@@ -108,8 +113,12 @@ pub struct CloudEvent {
     pub source: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// Optional in CloudEvents: left out when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub subject: String,
-    /// RFC 3339, UTC.
+    /// RFC 3339, UTC; optional in CloudEvents: left out when empty (never sent as `""`, which
+    /// is not a time).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub time: String,
     pub datacontenttype: String,
     pub data: Value,
@@ -120,9 +129,11 @@ impl CloudEvent {
         EventType::parse(&self.kind)
     }
 
-    /// The event as the JSON every sink sends.
+    /// The event's JSON: its one serialization (a smaller form is made from the data again,
+    /// [`shape`], never by cutting this text).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("a CloudEvent serializes")
+        // Strings and JSON values with string keys: serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     pub fn from_json(text: &str) -> Result<Self, String> {
@@ -723,10 +734,12 @@ pub fn outbox_row(
     p.set(Prop::Sequence, sequence);
     p.set(Prop::Pending, !sinks.is_empty());
     p.set(Prop::Sinks, delivery::sinks_text(sinks));
-    let fitted = delivery::fit(&event.to_json(), OUTBOX_MAX_EVENT);
-    p.set(Prop::CloudEvent, fitted.body);
-    if let Some(note) = fitted.trimmed {
-        p.set(Prop::Note, note.replace("the sink's", "the outbox's"));
+    // Redacted and bounded here, so sealing the row leaves it as it is: the stored text is this
+    // CloudEvent, never one cut or withheld whole.
+    let stored = shape::stored(event);
+    p.set(Prop::CloudEvent, stored.json);
+    if let Some(note) = stored.trimmed {
+        p.set(Prop::Note, format!("recorded {note}"));
     }
     p.set(Prop::DescribesRow, describes);
     if let Some(id) = event.data.get("projectId").and_then(Value::as_str) {
@@ -765,6 +778,8 @@ pub struct OutboxRow {
     pub sinks: Vec<Sink>,
     /// The CloudEvent's JSON, exactly as every sink gets it (unless trimmed for one).
     pub event: String,
+    pub subject: String,
+    pub iteration_id: String,
     pub describes: String,
     pub states: Vec<(Sink, DeliveryState)>,
 }
@@ -793,6 +808,8 @@ impl OutboxRow {
             pending: p.flag(Prop::Pending).unwrap_or(false),
             sinks,
             event: p.text(Prop::CloudEvent).to_owned(),
+            subject: p.text(Prop::Subject).to_owned(),
+            iteration_id: p.text(Prop::IterationId).to_owned(),
             describes: p.text(Prop::DescribesRow).to_owned(),
             states,
         })

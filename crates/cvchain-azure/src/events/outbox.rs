@@ -63,14 +63,27 @@ impl Outbox {
 
     /// Records the row's delivery states, and whether the event is still pending for any sink.
     pub async fn save(&self, row: &OutboxRow) -> Result<(), StorageError> {
-        let mut p = Props::new();
-        for (sink, state) in &row.states {
-            p.set(sink.prop(), state.to_json());
-        }
-        p.set(Prop::Pending, delivery::still_pending(row));
-        self.history
-            .merge(&row.partition_key, &row.row_key, &p)
-            .await
+        self.save_all(std::slice::from_ref(row)).await
+    }
+
+    /// As [`save`](Self::save), for rows of one project in one transaction: the events of one
+    /// Event Grid request are recorded together, as they were sent.
+    pub async fn save_all(&self, rows: &[OutboxRow]) -> Result<(), StorageError> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let writes: Vec<(String, Props)> = rows
+            .iter()
+            .map(|row| {
+                let mut p = Props::new();
+                for (sink, state) in &row.states {
+                    p.set(sink.prop(), state.to_json());
+                }
+                p.set(Prop::Pending, delivery::still_pending(row));
+                (row.row_key.clone(), p)
+            })
+            .collect();
+        self.history.merge_all(&first.partition_key, &writes).await
     }
 
     /// `cvchain events replay`: the event is pending again for `sinks` (its id unchanged), as if

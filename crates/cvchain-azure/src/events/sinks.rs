@@ -1,29 +1,49 @@
 //! The sinks: a Storage queue in cvchain's account, an Event Grid topic, a Standard Webhooks
 //! endpoint. Each send comes back as an [`Answer`] (delivered, or refused with the status and
-//! `Retry-After`); the decisions about it are the core's (`events::delivery`). No secret ever
-//! reaches an answer: bodies are cut short and redacted, and the configured secrets removed.
+//! `Retry-After`); the decisions about it are the core's (`events::delivery`).
+//!
+//! An answer is never read whole: its body is streamed and only its first [`ANSWER_READ`]
+//! bytes are read, then the connection is dropped, so a sink answering hundreds of megabytes
+//! costs a few kilobytes, on every attempt. No secret reaches an answer or an error: the sink's
+//! own secrets (the Event Grid key, the webhook secret and its URL's query) are removed and the
+//! text redacted before it is shortened (`redact::excerpt`), and a URL is only ever shown as
+//! [`display_url`] shows it.
 
 use super::settings::{EventGridAuth, EventsSettings, display_url};
 use crate::storage::{StorageError, clients::StorageClients, queue::send_text};
 use azure_core::{
     credentials::{Secret, TokenCredential},
     http::{
-        ClientOptions, Context, Method, Pipeline, PipelineSendOptions, RawResponse, Request,
-        RetryOptions, Transport, Url,
-        headers::HeaderName,
+        ClientOptions, Context, Method, Pipeline, PipelineStreamOptions, Request, RetryOptions,
+        Transport, Url,
+        headers::{HeaderName, Headers},
         policies::{Policy, auth::BearerTokenAuthorizationPolicy},
     },
 };
 use azure_storage_queue::QueueClient;
 use base64::Engine as _;
-use cvchain_core::events::{BATCH_CONTENT_TYPE, CONTENT_TYPE, Sink, delivery::Answer, webhook};
+use cvchain_core::events::{
+    BATCH_CONTENT_TYPE, CONTENT_TYPE, Sink,
+    delivery::{Answer, batches},
+    webhook,
+};
+use futures::StreamExt as _;
 use std::{sync::Arc, time::Duration};
+use tokio::time::Instant;
 
 pub const EVENTGRID_SCOPE: &str = "https://eventgrid.azure.net/.default";
 /// One attempt; a sink that hangs costs this much, once per round.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Event Grid takes at most 1 MB per request.
-const EVENTGRID_MAX_REQUEST: usize = 1_000_000;
+pub const EVENTGRID_MAX_REQUEST: usize = 1_000_000;
+/// Events per Event Grid request: a batch's delivery states are then saved in one table
+/// transaction (at most 100 writes), so a batch is delivered and recorded as one.
+pub const EVENTGRID_MAX_EVENTS: usize = 100;
+/// The bytes of an answer's body that are read: its excerpt comes from them. The rest is never
+/// read; the connection is closed instead.
+pub const ANSWER_READ: usize = 4 * 1024;
+/// The characters of an answer kept in a delivery state.
+const EXCERPT_CHARS: usize = 200;
 
 /// What tests and callers with their own transport or identity may set.
 #[derive(Clone, Default)]
@@ -163,59 +183,60 @@ impl Sinks {
         }
     }
 
+    /// Sends one event to one sink (to Event Grid, as a batch of one).
+    pub async fn send_one(&self, sink: Sink, id: &str, body: &str) -> Answer {
+        match sink {
+            Sink::Queue => match &self.queue {
+                Some(q) => q.send(body).await,
+                None => not_configured(),
+            },
+            Sink::Webhook => match &self.webhook {
+                Some(w) => w.send(id, body).await,
+                None => not_configured(),
+            },
+            Sink::EventGrid => self.send_batch(&[body]).await,
+        }
+    }
+
+    /// Sends events to Event Grid in one request: they are taken or refused together.
+    pub async fn send_batch(&self, bodies: &[&str]) -> Answer {
+        match &self.event_grid {
+            Some(eg) => eg.send(bodies).await,
+            None => not_configured(),
+        }
+    }
+
     /// Sends events to one sink, in order: one message each to the queue, one request each to
-    /// the webhook, as few requests as 1 MB allows to Event Grid. `events` are `(id, body)`.
+    /// the webhook, as few requests as Event Grid's limits allow. `events` are `(id, body)`.
     /// Returns one answer per event sent; it stops at the first refusal (the rest keep their
     /// place in the order), so fewer answers than events means the rest were not tried.
     pub async fn send(&self, sink: Sink, events: &[(String, String)]) -> Vec<Answer> {
         let mut out = Vec::new();
-        match sink {
-            Sink::Queue => {
-                let Some(q) = &self.queue else { return out };
-                for (_, body) in events {
-                    let a = q.send(body).await;
-                    let stop = !matches!(a, Answer::Delivered(_));
-                    out.push(a);
-                    if stop {
-                        break;
-                    }
-                }
-            }
-            Sink::Webhook => {
-                let Some(w) = &self.webhook else { return out };
-                for (id, body) in events {
-                    let a = w.send(id, body).await;
-                    let stop = !matches!(a, Answer::Delivered(_));
-                    out.push(a);
-                    if stop {
-                        break;
-                    }
-                }
-            }
+        let groups = match sink {
             Sink::EventGrid => {
-                let Some(eg) = &self.event_grid else {
-                    return out;
-                };
-                let mut start = 0;
-                while start < events.len() {
-                    let mut end = start;
-                    let mut size = 2;
-                    while end < events.len()
-                        && (end == start || size + events[end].1.len() < EVENTGRID_MAX_REQUEST)
-                    {
-                        size += events[end].1.len() + 1;
-                        end += 1;
-                    }
-                    let bodies: Vec<&str> =
-                        events[start..end].iter().map(|(_, b)| b.as_str()).collect();
-                    let a = eg.send(&bodies).await;
-                    let stop = !matches!(a, Answer::Delivered(_));
-                    out.extend(std::iter::repeat_n(a, end - start));
-                    if stop {
-                        break;
-                    }
-                    start = end;
+                let sizes: Vec<usize> = events.iter().map(|(_, b)| b.len()).collect();
+                batches(&sizes, EVENTGRID_MAX_REQUEST, EVENTGRID_MAX_EVENTS)
+            }
+            _ => (0..events.len()).map(|i| i..i + 1).collect(),
+        };
+        for group in groups {
+            let answer = match sink {
+                Sink::EventGrid => {
+                    let bodies: Vec<&str> = events[group.clone()]
+                        .iter()
+                        .map(|(_, b)| b.as_str())
+                        .collect();
+                    self.send_batch(&bodies).await
                 }
+                _ => {
+                    let (id, body) = &events[group.start];
+                    self.send_one(sink, id, body).await
+                }
+            };
+            let stop = !matches!(answer, Answer::Delivered(_));
+            out.extend(std::iter::repeat_n(answer, group.len()));
+            if stop {
+                break;
             }
         }
         out
@@ -260,11 +281,8 @@ impl Sinks {
             Sink::Webhook => {
                 let w = self.webhook.as_ref().ok_or("not configured")?;
                 let mut req = Request::new(w.url.clone(), Method::Head);
-                match w.http.send(&mut req).await {
-                    Ok(rsp) => Ok(format!(
-                        "reachable (HEAD answered HTTP {})",
-                        u16::from(rsp.status())
-                    )),
+                match w.http.exchange(&mut req, &w.url, &w.secrets()).await {
+                    Ok(rsp) => Ok(format!("reachable (HEAD answered HTTP {})", rsp.status)),
                     Err(detail) => Err(format!("{detail} — check CVCHAIN_WEBHOOK_URL")),
                 }
             }
@@ -295,11 +313,29 @@ impl QueueSink {
     }
 }
 
+fn not_configured() -> Answer {
+    Answer::Refused {
+        status: None,
+        detail: "the sink is not configured".into(),
+        retry_after: None,
+    }
+}
+
 /// An HTTP client for one sink: no retries of its own (the outbox retries), one timeout per
 /// attempt.
 struct Http {
     pipeline: Pipeline,
     timeout: Duration,
+}
+
+/// What a sink answered: the status, `Retry-After`, and the start of the body.
+struct Exchange {
+    status: u16,
+    retry_after: Option<Duration>,
+    /// At most [`ANSWER_READ`] bytes.
+    body: Vec<u8>,
+    /// Whether `body` is the whole body.
+    complete: bool,
 }
 
 impl Http {
@@ -322,63 +358,92 @@ impl Http {
         }
     }
 
-    async fn send(&self, req: &mut Request) -> Result<RawResponse, String> {
+    /// Sends `req` to `url` and reads the answer's head and at most [`ANSWER_READ`] bytes of
+    /// its body, all within the timeout; then the body is dropped, which closes the connection
+    /// when more was coming. `Err` says why there was no answer, cleaned of `secrets` and with
+    /// the URL as [`display_url`] shows it.
+    async fn exchange(
+        &self,
+        req: &mut Request,
+        url: &Url,
+        secrets: &[&str],
+    ) -> Result<Exchange, String> {
+        let deadline = Instant::now() + self.timeout;
         let ctx = Context::new();
-        let send = self.pipeline.send(
+        // `stream`, not `send`: `send` buffers the whole body before it returns.
+        let sent = self.pipeline.stream(
             &ctx,
             req,
-            Some(PipelineSendOptions {
+            Some(PipelineStreamOptions {
                 skip_checks: true,
                 ..Default::default()
             }),
         );
-        match tokio::time::timeout(self.timeout, send).await {
-            Err(_) => Err(format!("no answer within {} s", self.timeout.as_secs())),
-            Ok(Err(e)) => Err(cvchain_core::redact::redact(&error_chain(&e))),
-            Ok(Ok(rsp)) => Ok(rsp),
+        let rsp = match tokio::time::timeout_at(deadline, sent).await {
+            Err(_) => return Err(format!("no answer within {} s", self.timeout.as_secs())),
+            Ok(Err(e)) => return Err(clean_error(&error_chain(&e), url, secrets)),
+            Ok(Ok(rsp)) => rsp,
+        };
+        let (status, headers, mut stream) = rsp.deconstruct();
+        let mut body = Vec::new();
+        let mut complete = false;
+        while body.len() < ANSWER_READ {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(None) => {
+                    complete = true;
+                    break;
+                }
+                Ok(Some(Ok(chunk))) => {
+                    let room = ANSWER_READ - body.len();
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                // A body that breaks off or takes too long: what was read is the answer.
+                Ok(Some(Err(_))) | Err(_) => break,
+            }
         }
+        drop(stream);
+        Ok(Exchange {
+            status: u16::from(status),
+            retry_after: retry_after(&headers),
+            body,
+            complete,
+        })
     }
 
     /// Sends and classifies: 2xx delivered, anything else refused with what the sink said.
-    async fn answer(&self, req: &mut Request, secrets: &[&str]) -> Answer {
-        match self.send(req).await {
+    async fn answer(&self, req: &mut Request, url: &Url, secrets: &[&str]) -> Answer {
+        match self.exchange(req, url, secrets).await {
             Err(detail) => Answer::Refused {
                 status: None,
-                detail: scrub(&detail, secrets),
+                detail,
                 retry_after: None,
             },
+            Ok(rsp) if (200..300).contains(&rsp.status) => {
+                Answer::Delivered(format!("HTTP {}", rsp.status))
+            }
             Ok(rsp) => {
-                let status = u16::from(rsp.status());
-                if (200..300).contains(&status) {
-                    return Answer::Delivered(format!("HTTP {status}"));
-                }
-                let body = String::from_utf8_lossy(rsp.body().as_ref());
-                let excerpt: String = body.chars().take(200).collect();
-                let excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
+                let text = String::from_utf8_lossy(&rsp.body);
+                let excerpt =
+                    cvchain_core::redact::excerpt(&text, !rsp.complete, secrets, EXCERPT_CHARS);
                 Answer::Refused {
-                    status: Some(status),
-                    detail: scrub(
-                        &if excerpt.is_empty() {
-                            format!("HTTP {status}")
-                        } else {
-                            format!("HTTP {status}: {excerpt}")
-                        },
-                        secrets,
-                    ),
-                    retry_after: retry_after(&rsp),
+                    status: Some(rsp.status),
+                    detail: if excerpt.is_empty() {
+                        format!("HTTP {}", rsp.status)
+                    } else {
+                        format!("HTTP {}: {excerpt}", rsp.status)
+                    },
+                    retry_after: rsp.retry_after,
                 }
             }
         }
     }
 }
 
-/// Redacts, and removes the sink's own secrets wherever an answer echoes them.
-fn scrub(text: &str, secrets: &[&str]) -> String {
-    let mut t = cvchain_core::redact::redact(text);
-    for s in secrets.iter().filter(|s| s.len() >= 4) {
-        t = t.replace(s, cvchain_core::redact::REDACTED);
-    }
-    t
+/// An HTTP client's error, fit to show: the URL as [`display_url`] shows it (the client's
+/// errors quote it whole, query and all), the sink's secrets removed, redacted, bounded.
+fn clean_error(text: &str, url: &Url, secrets: &[&str]) -> String {
+    let text = text.replace(url.as_str(), &display_url(url));
+    cvchain_core::redact::excerpt(&text, false, secrets, 400)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -396,10 +461,8 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// `Retry-After` as seconds or an HTTP date.
-fn retry_after(rsp: &RawResponse) -> Option<Duration> {
-    let v = rsp
-        .headers()
-        .get_optional_string(&HeaderName::from_static("retry-after"))?;
+fn retry_after(headers: &Headers) -> Option<Duration> {
+    let v = headers.get_optional_string(&HeaderName::from_static("retry-after"))?;
     if let Ok(secs) = v.trim().parse::<f64>() {
         return (secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
@@ -423,7 +486,7 @@ impl EventGridSink {
         }
         req.set_body(format!("[{}]", bodies.join(",")).into_bytes());
         let secrets: Vec<&str> = self.key.iter().map(|k| k.secret()).collect();
-        self.http.answer(&mut req, &secrets).await
+        self.http.answer(&mut req, &self.endpoint, &secrets).await
     }
 }
 
@@ -450,8 +513,14 @@ impl WebhookSink {
             webhook::sign(&key, id, timestamp, body.as_bytes()),
         );
         req.set_body(body.as_bytes().to_vec());
-        let query = self.url.query().unwrap_or_default().to_owned();
-        let secrets = [self.key.secret(), query.as_str()];
-        self.http.answer(&mut req, &secrets).await
+        self.http.answer(&mut req, &self.url, &self.secrets()).await
+    }
+
+    /// What no answer or error may show: the secret, and the URL's query (a receiver's
+    /// `?code=` key).
+    fn secrets(&self) -> Vec<&str> {
+        let mut out = vec![self.key.secret()];
+        out.extend(self.url.query().filter(|q| !q.is_empty()));
+        out
     }
 }

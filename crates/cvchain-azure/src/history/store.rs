@@ -226,6 +226,43 @@ impl HistoryStore {
         self.table.upsert(&e, UpdateMode::Merge).await.map(|_| ())
     }
 
+    /// Adds or overwrites properties of several rows of one partition: together, in one
+    /// transaction per hundred rows (all or nothing), so rows that changed together are
+    /// recorded together.
+    pub async fn merge_all(
+        &self,
+        partition_key: &str,
+        rows: &[(String, Props)],
+    ) -> Result<(), StorageError> {
+        if let [(row_key, properties)] = rows {
+            return self.merge(partition_key, row_key, properties).await;
+        }
+        let ops: Vec<BatchOp> = rows
+            .iter()
+            .map(|(row_key, properties)| {
+                let mut e = props_to_entity(properties);
+                e.insert("PartitionKey".into(), partition_key.into());
+                e.insert("RowKey".into(), row_key.clone().into());
+                BatchOp::Merge(e)
+            })
+            .collect();
+        for chunk in ops.chunks(100) {
+            if let BatchOutcome::Refused { status, code, .. } = self.table.transact(chunk).await? {
+                return Err(StorageError::from_status(
+                    "table",
+                    status,
+                    if code.is_empty() {
+                        code
+                    } else {
+                        format!(" {code}")
+                    },
+                    format!("the merge into {} rows was refused", chunk.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn get(
         &self,
         partition_key: &str,

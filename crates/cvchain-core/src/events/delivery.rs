@@ -2,10 +2,12 @@
 //! order, never past one that is waiting for its retry), what an answer means (delivered, retry
 //! later, or failed for good), the backoff, and events too large for a sink.
 
-use super::OutboxRow;
+use super::shape::{self, Bound, Measure};
+use super::{CloudEvent, EventContext, OutboxRow};
 use crate::history::Prop;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
+use std::ops::Range;
 use std::time::Duration;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -46,9 +48,10 @@ impl Sink {
         }
     }
 
-    /// The largest event (bytes of JSON) the sink takes; larger ones are sent trimmed. A queue
-    /// message holds 64 KiB (48 KiB before base64, should the text need it); an Event Grid
-    /// event 1 MB; a webhook the ~20 kB the Standard Webhooks specification advises.
+    /// The largest event (bytes of JSON) the sink takes; larger ones are sent with their data's
+    /// strings shortened. A queue message holds 64 KiB (48 KiB before base64, should the text
+    /// need it); an Event Grid event 1 MB; a webhook the ~20 kB the Standard Webhooks
+    /// specification advises.
     pub fn max_event_bytes(self) -> usize {
         match self {
             Sink::Queue => 48 * 1024,
@@ -242,7 +245,7 @@ pub fn after_attempt(
             detail,
             retry_after,
         } => {
-            s.answer = Some(crate::message::bounded(&crate::redact::redact(detail), 512).0);
+            s.answer = Some(crate::redact::excerpt(detail, false, &[], 512));
             let first = s
                 .first_at
                 .as_deref()
@@ -305,58 +308,73 @@ pub fn next_due(rows: &[OutboxRow]) -> Option<OffsetDateTime> {
         .min()
 }
 
-/// An event as a sink gets it: the JSON as it is, or, when it is larger than `limit` bytes, the
-/// same event with `data` trimmed to the ids, a pointer to its history row and a note saying so.
+/// The requests a batch sink (Event Grid) takes `sizes` (each event's bytes) in: consecutive
+/// events, in order, each request a JSON array of at most `max_bytes` and `max_events`. An event
+/// that alone exceeds `max_bytes` (none does once fitted to the sink) goes alone.
+pub fn batches(sizes: &[usize], max_bytes: usize, max_events: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        // `[`, `]`, and a comma between two events.
+        let mut bytes = 2 + sizes[start];
+        let mut end = start + 1;
+        while end < sizes.len()
+            && end - start < max_events.max(1)
+            && bytes + 1 + sizes[end] <= max_bytes
+        {
+            bytes += 1 + sizes[end];
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// An event as a sink gets it: a CloudEvent's JSON within the sink's limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fitted {
     pub body: String,
-    /// Why it was trimmed.
+    /// Why it was made smaller, when it was.
     pub trimmed: Option<String>,
 }
 
-pub fn fit(event_json: &str, limit: usize) -> Fitted {
-    if event_json.len() <= limit {
-        return Fitted {
-            body: event_json.to_owned(),
-            trimmed: None,
-        };
-    }
-    let note = format!(
-        "sent trimmed: {} bytes over the sink's limit of {limit}",
-        event_json.len()
-    );
-    let mut value: Value = serde_json::from_str(event_json).unwrap_or_else(|_| json!({}));
-    let data = value.get("data").cloned().unwrap_or(Value::Null);
-    let keep = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
-    let trimmed = json!({
-        "projectId": keep("projectId"),
-        "iterationId": keep("iterationId"),
-        "history": keep("history"),
-        "trimmed": {
-            "size": event_json.len(),
-            "limit": limit,
-            "note": "the full event is in the history row's outbox entry (`cvchain events --json`)",
-        },
-    });
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("data".into(), trimmed);
-    }
-    let mut body = serde_json::to_string(&value).unwrap_or_default();
-    if body.len() > limit {
-        // Even the attributes are too large (a source of kilobytes): ids only.
-        let attr = |k: &str| value.get(k).cloned().unwrap_or(Value::Null);
-        body = json!({
-            "specversion": "1.0",
-            "id": attr("id"),
-            "source": attr("source"),
-            "type": attr("type"),
-            "datacontenttype": super::DATA_CONTENT_TYPE,
-            "data": {"trimmed": {"size": event_json.len(), "limit": limit}},
-        })
-        .to_string();
-    }
+/// The row's event as `sink` takes it: the stored CloudEvent, its data's strings shortened when
+/// it is larger than the sink takes ([`shape::for_sink`]). A stored text that does not read as a
+/// CloudEvent (written before events were shaped, and cut) is told by what the row says of it:
+/// its id, type, subject and time, `source` from `ctx`, and its ids and history pointer as data.
+pub fn for_sink(row: &OutboxRow, sink: Sink, ctx: &EventContext) -> Fitted {
+    let bound = Bound {
+        by: sink.as_str(),
+        limit: sink.max_event_bytes(),
+        measure: Measure::Bytes,
+    };
+    let event = CloudEvent::from_json(&row.event).unwrap_or_else(|_| from_row(row, ctx));
+    let shaped = shape::for_sink(&event, bound);
     Fitted {
-        body,
-        trimmed: Some(note),
+        body: shaped.json,
+        trimmed: shaped.trimmed.map(|t| format!("sent {t}")),
+    }
+}
+
+fn from_row(row: &OutboxRow, ctx: &EventContext) -> CloudEvent {
+    CloudEvent {
+        specversion: "1.0".into(),
+        id: row.id.clone(),
+        source: ctx.source.clone(),
+        kind: if row.kind.is_empty() {
+            "io.cvchain.unknown".into()
+        } else {
+            row.kind.clone()
+        },
+        subject: row.subject.clone(),
+        time: row.time.map(super::rfc3339).unwrap_or_default(),
+        datacontenttype: super::DATA_CONTENT_TYPE.into(),
+        data: json!({
+            "projectId": row.partition_key,
+            "iterationId": (!row.iteration_id.is_empty()).then_some(&row.iteration_id),
+            "history": {"table": ctx.table, "partitionKey": row.partition_key, "rowKey": row.describes},
+            "trimmed": {"by": "outbox", "note": "the stored event could not be read; its history row has every fact"},
+        }),
     }
 }

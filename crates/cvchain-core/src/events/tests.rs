@@ -1,4 +1,6 @@
-use super::delivery::{Answer, RetryPolicy, State, after_attempt, due_for, fit, still_pending};
+use super::delivery::{
+    Answer, RetryPolicy, State, after_attempt, batches, due_for, for_sink, still_pending,
+};
 use super::webhook::{VerifyError, parse_secret, secret_text, sign, verify};
 use super::*;
 use crate::chain::ExportTarget;
@@ -526,8 +528,12 @@ fn a_sink_takes_events_in_order_and_never_past_one_waiting() {
     assert!(!still_pending(&rows[0]));
 }
 
+fn stored(e: &CloudEvent, sinks: &[Sink]) -> OutboxRow {
+    OutboxRow::from_row(&outbox_row(PROJECT, e, "Training_x", sinks, "1")).unwrap()
+}
+
 #[test]
-fn an_event_too_large_for_a_sink_is_sent_trimmed_with_a_pointer() {
+fn an_event_too_large_for_a_sink_is_sent_with_its_strings_shortened() {
     let mut e = insert_events(
         &training_row(EventStatus::TrainingCompleted, None),
         &facts(),
@@ -535,34 +541,93 @@ fn an_event_too_large_for_a_sink_is_sent_trimmed_with_a_pointer() {
         now(),
     )
     .remove(0);
-    let small = fit(&e.to_json(), Sink::Webhook.max_event_bytes());
+    let small = for_sink(&stored(&e, &[Sink::Webhook]), Sink::Webhook, &ctx());
     assert_eq!((small.body, small.trimmed), (e.to_json(), None));
     e.data["projectName"] = json!("x".repeat(25_000));
     let json = e.to_json();
-    // Whole in the outbox (under its limit), trimmed for the webhook only.
+    // Whole in the outbox (under its limit), shortened for the webhook only.
     let row = outbox_row(PROJECT, &e, "Training_x", &[Sink::Webhook], "1");
     assert_eq!(row.properties.text(Prop::CloudEvent), json);
     assert!(!row.properties.contains(Prop::Note));
-    assert_eq!(fit(&json, Sink::Queue.max_event_bytes()).trimmed, None);
-    let f = fit(&json, Sink::Webhook.max_event_bytes());
+    let o = OutboxRow::from_row(&row).unwrap();
+    assert_eq!(for_sink(&o, Sink::Queue, &ctx()).trimmed, None);
+    let f = for_sink(&o, Sink::Webhook, &ctx());
     assert!(f.body.len() <= Sink::Webhook.max_event_bytes());
-    assert!(f.trimmed.unwrap().contains("over the sink's limit"));
+    assert!(f.trimmed.unwrap().contains("over the webhook's limit"));
     let back = CloudEvent::from_json(&f.body).unwrap();
-    assert_eq!(back.id, e.id);
+    assert_eq!(
+        (&back.id, &back.subject, &back.time),
+        (&e.id, &e.subject, &e.time)
+    );
     assert_eq!(back.data["history"]["rowKey"], e.data["history"]["rowKey"]);
     assert_eq!(back.data["iterationId"], ITERATION);
     assert_eq!(back.data["trimmed"]["size"], json.len());
-    // Larger than a table property holds: recorded trimmed, and the row says so.
+    assert_eq!(back.data["trimmed"]["by"], "webhook");
+    assert_eq!(back.data["trimmed"]["strings"], 1);
+    // Only the long string was shortened, and says so; every other member is as it was.
+    let name = back.data["projectName"].as_str().unwrap();
+    assert!(
+        name.starts_with("xxxx") && name.ends_with('…'),
+        "{name:.20}"
+    );
+    assert!(name.len() > 15_000, "shortened just enough: {}", name.len());
+    assert_eq!(back.data["metrics"], e.data["metrics"]);
+    assert_eq!(back.data["iterationName"], "Iteration 2");
+    // Larger than a table property holds: recorded shortened, and the row says so.
     e.data["projectName"] = json!("x".repeat(100_000));
     let row = outbox_row(PROJECT, &e, "Training_x", &[Sink::Webhook], "1");
-    assert!(row.properties.text(Prop::CloudEvent).len() <= OUTBOX_MAX_EVENT);
+    let text = row.properties.text(Prop::CloudEvent);
+    assert!(crate::bounds::encoded_units(text) <= OUTBOX_MAX_EVENT);
     assert!(
         row.properties
             .text(Prop::Note)
-            .contains("over the outbox's limit")
+            .contains("over the outbox's limit"),
+        "{}",
+        row.properties.text(Prop::Note)
     );
-    let stored = CloudEvent::from_json(row.properties.text(Prop::CloudEvent)).unwrap();
-    assert_eq!(stored.id, e.id);
+    let back = CloudEvent::from_json(text).unwrap();
+    assert_eq!(back.id, e.id);
+    assert_eq!(back.data["trimmed"]["by"], "outbox");
+    // Arrays too many to shorten into the bound: the data is reduced to its ids.
+    e.data["projectName"] = json!("Widgets");
+    e.data["exportableTo"] = json!(vec!["ONNX"; 20_000]);
+    let o = stored(&e, &[Sink::Webhook]);
+    let f = for_sink(&o, Sink::Webhook, &ctx());
+    let back = CloudEvent::from_json(&f.body).unwrap();
+    assert!(back.data.get("exportableTo").is_none());
+    assert_eq!(back.data["projectId"], PROJECT);
+    assert!(
+        back.data["trimmed"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("ids")
+    );
+}
+
+#[test]
+fn a_stored_event_that_does_not_read_is_sent_as_an_event_all_the_same() {
+    let e = test_event(&ctx(), "id-1", now());
+    let mut o = stored(&e, &[Sink::Webhook]);
+    // As the seal of an earlier version cut it: inside a string.
+    o.event = e.to_json()[..60].to_owned();
+    o.subject = format!("projects/{PROJECT}/iterations/{ITERATION}");
+    o.iteration_id = ITERATION.into();
+    for sink in Sink::ALL {
+        let f = for_sink(&o, sink, &ctx());
+        let back = CloudEvent::from_json(&f.body).unwrap();
+        assert_eq!(back.id, "id-1");
+        assert_eq!(back.kind, "io.cvchain.test");
+        assert_eq!(back.source, ctx().source);
+        assert_eq!(back.time, "2026-12-01T10:00:00Z");
+        assert_eq!(back.data["history"]["rowKey"], "Training_x");
+        assert_eq!(back.data["iterationId"], ITERATION);
+    }
+    // An empty time or subject is left out rather than sent as "" (not a time).
+    o.time = None;
+    o.subject.clear();
+    let f = for_sink(&o, Sink::Queue, &ctx());
+    let v: serde_json::Value = serde_json::from_str(&f.body).unwrap();
+    assert!(v.get("time").is_none() && v.get("subject").is_none(), "{v}");
 }
 
 #[test]
@@ -607,4 +672,105 @@ fn secrets_are_checked_without_being_quoted() {
         let e = parse_secret(bad).unwrap_err();
         assert!(!e.contains(bad.trim_start_matches("whsec_")), "{e}");
     }
+}
+
+/// Names no one would choose, each a way the stored or sent event once stopped being JSON or
+/// stopped being an event.
+fn hostile_names() -> Vec<String> {
+    vec![
+        // Fits the outbox's bound as JSON (20,000 bytes) but not once the table escapes it again.
+        "\"".repeat(10_000),
+        // A spelling redaction cannot fix in place: the whole event used to be withheld.
+        r"Widgets \u002573ig=X".into(),
+        "a\u{2028}b\u{2029}c \u{85}d \u{feff}e \u{200f}f 😀 \u{0}".into(),
+        "\\".repeat(12_000),
+        "€".repeat(40_000),
+        "sig=SECRET1 ".repeat(3_000),
+    ]
+}
+
+#[test]
+fn hostile_names_make_events_that_stay_events_in_the_outbox() {
+    for (name, both) in hostile_names()
+        .into_iter()
+        .flat_map(|n| [(n.clone(), false), (n, true)])
+    {
+        let mut row = training_row(EventStatus::TrainingCompleted, Some("passed"));
+        row.properties.set(Prop::ProjectName, name.as_str());
+        if both {
+            row.properties.set(Prop::IterationName, name.as_str());
+        }
+        let events = insert_events(&row, &facts(), &ctx(), now());
+        assert_eq!(events.len(), 2);
+        for e in events {
+            let what = format!(
+                "{} with a name of {} characters",
+                e.kind,
+                name.chars().count()
+            );
+            let out = outbox_row(PROJECT, &e, &row.row_key, &[Sink::Webhook], "1");
+            let stored = out.properties.text(Prop::CloudEvent);
+            // Written as it is: sealing the row (redaction, the table's bound) changes nothing.
+            let sealed = crate::history::seal(&out.properties);
+            assert_eq!(
+                sealed.text(Prop::CloudEvent),
+                stored,
+                "{what}: sealing changed it"
+            );
+            let back = CloudEvent::from_json(stored).unwrap_or_else(|err| panic!("{what}: {err}"));
+            assert_eq!(
+                (
+                    &back.id,
+                    &back.kind,
+                    &back.subject,
+                    &back.time,
+                    &back.source
+                ),
+                (&e.id, &e.kind, &e.subject, &e.time, &e.source),
+                "{what}"
+            );
+            assert_eq!(back.data["history"], e.data["history"], "{what}");
+            assert_eq!(back.data["projectId"], PROJECT, "{what}");
+            assert_eq!(crate::redact::find_leak(stored), None, "{what}");
+            // The name is kept, or shortened and the event says so, or (holding a secret in a
+            // spelling that cannot be redacted) replaced: never the whole event.
+            let got = back.data["projectName"].as_str().unwrap_or_default();
+            assert!(
+                got == name
+                    || back.data["trimmed"].is_object()
+                    || got == crate::redact::WITHHELD
+                    || !got.contains("SECRET1"),
+                "{what}: {got:.80}"
+            );
+            if name.contains("SECRET1") {
+                assert!(!stored.contains("SECRET1"), "{what}");
+            }
+            // Each sink gets a CloudEvent within its limit, shortened from the data again.
+            let o = OutboxRow::from_row(&out).unwrap();
+            for sink in Sink::ALL {
+                let f = for_sink(&o, sink, &ctx());
+                assert!(f.body.len() <= sink.max_event_bytes(), "{what} to {sink:?}");
+                let sent = CloudEvent::from_json(&f.body)
+                    .unwrap_or_else(|err| panic!("{what} to {sink:?}: {err}"));
+                assert_eq!((&sent.id, &sent.time), (&e.id, &e.time), "{what}");
+                assert_eq!(sent.data["history"], e.data["history"], "{what}");
+                assert_eq!(crate::redact::find_leak(&f.body), None, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn event_grid_batches_keep_the_order_within_their_bounds() {
+    assert!(batches(&[], 100, 10).is_empty());
+    // 2 + 40 + 1 + 40 = 83 fits 100; a third does not.
+    assert_eq!(batches(&[40, 40, 40], 100, 10), [0..2, 2..3]);
+    assert_eq!(batches(&[40, 40, 40], 1000, 2), [0..2, 2..3]);
+    // One larger than the bound goes alone, and the rest go on.
+    assert_eq!(batches(&[10, 500, 10, 10], 100, 10), [0..1, 1..2, 2..4]);
+    let sizes = vec![1000; 2_500];
+    let b = batches(&sizes, 1_000_000, 100);
+    assert_eq!(b.len(), 25);
+    assert!(b.iter().all(|r| r.len() == 100));
+    assert_eq!(b.last().unwrap().end, 2_500);
 }
