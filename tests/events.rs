@@ -1673,6 +1673,8 @@ async fn hostile_names_reach_every_sink_as_cloudevents() {
     );
     p.set(Prop::ProjectId, w.project.to_string());
     p.set(Prop::IterationId, iteration.to_string());
+    // As Custom Vision confirmed it: only a confirmed training is told.
+    p.set(Prop::Confirmed, true);
     p.set(Prop::ProjectName, "Widgets \u{2028}");
     p.set(Prop::IterationName, long.as_str());
     p.set(Prop::GateVerdict, "failed");
