@@ -314,11 +314,6 @@ impl Lifecycle {
         complete: Complete<'_>,
         d: &mut Delivery,
     ) -> Result<String, ProcessError> {
-        let (now, last) = (d.now, d.last);
-        let (just_released, complete_held) = match complete {
-            Complete::Released(r) => (r, false),
-            Complete::Held => (&[][..], true),
-        };
         let read;
         let steps = match known {
             Some(s) => s,
@@ -326,6 +321,48 @@ impl Lifecycle {
                 read = self.history.steps(project, iteration.id).await?;
                 &read[..]
             }
+        };
+        match self
+            .try_moves(project, project_name, iteration, steps, complete, d)
+            .await
+        {
+            Ok(status) => Ok(status),
+            // Whatever else went wrong is recorded rather than poisoning the message: on its
+            // last delivery, or when no retry can help.
+            Err(e) if d.last || !e.is_transient() => {
+                let failed: Vec<FailedMove> = releases_from(steps)
+                    .into_iter()
+                    .map(|r| FailedMove {
+                        channel: None,
+                        target: Some(r.target),
+                        iteration: iteration.clone(),
+                        release_path: Some(r.release_path),
+                        channel_path: None,
+                        reason: e.to_string(),
+                        transient: e.is_transient(),
+                    })
+                    .collect();
+                self.record_failures(project, project_name, &failed, &mut d.order)
+                    .await?;
+                Ok(format!("failed: {e}"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn try_moves(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        iteration: &IterationRef,
+        steps: &[StepRow],
+        complete: Complete<'_>,
+        d: &mut Delivery,
+    ) -> Result<String, ProcessError> {
+        let (now, last) = (d.now, d.last);
+        let (just_released, complete_held) = match complete {
+            Complete::Released(r) => (r, false),
+            Complete::Held => (&[][..], true),
         };
         let mut releases = releases_from(steps);
         if releases.is_empty() {

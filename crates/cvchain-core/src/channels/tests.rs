@@ -810,3 +810,28 @@ fn a_failed_move_is_a_row_and_a_line_until_a_later_move() {
         .remove(0);
     assert_eq!(FailedMoveRow::open(&[row, move_row(p, &mv)]).len(), 1);
 }
+
+#[test]
+fn a_new_entry_without_a_place_does_not_move_and_the_other_channel_does() {
+    let mut m = manifest();
+    let two = it(2, 2, 0.9);
+    m.gate_passed(&two, NOW);
+    // Both production paths hold someone else's blobs; latest's are free.
+    let place = |c: Channel, t: &ExportTarget| match c {
+        Channel::Production => None,
+        Channel::Latest => path(c, t),
+    };
+    let c = m.released(&two, &[release(onnx(), &two)], &place, NOW);
+    let moved: Vec<Channel> = c.moves.iter().map(|mv| mv.channel).collect();
+    assert_eq!(moved, vec![Channel::Latest]);
+    assert!(m.entry(Channel::Production, &onnx()).is_none());
+    // Nothing to place and nothing else to move: no change, no new revision.
+    let mut n = manifest();
+    n.gate_passed(&two, NOW);
+    let revision = n.revision;
+    assert!(
+        n.released(&two, &[release(onnx(), &two)], &|_, _| None, NOW)
+            .is_empty()
+    );
+    assert_eq!(n.revision, revision);
+}
