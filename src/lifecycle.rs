@@ -524,6 +524,7 @@ impl Lifecycle {
                 &moves,
                 just_released,
                 loaded.manifest.revision,
+                None,
                 now,
                 last,
             )
@@ -565,7 +566,9 @@ impl Lifecycle {
     /// that cannot be carried out is taken back out of the manifest, so it never claims a copy
     /// that is not there, and is returned as failed; a storage failure while the message will
     /// be delivered again is returned to retry it (every move is tried first, so none is left
-    /// claimed and untried).
+    /// claimed and untried). `before`: the manifest as it was before a manual move, whose
+    /// entries a failed move goes back to (an automatic move pushed its predecessor into the
+    /// history, where taking it back finds it).
     #[allow(clippy::too_many_arguments)]
     async fn carry_out_moves(
         &self,
@@ -574,6 +577,7 @@ impl Lifecycle {
         moves: &[Move],
         just_released: &[Released],
         revision: u64,
+        before: Option<&cvchain_core::channels::Manifest>,
         now: OffsetDateTime,
         last: bool,
     ) -> Result<Carried, ProcessError> {
@@ -598,16 +602,15 @@ impl Lifecycle {
             };
             let transient = error.as_ref().is_some_and(|e| e.is_transient());
             // The manifest must not claim a copy that is not there.
+            let (it, rev) = (mv.to.iteration.id, mv.to.revision);
             let taken_back = self
                 .channels
-                .update(project, project_name, now, |m| {
-                    m.withdraw(
-                        mv.channel,
-                        &mv.target,
-                        mv.to.iteration.id,
-                        mv.to.revision,
-                        now,
-                    )
+                .update(project, project_name, now, |m| match before {
+                    Some(b) => {
+                        let was = b.entry(mv.channel, &mv.target).cloned();
+                        m.restore(mv.channel, &mv.target, it, rev, was, now)
+                    }
+                    None => m.withdraw(mv.channel, &mv.target, it, rev, now),
                 })
                 .await;
             if let Err(e) = taken_back {
@@ -817,14 +820,25 @@ impl Lifecycle {
             None => "promoted by hand; the gate was not consulted".to_owned(),
         };
         let path_of = |_: Channel, t: &ExportTarget| paths.get(&t.key()).cloned().flatten();
+        let mut before = None;
         let (change, loaded) = self
             .channels
             .update(project, project_name, now, |m| {
+                before = Some(m.clone());
                 m.promote(channel, iteration, &releases, &path_of, &note, now)
             })
             .await?;
+        let before = before.unwrap_or_else(|| loaded.manifest.clone());
         Ok(Ok(self
-            .finish(project, project_name, change, &loaded, Some(&note), now)
+            .finish(
+                project,
+                project_name,
+                change,
+                &loaded,
+                &before,
+                Some(&note),
+                now,
+            )
             .await?))
     }
 
@@ -924,7 +938,7 @@ impl Lifecycle {
             let written = Loaded {
                 manifest: decided,
                 etag: Some(etag),
-                path: loaded.path,
+                path: loaded.path.clone(),
             };
             return Ok(Ok(self
                 .finish(
@@ -932,6 +946,7 @@ impl Lifecycle {
                     project_name,
                     change,
                     &written,
+                    &loaded.manifest,
                     Some("rolled back by hand"),
                     now,
                 )
@@ -944,13 +959,16 @@ impl Lifecycle {
     }
 
     /// After a manual change: the copies, the rows, and publishing. A copy that cannot be made
-    /// is taken back and recorded as a failed move (a person is watching: no retry).
+    /// is taken back (its entry as it was `before`) and recorded as a failed move (a person is
+    /// watching: no retry).
+    #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
         project: Uuid,
         project_name: &str,
         change: Change,
         loaded: &Loaded,
+        before: &cvchain_core::channels::Manifest,
         note: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Manual, ProcessError> {
@@ -962,6 +980,7 @@ impl Lifecycle {
                 &change.moves,
                 &[],
                 loaded.manifest.revision,
+                Some(before),
                 now,
                 true,
             )

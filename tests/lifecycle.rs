@@ -1067,7 +1067,8 @@ async fn a_manifest_is_evidence_not_authority() {
 /// recorded on the first delivery, not retried). Each failed move is a history row with its
 /// event, the manifest never claims a move that did not happen, and `cvchain channels` shows
 /// them.
-#[tokio::test]
+// Several threads: `cvchain promote` runs as a process that calls the stand-in, which runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_move_that_cannot_happen_never_stalls_the_chain() {
     use cvchain_testkit::{CopyEnd, CopyFaults, CopyProxy, HostEmulator};
     let mut w = world(&[
@@ -1209,4 +1210,22 @@ async fn a_channel_move_that_cannot_happen_never_stalls_the_chain() {
         out.contains("failed") && out.contains("latest") && out.contains("someone else"),
         "{out}"
     );
+    // By hand, the same: the copies fail, the command says so and fails, and the manifest is
+    // as it was.
+    let before = w.blob("Widgets/channels.json").await.unwrap().0;
+    let (ok, out) = w.command(&[
+        "promote",
+        "--project",
+        &w.project.to_string(),
+        "--iteration",
+        &iteration.to_string(),
+        "--channel",
+        "latest",
+    ]);
+    assert!(!ok && out.contains("could not be carried out"), "{out}");
+    let after: Value =
+        serde_json::from_slice(&w.blob("Widgets/channels.json").await.unwrap().0).unwrap();
+    let before: Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!(after["channels"]["latest"], before["channels"]["latest"]);
+    assert!(after["revision"].as_u64() > before["revision"].as_u64());
 }

@@ -542,6 +542,35 @@ impl Manifest {
         out
     }
 
+    /// As [`withdraw`](Self::withdraw), for a move that did not push its predecessor into the
+    /// history (a rollback): the entry goes back to `before`, as it was before the move (`None`:
+    /// there was none).
+    pub fn restore(
+        &mut self,
+        channel: Channel,
+        target: &ExportTarget,
+        iteration: Uuid,
+        revision: u64,
+        before: Option<Entry>,
+        now: OffsetDateTime,
+    ) -> bool {
+        let state = self.channels.entry(channel).or_default();
+        let key = target.key();
+        if !state
+            .targets
+            .get(&key)
+            .is_some_and(|e| e.holder.iteration.id == iteration && e.holder.revision == revision)
+        {
+            return false;
+        }
+        match before {
+            Some(e) => state.targets.insert(key, e),
+            None => state.targets.remove(&key),
+        };
+        self.bump(now);
+        true
+    }
+
     /// An iteration passed the gate: the pointer moves to it, unless it is older than the
     /// pointer, already there, or was rolled back from.
     pub fn gate_passed(&mut self, iteration: &IterationRef, now: OffsetDateTime) -> Change {

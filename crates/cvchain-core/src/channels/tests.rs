@@ -835,3 +835,40 @@ fn a_new_entry_without_a_place_does_not_move_and_the_other_channel_does() {
     );
     assert_eq!(n.revision, revision);
 }
+
+#[test]
+fn a_rollback_whose_copy_failed_is_restored_as_it_was() {
+    let mut m = full();
+    let before = m.clone();
+    let c = m.rollback(Channel::Production, NOW, &none).unwrap();
+    let mv = c.moves.iter().find(|mv| mv.target == onnx()).unwrap();
+    // The rollback took the previous holder out of the history: taking it back must not pop
+    // an older one, but put back the entry as it was.
+    assert!(m.restore(
+        Channel::Production,
+        &onnx(),
+        mv.to.iteration.id,
+        mv.to.revision,
+        before.entry(Channel::Production, &onnx()).cloned(),
+        NOW,
+    ));
+    assert_eq!(
+        m.entry(Channel::Production, &onnx()),
+        before.entry(Channel::Production, &onnx())
+    );
+    // Only while the entry still holds that move.
+    assert!(!m.restore(
+        Channel::Production,
+        &onnx(),
+        mv.to.iteration.id,
+        mv.to.revision,
+        None,
+        NOW,
+    ));
+    // The other target stays rolled back.
+    assert_eq!(
+        holder(&m, Channel::Production, &tflite()),
+        Some(Uuid::from_u128(1))
+    );
+    assert!(reparse(&m, |_| {}).is_ok());
+}
