@@ -433,8 +433,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Every change raises the revision (never past what validation allows, so never to an
-    /// overflow).
+    /// Every change raises the revision. Saturating, so it never panics or wraps to a lower
+    /// revision (a manifest anywhere near the top is refused when read: see `MAX_REVISION`).
     fn bump(&mut self, now: OffsetDateTime) {
         self.revision = self.revision.saturating_add(1);
         self.updated_at = now_text(now);
@@ -503,8 +503,9 @@ impl Manifest {
         if e.holder.iteration.id != iteration || e.holder.revision != revision {
             return false;
         }
-        let mut e = state.targets.remove(&key).expect("just found");
-        if let Some(back) = e.history.pop() {
+        if let Some(mut e) = state.targets.remove(&key)
+            && let Some(back) = e.history.pop()
+        {
             e.previous = e.history.last().map(|h| h.iteration.clone());
             e.holder = back;
             state.targets.insert(key, e);
@@ -554,7 +555,9 @@ impl Manifest {
         before: Option<Entry>,
         now: OffsetDateTime,
     ) -> bool {
-        let state = self.channels.entry(channel).or_default();
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return false;
+        };
         let key = target.key();
         if !state
             .targets
@@ -769,8 +772,7 @@ impl Manifest {
             .collect::<Vec<_>>()
             .into_iter()
             .map(|(r, place)| {
-                let r = &r;
-                let mut holder = self.holder(iteration, r, place, Reason::Manual, now);
+                let mut holder = self.holder(iteration, &r, place, Reason::Manual, now);
                 holder.note = Some(bounded_text(note));
                 self.set_holder(channel, &r.target, holder, None)
             })
