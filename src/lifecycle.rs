@@ -45,34 +45,12 @@ pub struct Lifecycle {
     pub events: Option<Arc<Events>>,
 }
 
-/// Where the events of the moves a message makes take their place in the project's order:
-/// right after what they follow (a release, the gate's verdict), although the chain runs
-/// first. `None`: when they are written.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Order(Option<OffsetDateTime>);
-
-impl Order {
-    pub fn at(t: OffsetDateTime) -> Self {
-        Order(Some(t))
-    }
-
-    /// The next place, a nanosecond after the last.
-    fn next(&mut self) -> Option<OffsetDateTime> {
-        let at = self.0;
-        if let Some(t) = &mut self.0 {
-            *t += time::Duration::nanoseconds(1);
-        }
-        at
-    }
-}
-
-/// The delivery a channel step runs in: its clock, whether the host delivers the message
-/// again (`last`: it will not, so nothing here may fail it), and the order of its events.
+/// The delivery a channel step runs in: its clock, and whether the host delivers the message
+/// again (`last`: it will not, so nothing here may fail it).
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery {
     pub now: OffsetDateTime,
     pub last: bool,
-    pub order: Order,
 }
 
 /// Which moves an iteration made before a call completes (a redelivery after a crash finds
@@ -107,12 +85,12 @@ struct Carried {
 
 impl Lifecycle {
     /// Records a channel move, a failed move or a deletion, with its event when a sink is
-    /// configured, in the project's order at `at` (or now).
+    /// configured. Its event takes its place in the project's order when it is written, so a
+    /// sink never gets it after an event written later.
     async fn record(
         &self,
         row: &cvchain_core::history::HistoryRow,
         project_name: &str,
-        at: Option<OffsetDateTime>,
     ) -> Result<(), ProcessError> {
         match &self.events {
             Some(events) => {
@@ -120,7 +98,7 @@ impl Lifecycle {
                     project_name: project_name.to_owned(),
                     ..Default::default()
                 };
-                events.record(row, &facts, at, Vec::new()).await?;
+                events.record(row, &facts, None, Vec::new()).await?;
             }
             // Without sinks nothing reads the row that is there already.
             None => {
@@ -135,17 +113,12 @@ impl Lifecycle {
         project: Uuid,
         project_name: &str,
         failed: &[FailedMove],
-        order: &mut Order,
     ) -> Result<(), ProcessError> {
         let now = OffsetDateTime::now_utc();
         for f in failed {
             tracing::warn!(project = %project, "channel move failed: {}", f.describe());
-            self.record(
-                &failed_move_row(project, f, now),
-                project_name,
-                order.next(),
-            )
-            .await?;
+            self.record(&failed_move_row(project, f, now), project_name)
+                .await?;
         }
         Ok(())
     }
@@ -160,7 +133,7 @@ impl Lifecycle {
         project_name: &str,
         iteration: &IterationRef,
         known: Option<&[StepRow]>,
-        d: &mut Delivery,
+        d: &Delivery,
     ) -> Result<(String, Option<String>), ProcessError> {
         let (now, last) = (d.now, d.last);
         let (change, loaded) = match self
@@ -182,7 +155,7 @@ impl Lifecycle {
                     reason: e.to_string(),
                     transient: e.is_transient(),
                 };
-                self.record_failures(project, project_name, &[failed], &mut d.order)
+                self.record_failures(project, project_name, &[failed])
                     .await?;
                 let publish = self
                     .publish
@@ -194,12 +167,8 @@ impl Lifecycle {
         let pointer = loaded.manifest.production_pointer.as_ref();
         let status = match (&change.pointer, pointer) {
             (Some(pm), _) => {
-                self.record(
-                    &pointer_row(project, pm, now, None),
-                    project_name,
-                    d.order.next(),
-                )
-                .await?;
+                self.record(&pointer_row(project, pm, now, None), project_name)
+                    .await?;
                 format!("production now follows {} (gate)", pm.to.name)
             }
             (None, Some(p)) if p.iteration.id == iteration.id => {
@@ -212,12 +181,8 @@ impl Lifecycle {
                     revision: p.revision,
                 };
                 let at = parse_service_time(&p.promoted_at).unwrap_or(now);
-                self.record(
-                    &pointer_row(project, &pm, at, None),
-                    project_name,
-                    d.order.next(),
-                )
-                .await?;
+                self.record(&pointer_row(project, &pm, at, None), project_name)
+                    .await?;
                 format!("production already follows {}", iteration.name)
             }
             (None, Some(p)) => format!(
@@ -312,7 +277,7 @@ impl Lifecycle {
         iteration: &IterationRef,
         known: Option<&[StepRow]>,
         complete: Complete<'_>,
-        d: &mut Delivery,
+        d: &Delivery,
     ) -> Result<String, ProcessError> {
         let read;
         let steps = match known {
@@ -342,8 +307,7 @@ impl Lifecycle {
                         transient: e.is_transient(),
                     })
                     .collect();
-                self.record_failures(project, project_name, &failed, &mut d.order)
-                    .await?;
+                self.record_failures(project, project_name, &failed).await?;
                 Ok(format!("failed: {e}"))
             }
             Err(e) => Err(e),
@@ -357,7 +321,7 @@ impl Lifecycle {
         iteration: &IterationRef,
         steps: &[StepRow],
         complete: Complete<'_>,
-        d: &mut Delivery,
+        d: &Delivery,
     ) -> Result<String, ProcessError> {
         let (now, last) = (d.now, d.last);
         let (just_released, complete_held) = match complete {
@@ -390,8 +354,7 @@ impl Lifecycle {
                         ..failure(None, r, None, e.to_string())
                     })
                     .collect();
-                self.record_failures(project, project_name, &failed, &mut d.order)
-                    .await?;
+                self.record_failures(project, project_name, &failed).await?;
                 return Ok(left_alone(&e));
             }
         };
@@ -489,8 +452,7 @@ impl Lifecycle {
                         });
                     }
                 }
-                self.record_failures(project, project_name, &failed, &mut d.order)
-                    .await?;
+                self.record_failures(project, project_name, &failed).await?;
                 return Ok(left_alone(&e));
             }
         };
@@ -531,11 +493,9 @@ impl Lifecycle {
             .await?;
         failed.extend(carried.failed);
         for mv in &carried.moved {
-            self.record(&move_row(project, mv), project_name, d.order.next())
-                .await?;
+            self.record(&move_row(project, mv), project_name).await?;
         }
-        self.record_failures(project, project_name, &failed, &mut d.order)
-            .await?;
+        self.record_failures(project, project_name, &failed).await?;
         if let Some(e) = carried.retry {
             return Err(e);
         }
@@ -752,12 +712,8 @@ impl Lifecycle {
                     continue;
                 }
             }
-            self.record(
-                &retention::deletion_row(project, d, &plan, now),
-                &name,
-                None,
-            )
-            .await?;
+            self.record(&retention::deletion_row(project, d, &plan, now), &name)
+                .await?;
             deleted.push(d.name.clone());
         }
         Ok(if deleted.is_empty() {
@@ -972,7 +928,6 @@ impl Lifecycle {
         note: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Manual, ProcessError> {
-        let mut order = Order::default();
         let carried = self
             .carry_out_moves(
                 project,
@@ -986,13 +941,12 @@ impl Lifecycle {
             )
             .await?;
         for mv in &carried.moved {
-            self.record(&move_row(project, mv), project_name, order.next())
-                .await?;
+            self.record(&move_row(project, mv), project_name).await?;
         }
-        self.record_failures(project, project_name, &carried.failed, &mut order)
+        self.record_failures(project, project_name, &carried.failed)
             .await?;
         if let Some(pm) = &change.pointer {
-            self.record(&pointer_row(project, pm, now, note), project_name, None)
+            self.record(&pointer_row(project, pm, now, note), project_name)
                 .await?;
         }
         let publish = match (&change.pointer, &loaded.manifest.production_pointer) {

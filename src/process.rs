@@ -4,7 +4,7 @@
 
 use crate::error::ProcessError;
 use crate::events::Events;
-use crate::lifecycle::{Complete, Delivery, Lifecycle, Order};
+use crate::lifecycle::{Complete, Delivery, Lifecycle};
 use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
 use cvchain_azure::customvision::TrainingApi;
@@ -401,13 +401,7 @@ impl Processor {
         // The iteration's step rows, read once and kept in line with what this message writes.
         // What this message released: the channel moves copy from it without reading it again.
         let mut released: Vec<Released> = Vec::new();
-        // Channel moves take their place in the project's order of events right after what
-        // they follow (the gate's verdict, the release), although the chain runs before them.
-        let mut delivery = Delivery {
-            now,
-            last,
-            order: Order::at(now + time::Duration::nanoseconds(1)),
-        };
+        let delivery = Delivery { now, last };
         for action in actions {
             match action {
                 Action::Promote {
@@ -420,13 +414,7 @@ impl Processor {
                         .await?;
                     let (channels, publish) = self
                         .lifecycle
-                        .promote(
-                            project,
-                            &project_name,
-                            &iteration,
-                            Some(known),
-                            &mut delivery,
-                        )
+                        .promote(project, &project_name, &iteration, Some(known), &delivery)
                         .await?;
                     scratch.logs.push(format!("channels: {channels}"));
                     channel_status = Some(channels);
@@ -451,11 +439,13 @@ impl Processor {
                             &iteration,
                             Some(known),
                             Complete::Released(&released),
-                            &mut delivery,
+                            &delivery,
                         )
                         .await?;
                     scratch.logs.push(format!("channels: {status}"));
                     channel_status = Some(status);
+                    // The chain ran first; its completion is told after the moves it released.
+                    chain_ended_at = OffsetDateTime::now_utc();
                 }
                 Action::Retain { project, keep } => {
                     let status = if retention_due(chain_next.as_ref()) {
@@ -474,7 +464,6 @@ impl Processor {
                     released = self
                         .release(project, iteration, &model_uri, observed, now, &mut scratch)
                         .await?;
-                    delivery.order = Order::at(OffsetDateTime::now_utc());
                 }
                 Action::Chain { project, iteration } => {
                     let next = self

@@ -734,12 +734,11 @@ async fn same_named_projects_racing_for_a_channel_path_each_get_a_path_of_their_
         .unwrap();
     // B finds the plain path free too, and its copy lands first.
     let steps_b = history.steps(b, ib).await.unwrap();
-    let mut delivery = cvchain::lifecycle::Delivery {
+    let delivery = cvchain::lifecycle::Delivery {
         now,
         // Not the message's last delivery: a failure here would retry it, and stall nothing
         // yet.
         last: false,
-        order: Default::default(),
     };
     lifecycle
         .move_channels(
@@ -748,7 +747,7 @@ async fn same_named_projects_racing_for_a_channel_path_each_get_a_path_of_their_
             &it(ib),
             Some(&steps_b),
             cvchain::lifecycle::Complete::Released(std::slice::from_ref(&rb)),
-            &mut delivery,
+            &delivery,
         )
         .await
         .unwrap();
@@ -761,7 +760,7 @@ async fn same_named_projects_racing_for_a_channel_path_each_get_a_path_of_their_
             &it(ia),
             Some(&steps_a),
             cvchain::lifecycle::Complete::Released(std::slice::from_ref(&ra)),
-            &mut delivery,
+            &delivery,
         )
         .await;
     assert!(
