@@ -484,7 +484,7 @@ impl Lifecycle {
                 project,
                 project_name,
                 &moves,
-                just_released,
+                complete,
                 loaded.manifest.revision,
                 None,
                 now,
@@ -524,23 +524,28 @@ impl Lifecycle {
     /// The channel copies follow the moves. A copy whose path another project of the same name
     /// won moves to the id-qualified path (the manifest says so first, under its ETag). A move
     /// that cannot be carried out is taken back out of the manifest, so it never claims a copy
-    /// that is not there, and is returned as failed; a storage failure while the message will
-    /// be delivered again is returned to retry it (every move is tried first, so none is left
-    /// claimed and untried). `before`: the manifest as it was before a manual move, whose
-    /// entries a failed move goes back to (an automatic move pushed its predecessor into the
-    /// history, where taking it back finds it).
+    /// that is not there, and is returned as failed. A storage failure while the message will
+    /// be delivered again is returned to retry it; every move is tried first, and one the
+    /// retry would not complete (`complete` says which it does) is taken back too, so none is
+    /// left claimed with nobody to copy it. `before`: the manifest as it was before a manual
+    /// move, whose entries a failed move goes back to (an automatic move pushed its
+    /// predecessor into the history, where taking it back finds it).
     #[allow(clippy::too_many_arguments)]
     async fn carry_out_moves(
         &self,
         project: Uuid,
         project_name: &str,
         moves: &[Move],
-        just_released: &[Released],
+        complete: Complete<'_>,
         revision: u64,
         before: Option<&cvchain_core::channels::Manifest>,
         now: OffsetDateTime,
         last: bool,
     ) -> Result<Carried, ProcessError> {
+        let (just_released, complete_held) = match complete {
+            Complete::Released(r) => (r, false),
+            Complete::Held => (&[][..], true),
+        };
         let mut out = Carried::default();
         for mv in moves {
             let source = just_released
@@ -561,7 +566,18 @@ impl Lifecycle {
                 Err(e) => (e.to_string(), mv.to.channel_path.clone(), Some(e)),
             };
             let transient = error.as_ref().is_some_and(|e| e.is_transient());
-            // The manifest must not claim a copy that is not there.
+            let retried = transient && !last;
+            // A retry of this message completes the moves of the releases it makes (or all
+            // the iteration holds): those stay for it. Any other is taken back, so the
+            // manifest never claims a copy nobody will make.
+            if retried
+                && (complete_held || just_released.iter().any(|d| d.path == mv.to.release_path))
+            {
+                if out.retry.is_none() {
+                    out.retry = error;
+                }
+                continue;
+            }
             let (it, rev) = (mv.to.iteration.id, mv.to.revision);
             let taken_back = self
                 .channels
@@ -576,7 +592,7 @@ impl Lifecycle {
             if let Err(e) = taken_back {
                 tracing::warn!(project = %project, error = %e, "a failed move could not be taken back out of the manifest");
             }
-            if transient && !last {
+            if retried {
                 // Decided again, and tried again, on the next delivery.
                 if out.retry.is_none() {
                     out.retry = error;
@@ -933,7 +949,7 @@ impl Lifecycle {
                 project,
                 project_name,
                 &change.moves,
-                &[],
+                Complete::Held,
                 loaded.manifest.revision,
                 Some(before),
                 now,
