@@ -78,8 +78,8 @@ struct Carried {
     moved: Vec<Move>,
     /// Recorded as failed: permanent failures, and any on the message's last delivery.
     failed: Vec<FailedMove>,
-    /// A storage failure while the message will be delivered again: its moves were taken back,
-    /// and the message is retried.
+    /// A storage failure while the message will be delivered again: the message is retried,
+    /// and completes the moves it left.
     retry: Option<ProcessError>,
 }
 
