@@ -4,7 +4,7 @@
 
 use crate::error::ProcessError;
 use crate::events::Events;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Complete, Delivery, Lifecycle};
 use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
 use cvchain_azure::customvision::TrainingApi;
@@ -220,7 +220,8 @@ impl Processor {
         if let Decision::Retry(reason) = &decision {
             return Err(ProcessError::NotReady(reason.clone()));
         }
-        self.carry_out(decision, actions, &observed, &incoming.key)
+        let last = incoming.received.dequeue_count >= self.max_dequeue;
+        self.carry_out(decision, actions, &observed, &incoming.key, last)
             .await
     }
 
@@ -231,7 +232,7 @@ impl Processor {
         reason: &str,
     ) -> Result<Outcome, ProcessError> {
         let (decision, actions) = plan_unreadable(incoming, reason, &self.config);
-        self.carry_out(decision, actions, &Observed::default(), &incoming.key)
+        self.carry_out(decision, actions, &Observed::default(), &incoming.key, true)
             .await
     }
 
@@ -371,12 +372,16 @@ impl Processor {
         Ok(o)
     }
 
+    /// Carries the actions out in order. `last`: the host will not deliver this message again,
+    /// so a channel move or publishing that cannot happen now is recorded rather than failing
+    /// it (side effects never poison a notification whose chain went on).
     async fn carry_out(
         &self,
         decision: Decision,
         actions: Vec<Action>,
         observed: &Observed,
         message_key: &str,
+        last: bool,
     ) -> Result<Outcome, ProcessError> {
         let now = OffsetDateTime::now_utc();
         let mut scratch = Scratch::default();
@@ -396,6 +401,7 @@ impl Processor {
         // The iteration's step rows, read once and kept in line with what this message writes.
         // What this message released: the channel moves copy from it without reading it again.
         let mut released: Vec<Released> = Vec::new();
+        let delivery = Delivery { now, last };
         for action in actions {
             match action {
                 Action::Promote {
@@ -408,7 +414,7 @@ impl Processor {
                         .await?;
                     let (channels, publish) = self
                         .lifecycle
-                        .promote(project, &project_name, &iteration, Some(known), now)
+                        .promote(project, &project_name, &iteration, Some(known), &delivery)
                         .await?;
                     scratch.logs.push(format!("channels: {channels}"));
                     channel_status = Some(channels);
@@ -432,12 +438,14 @@ impl Processor {
                             &project_name,
                             &iteration,
                             Some(known),
-                            &released,
-                            now,
+                            Complete::Released(&released),
+                            &delivery,
                         )
                         .await?;
                     scratch.logs.push(format!("channels: {status}"));
                     channel_status = Some(status);
+                    // The chain ran first; its completion is told after the moves it released.
+                    chain_ended_at = OffsetDateTime::now_utc();
                 }
                 Action::Retain { project, keep } => {
                     let status = if retention_due(chain_next.as_ref()) {

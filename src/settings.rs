@@ -89,7 +89,9 @@ impl Settings {
         };
         let chain = ChainSettings::from_vars(&vars)?;
         let release = release_from_vars(&vars)?;
-        let lifecycle = LifecycleSettings::from_vars(&vars)?;
+        let mut lifecycle = LifecycleSettings::from_vars(&vars)?;
+        // A manifest's release paths are checked against the release template.
+        lifecycle.channels.release = release.template.clone();
         let projects = match get(PROJECTS_SETTING) {
             None => None,
             Some(v) => {

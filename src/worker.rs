@@ -218,13 +218,19 @@ async fn handle(
         received_at: OffsetDateTime::now_utc(),
     };
 
-    // Keep the message invisible while it is processed, however long that takes.
+    // Keep the message invisible while it is processed, however long that takes. The renewer
+    // is stopped between renewals, never during one: a renewal the service took changes the
+    // pop receipt, which the delete below needs.
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let renewer = {
         let (queue, pop, id) = (queue.clone(), pop.clone(), id.clone());
         let visibility = options.visibility;
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(visibility / 2).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(visibility / 2) => {}
+                    _ = &mut stopped => return,
+                }
                 let current = pop.lock().expect("pop").clone();
                 if let Some(next) = set_visibility(&queue, &id, &current, secs(visibility)).await {
                     *pop.lock().expect("pop") = next;
@@ -233,7 +239,7 @@ async fn handle(
         })
     };
     let result = processor.process(&Incoming::decode(received)).await;
-    renewer.abort();
+    let _ = stop.send(());
     let _ = renewer.await;
     let pop = pop.lock().expect("pop").clone();
 

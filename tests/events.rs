@@ -34,16 +34,17 @@ const SECRET: &str = "whsec_c2VjcmV0LWZvci1jdmNoYWluLWV2ZW50cy10ZXN0czE=";
 const TOPIC_KEY: &str = "topic-key-Zm9vYmFyYmF6cXV4";
 
 /// What one training's chain tells, in order (the platform where the event has one; the
-/// pointer's move has none).
+/// pointer's move has none). The chain runs before the channels move: each notification
+/// requests the next export, then moves the channels.
 const EXPECTED: [(&str, &str); 12] = [
     ("io.cvchain.training.completed", ""),
     ("io.cvchain.gate.evaluated", ""),
-    ("io.cvchain.channel.moved", ""),
     ("io.cvchain.export.requested", "ONNX"),
+    ("io.cvchain.channel.moved", ""),
     ("io.cvchain.model.released", "ONNX"),
-    ("io.cvchain.channel.moved", "ONNX"),
-    ("io.cvchain.channel.moved", "ONNX"),
     ("io.cvchain.export.requested", "TensorFlow"),
+    ("io.cvchain.channel.moved", "ONNX"),
+    ("io.cvchain.channel.moved", "ONNX"),
     ("io.cvchain.model.released", "TensorFlow"),
     ("io.cvchain.channel.moved", "TensorFlow"),
     ("io.cvchain.channel.moved", "TensorFlow"),

@@ -758,3 +758,193 @@ async fn a_copy_that_outlasts_its_delivery_is_resumed_not_restarted() {
     assert!(!third.copied);
     assert_eq!(proxy.log().copies.len(), 1);
 }
+
+/// Projects with one name (Custom Vision does not make names unique) racing their first
+/// channel moves: eight projects named `Twin`, trained at the same moment, their notifications
+/// taken by two `cvchain worker`s while Custom Vision fails a fifth of its calls, and the host's
+/// give-up at its default five deliveries. Every plain channel path is wanted by all eight at
+/// once; one gets each, the others take their id-qualified paths. Nothing is poisoned, every
+/// export is requested once and released, no move fails, and every channel copy holds its own
+/// project's model.
+#[tokio::test]
+async fn same_named_projects_racing_their_first_moves() {
+    const TWINS: usize = 8;
+    const TWO: &str = "ONNX, TensorFlow:TensorFlowLite";
+    let _one = ONE_AT_A_TIME.lock().await;
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let queue = unique("tq");
+    let table = unique("History");
+    let backup = azurite.container_url("cvbackups");
+    let standin = Standin::start(StandinConfig {
+        model_size: 4096,
+        ..cvchain_testkit::standin_config(&clients, KEY, 20)
+    })
+    .await
+    .unwrap();
+    let env = [
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_QUEUE", queue.clone()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
+        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+        ("CVCHAIN_EXPORTS", TWO.into()),
+        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
+        ("CVCHAIN_CV_MAX_RPS", "1000".into()),
+        ("CVCHAIN_CLAIM_SECONDS", "3".into()),
+        ("CVCHAIN_MAX_DEQUEUE", "5".into()),
+        ("RUST_LOG", "warn".into()),
+        ("CVCHAIN_WORKER_VISIBILITY_SECONDS", "10".into()),
+        ("CVCHAIN_WORKER_RETRY_SECONDS", "1".into()),
+        ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "1".into()),
+    ];
+    let workers = [Handler::start_worker(&env), Handler::start_worker(&env)];
+    let api = cvchain_testkit::StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
+    let queue_uri = azurite.queue_url(&queue);
+    let mut projects = Vec::new();
+    for _ in 0..TWINS {
+        projects.push(
+            api.create_project(&[
+                ("name", "Twin"),
+                ("domainId", COMPACT_DOMAIN),
+                ("notificationQueueUri", &queue_uri),
+                ("exportModelContainerUri", &backup),
+            ])
+            .await,
+        );
+    }
+    standin.set_faults(Faults {
+        failure_rate: 0.2,
+        retry_after_seconds: 0,
+        slow_rate: 0.05,
+        slow_ms: 300,
+        ..Default::default()
+    });
+    // The trainings end together, so the first moves do too.
+    let iterations: Vec<uuid::Uuid> =
+        futures::future::join_all(projects.iter().map(|p| api.train(*p))).await;
+    let rows = || async {
+        clients
+            .table(&table)
+            .unwrap()
+            .query(None, 10_000)
+            .await
+            .unwrap_or_default()
+    };
+    let of = |rows: &[StoredEntity], kind: &str| -> Vec<StoredEntity> {
+        rows.iter()
+            .filter(|r| {
+                r.entity.get("EventType").and_then(|k| k.as_str()) == Some(kind)
+                    && !r.entity.contains_key("SameEventAs")
+            })
+            .cloned()
+            .collect()
+    };
+    let target_moves = |rows: &[StoredEntity]| -> Vec<StoredEntity> {
+        of(rows, "ChannelMove")
+            .into_iter()
+            .filter(|r| {
+                r.entity
+                    .get("Platform")
+                    .and_then(|p| p.as_str())
+                    .is_some_and(|p| !p.is_empty())
+            })
+            .collect()
+    };
+    let start = Instant::now();
+    let rows = loop {
+        let now = rows().await;
+        let released = of(&now, "ExportStep")
+            .iter()
+            .filter(|r| r.entity.contains_key("ReleaseUrl"))
+            .count();
+        if of(&now, "Export").len() == 2 * TWINS
+            && released == 2 * TWINS
+            && target_moves(&now).len() == 4 * TWINS
+        {
+            break now;
+        }
+        if start.elapsed() > Duration::from_secs(150) {
+            let tails: Vec<String> = workers
+                .iter()
+                .map(|w| {
+                    let log = w.stderr();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    tail.join("\n")
+                })
+                .collect();
+            panic!(
+                "the run did not finish: {} Export rows, {released} released, {} moves\n{}",
+                of(&now, "Export").len(),
+                target_moves(&now).len(),
+                tails.join("\n--\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // Nothing poisoned, nothing failed, no move recorded as failed.
+    let poison = clients
+        .queue(&format!("{queue}-poison"))
+        .unwrap()
+        .peek_messages(None)
+        .await
+        .ok()
+        .and_then(|r| r.into_model().ok())
+        .and_then(|m| m.items)
+        .unwrap_or_default();
+    assert!(poison.is_empty(), "poisoned: {poison:?}");
+    for kind in ["Failed", "Rejected", "ChannelMoveFailed"] {
+        assert!(of(&rows, kind).is_empty(), "{kind}: {:?}", of(&rows, kind));
+    }
+    assert!(rows.iter().all(|r| r.entity["PartitionKey"] != "_failed"));
+    // Every export requested once.
+    let calls = standin_calls(&standin.endpoint()).await;
+    let accepted: HashSet<_> = calls
+        .exports
+        .iter()
+        .filter(|e| e.outcome == "accepted")
+        .map(|e| (e.iteration_id, e.platform.clone()))
+        .collect();
+    assert_eq!(accepted.len(), 2 * TWINS, "{:?}", calls.exports);
+    assert!(calls.faults.values().sum::<u64>() > 0, "no fault injected");
+    // Each channel copy at a path of its own, holding its own project's model.
+    let mut paths = HashSet::new();
+    for (p, i) in projects.iter().zip(&iterations) {
+        let moves: Vec<StoredEntity> = target_moves(&rows)
+            .into_iter()
+            .filter(|r| r.entity["PartitionKey"] == p.to_string())
+            .collect();
+        assert_eq!(moves.len(), 4, "{p}: {moves:?}");
+        for m in moves {
+            let path = m.entity["ChannelPath"].as_str().unwrap().to_owned();
+            assert!(paths.insert(path.clone()), "two projects at {path}");
+            let platform = m.entity["Platform"].as_str().unwrap();
+            let release = of(&rows, "ExportStep")
+                .into_iter()
+                .find(|s| {
+                    s.entity["PartitionKey"] == p.to_string() && s.entity["Platform"] == platform
+                })
+                .unwrap();
+            let release = release.entity["ReleasePath"].as_str().unwrap().to_owned();
+            let copy = clients
+                .blob_service()
+                .unwrap()
+                .blob_container_client("models")
+                .blob_client(&path);
+            let meta = {
+                use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
+                copy.get_properties(None).await.unwrap().metadata().unwrap()
+            };
+            assert_eq!(meta["projectid"], p.to_string(), "{path}");
+            assert_eq!(meta["iterationid"], i.to_string(), "{path}");
+            assert_eq!(
+                blob_bytes(&clients, "models", &path).await,
+                blob_bytes(&clients, "models", &release).await,
+                "{path}"
+            );
+        }
+    }
+    // The plain paths went to one project each, the others to their own.
+    assert!(paths.contains("Twin/channels/latest/ONNX.zip"), "{paths:?}");
+    let _ = &workers;
+}

@@ -155,7 +155,12 @@ impl World {
 
     /// Trains the next iteration and drives the chain through `serve` until it is released.
     async fn train_with_serve(&self) -> Uuid {
-        let iteration = self.api.train(self.project).await;
+        self.train_in(self.project).await
+    }
+
+    /// As `train_with_serve`, for any project wired to this world's queue.
+    async fn train_in(&self, project: Uuid) -> Uuid {
+        let iteration = self.api.train(project).await;
         let start = Instant::now();
         loop {
             let batch = self.take().await;
@@ -250,6 +255,31 @@ impl World {
             .unwrap()
             .to_vec();
         Some((body, meta, md5))
+    }
+
+    /// Writes a blob of the release container, as anyone with write access to it can; a
+    /// manifest keeps the index tags cvchain finds manifests by.
+    async fn put(&self, path: &str, body: &[u8]) {
+        let container = self
+            .clients
+            .blob_service()
+            .unwrap()
+            .blob_container_client("models");
+        let _ = container.create(None).await;
+        let options = path.ends_with("channels.json").then(|| {
+            azure_storage_blob::models::BlockBlobClientUploadOptions {
+                blob_tags_string: Some(format!("manifest=channels&projectId={}", self.project)),
+                ..Default::default()
+            }
+        });
+        container
+            .blob_client(path)
+            .upload(
+                azure_core::http::RequestContent::from(body.to_vec()),
+                options,
+            )
+            .await
+            .unwrap();
     }
 
     async fn manifest(&self) -> Value {
@@ -575,4 +605,626 @@ async fn a_manifest_someone_else_wrote_is_left_alone_and_named() {
     );
     // The release copies are there all the same.
     assert!(w.released(first).await);
+}
+
+/// A release copy as cvchain leaves it (its metadata names the project and the iteration) and
+/// the export's step row recording it, written by hand: what a release leaves behind.
+async fn plant_release(
+    clients: &StorageClients,
+    history: &cvchain_azure::history::store::HistoryStore,
+    project: Uuid,
+    iteration: Uuid,
+    path: &str,
+    body: &[u8],
+) -> cvchain_core::release::Released {
+    use cvchain_core::chain::{EntryState, ExportTarget};
+    use cvchain_core::history::{Prop, step_row};
+    let blob = clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client("models");
+    let _ = blob.create(None).await;
+    let b = blob.blob_client(path);
+    b.upload(azure_core::http::RequestContent::from(body.to_vec()), None)
+        .await
+        .unwrap();
+    let meta: HashMap<String, String> = [
+        ("projectid", project.to_string()),
+        ("iterationid", iteration.to_string()),
+        ("platform", "ONNX".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    b.set_metadata(&meta, None).await.unwrap();
+    let target = ExportTarget {
+        platform: "ONNX".into(),
+        flavor: None,
+    };
+    let mut row = step_row(project, iteration, 0, &target, EntryState::Done);
+    row.properties.set(Prop::ReleaseStatus, "released");
+    row.properties
+        .set(Prop::ReleaseUrl, format!("http://x/models/{path}"));
+    row.properties.set(Prop::ReleasePath, path);
+    row.properties.set_int(Prop::ReleaseSize, body.len() as i64);
+    history.record(&row).await.unwrap();
+    cvchain_core::release::Released {
+        url: format!("http://x/models/{path}"),
+        path: path.to_owned(),
+        size: body.len() as u64,
+        millis: 0,
+        copied: true,
+        etag: None,
+        content_md5: None,
+    }
+}
+
+/// Two projects named alike make their first move at the same moment: both find
+/// `Twin/channels/latest/ONNX.zip` free, both write it into their manifests, and the second
+/// copy loses to the first. The loser takes the id-qualified path (its manifest says so, under
+/// its ETag) and copies there; nothing of the winner's is touched, and no error reaches the
+/// message. Played step by step through the lifecycle, so the interleaving is the race's.
+#[tokio::test]
+async fn same_named_projects_racing_for_a_channel_path_each_get_a_path_of_their_own() {
+    use cvchain_azure::history::store::HistoryStore;
+    use cvchain_azure::storage::channels::ChannelStore;
+    use cvchain_core::channels::{Channel, IterationRef, Release};
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let table = unique("Race");
+    let history = HistoryStore::new(clients.table(&table).unwrap());
+    let paths = cvchain_core::config::LifecycleSettings::default().channels;
+    let lifecycle = cvchain::lifecycle::Lifecycle {
+        history: history.clone(),
+        channels: ChannelStore::new(&clients, "models", paths.clone()).unwrap(),
+        cv: None,
+        publish: None,
+        chain: Vec::new(),
+        events: None,
+    };
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (ia, ib) = (Uuid::new_v4(), Uuid::new_v4());
+    let it = |id: Uuid| IterationRef {
+        id,
+        name: "Iteration 1".into(),
+        trained_at: Some("2026-11-30T10:00:00Z".into()),
+        precision: Some(0.9),
+        recall: Some(0.9),
+        map: Some(0.9),
+    };
+    let ra = plant_release(
+        &clients,
+        &history,
+        a,
+        ia,
+        "Twin/Iteration-1/ONNX.zip",
+        b"model A",
+    )
+    .await;
+    let rb = plant_release(
+        &clients,
+        &history,
+        b,
+        ib,
+        &format!("Twin-{b}/Iteration-1-{ib}/ONNX.zip"),
+        b"model B",
+    )
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    let plain = "Twin/channels/latest/ONNX.zip".to_owned();
+    // A found the plain path free and wrote it into its manifest; its copy has not run yet.
+    let release_a = Release {
+        target: cvchain_core::chain::ExportTarget {
+            platform: "ONNX".into(),
+            flavor: None,
+        },
+        release_path: ra.path.clone(),
+        size: 7,
+        content_md5: None,
+    };
+    let to_plain = |c: Channel, t: &cvchain_core::chain::ExportTarget| {
+        Some(paths.channel_path(a, "Twin", c, t, false))
+    };
+    lifecycle
+        .channels
+        .update(a, "Twin", now, |m| {
+            m.released(&it(ia), std::slice::from_ref(&release_a), &to_plain, now)
+        })
+        .await
+        .unwrap();
+    // B finds the plain path free too, and its copy lands first.
+    let steps_b = history.steps(b, ib).await.unwrap();
+    let delivery = cvchain::lifecycle::Delivery {
+        now,
+        // Not the message's last delivery: a failure here would retry it, and stall nothing
+        // yet.
+        last: false,
+    };
+    lifecycle
+        .move_channels(
+            b,
+            "Twin",
+            &it(ib),
+            Some(&steps_b),
+            cvchain::lifecycle::Complete::Released(std::slice::from_ref(&rb)),
+            &delivery,
+        )
+        .await
+        .unwrap();
+    // A's copy loses: A moves to the id-qualified path instead of failing the message.
+    let steps_a = history.steps(a, ia).await.unwrap();
+    let status = lifecycle
+        .move_channels(
+            a,
+            "Twin",
+            &it(ia),
+            Some(&steps_a),
+            cvchain::lifecycle::Complete::Released(std::slice::from_ref(&ra)),
+            &delivery,
+        )
+        .await;
+    assert!(
+        status.as_ref().is_ok_and(|s| !s.contains("failed")),
+        "{status:?}"
+    );
+    let qualified = format!("Twin-{a}/channels/latest/ONNX.zip");
+    let manifest = |path: String| {
+        let clients = clients.clone();
+        async move {
+            let bytes = cvchain_testkit::blob_bytes(&clients, "models", &path).await;
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        }
+    };
+    let ma = manifest("Twin/channels.json".into()).await;
+    assert_eq!(ma["projectId"], a.to_string());
+    assert_eq!(
+        ma["channels"]["latest"]["targets"]["ONNX"]["channelPath"],
+        qualified.as_str()
+    );
+    let mb = manifest(format!("Twin-{b}/channels.json")).await;
+    assert_eq!(
+        mb["channels"]["latest"]["targets"]["ONNX"]["channelPath"],
+        plain.as_str()
+    );
+    // Each path holds its own project's model.
+    assert_eq!(
+        cvchain_testkit::blob_bytes(&clients, "models", &plain).await,
+        b"model B"
+    );
+    assert_eq!(
+        cvchain_testkit::blob_bytes(&clients, "models", &qualified).await,
+        b"model A"
+    );
+    let moved: Vec<HashMap<String, Value>> = clients
+        .table(&table)
+        .unwrap()
+        .query(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entity["EventType"] == "ChannelMove")
+        .map(|r| r.entity.into_iter().collect())
+        .collect();
+    let of = |p: Uuid| {
+        moved
+            .iter()
+            .filter(|r| r["PartitionKey"] == p.to_string())
+            .map(|r| r["ChannelPath"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(a), vec![qualified.clone()]);
+    assert_eq!(of(b), vec![plain.clone()]);
+}
+
+/// Puts a forged manifest in place and runs `cvchain rollback`: it must be refused naming
+/// `names`, with nothing written, copied or announced (`expect`: production's ONNX copy, and
+/// the number of move rows).
+async fn refused(w: &World, what: &str, forged: Vec<u8>, names: &str, expect: (&[u8], usize)) {
+    w.put("Widgets/channels.json", &forged).await;
+    let (ok, out) = w.command(&["rollback", "--project", &w.project.to_string()]);
+    assert!(!ok, "{what}: the rollback went through: {out}");
+    assert!(out.contains(names), "{what}: {out}");
+    assert!(
+        w.blob("Widgets/channels.json").await.unwrap().0 == forged,
+        "{what}: the manifest was written"
+    );
+    let copy = w
+        .blob("Widgets/channels/production/ONNX.zip")
+        .await
+        .unwrap()
+        .0;
+    assert!(copy == expect.0, "{what}: production's copy changed");
+    assert_eq!(w.rows_of("ChannelMove").await.len(), expect.1, "{what}");
+}
+
+/// A project wired to the world's queue and backup container.
+async fn another_project(w: &World, name: &str) -> Uuid {
+    let queue_uri = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/{}",
+        w.azurite.queue_port, w.source
+    );
+    let backup = w.azurite.container_url("cvbackups");
+    w.api
+        .create_project(&[
+            ("name", name),
+            ("domainId", COMPACT_DOMAIN),
+            ("notificationQueueUri", &queue_uri),
+            ("exportModelContainerUri", &backup),
+        ])
+        .await
+}
+
+/// The manifest in the release container is a blob anyone with write access can rewrite: it is
+/// evidence, checked against what cvchain recorded (the step rows' release paths, the release
+/// copies' own metadata) and against its own bounds before anything acts on it. A previous
+/// holder rewritten to another project's iteration, or to an iteration that never was, is
+/// refused with what does not match, and nothing is written, copied or announced; an absurd
+/// revision or a manifest larger than any cvchain writes is refused naming the blob, and the
+/// chain goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_is_evidence_not_authority() {
+    let mut w = world(&[("CVCHAIN_GATE", "map>=0.0".into())]).await;
+    w.handlers = vec![Handler::start(&w.env), Handler::start(&w.env)];
+    let gadgets = another_project(&w, "Gadgets").await;
+    let first = w.train_with_serve().await;
+    let second = w.train_with_serve().await;
+    let g1 = w.train_in(gadgets).await;
+    let project = w.project.to_string();
+    let release_of = |rows: &[StoredEntity], p: Uuid, i: Uuid, platform: &str| {
+        rows.iter()
+            .find(|r| {
+                r.entity["PartitionKey"] == p.to_string()
+                    && r.entity["IterationId"] == i.to_string()
+                    && r.entity["Platform"] == platform
+            })
+            .map(|r| r.entity["ReleasePath"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    let steps = w.rows_of("ExportStep").await;
+    let original = w.blob("Widgets/channels.json").await.unwrap().0;
+    let genuine: Value = serde_json::from_slice(&original).unwrap();
+    assert_eq!(
+        genuine["channels"]["production"]["targets"]["ONNX"]["previous"]["id"],
+        first.to_string()
+    );
+    let production_copy = || async {
+        w.blob("Widgets/channels/production/ONNX.zip")
+            .await
+            .unwrap()
+            .0
+    };
+    let second_model = w
+        .blob(&release_of(&steps, w.project, second, "ONNX"))
+        .await
+        .unwrap()
+        .0;
+    assert!(production_copy().await == second_model);
+    let moves_before = w.rows_of("ChannelMove").await.len();
+    // Rewrites the genuine manifest's previous holders (each target's and the pointer's).
+    let forge = |previous: &dyn Fn(&str, &mut Value)| {
+        let mut m = genuine.clone();
+        for (platform, key) in [("ONNX", TARGETS[0]), ("TensorFlow", TARGETS[1])] {
+            let e = &mut m["channels"]["production"]["targets"][key];
+            let last = e["history"].as_array_mut().unwrap().last_mut().unwrap();
+            previous(platform, last);
+            e["previous"] = last["iteration"].clone();
+        }
+        let pointer = &mut m["productionPointer"]["history"];
+        let last = pointer.as_array_mut().unwrap().last_mut().unwrap();
+        let mut holder = serde_json::json!({"iteration": last["iteration"].clone()});
+        previous("ONNX", &mut holder);
+        last["iteration"] = holder["iteration"].clone();
+        serde_json::to_vec_pretty(&m).unwrap()
+    };
+    // Another project's iteration, with its own release copies, as the previous holder.
+    let gadgets_ref = |it: &mut Value| {
+        it["iteration"]["id"] = g1.to_string().into();
+    };
+    let forged = forge(&|platform, holder| {
+        gadgets_ref(holder);
+        if holder.get("releasePath").is_some() {
+            holder["releasePath"] = release_of(&steps, gadgets, g1, platform).into();
+        }
+    });
+    let expect = (&second_model[..], moves_before);
+    refused(
+        &w,
+        "another project's release",
+        forged,
+        &release_of(&steps, gadgets, g1, "ONNX"),
+        expect,
+    )
+    .await;
+    // The same iteration id under one of this project's own release paths.
+    refused(
+        &w,
+        "another project's iteration",
+        forge(&|_, holder| gadgets_ref(holder)),
+        &g1.to_string(),
+        expect,
+    )
+    .await;
+    // An iteration that never was: nothing moves, and the manifest does not say it did.
+    let ghost = Uuid::new_v4();
+    refused(
+        &w,
+        "a ghost",
+        forge(&|platform, holder| {
+            holder["iteration"]["id"] = ghost.to_string().into();
+            holder["iteration"]["name"] = "Ghost".into();
+            if holder.get("releasePath").is_some() {
+                let file = if platform == "ONNX" {
+                    "ONNX.zip"
+                } else {
+                    "TensorFlow-TensorFlowLite.zip"
+                };
+                holder["releasePath"] = format!("Widgets/Ghost/{file}").into();
+            }
+        }),
+        &ghost.to_string(),
+        expect,
+    )
+    .await;
+
+    // Larger than any manifest cvchain writes: refused unread, naming the blob.
+    let mut huge = genuine.clone();
+    huge["channels"]["production"]["targets"]["ONNX"]["note"] = "x".repeat(3 << 20).into();
+    w.put("Widgets/channels.json", &serde_json::to_vec(&huge).unwrap())
+        .await;
+    let (ok, out) = w.command(&["channels", "--project", &project]);
+    assert!(!ok && out.contains("Widgets/channels.json"), "{out}");
+    assert!(
+        out.contains("bytes") && !out.contains("production follows"),
+        "{out}"
+    );
+
+    // An absurd revision: refused naming the blob; the next training's chain goes on all the
+    // same, its moves recorded as failed.
+    let mut absurd = genuine.clone();
+    absurd["revision"] = u64::MAX.into();
+    let absurd = serde_json::to_vec_pretty(&absurd).unwrap();
+    w.put("Widgets/channels.json", &absurd).await;
+    let (ok, out) = w.command(&["channels", "--project", &project]);
+    assert!(!ok && out.contains("Widgets/channels.json"), "{out}");
+    assert!(
+        out.contains("revision") && !out.contains("production follows"),
+        "{out}"
+    );
+    let third = w.train_with_serve().await;
+    assert!(w.released(third).await);
+    assert!(w.blob("Widgets/channels.json").await.unwrap().0 == absurd);
+    let statuses: Vec<String> = w
+        .rows_of("Export")
+        .await
+        .iter()
+        .filter(|r| r.entity["IterationId"] == third.to_string())
+        .filter_map(|r| r.entity.get("ChannelStatus")?.as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !statuses.is_empty()
+            && statuses
+                .iter()
+                .all(|s| s.contains("Widgets/channels.json") && s.contains("revision")),
+        "{statuses:?}"
+    );
+    assert!(production_copy().await == second_model);
+
+    // The genuine manifest back: the same rollback goes through.
+    w.put("Widgets/channels.json", &original).await;
+    let (ok, out) = w.command(&["rollback", "--project", &project]);
+    assert!(ok, "{out}");
+    let first_model = w
+        .blob(&release_of(&steps, w.project, first, "ONNX"))
+        .await
+        .unwrap()
+        .0;
+    assert!(production_copy().await == first_model);
+    assert_eq!(
+        w.manifest().await["productionPointer"]["iteration"]["id"],
+        first.to_string()
+    );
+
+    // A channel copy that claims a revision no manifest has reached (its metadata rewritten,
+    // or left by a manifest since moved away) is not believed: the next move copies over it
+    // rather than taking it for newer.
+    let latest = w
+        .clients
+        .blob_service()
+        .unwrap()
+        .blob_container_client("models")
+        .blob_client("Widgets/channels/latest/ONNX.zip");
+    let mut meta = latest
+        .get_properties(None)
+        .await
+        .unwrap()
+        .metadata()
+        .unwrap();
+    meta.insert("revision".into(), "999999999".into());
+    latest.set_metadata(&meta, None).await.unwrap();
+    let fourth = w.train_with_serve().await;
+    let fourth_model = w
+        .blob(&release_of(
+            &w.rows_of("ExportStep").await,
+            w.project,
+            fourth,
+            "ONNX",
+        ))
+        .await
+        .unwrap()
+        .0;
+    assert!(
+        w.blob("Widgets/channels/latest/ONNX.zip").await.unwrap().0 == fourth_model,
+        "the latest copy is not the fourth iteration's model: taken for current"
+    );
+}
+
+/// A channel move that cannot happen never stalls the chain: the next export is requested and
+/// every model released whatever the channels do. Here every `latest` copy fails (the service
+/// reports the copy `failed`, a transient failure: the message is retried, and on its last
+/// delivery the failed move is recorded and the message answered 200, never poisoned), and
+/// both of production's ONNX paths hold someone else's files (a permanent impossibility:
+/// recorded on the first delivery, not retried). Each failed move is a history row with its
+/// event, the manifest never claims a move that did not happen, and `cvchain channels` shows
+/// them.
+// Several threads: `cvchain promote` runs as a process that calls the stand-in, which runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_move_that_cannot_happen_never_stalls_the_chain() {
+    use cvchain_testkit::{CopyEnd, CopyFaults, CopyProxy, HostEmulator};
+    let mut w = world(&[
+        ("CVCHAIN_GATE", "map>=0.0".into()),
+        ("CVCHAIN_MAX_DEQUEUE", "3".into()),
+        ("CVCHAIN_EVENTS_QUEUE", unique("cvevents")),
+    ])
+    .await;
+    let proxy = CopyProxy::start(
+        w.azurite.blob_port,
+        CopyFaults {
+            pending_for: Duration::from_millis(50),
+            rules: vec![("channels%2Flatest".into(), vec![CopyEnd::Failed])],
+        },
+    );
+    w.env
+        .push(("CVCHAIN_STORAGE", proxy.connection_string(&w.azurite)));
+    w.handlers = vec![Handler::start(&w.env)];
+    let host = HostEmulator::new(&w.clients, &w.queue(), w.handlers[0].url(""));
+    let foreign = [
+        "Widgets/channels/production/ONNX.zip".to_owned(),
+        format!("Widgets-{}/channels/production/ONNX.zip", w.project),
+    ];
+    for path in &foreign {
+        w.put(path, b"someone else's file").await;
+    }
+    let iteration = w.api.train(w.project).await;
+    let mut answers: Vec<(String, Vec<u16>)> = Vec::new();
+    let start = Instant::now();
+    loop {
+        let batch = w.take().await;
+        for (text, id) in &batch {
+            let mut got = Vec::new();
+            for count in 1..=3 {
+                let status = host.redeliver(text, id, count).await;
+                got.push(status);
+                if status == 200 {
+                    break;
+                }
+            }
+            let kind: Value = serde_json::from_str(text).unwrap();
+            let kind = kind["Content"]["exportStatus"]
+                .as_str()
+                .or(kind["Content"]["trainingStatus"].as_str())
+                .unwrap_or("ConnectionTest")
+                .to_owned();
+            answers.push((kind, got));
+        }
+        if batch.is_empty() && w.released(iteration).await && w.quiet().await {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "stuck: {answers:?}\n{}",
+            w.handlers[0].stderr()
+        );
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Every message was taken by its last delivery at the latest; none poisoned.
+    assert!(
+        answers.iter().all(|(_, got)| got.last() == Some(&200)),
+        "{answers:?}\n{}",
+        w.handlers[0].stderr()
+    );
+    // The failing copies were retried (the first deliveries of the exports failed).
+    assert!(
+        answers
+            .iter()
+            .filter(|(k, _)| k == "ExportCompleted")
+            .all(|(_, got)| got.len() == 3),
+        "{answers:?}"
+    );
+    assert!(w.rows_of("Failed").await.is_empty());
+    // The failed moves: a row each, with its event.
+    let failed = w.rows_of("ChannelMoveFailed").await;
+    let mut seen: Vec<(String, String, bool)> = failed
+        .iter()
+        .map(|r| {
+            (
+                r.entity["Channel"].as_str().unwrap().to_owned(),
+                r.entity["Platform"].as_str().unwrap().to_owned(),
+                r.entity["Transient"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("latest".into(), "ONNX".into(), true),
+            ("latest".into(), "TensorFlow".into(), true),
+            ("production".into(), "ONNX".into(), false),
+        ],
+        "{failed:#?}"
+    );
+    let told = w
+        .rows_of("Outbox")
+        .await
+        .iter()
+        .filter(|r| r.entity["CloudEventType"] == "io.cvchain.channel.move_failed")
+        .count();
+    assert_eq!(told, 3);
+    // What did move, moved: production's TensorFlow target, and the pointer.
+    let m = w.manifest().await;
+    assert_eq!(
+        m["channels"]["latest"]["targets"],
+        serde_json::json!({}),
+        "{m:#}"
+    );
+    let production = m["channels"]["production"]["targets"].as_object().unwrap();
+    assert_eq!(
+        production.keys().collect::<Vec<_>>(),
+        vec!["TensorFlow-TensorFlowLite"]
+    );
+    assert_eq!(
+        production["TensorFlow-TensorFlowLite"]["iteration"]["id"],
+        iteration.to_string()
+    );
+    // Someone else's files are as they were.
+    for path in &foreign {
+        assert_eq!(w.blob(path).await.unwrap().0, b"someone else's file");
+    }
+    // The notification rows and `cvchain channels` say what failed.
+    let statuses: Vec<String> = w
+        .rows_of("Export")
+        .await
+        .iter()
+        .filter_map(|r| r.entity.get("ChannelStatus")?.as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        statuses.iter().any(|s| s.contains("failed")),
+        "{statuses:?}"
+    );
+    let (ok, out) = w.command(&["channels", "--project", &w.project.to_string()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("failed") && out.contains("latest") && out.contains("someone else"),
+        "{out}"
+    );
+    // By hand, the same: the copies fail, the command says so and fails, and the manifest is
+    // as it was.
+    let before = w.blob("Widgets/channels.json").await.unwrap().0;
+    let (ok, out) = w.command(&[
+        "promote",
+        "--project",
+        &w.project.to_string(),
+        "--iteration",
+        &iteration.to_string(),
+        "--channel",
+        "latest",
+    ]);
+    assert!(!ok && out.contains("could not be carried out"), "{out}");
+    let after: Value =
+        serde_json::from_slice(&w.blob("Widgets/channels.json").await.unwrap().0).unwrap();
+    let before: Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!(after["channels"]["latest"], before["channels"]["latest"]);
+    assert!(after["revision"].as_u64() > before["revision"].as_u64());
 }

@@ -311,19 +311,22 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
     let rows = store.recent(Some(&pid), 1000).await?;
     print!("{}", report::render(&report::iterations(&rows)));
     let lifecycle = app_lifecycle.lifecycle();
-    for loaded in lifecycle
+    for listed in lifecycle
         .channels
         .manifests(Uuid::parse_str(&pid).ok())
         .await?
     {
         println!(
             "\nChannels ({} in {}):",
-            loaded.path, settings.release.container
+            listed.path, settings.release.container
         );
-        print!(
-            "{}",
-            super::channels::render(&loaded.path, &loaded.manifest)
-        );
+        match &listed.manifest {
+            Ok(loaded) => print!(
+                "{}",
+                super::channels::render(&loaded.path, &loaded.manifest)
+            ),
+            Err(e) => println!("  refused: {e}"),
+        }
     }
     println!(
         "\nRelease and channel blobs (container {}), found by their index tags:",

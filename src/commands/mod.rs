@@ -190,6 +190,27 @@ async fn project_name(
         })
 }
 
+/// What a manual move did, one line each, with the moves that could not be carried out.
+fn print_manual(done: &crate::lifecycle::Manual) {
+    print_change(&done.change, done.publish.as_deref());
+    for f in &done.failed {
+        println!("{}", f.describe());
+    }
+}
+
+/// A manual move some of whose copies could not be made fails the command (they were taken
+/// back out of the manifest and recorded).
+fn fail_on_failed(done: &crate::lifecycle::Manual) -> anyhow::Result<()> {
+    if done.failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{} move(s) could not be carried out (see above); the channels stayed where they were",
+            done.failed.len()
+        )
+    }
+}
+
 /// What a manual move did, one line each.
 fn print_change(change: &cvchain_core::channels::Change, publish: Option<&str>) {
     if let Some(p) = &change.pointer {

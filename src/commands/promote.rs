@@ -31,7 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let app = Application::build(settings)?;
         let name = super::project_name(&app, args.project).await?;
         let iteration = iteration(&app, args.project, args.iteration).await?;
-        let (change, publish) = app
+        let done = app
             .processor
             .lifecycle()
             .promote_by_hand(
@@ -42,16 +42,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 args.reason.as_deref(),
                 OffsetDateTime::now_utc(),
             )
-            .await?;
-        super::print_change(&change, publish.as_deref());
+            .await?
+            .map_err(|why| anyhow::anyhow!("nothing promoted: {why}"))?;
+        super::print_manual(&done);
         super::deliver_events(&app, args.project).await;
-        if change.moves.is_empty() && change.pointer.is_none() {
+        if done.change.moves.is_empty() && done.change.pointer.is_none() && done.failed.is_empty() {
             println!(
                 "{} already holds {} (or it has no release copy yet)",
                 args.channel.as_str(),
                 iteration.name
             );
         }
+        super::fail_on_failed(&done)?;
         anyhow::Ok(())
     })
 }

@@ -28,10 +28,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .rollback(args.project, &name, args.channel, OffsetDateTime::now_utc())
             .await?
         {
-            Ok((change, publish)) => {
-                super::print_change(&change, publish.as_deref());
+            Ok(done) => {
+                super::print_manual(&done);
                 super::deliver_events(&app, args.project).await;
-                anyhow::Ok(())
+                super::fail_on_failed(&done)
             }
             Err(why) => anyhow::bail!("nothing rolled back: {why}"),
         }

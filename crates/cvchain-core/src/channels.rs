@@ -21,6 +21,14 @@ use std::collections::BTreeMap;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
+mod trust;
+mod validate;
+
+pub use trust::{
+    FailedMove, FailedMoveRow, Mismatch, failed_move_row, recorded_iteration, verify_release,
+};
+pub use validate::{MAX_MANIFEST_BYTES, MAX_MODEL_SIZE, MAX_REVISION, MAX_TARGETS, VETO_DEPTH};
+
 pub const CHANNEL_PATH_SETTING: &str = "CVCHAIN_CHANNEL_PATH";
 /// Where a channel's copy of an export goes in the release container.
 pub const DEFAULT_CHANNEL_TEMPLATE: &str =
@@ -109,6 +117,23 @@ impl IterationRef {
             .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
     }
 
+    /// The iteration as a manifest may hold it: a name of at most 1024 characters without
+    /// control characters, a training time only when it is RFC 3339, metrics only within 0..1,
+    /// so that cvchain never writes a manifest it would refuse to read.
+    pub fn bounded(&self) -> IterationRef {
+        IterationRef {
+            id: self.id,
+            name: bounded_text(&self.name),
+            trained_at: self
+                .trained_at
+                .clone()
+                .filter(|t| t.len() <= 64 && OffsetDateTime::parse(t, &Rfc3339).is_ok()),
+            precision: unit(self.precision),
+            recall: unit(self.recall),
+            map: unit(self.map),
+        }
+    }
+
     /// Strictly trained after `other`. An iteration without a training time is newer than
     /// nothing that has one.
     pub fn is_newer_than(&self, other: &IterationRef) -> bool {
@@ -118,6 +143,18 @@ impl IterationRef {
             _ => false,
         }
     }
+}
+
+fn unit(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| (0.0..=1.0).contains(v))
+}
+
+/// At most 1024 characters, control characters as spaces.
+fn bounded_text(s: &str) -> String {
+    s.chars()
+        .take(1024)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// What holds a channel for one target.
@@ -224,6 +261,18 @@ pub enum ManifestError {
     NotOurs { path: String },
     #[error("{path} is the manifest of project {other}")]
     OtherProject { path: String, other: Uuid },
+    /// Larger than any manifest cvchain writes: not read at all.
+    #[error(
+        "{path} is larger than any manifest cvchain writes ({size} bytes or more; the limit is {limit} bytes); it was not read: move it away"
+    )]
+    TooLarge { path: String, size: u64, limit: u64 },
+    /// A field out of cvchain's own bounds, or a path that is not this project's.
+    #[error("{path} cannot be used: {field} {problem}; move it away (cvchain starts a new one)")]
+    Invalid {
+        path: String,
+        field: String,
+        problem: String,
+    },
 }
 
 /// A release copy an iteration has of one target: what a channel can move to.
@@ -267,10 +316,24 @@ impl Change {
 }
 
 /// Where the channel copies and the manifest go: the channel template, rendered with the same
-/// tokens and sanitizing as release paths.
+/// tokens and sanitizing as release paths; and the release template, which tells this
+/// project's release copies from anyone else's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
     pub template: crate::release::PathTemplate,
+    /// `CVCHAIN_RELEASE_PATH`.
+    pub release: crate::release::PathTemplate,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Self {
+            template: crate::release::PathTemplate::parse_channel(DEFAULT_CHANNEL_TEMPLATE)
+                .expect("the default channel template is valid"),
+            release: crate::release::PathTemplate::parse(crate::release::DEFAULT_TEMPLATE)
+                .expect("the default release template is valid"),
+        }
+    }
 }
 
 impl Paths {
@@ -325,7 +388,7 @@ impl Manifest {
         Self {
             schema: SCHEMA.into(),
             project_id,
-            project_name: project_name.to_owned(),
+            project_name: bounded_text(project_name),
             revision: 0,
             updated_at: now_text(now),
             production_pointer: None,
@@ -333,8 +396,21 @@ impl Manifest {
         }
     }
 
-    /// Reads a stored manifest of `project`.
-    pub fn parse(path: &str, bytes: &[u8], project: Uuid) -> Result<Self, ManifestError> {
+    /// Reads a stored manifest of `project`: refused when it is larger than any cvchain writes,
+    /// not cvchain's, another project's, or out of its bounds (see `validate`).
+    pub fn parse(
+        path: &str,
+        bytes: &[u8],
+        project: Uuid,
+        paths: &Paths,
+    ) -> Result<Self, ManifestError> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge {
+                path: path.into(),
+                size: bytes.len() as u64,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::NotJson {
                 path: path.into(),
@@ -353,7 +429,89 @@ impl Manifest {
                 other: m.project_id,
             });
         }
+        m.validate(path, paths)?;
         Ok(m)
+    }
+
+    /// Every change raises the revision. Saturating, so it never panics or wraps to a lower
+    /// revision (a manifest anywhere near the top is refused when read: see `MAX_REVISION`).
+    fn bump(&mut self, now: OffsetDateTime) {
+        self.revision = self.revision.saturating_add(1);
+        self.updated_at = now_text(now);
+    }
+
+    /// Where `channel`'s copy of `target` lives: an existing entry keeps its place (a channel
+    /// is a stable address; a loser of a race for a path was moved elsewhere on purpose), a
+    /// new one goes where `fresh` says (`None`: nowhere, both paths hold someone else's).
+    fn place(
+        &self,
+        channel: Channel,
+        target: &ExportTarget,
+        fresh: &dyn Fn(Channel, &ExportTarget) -> Option<String>,
+    ) -> Option<String> {
+        match self.entry(channel, target) {
+            Some(e) => Some(e.holder.channel_path.clone()),
+            None => fresh(channel, target),
+        }
+    }
+
+    /// The entry's channel copy goes to `to`: its path `from` holds a blob that is not this
+    /// project's (another project of the same name won the race for it). `false` when the
+    /// entry is no longer at `from` (another writer moved it already).
+    pub fn relocate(
+        &mut self,
+        channel: Channel,
+        target: &ExportTarget,
+        from: &str,
+        to: &str,
+        now: OffsetDateTime,
+    ) -> bool {
+        let Some(e) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|c| c.targets.get_mut(&target.key()))
+        else {
+            return false;
+        };
+        if e.holder.channel_path != from {
+            return false;
+        }
+        e.holder.channel_path = to.to_owned();
+        self.bump(now);
+        true
+    }
+
+    /// A move that could not be carried out is taken back, so the manifest never claims a
+    /// copy that is not there: when the entry still holds `iteration` at `revision`, its
+    /// previous holder comes back (or the entry goes, when it had none). `false` when a later
+    /// move replaced it already.
+    pub fn withdraw(
+        &mut self,
+        channel: Channel,
+        target: &ExportTarget,
+        iteration: Uuid,
+        revision: u64,
+        now: OffsetDateTime,
+    ) -> bool {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        let key = target.key();
+        let Some(e) = state.targets.get(&key) else {
+            return false;
+        };
+        if e.holder.iteration.id != iteration || e.holder.revision != revision {
+            return false;
+        }
+        if let Some(mut e) = state.targets.remove(&key)
+            && let Some(back) = e.history.pop()
+        {
+            e.previous = e.history.last().map(|h| h.iteration.clone());
+            e.holder = back;
+            state.targets.insert(key, e);
+        }
+        self.bump(now);
+        true
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -385,6 +543,37 @@ impl Manifest {
         out
     }
 
+    /// As [`withdraw`](Self::withdraw), for a move that did not push its predecessor into the
+    /// history (a rollback): the entry goes back to `before`, as it was before the move (`None`:
+    /// there was none).
+    pub fn restore(
+        &mut self,
+        channel: Channel,
+        target: &ExportTarget,
+        iteration: Uuid,
+        revision: u64,
+        before: Option<Entry>,
+        now: OffsetDateTime,
+    ) -> bool {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        let key = target.key();
+        if !state
+            .targets
+            .get(&key)
+            .is_some_and(|e| e.holder.iteration.id == iteration && e.holder.revision == revision)
+        {
+            return false;
+        }
+        match before {
+            Some(e) => state.targets.insert(key, e),
+            None => state.targets.remove(&key),
+        };
+        self.bump(now);
+        true
+    }
+
     /// An iteration passed the gate: the pointer moves to it, unless it is older than the
     /// pointer, already there, or was rolled back from.
     pub fn gate_passed(&mut self, iteration: &IterationRef, now: OffsetDateTime) -> Change {
@@ -396,9 +585,8 @@ impl Manifest {
         {
             return Change::default();
         }
-        self.revision += 1;
+        self.bump(now);
         let pointer = self.set_pointer(iteration.clone(), Reason::Gate, now);
-        self.updated_at = now_text(now);
         Change {
             pointer: Some(pointer),
             moves: Vec::new(),
@@ -422,6 +610,7 @@ impl Manifest {
             });
         }
         trim(&mut history);
+        let iteration = iteration.bounded();
         self.production_pointer = Some(Pointer {
             iteration: iteration.clone(),
             reason,
@@ -439,12 +628,13 @@ impl Manifest {
 
     /// The channel moves an iteration's release copies allow on their own: `latest` when it is
     /// newer than the holder; `production` when it is the production pointer. `channel_path`
-    /// names each move's channel copy.
+    /// names a new entry's channel copy (an existing entry keeps its place); a new entry with
+    /// no place does not move.
     pub fn released(
         &mut self,
         iteration: &IterationRef,
         releases: &[Release],
-        channel_path: &dyn Fn(Channel, &ExportTarget) -> String,
+        channel_path: &dyn Fn(Channel, &ExportTarget) -> Option<String>,
         now: OffsetDateTime,
     ) -> Change {
         let mut wanted: Vec<(Channel, &Release, Reason)> = Vec::new();
@@ -471,16 +661,20 @@ impl Manifest {
                 wanted.push((Channel::Production, r, p.reason));
             }
         }
+        let wanted: Vec<(Channel, &Release, Reason, String)> = wanted
+            .into_iter()
+            .filter_map(|(c, r, reason)| {
+                Some((c, r, reason, self.place(c, &r.target, channel_path)?))
+            })
+            .collect();
         if wanted.is_empty() {
             return Change::default();
         }
-        self.revision += 1;
-        self.updated_at = now_text(now);
+        self.bump(now);
         let moves = wanted
             .into_iter()
-            .map(|(channel, r, reason)| {
-                let holder =
-                    self.holder(iteration, r, channel_path(channel, &r.target), reason, now);
+            .map(|(channel, r, reason, place)| {
+                let holder = self.holder(iteration, r, place, reason, now);
                 self.set_holder(channel, &r.target, holder, None)
             })
             .collect();
@@ -499,7 +693,7 @@ impl Manifest {
         now: OffsetDateTime,
     ) -> Holder {
         Holder {
-            iteration: iteration.clone(),
+            iteration: iteration.bounded(),
             release_path: r.release_path.clone(),
             channel_path,
             size: r.size,
@@ -559,12 +753,11 @@ impl Manifest {
         channel: Channel,
         iteration: &IterationRef,
         releases: &[Release],
-        channel_path: &dyn Fn(Channel, &ExportTarget) -> String,
+        channel_path: &dyn Fn(Channel, &ExportTarget) -> Option<String>,
         note: &str,
         now: OffsetDateTime,
     ) -> Change {
-        self.revision += 1;
-        self.updated_at = now_text(now);
+        self.bump(now);
         let state = self.channels.entry(channel).or_default();
         state.vetoed.retain(|v| *v != iteration.id);
         let pointer = (channel == Channel::Production)
@@ -575,18 +768,12 @@ impl Manifest {
                 self.entry(channel, &r.target)
                     .is_none_or(|e| e.holder.iteration.id != iteration.id)
             })
-            .cloned()
+            .filter_map(|r| Some((r.clone(), self.place(channel, &r.target, channel_path)?)))
             .collect::<Vec<_>>()
-            .iter()
-            .map(|r| {
-                let mut holder = self.holder(
-                    iteration,
-                    r,
-                    channel_path(channel, &r.target),
-                    Reason::Manual,
-                    now,
-                );
-                holder.note = Some(note.to_owned());
+            .into_iter()
+            .map(|(r, place)| {
+                let mut holder = self.holder(iteration, &r, place, Reason::Manual, now);
+                holder.note = Some(bounded_text(note));
                 self.set_holder(channel, &r.target, holder, None)
             })
             .collect();
@@ -595,8 +782,15 @@ impl Manifest {
 
     /// `cvchain rollback`: every target of `channel` goes back to its previous holder, and the
     /// iterations rolled back from are vetoed there; for `production` the pointer goes back too.
-    /// Targets without a previous holder stay.
-    pub fn rollback(&mut self, channel: Channel, now: OffsetDateTime) -> Result<Change, String> {
+    /// Targets without a previous holder stay. Each copy stays at its channel's place, and the
+    /// iterations moved to are named as `recorded` (cvchain's history) names them, where it
+    /// does, rather than as the manifest does.
+    pub fn rollback(
+        &mut self,
+        channel: Channel,
+        now: OffsetDateTime,
+        recorded: &dyn Fn(Uuid) -> Option<IterationRef>,
+    ) -> Result<Change, String> {
         let state = self.channels.get(&channel).cloned().unwrap_or_default();
         let pointer_back = match (&self.production_pointer, channel) {
             (Some(p), Channel::Production) => p.history.last().cloned(),
@@ -609,8 +803,7 @@ impl Manifest {
                 channel.as_str()
             ));
         }
-        self.revision += 1;
-        self.updated_at = now_text(now);
+        self.bump(now);
         let mut vetoed: Vec<Uuid> = state
             .targets
             .values()
@@ -621,15 +814,18 @@ impl Manifest {
             vetoed.push(p.iteration.id);
             let mut history = p.history.clone();
             history.pop();
+            let back_to = recorded(back.iteration.id)
+                .unwrap_or(back.iteration)
+                .bounded();
             self.production_pointer = Some(Pointer {
-                iteration: back.iteration.clone(),
+                iteration: back_to.clone(),
                 reason: Reason::Rollback,
                 promoted_at: now_text(now),
                 revision: self.revision,
                 history,
             });
             change.pointer = Some(PointerMove {
-                to: back.iteration,
+                to: back_to,
                 from: Some(p.iteration),
                 reason: Reason::Rollback,
                 revision: self.revision,
@@ -644,6 +840,10 @@ impl Manifest {
             back.reason = Reason::Rollback;
             back.revision = self.revision;
             back.note = None;
+            back.channel_path = entry.holder.channel_path.clone();
+            if let Some(it) = recorded(back.iteration.id) {
+                back.iteration = it.bounded();
+            }
             change
                 .moves
                 .push(self.set_holder(channel, &entry.target(), back, Some(history)));
@@ -654,6 +854,7 @@ impl Manifest {
                 state.vetoed.push(v);
             }
         }
+        trim_to(&mut state.vetoed, VETO_DEPTH);
         Ok(change)
     }
 }
@@ -781,9 +982,14 @@ pub fn publish_steps(iterations: &[Iteration], pointer: Uuid, publish_name: &str
 }
 
 fn trim<T>(history: &mut Vec<T>) {
-    if history.len() > HISTORY_DEPTH {
-        let cut = history.len() - HISTORY_DEPTH;
-        history.drain(..cut);
+    trim_to(history, HISTORY_DEPTH);
+}
+
+/// Keeps the newest `depth` (the last ones).
+fn trim_to<T>(list: &mut Vec<T>, depth: usize) {
+    if list.len() > depth {
+        let cut = list.len() - depth;
+        list.drain(..cut);
     }
 }
 

@@ -5,7 +5,7 @@
 //! in the worker, the chain here); the application assembles them.
 
 use crate::chain::{ExportTarget, parse_chain};
-use crate::channels::{CHANNEL_PATH_SETTING, DEFAULT_CHANNEL_TEMPLATE, Paths};
+use crate::channels::{CHANNEL_PATH_SETTING, Paths};
 use crate::gate::{GATE_SETTING, Gate};
 use crate::release::{DEFAULT_CONTAINER, DEFAULT_TEMPLATE, PathTemplate};
 use crate::retention::{KEEP_ITERATIONS_SETTING, MAX_ITERATIONS};
@@ -194,7 +194,7 @@ impl Default for ReleaseSettings {
 }
 
 /// The model lifecycle: the promotion gate, where channel copies go, and retention.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LifecycleSettings {
     /// `CVCHAIN_GATE`; no rules: every iteration passes.
     pub gate: Gate,
@@ -202,19 +202,6 @@ pub struct LifecycleSettings {
     pub channels: Paths,
     /// `CVCHAIN_KEEP_ITERATIONS`; `None`: retention is off.
     pub keep_iterations: Option<usize>,
-}
-
-impl Default for LifecycleSettings {
-    fn default() -> Self {
-        Self {
-            gate: Gate::default(),
-            channels: Paths {
-                template: PathTemplate::parse_channel(DEFAULT_CHANNEL_TEMPLATE)
-                    .expect("the default channel template is valid"),
-            },
-            keep_iterations: None,
-        }
-    }
 }
 
 impl LifecycleSettings {

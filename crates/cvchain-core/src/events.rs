@@ -8,8 +8,8 @@
 //!
 //! - [`CloudEvent`]: CloudEvents 1.0 in structured JSON mode, `data` with what a consumer needs
 //!   without another call, never a SAS (URLs are recorded without their query).
-//! - The builders: [`insert_events`] (Training, ChannelMove and IterationDeleted rows, step rows
-//!   inserted), [`step_merge_events`] (a step row's status or release changed) and
+//! - The builders: [`insert_events`] (Training, ChannelMove, ChannelMoveFailed and
+//!   IterationDeleted rows, step rows inserted), [`step_merge_events`] (a step row's status or release changed) and
 //!   [`chain_completed`].
 //! - [`outbox_row`] and [`OutboxRow`]: the event as a history row and read back.
 //! - [`shape`]: the event as it is stored and sent: redacted value by value, made smaller by
@@ -58,6 +58,9 @@ pub enum EventType {
     ExportFailed,
     ModelReleased,
     ChannelMoved,
+    /// A channel move that could not happen (both paths held, a manifest to fix, storage
+    /// failing past the message's last delivery).
+    ChannelMoveFailed,
     ChainCompleted,
     IterationDeleted,
     /// `cvchain events test`: never written to the outbox.
@@ -65,7 +68,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::TrainingCompleted,
         EventType::TrainingFailed,
         EventType::GateEvaluated,
@@ -73,6 +76,7 @@ impl EventType {
         EventType::ExportFailed,
         EventType::ModelReleased,
         EventType::ChannelMoved,
+        EventType::ChannelMoveFailed,
         EventType::ChainCompleted,
         EventType::IterationDeleted,
         EventType::Test,
@@ -87,6 +91,7 @@ impl EventType {
             EventType::ExportFailed => "io.cvchain.export.failed",
             EventType::ModelReleased => "io.cvchain.model.released",
             EventType::ChannelMoved => "io.cvchain.channel.moved",
+            EventType::ChannelMoveFailed => "io.cvchain.channel.move_failed",
             EventType::ChainCompleted => "io.cvchain.chain.completed",
             EventType::IterationDeleted => "io.cvchain.iteration.deleted",
             EventType::Test => "io.cvchain.test",
@@ -303,6 +308,7 @@ pub fn insert_events(
             )
         }
         Some(RowKind::ChannelMove) => vec![channel_moved(row, facts, ctx, now)],
+        Some(RowKind::ChannelMoveFailed) => vec![channel_move_failed(row, facts, ctx, now)],
         Some(RowKind::IterationDeleted) => vec![iteration_deleted(row, facts, ctx, now)],
         _ => Vec::new(),
     }
@@ -605,6 +611,45 @@ fn channel_moved(
         &row.partition_key,
         &row.row_key,
         "moved",
+        project,
+        iteration,
+        at,
+        data,
+    )
+}
+
+/// A move that could not happen: which channel and target, the iteration it was for, and why.
+fn channel_move_failed(
+    row: &HistoryRow,
+    facts: &IterationFacts,
+    ctx: &EventContext,
+    now: OffsetDateTime,
+) -> CloudEvent {
+    let p = &row.properties;
+    let project = p.text(Prop::ProjectId);
+    let iteration = p.text(Prop::IterationId);
+    let at = time_of(p, &[Prop::EndedAt]).unwrap_or(now);
+    let data = object(json!({
+        "projectId": project,
+        "projectName": facts.project_name,
+        "iterationId": iteration,
+        "iterationName": p.text(Prop::IterationName),
+        "channel": non_empty(p, Prop::Channel),
+        "pointer": p.text(Prop::Platform).is_empty(),
+        "platform": non_empty(p, Prop::Platform),
+        "flavor": non_empty(p, Prop::Flavor),
+        "reason": p.text(Prop::Reason),
+        "transient": p.flag(Prop::Transient).unwrap_or(false),
+        "releasePath": non_empty(p, Prop::ReleasePath),
+        "channelPath": non_empty(p, Prop::ChannelPath),
+        "failedAt": rfc3339(at),
+    }));
+    event(
+        ctx,
+        EventType::ChannelMoveFailed,
+        &row.partition_key,
+        &row.row_key,
+        "failed",
         project,
         iteration,
         at,

@@ -350,6 +350,13 @@ pub fn plan_notification(
                 Prop::GateReasons,
                 crate::message::bounded(&verdict.describe(), 1024).0,
             );
+            // The chain first: the channels and publishing hang off it and never hold it up.
+            if chain_configured {
+                actions.push(Action::Chain {
+                    project: *project_id,
+                    iteration: *iteration_id,
+                });
+            }
             match &observed.iteration {
                 Some(it) if verdict.passed => actions.push(Action::Promote {
                     project: *project_id,
@@ -361,12 +368,6 @@ pub fn plan_notification(
                     format!("not published: the gate failed ({})", verdict.describe()),
                 ),
                 _ => {}
-            }
-            if chain_configured {
-                actions.push(Action::Chain {
-                    project: *project_id,
-                    iteration: *iteration_id,
-                });
             }
             if let Some(keep) = config.lifecycle.keep_iterations {
                 actions.push(Action::Retain {
@@ -438,25 +439,29 @@ pub fn plan_notification(
                     iteration: *iteration_id,
                     model_uri: class,
                 });
-                if let Some(it) = &observed.iteration {
-                    actions.push(Action::Channels {
-                        project: *project_id,
-                        project_name: project_name(observed),
-                        iteration: iteration_ref(it, observed.performance.as_ref()),
-                    });
-                }
             }
+            // The export chain is the spine: the next export is requested before any channel
+            // moves, so a move that cannot happen never holds the chain up.
             if chain_configured {
                 actions.push(Action::Chain {
                     project: *project_id,
                     iteration: *iteration_id,
                 });
-                if let Some(keep) = config.lifecycle.keep_iterations {
-                    actions.push(Action::Retain {
-                        project: *project_id,
-                        keep,
-                    });
-                }
+            }
+            if *status == ExportStatus::Completed
+                && let Some(it) = &observed.iteration
+            {
+                actions.push(Action::Channels {
+                    project: *project_id,
+                    project_name: project_name(observed),
+                    iteration: iteration_ref(it, observed.performance.as_ref()),
+                });
+            }
+            if chain_configured && let Some(keep) = config.lifecycle.keep_iterations {
+                actions.push(Action::Retain {
+                    project: *project_id,
+                    keep,
+                });
             }
         }
         _ => {}

@@ -8,14 +8,14 @@ use azure_core::http::{RequestContent, StatusCode};
 use azure_storage_blob::{
     BlobClient, BlobContainerClient,
     models::{
-        BlobClientGetPropertiesResultHeaders, BlobClientStartCopyFromUrlOptions,
-        BlockBlobClientUploadOptions, CopyStatus,
+        BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
+        BlobClientStartCopyFromUrlOptions, BlockBlobClientUploadOptions, CopyStatus,
     },
 };
 use cvchain_core::chain::ExportTarget;
 use cvchain_core::channels::{
-    Change, Channel, Manifest, ManifestError, Move, Paths, before_sync, channel_metadata,
-    manifest_path,
+    Change, Channel, MAX_MANIFEST_BYTES, MAX_REVISION, Manifest, ManifestError, Move, Paths,
+    before_sync, channel_metadata, manifest_path,
 };
 use cvchain_core::release::{BeforeCopy, CopyState, index_tags, tags_header};
 use std::collections::{BTreeMap, HashMap};
@@ -54,6 +54,23 @@ impl ChannelError {
     }
 }
 
+/// Whether a change to a manifest needs writing.
+pub trait Changed {
+    fn changed(&self) -> bool;
+}
+
+impl Changed for Change {
+    fn changed(&self) -> bool {
+        !self.is_empty()
+    }
+}
+
+impl Changed for bool {
+    fn changed(&self) -> bool {
+        *self
+    }
+}
+
 /// A manifest as read, with what a conditional write needs.
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -78,6 +95,26 @@ pub enum Synced {
     Copied,
     /// The copy already held this revision or a newer one.
     Current,
+    /// The channel path holds a blob that is not this project's channel copy (another project
+    /// of the same name won the race for it, or someone put a file there): nothing written.
+    Foreign,
+}
+
+/// A release copy as a channel move needs it: its size and Content-MD5 for the manifest, its
+/// metadata to check whose model it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseCopy {
+    pub size: u64,
+    pub content_md5: Option<String>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// A blob read up to a bound.
+enum Bounded {
+    Fits(Vec<u8>, String),
+    /// Larger than the bound: at least this many bytes (the whole length when the service
+    /// said it).
+    TooLarge(u64),
 }
 
 pub struct ChannelStore {
@@ -113,8 +150,14 @@ impl ChannelStore {
         self.container.blob_client(path)
     }
 
-    async fn get(&self, path: &str) -> Result<Option<(Vec<u8>, String)>, StorageError> {
-        match self.blob(path).download(None).await {
+    /// Reads at most `limit` + 1 bytes of a blob (one ranged GET), so a blob far larger than
+    /// any manifest costs no more memory than a manifest.
+    async fn get_bounded(&self, path: &str, limit: u64) -> Result<Option<Bounded>, StorageError> {
+        let options = BlobClientDownloadOptions {
+            range: Some((0..limit + 1).into()),
+            ..Default::default()
+        };
+        match self.blob(path).download(Some(options)).await {
             Ok(rsp) => {
                 let etag = rsp
                     .properties
@@ -122,12 +165,44 @@ impl ChannelStore {
                     .as_ref()
                     .map(|e| e.to_string())
                     .unwrap_or_default();
+                // `bytes 0-N/TOTAL`: the whole length, when the service says it.
+                let total = rsp
+                    .headers
+                    .get_optional_str(&azure_core::http::headers::HeaderName::from_static(
+                        "content-range",
+                    ))
+                    .and_then(|r| r.rsplit('/').next()?.trim().parse::<u64>().ok());
+                if let Some(total) = total.filter(|t| *t > limit) {
+                    return Ok(Some(Bounded::TooLarge(total)));
+                }
                 let bytes = rsp.body.collect().await.map_err(err)?;
-                Ok(Some((bytes.to_vec(), etag)))
+                if bytes.len() as u64 > limit {
+                    return Ok(Some(Bounded::TooLarge(total.unwrap_or(bytes.len() as u64))));
+                }
+                Ok(Some(Bounded::Fits(bytes.to_vec(), etag)))
             }
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
             Err(e) => Err(err(e)),
         }
+    }
+
+    /// A manifest blob, read within the bound and checked (`None`: there is none).
+    async fn read_manifest(
+        &self,
+        path: &str,
+        project: Uuid,
+    ) -> Result<Option<Result<(Manifest, String), ManifestError>>, StorageError> {
+        Ok(match self.get_bounded(path, MAX_MANIFEST_BYTES).await? {
+            None => None,
+            Some(Bounded::TooLarge(size)) => Some(Err(ManifestError::TooLarge {
+                path: path.to_owned(),
+                size,
+                limit: MAX_MANIFEST_BYTES,
+            })),
+            Some(Bounded::Fits(bytes, etag)) => {
+                Some(Manifest::parse(path, &bytes, project, &self.paths).map(|m| (m, etag)))
+            }
+        })
     }
 
     /// The project's manifest: at `{projectName}/channels.json`, or at the id-qualified path when
@@ -141,7 +216,7 @@ impl ChannelStore {
         let mut last = None;
         for qualify in [false, true] {
             let path = manifest_path(project, project_name, qualify);
-            match self.get(&path).await? {
+            match self.read_manifest(&path, project).await? {
                 None => {
                     return Ok(Loaded {
                         path,
@@ -149,8 +224,8 @@ impl ChannelStore {
                         etag: None,
                     });
                 }
-                Some((bytes, etag)) => match Manifest::parse(&path, &bytes, project) {
-                    Ok(manifest) => {
+                Some(read) => match read {
+                    Ok((manifest, etag)) => {
                         return Ok(Loaded {
                             path,
                             manifest,
@@ -211,26 +286,26 @@ impl ChannelStore {
     /// Applies `f` to the project's manifest and writes it under the ETag it was read with,
     /// reading again when another writer got there first. Returns what changed and the manifest
     /// as written (or as read, when nothing changed).
-    pub async fn update(
+    pub async fn update<C: Changed>(
         &self,
         project: Uuid,
         project_name: &str,
         now: OffsetDateTime,
-        f: impl FnMut(&mut Manifest) -> Change,
-    ) -> Result<(Change, Loaded), ChannelError> {
+        f: impl FnMut(&mut Manifest) -> C,
+    ) -> Result<(C, Loaded), ChannelError> {
         self.update_from(None, project, project_name, now, f).await
     }
 
     /// As `update`, starting from a manifest the caller read a moment ago (it is read again
     /// only when somebody wrote it since).
-    pub async fn update_from(
+    pub async fn update_from<C: Changed>(
         &self,
         mut read: Option<Loaded>,
         project: Uuid,
         project_name: &str,
         now: OffsetDateTime,
-        mut f: impl FnMut(&mut Manifest) -> Change,
-    ) -> Result<(Change, Loaded), ChannelError> {
+        mut f: impl FnMut(&mut Manifest) -> C,
+    ) -> Result<(C, Loaded), ChannelError> {
         let mut path = String::new();
         for _ in 0..ATTEMPTS {
             let mut loaded = match read.take() {
@@ -238,8 +313,11 @@ impl ChannelStore {
                 None => self.load(project, project_name, now).await?,
             };
             path = loaded.path.clone();
+            let before = loaded.manifest.clone();
             let change = f(&mut loaded.manifest);
-            if change.is_empty() {
+            if !change.changed() {
+                // Nothing written: the manifest stays as read.
+                loaded.manifest = before;
                 return Ok((change, loaded));
             }
             if let Some(etag) = self.save(&loaded, &loaded.manifest).await? {
@@ -273,19 +351,27 @@ impl ChannelStore {
         }
     }
 
-    /// A release copy's size and Content-MD5 (base64), for the manifest; `None` when it is gone.
-    pub async fn release_facts(
+    /// A release copy's size, Content-MD5 (base64) and metadata; `None` when it is gone.
+    pub async fn release_copy(
         &self,
         release_path: &str,
-    ) -> Result<Option<(u64, Option<String>)>, StorageError> {
+    ) -> Result<Option<ReleaseCopy>, StorageError> {
         use base64::Engine as _;
-        Ok(self.properties(release_path).await?.map(|p| {
-            (
-                p.len,
-                p.md5
-                    .map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
-            )
+        Ok(self.properties(release_path).await?.map(|p| ReleaseCopy {
+            size: p.len,
+            content_md5: p
+                .md5
+                .map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
+            metadata: p.meta,
         }))
+    }
+
+    /// Whether `path` is free, or holds this project's channel copy.
+    pub async fn free_for(&self, project: Uuid, path: &str) -> Result<bool, StorageError> {
+        Ok(match self.properties(path).await? {
+            None => true,
+            Some(p) => owner(&p.meta) == Some(project) && is_channel(&p.meta),
+        })
     }
 
     /// Where a new channel entry's copy goes: the plain path, unless it holds a blob of another
@@ -302,12 +388,8 @@ impl ChannelStore {
             let path = self
                 .paths
                 .channel_path(project, project_name, channel, target, qualify);
-            match self.properties(&path).await? {
-                None => return Ok(Some(path)),
-                Some(p) if owner(&p.meta) == Some(project) && is_channel(&p.meta) => {
-                    return Ok(Some(path));
-                }
-                Some(_) => {}
+            if self.free_for(project, &path).await? {
+                return Ok(Some(path));
             }
         }
         Ok(None)
@@ -316,13 +398,15 @@ impl ChannelStore {
     /// Brings the channel copy of a move in line with it, unless the copy already holds this
     /// revision or a newer one. Copies are conditional on the copy's ETag as read, so of two
     /// writers the older revision can never land last.
-    /// `source`: the release copy's ETag and length when the caller read them a moment ago.
+    /// `source`: the release copy's ETag and length when the caller read them a moment ago;
+    /// `manifest_revision`: the manifest's revision as the caller wrote or read it.
     pub async fn sync(
         &self,
         project: Uuid,
         project_name: &str,
         mv: &Move,
         source: Option<(&str, u64)>,
+        manifest_revision: u64,
     ) -> Result<Synced, StorageError> {
         let dest = self.blob(&mv.to.channel_path);
         // A first move to this channel path found it free a moment ago: copy without looking
@@ -336,19 +420,11 @@ impl ChannelStore {
             };
             if let Some(BlobProps { meta, copy, .. }) = &current {
                 if owner(meta) != Some(project) || !is_channel(meta) {
-                    return Err(StorageError::Other {
-                        service: SERVICE,
-                        detail: format!(
-                            "{} holds a blob cvchain did not write for this project; it is left alone",
-                            mv.to.channel_path
-                        ),
-                    });
+                    return Ok(Synced::Foreign);
                 }
-                let revision = meta
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("revision"))
-                    .and_then(|(_, v)| v.parse::<u64>().ok())
-                    .unwrap_or(0);
+                let revision = self
+                    .held_revision(project, project_name, meta, manifest_revision)
+                    .await?;
                 match before_sync(revision, *copy, mv.to.revision) {
                     BeforeCopy::Current => return Ok(Synced::Current),
                     // Another delivery's copy is running: wait for its end and look again,
@@ -441,6 +517,36 @@ impl ChannelStore {
         })
     }
 
+    /// The revision a channel copy holds, as far as it can be believed: a copy records the
+    /// manifest revision it was made for, which no manifest has passed yet only if something
+    /// else wrote it (a manifest since moved away and started again, a rewritten revision).
+    /// Such a revision, or one out of range, counts as none, so the copy is made again rather
+    /// than frozen. The manifest is read again only in that rare case.
+    async fn held_revision(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        meta: &HashMap<String, String>,
+        manifest_revision: u64,
+    ) -> Result<u64, StorageError> {
+        let held = meta
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("revision"))
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .filter(|r| *r <= MAX_REVISION)
+            .unwrap_or(0);
+        if held <= manifest_revision {
+            return Ok(held);
+        }
+        let now = OffsetDateTime::now_utc();
+        match self.load(project, project_name, now).await {
+            Ok(l) if l.manifest.revision >= held => Ok(held),
+            Ok(_) | Err(ChannelError::Manifest(_)) => Ok(0),
+            Err(ChannelError::Storage(e)) => Err(e),
+            Err(ChannelError::Contended { .. }) => Ok(held),
+        }
+    }
+
     async fn ensure_container(&self) -> Result<(), StorageError> {
         match self.container.create(None).await {
             Ok(_) => Ok(()),
@@ -482,8 +588,8 @@ impl ChannelStore {
     }
 
     /// Every manifest in the release container (found by its index tags), optionally one
-    /// project's.
-    pub async fn manifests(&self, project: Option<Uuid>) -> Result<Vec<Loaded>, ChannelError> {
+    /// project's; one that cannot be used is listed with why, naming its blob.
+    pub async fn manifests(&self, project: Option<Uuid>) -> Result<Vec<Listed>, ChannelError> {
         use futures::TryStreamExt as _;
         let mut filter = "\"manifest\"='channels'".to_owned();
         if let Some(p) = project {
@@ -509,17 +615,30 @@ impl ChannelStore {
                     })
                     .and_then(|v| Uuid::parse_str(&v).ok());
                 let Some(id) = id.or(project) else { continue };
-                if let Some((bytes, etag)) = self.get(&name).await? {
-                    out.push(Loaded {
-                        manifest: Manifest::parse(&name, &bytes, id)?,
+                if let Some(read) = self.read_manifest(&name, id).await? {
+                    out.push(Listed {
+                        project: id,
+                        manifest: read.map(|(manifest, etag)| Loaded {
+                            manifest,
+                            path: name.clone(),
+                            etag: Some(etag),
+                        }),
                         path: name,
-                        etag: Some(etag),
                     });
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// A manifest blob found by its tags: the manifest, or why it cannot be used.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub path: String,
+    /// The project its tags name.
+    pub project: Uuid,
+    pub manifest: Result<Loaded, ManifestError>,
 }
 
 /// The project a blob's metadata names, if any.

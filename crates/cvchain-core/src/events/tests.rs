@@ -774,3 +774,58 @@ fn event_grid_batches_keep_the_order_within_their_bounds() {
     assert!(b.iter().all(|r| r.len() == 100));
     assert_eq!(b.last().unwrap().end, 2_500);
 }
+
+#[test]
+fn a_failed_channel_move_is_told() {
+    use crate::channels::{FailedMove, failed_move_row};
+    let p = Uuid::from_u128(99);
+    let it = IterationRef {
+        id: Uuid::from_u128(2),
+        name: "Iteration 2".into(),
+        trained_at: None,
+        precision: Some(0.9),
+        recall: None,
+        map: None,
+    };
+    let f = FailedMove {
+        channel: Some(Channel::Latest),
+        target: Some(ExportTarget {
+            platform: "ONNX".into(),
+            flavor: None,
+        }),
+        iteration: it,
+        release_path: Some("Widgets/Iteration-2/ONNX.zip".into()),
+        channel_path: Some("Widgets/channels/latest/ONNX.zip".into()),
+        reason: "both paths hold someone else's blobs".into(),
+        transient: false,
+    };
+    let at = datetime!(2026-11-30 12:00 UTC);
+    let row = failed_move_row(p, &f, at);
+    let events = insert_events(&row, &IterationFacts::default(), &ctx(), at);
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(e.kind, "io.cvchain.channel.move_failed");
+    assert_eq!(e.event_type(), Some(EventType::ChannelMoveFailed));
+    assert_eq!(
+        e.subject,
+        format!("projects/{p}/iterations/{}", Uuid::from_u128(2))
+    );
+    assert_eq!(e.data["channel"], "latest");
+    assert_eq!(e.data["platform"], "ONNX");
+    assert_eq!(e.data["pointer"], false);
+    assert_eq!(e.data["transient"], false);
+    assert_eq!(e.data["reason"], "both paths hold someone else's blobs");
+    assert_eq!(e.data["failedAt"], "2026-11-30T12:00:00Z");
+    // The same failure recorded again is the same event.
+    let again = insert_events(
+        &failed_move_row(p, &f, at),
+        &IterationFacts::default(),
+        &ctx(),
+        at,
+    );
+    assert_eq!(again[0].id, e.id);
+    assert_eq!(
+        EventType::parse("channel.move_failed"),
+        Some(EventType::ChannelMoveFailed)
+    );
+}

@@ -410,6 +410,8 @@ pub enum RowKind {
     Claim,
     /// A release channel (or the production pointer) moved.
     ChannelMove,
+    /// A channel move that could not happen (see `channels::FailedMove`).
+    ChannelMoveFailed,
     /// Retention deleted an iteration.
     IterationDeleted,
     /// An outbound CloudEvent, written with the change it describes, and its delivery.
@@ -417,7 +419,7 @@ pub enum RowKind {
 }
 
 impl RowKind {
-    pub const ALL: [RowKind; 12] = [
+    pub const ALL: [RowKind; 13] = [
         RowKind::Notification(Kind::ConnectionTest),
         RowKind::Notification(Kind::Training),
         RowKind::Notification(Kind::Export),
@@ -428,6 +430,7 @@ impl RowKind {
         RowKind::Replayed,
         RowKind::Claim,
         RowKind::ChannelMove,
+        RowKind::ChannelMoveFailed,
         RowKind::IterationDeleted,
         RowKind::Outbox,
     ];
@@ -444,6 +447,7 @@ impl RowKind {
             RowKind::Replayed => "Replayed",
             RowKind::Claim => "Claim",
             RowKind::ChannelMove => "ChannelMove",
+            RowKind::ChannelMoveFailed => "ChannelMoveFailed",
             RowKind::IterationDeleted => "IterationDeleted",
             RowKind::Outbox => "Outbox",
         }

@@ -188,13 +188,14 @@ fn training_completed_asks_for_everything_and_runs_the_chain() {
     };
     let (decision, actions) = plan_text(&training_completed(), &observed, &chain_config());
     assert!(matches!(decision, Decision::Accepted(_)));
+    // The chain first: the channels hang off it.
     match &actions[..] {
         [
+            Action::Chain { project, iteration },
             Action::Promote {
                 iteration: promoted,
                 ..
             },
-            Action::Chain { project, iteration },
             Action::Record(row),
         ] => {
             // No gate configured: every iteration passes and production follows it.
@@ -316,6 +317,37 @@ fn retention_runs_when_the_chain_is_complete() {
     assert!(!retention_due(Some(&Next::Wait(
         chain_config().chain.exports[0].clone()
     ))));
+}
+
+/// A channel move can never hold the chain up: on an `ExportCompleted` the release comes
+/// first, then the next export is requested, and only then do the channels move.
+#[test]
+fn the_chain_runs_before_the_channels_move() {
+    let mut config = chain_config();
+    config.lifecycle.keep_iterations = Some(2);
+    let observed = Observed {
+        project: Some(Project {
+            name: "Widgets".into(),
+            ..Default::default()
+        }),
+        iteration: Some(completed_iteration()),
+        exports: Some(vec![]),
+        ..Default::default()
+    };
+    let (_, actions) = plan_text(&export_completed(), &observed, &config);
+    assert!(
+        matches!(
+            &actions[..],
+            [
+                Action::Release { .. },
+                Action::Chain { .. },
+                Action::Channels { .. },
+                Action::Retain { keep: 2, .. },
+                Action::Record(_)
+            ]
+        ),
+        "{actions:?}"
+    );
 }
 
 #[test]
@@ -690,8 +722,8 @@ fn what_could_not_be_read_is_noted_in_the_row_and_the_chain_goes_on() {
     assert!(matches!(decision, Decision::Accepted(_)));
     // No gate configured: the iteration passes it, so production moves to it too.
     let [
-        Action::Promote { .. },
         Action::Chain { .. },
+        Action::Promote { .. },
         Action::Record(row),
     ] = &actions[..]
     else {
