@@ -35,39 +35,74 @@ async fn fleet() -> Fleet {
     fleet_with(false).await
 }
 
+/// What every fault run starts from: its own Azurite, a stand-in, a queue, a history table and
+/// a backup container.
+struct Ground {
+    azurite: Azurite,
+    clients: StorageClients,
+    standin: Standin,
+    queue: String,
+    table: String,
+    backup: String,
+}
+
+impl Ground {
+    async fn new() -> Self {
+        let azurite = Azurite::start();
+        let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+        let standin = Standin::start(StandinConfig {
+            model_size: 4096,
+            ..cvchain_testkit::standin_config(&clients, KEY, 20)
+        })
+        .await
+        .unwrap();
+        Self {
+            backup: azurite.container_url("cvbackups"),
+            queue: unique("fq"),
+            table: unique("History"),
+            azurite,
+            clients,
+            standin,
+        }
+    }
+
+    /// The handler's and workers' settings: short claims, leases and polls.
+    fn env(&self, chain: &str, max_dequeue: u32) -> Vec<(&'static str, String)> {
+        vec![
+            ("CVCHAIN_STORAGE", self.azurite.connection_string()),
+            ("CVCHAIN_QUEUE", self.queue.clone()),
+            ("CVCHAIN_HISTORY_TABLE", self.table.clone()),
+            ("CUSTOM_VISION_ENDPOINT", self.standin.endpoint()),
+            ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
+            ("CVCHAIN_EXPORTS", chain.into()),
+            ("CVCHAIN_BACKUP_CONTAINER", self.backup.clone()),
+            ("CVCHAIN_CV_MAX_RPS", "1000".into()),
+            ("CVCHAIN_CLAIM_SECONDS", "3".into()),
+            ("CVCHAIN_MAX_DEQUEUE", max_dequeue.to_string()),
+            ("RUST_LOG", "warn".into()),
+            ("CVCHAIN_WORKER_VISIBILITY_SECONDS", "10".into()),
+            ("CVCHAIN_WORKER_RETRY_SECONDS", "1".into()),
+            ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "1".into()),
+        ]
+    }
+}
+
 /// With `worker`, `cvchain worker` consumes the queue itself instead of serve + the host.
 async fn fleet_with(worker: bool) -> Fleet {
-    let azurite = Azurite::start();
-    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
-    let queue = unique("fq");
-    let table = unique("History");
-    let backup = azurite.container_url("cvbackups");
-    let standin = Standin::start(StandinConfig {
-        model_size: 4096,
-        ..cvchain_testkit::standin_config(&clients, KEY, 20)
-    })
-    .await
-    .unwrap();
-    let env = [
-        ("CVCHAIN_STORAGE", azurite.connection_string()),
-        ("CVCHAIN_QUEUE", queue.clone()),
-        ("CVCHAIN_HISTORY_TABLE", table.clone()),
-        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
-        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
-        ("CVCHAIN_EXPORTS", CHAIN.into()),
-        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
-        ("CVCHAIN_CV_MAX_RPS", "1000".into()),
-        ("CVCHAIN_CLAIM_SECONDS", "3".into()),
-        ("CVCHAIN_MAX_DEQUEUE", "20".into()),
-        ("RUST_LOG", "warn".into()),
-        ("CVCHAIN_WORKER_VISIBILITY_SECONDS", "10".into()),
-        ("CVCHAIN_WORKER_RETRY_SECONDS", "1".into()),
-        ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "1".into()),
-    ];
+    let ground = Ground::new().await;
+    let env = &ground.env(CHAIN, 20)[..];
+    let Ground {
+        azurite,
+        clients,
+        standin,
+        queue,
+        table,
+        backup,
+    } = ground;
     let handler = if worker {
-        Handler::start_worker(&env)
+        Handler::start_worker(env)
     } else {
-        Handler::start(&env)
+        Handler::start(env)
     };
     let mut host = HostEmulator::new(&clients, &queue, handler.url(""));
     host.max_dequeue = 20;
@@ -771,36 +806,19 @@ async fn same_named_projects_racing_their_first_moves() {
     const TWINS: usize = 8;
     const TWO: &str = "ONNX, TensorFlow:TensorFlowLite";
     let _one = ONE_AT_A_TIME.lock().await;
-    let azurite = Azurite::start();
-    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
-    let queue = unique("tq");
-    let table = unique("History");
-    let backup = azurite.container_url("cvbackups");
-    let standin = Standin::start(StandinConfig {
-        model_size: 4096,
-        ..cvchain_testkit::standin_config(&clients, KEY, 20)
-    })
-    .await
-    .unwrap();
-    let env = [
-        ("CVCHAIN_STORAGE", azurite.connection_string()),
-        ("CVCHAIN_QUEUE", queue.clone()),
-        ("CVCHAIN_HISTORY_TABLE", table.clone()),
-        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
-        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
-        ("CVCHAIN_EXPORTS", TWO.into()),
-        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
-        ("CVCHAIN_CV_MAX_RPS", "1000".into()),
-        ("CVCHAIN_CLAIM_SECONDS", "3".into()),
-        ("CVCHAIN_MAX_DEQUEUE", "5".into()),
-        ("RUST_LOG", "warn".into()),
-        ("CVCHAIN_WORKER_VISIBILITY_SECONDS", "10".into()),
-        ("CVCHAIN_WORKER_RETRY_SECONDS", "1".into()),
-        ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "1".into()),
-    ];
+    let ground = Ground::new().await;
+    let Ground {
+        azurite,
+        clients,
+        standin,
+        queue,
+        table,
+        backup,
+    } = &ground;
+    let env = ground.env(TWO, 5);
     let workers = [Handler::start_worker(&env), Handler::start_worker(&env)];
-    let api = cvchain_testkit::StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
-    let queue_uri = azurite.queue_url(&queue);
+    let api = cvchain_testkit::StandinApi::with_storage(&standin.endpoint(), KEY, clients);
+    let queue_uri = azurite.queue_url(queue);
     let mut projects = Vec::new();
     for _ in 0..TWINS {
         projects.push(
@@ -808,7 +826,7 @@ async fn same_named_projects_racing_their_first_moves() {
                 ("name", "Twin"),
                 ("domainId", COMPACT_DOMAIN),
                 ("notificationQueueUri", &queue_uri),
-                ("exportModelContainerUri", &backup),
+                ("exportModelContainerUri", backup),
             ])
             .await,
         );
@@ -825,7 +843,7 @@ async fn same_named_projects_racing_their_first_moves() {
         futures::future::join_all(projects.iter().map(|p| api.train(*p))).await;
     let rows = || async {
         clients
-            .table(&table)
+            .table(table)
             .unwrap()
             .query(None, 10_000)
             .await
@@ -938,8 +956,8 @@ async fn same_named_projects_racing_their_first_moves() {
             assert_eq!(meta["projectid"], p.to_string(), "{path}");
             assert_eq!(meta["iterationid"], i.to_string(), "{path}");
             assert_eq!(
-                blob_bytes(&clients, "models", &path).await,
-                blob_bytes(&clients, "models", &release).await,
+                blob_bytes(clients, "models", &path).await,
+                blob_bytes(clients, "models", &release).await,
                 "{path}"
             );
         }
