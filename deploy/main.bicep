@@ -45,6 +45,10 @@ param releaseContainerName string = 'models'
 @description('The history table (CVCHAIN_HISTORY_TABLE).')
 param historyTableName string = 'CustomVisionHistory'
 
+@secure()
+@description('CVCHAIN_CONSOLE_SECRET: what the console\'s forms are signed with, the same on every instance. A new random value with each deployment unless you give one (a page opened before a deployment then asks for a reload before its form is posted).')
+param consoleSecret string = newGuid() // checkov:skip=CKV_AZURE_131:The default is newGuid(), a new random value each deployment, not a fixed secret.
+
 @description('Most instances the app scales out to. The service allows 10 Custom Vision calls a second per resource for all instances together: each instance gets CVCHAIN_CV_MAX_RPS = 10 / maximumInstanceCount (at least 1), so more instances means fewer calls each.')
 @minValue(1)
 @maxValue(1000)
@@ -299,6 +303,11 @@ var appSettings = [
   {
     name: 'CVCHAIN_CV_MAX_RPS'
     value: customVisionRpsPerInstance
+  }
+  {
+    // The console's forms carry tokens signed with it: every instance must have the same.
+    name: 'CVCHAIN_CONSOLE_SECRET'
+    value: consoleSecret
   }
   {
     name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'

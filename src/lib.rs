@@ -19,9 +19,11 @@
 //! only with the `standin` feature, for `cvchain dev`.
 
 pub mod commands;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
+pub mod moves;
 pub mod process;
 pub mod server;
 pub mod settings;

@@ -8,6 +8,7 @@
 //! rather than wait, so the host's readiness probe (`GET /`) is answered at once whatever
 //! slow clients hold.
 
+use crate::console::{self, Console};
 use crate::process::{Disposition, Processor};
 use axum::{
     Json, Router,
@@ -17,13 +18,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use cvchain_azure::storage::table::Continuation;
 use cvchain_core::envelope::{
     DELIVER_EVENTS_FUNCTION, FUNCTION_NAME, InvocationResponse, TRIGGER_BINDING,
     decode_queue_invocation, timer_is_past_due,
 };
 use cvchain_core::message::{Incoming, Received};
-use cvchain_core::report;
 use futures::StreamExt;
 use std::{
     net::SocketAddr,
@@ -73,19 +72,22 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct AppState {
     pub processor: Arc<Processor>,
+    /// The History function: the registry console.
+    pub console: Arc<Console>,
     pub limits: Limits,
     /// Permits for [`Limits::body_budget`] bytes.
     bodies: Arc<Semaphore>,
 }
 
 impl AppState {
-    pub fn new(processor: Arc<Processor>) -> Self {
-        Self::with_limits(processor, Limits::default())
+    pub fn new(processor: Arc<Processor>, console: Console) -> Self {
+        Self::with_limits(processor, console, Limits::default())
     }
 
-    pub fn with_limits(processor: Arc<Processor>, limits: Limits) -> Self {
+    pub fn with_limits(processor: Arc<Processor>, console: Console, limits: Limits) -> Self {
         Self {
             processor,
+            console: Arc::new(console),
             limits,
             bodies: Arc::new(Semaphore::new(limits.body_budget)),
         }
@@ -99,10 +101,21 @@ pub fn app(state: AppState) -> Router {
         .route(&format!("/{FUNCTION_NAME}"), post(invoke))
         // The timer function: pending events go out every minute.
         .route(&format!("/{DELIVER_EVENTS_FUNCTION}"), post(deliver_events))
-        // The History function: forwarded as a plain HTTP request (host.json
-        // enableForwardingHttpRequest), under the host's `api` route prefix.
-        .route("/api/history", get(history_all))
-        .route("/api/history/{project}", get(history_project))
+        // The History function, the registry console: forwarded as a plain HTTP request
+        // (host.json enableForwardingHttpRequest), under the host's `api` route prefix.
+        .route(console::BASE, get(console_list))
+        .route(
+            &format!("{}/{{project}}", console::BASE),
+            get(console_project),
+        )
+        .route(
+            &format!("{}/{{project}}/promote", console::BASE),
+            post(console_promote),
+        )
+        .route(
+            &format!("{}/{{project}}/rollback", console::BASE),
+            post(console_rollback),
+        )
         .fallback(not_found)
         // Every route, whatever it reads, takes its body through the same bounds.
         .layer(axum::middleware::from_fn_with_state(state.clone(), bounded))
@@ -140,136 +153,72 @@ async fn ready() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ready" }))
 }
 
-async fn history_all(
+async fn console_list(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: RawQuery,
 ) -> Response {
-    history_page(state, None, &headers, query.0.as_deref()).await
+    console::list(
+        &state.processor,
+        &state.console,
+        &headers,
+        query.0.as_deref(),
+    )
+    .await
 }
 
-async fn history_project(
+async fn console_project(
     State(state): State<AppState>,
     Path(project): Path<String>,
     headers: HeaderMap,
     query: RawQuery,
 ) -> Response {
-    history_page(state, Some(project), &headers, query.0.as_deref()).await
+    console::project(
+        &state.processor,
+        &state.console,
+        &project,
+        &headers,
+        query.0.as_deref(),
+    )
+    .await
 }
 
-/// JSON for API clients, HTML (with the chart) for browsers or `?format=html`.
-/// Trained iterations per page of the history, unless `?limit=` says otherwise (up to 200).
-const HISTORY_PAGE: u32 = 50;
-const HISTORY_PAGE_MAX: u32 = 200;
-
-/// JSON for API clients, HTML (with the chart) for browsers or `?format=html`. One page of
-/// iterations per request (`?limit=`); the next page is linked (`Link: <…>; rel="next"`, and a
-/// link at the foot of the HTML page), carrying the table's continuation.
-async fn history_page(
-    state: AppState,
-    project: Option<String>,
-    headers: &HeaderMap,
-    query: Option<&str>,
+async fn console_promote(
+    State(state): State<AppState>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+    body: Bytes,
 ) -> Response {
-    let locked = |mut rsp: Response| {
-        let h = rsp.headers_mut();
-        h.insert(
-            axum::http::header::CONTENT_SECURITY_POLICY,
-            axum::http::HeaderValue::from_str(&report::content_security_policy())
-                .expect("an ASCII policy"),
-        );
-        h.insert(
-            axum::http::header::X_CONTENT_TYPE_OPTIONS,
-            axum::http::HeaderValue::from_static("nosniff"),
-        );
-        rsp
-    };
-    let bad = |why: &str| {
-        locked(
-            (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "error": why })),
-            )
-                .into_response(),
-        )
-    };
-    let project = match project.map(|p| uuid::Uuid::parse_str(&p)) {
-        None => None,
-        Some(Ok(id)) => Some(id.to_string()),
-        Some(Err(_)) => return bad("projectId must be a UUID"),
-    };
-    let params: Vec<(String, String)> =
-        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-            .into_owned()
-            .collect();
-    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let limit = match param("limit").map(str::parse::<u32>) {
-        None => HISTORY_PAGE,
-        Some(Ok(n)) if n >= 1 => n.min(HISTORY_PAGE_MAX),
-        Some(_) => return bad("limit must be a whole number from 1"),
-    };
-    let from = param("npk").map(|pk| Continuation {
-        next_partition_key: pk.to_owned(),
-        next_row_key: param("nrk").map(str::to_owned),
-    });
-    let (rows, next) = match state
-        .processor
-        .history()
-        .iterations_page(project.as_deref(), limit, from.as_ref())
-        .await
-    {
-        Ok(page) => page,
-        Err(e) => {
-            tracing::error!(error = %e, "history page: cannot read the history table");
-            return locked(
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(
-                        serde_json::json!({"error": "the history table cannot be read right now"}),
-                    ),
-                )
-                    .into_response(),
-            );
-        }
-    };
-    let views = report::iterations(&rows);
-    let format = param("format").unwrap_or_default();
-    let wants_html = format == "html"
-        || (format != "json"
-            && headers
-                .get("accept")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|a| a.contains("text/html")));
-    let next = next.map(|c| {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        q.append_pair("limit", &limit.to_string());
-        if !format.is_empty() {
-            q.append_pair("format", format);
-        }
-        q.append_pair("npk", &c.next_partition_key);
-        if let Some(rk) = &c.next_row_key {
-            q.append_pair("nrk", rk);
-        }
-        match &project {
-            Some(p) => format!("/api/history/{p}?{}", q.finish()),
-            None => format!("/api/history?{}", q.finish()),
-        }
-    });
-    let mut rsp = if wants_html {
-        let title = match &project {
-            Some(p) => format!("cvchain history — project {p}"),
-            None => "cvchain history".to_owned(),
-        };
-        axum::response::Html(report::html_page(&title, &views, next.as_deref())).into_response()
-    } else {
-        Json(views).into_response()
-    };
-    if let Some(n) = &next
-        && let Ok(v) = axum::http::HeaderValue::from_str(&format!("<{n}>; rel=\"next\""))
-    {
-        rsp.headers_mut().insert(axum::http::header::LINK, v);
-    }
-    locked(rsp)
+    console::act(
+        &state.processor,
+        &state.console,
+        &project,
+        console::Action::Promote,
+        &headers,
+        query.0.as_deref(),
+        body,
+    )
+    .await
+}
+
+async fn console_rollback(
+    State(state): State<AppState>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+    body: Bytes,
+) -> Response {
+    console::act(
+        &state.processor,
+        &state.console,
+        &project,
+        console::Action::Rollback,
+        &headers,
+        query.0.as_deref(),
+        body,
+    )
+    .await
 }
 
 async fn not_found() -> Response {

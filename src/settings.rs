@@ -19,6 +19,10 @@ use cvchain_core::release::PathTemplate;
 pub const QUEUE_SETTING: &str = "CVCHAIN_QUEUE";
 pub const HISTORY_TABLE_SETTING: &str = "CVCHAIN_HISTORY_TABLE";
 pub const LOG_FORMAT_SETTING: &str = "CVCHAIN_LOG_FORMAT";
+/// The console: `off` for a read-only one.
+pub const CONSOLE_ACTIONS_SETTING: &str = "CVCHAIN_CONSOLE_ACTIONS";
+/// The console: what its forms' tokens are signed with.
+pub const CONSOLE_SECRET_SETTING: &str = "CVCHAIN_CONSOLE_SECRET";
 pub const PORT_SETTING: &str = "FUNCTIONS_CUSTOMHANDLER_PORT";
 const LEGACY_PORT_SETTING: &str = "FUNCTIONS_HTTPWORKER_PORT";
 pub const BACKUP_CONTAINER_SETTING: &str = "CVCHAIN_BACKUP_CONTAINER";
@@ -61,6 +65,75 @@ pub struct Settings {
     pub claim_seconds: u64,
     /// Where outbound events go (none configured: no event is recorded).
     pub events: EventsSettings,
+    /// The console's actions and the key its forms are signed with.
+    pub console: ConsoleSettings,
+}
+
+/// `CVCHAIN_CONSOLE_ACTIONS` and `CVCHAIN_CONSOLE_SECRET`.
+#[derive(Clone)]
+pub struct ConsoleSettings {
+    /// The page offers its forms and takes their posts.
+    pub actions: bool,
+    /// What the forms' tokens are signed with, shared by every instance.
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for ConsoleSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleSettings")
+            .field("actions", &self.actions)
+            .field("secret", &self.secret.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            actions: true,
+            secret: None,
+        }
+    }
+}
+
+impl ConsoleSettings {
+    pub fn from_vars(vars: &Vars) -> Result<Self, SettingsError> {
+        let actions = match vars.get(CONSOLE_ACTIONS_SETTING).as_deref().map(str::trim) {
+            None => true,
+            Some(v)
+                if ["on", "true", "1"]
+                    .iter()
+                    .any(|x| v.eq_ignore_ascii_case(x)) =>
+            {
+                true
+            }
+            Some(v)
+                if ["off", "false", "0"]
+                    .iter()
+                    .any(|x| v.eq_ignore_ascii_case(x)) =>
+            {
+                false
+            }
+            Some(_) => {
+                return Err(SettingsError::new(
+                    CONSOLE_ACTIONS_SETTING,
+                    "must be `on` or `off` (off: a read-only console)",
+                ));
+            }
+        };
+        let secret = vars
+            .get(CONSOLE_SECRET_SETTING)
+            .map(|s| s.trim().to_owned());
+        if let Some(s) = &secret
+            && s.len() < 16
+        {
+            return Err(SettingsError::new(
+                CONSOLE_SECRET_SETTING,
+                "must be at least 16 characters (random text the instances share)",
+            ));
+        }
+        Ok(Self { actions, secret })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +204,7 @@ impl Settings {
         )? as u32;
         let custom_vision = CustomVisionSettings::from_vars(&vars)?;
         let events = EventsSettings::from_vars(&vars)?;
+        let console = ConsoleSettings::from_vars(&vars)?;
         if custom_vision.is_none() {
             let needs = if !chain.exports.is_empty() {
                 Some(EXPORTS_SETTING)
@@ -161,6 +235,7 @@ impl Settings {
             max_dequeue,
             claim_seconds,
             events,
+            console,
         })
     }
 
@@ -232,6 +307,27 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::from_lookup(&move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_console_is_on_unless_switched_off_and_its_secret_is_never_quoted() {
+        let dev = ("CVCHAIN_STORAGE", "UseDevelopmentStorage=true");
+        let s = settings(&[dev]).unwrap();
+        assert!(s.console.actions);
+        assert!(s.console.secret.is_none());
+        let s = settings(&[dev, (CONSOLE_ACTIONS_SETTING, "OFF")]).unwrap();
+        assert!(!s.console.actions);
+        let e = settings(&[dev, (CONSOLE_ACTIONS_SETTING, "maybe")]).unwrap_err();
+        assert!(e.to_string().contains(CONSOLE_ACTIONS_SETTING), "{e}");
+        let e = settings(&[dev, (CONSOLE_SECRET_SETTING, "short-s3cret")]).unwrap_err();
+        assert!(e.to_string().contains(CONSOLE_SECRET_SETTING), "{e}");
+        assert!(!e.to_string().contains("short-s3cret"), "{e}");
+        let s = settings(&[
+            dev,
+            (CONSOLE_SECRET_SETTING, "a-long-enough-console-s3cret"),
+        ])
+        .unwrap();
+        assert!(!format!("{s:?}").contains("console-s3cret"));
     }
 
     #[test]

@@ -85,7 +85,9 @@ impl Application {
 
     /// Serves the Functions custom-handler protocol on `listener` until SIGTERM or SIGINT.
     pub async fn serve(self, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
-        let state = crate::server::AppState::new(self.processor);
+        let console =
+            crate::console::Console::new(&self.settings, &self.clients, self.processor.history());
+        let state = crate::server::AppState::new(self.processor, console);
         crate::server::serve(listener, state, drain).await
     }
 

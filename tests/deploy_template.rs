@@ -82,6 +82,8 @@ fn eval(bicep: &str, expr: &str) -> String {
         "insights.properties.ConnectionString" => {
             "InstrumentationKey=00000000-0000-0000-0000-000000000000".into()
         }
+        // `param consoleSecret string = newGuid()`: a new GUID per deployment.
+        "consoleSecret" => "2f0c3d6e-8a1b-4c5d-9e7f-0a1b2c3d4e5f".into(),
         "customVisionAccount.properties.endpoint" => {
             "https://mycv.cognitiveservices.azure.com/".into()
         }
@@ -128,6 +130,7 @@ fn the_templates_app_settings_are_the_ones_cvchain_reads() {
         customvision::CV_ENDPOINT_SETTING,
         customvision::CV_CREDENTIAL_SETTING,
         "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        settings::CONSOLE_SECRET_SETTING,
     ] {
         assert!(
             app.contains_key(required),

@@ -30,7 +30,9 @@ fn state_without_storage() -> AppState {
             max_retries: 0,
             max_total: Duration::from_secs(1),
         });
-    AppState::new(Arc::new(Processor::new(&settings, &clients, None).unwrap()))
+    let processor = Arc::new(Processor::new(&settings, &clients, None).unwrap());
+    let console = cvchain::console::Console::new(&settings, &clients, processor.history());
+    AppState::new(processor, console)
 }
 
 async fn call(req: Request<Body>) -> (u16, String, serde_json::Value) {
@@ -95,4 +97,49 @@ async fn oversized_bodies_are_refused_before_processing() {
         .await
         .unwrap();
     assert_eq!(rsp.status().as_u16(), 413);
+}
+
+/// A console form posted without a valid anti-forgery token is refused before anything is read
+/// or moved (storage is unreachable here: a move would fail differently).
+#[tokio::test]
+async fn a_console_form_without_a_valid_token_is_refused() {
+    let p = "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f";
+    for (path, body, cookie) in [
+        (
+            "promote",
+            "channel=production&iteration=3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d",
+            None,
+        ),
+        (
+            "rollback",
+            "channel=production&token=123.AAAA",
+            Some("cvchain_session=c2Vzc2lvbi1vZi10aGUtYnJvd3Nlcg"),
+        ),
+        ("rollback", "channel=production&token=", None),
+    ] {
+        let mut req = Request::post(format!("/api/history/{p}/{path}"))
+            .header("content-type", "application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        let rsp = app(state_without_storage())
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(rsp.status().as_u16(), 403, "{path} {body}");
+        let csp = rsp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(csp.contains("form-action 'self'"), "{csp}");
+        let bytes = rsp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .ends_with("nothing was changed"),
+            "{v}"
+        );
+    }
 }

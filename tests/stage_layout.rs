@@ -98,7 +98,10 @@ fn the_staged_app_follows_the_hosts_rules() {
     let history = json(&app.join("History/function.json"));
     let hb = history["bindings"].as_array().unwrap();
     assert_eq!(hb[0]["type"], "httpTrigger");
-    assert_eq!(hb[0]["route"], "history/{projectId?}");
+    // The console: its pages and its forms' posts, under the function's key.
+    assert_eq!(hb[0]["route"], "history/{*rest}");
+    assert_eq!(hb[0]["methods"], serde_json::json!(["get", "post"]));
+    assert_eq!(hb[0]["authLevel"], "function");
     assert_eq!(hb[1]["type"], "http");
     assert!(
         hb.iter()

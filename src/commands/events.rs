@@ -8,7 +8,6 @@ use cvchain_azure::events::outbox::Outbox;
 use cvchain_azure::history::store::HistoryStore;
 use cvchain_azure::storage::clients::StorageClients;
 use cvchain_core::events::{CloudEvent, EventType, OutboxRow, Sink, delivery::Answer};
-use serde_json::json;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -92,29 +91,7 @@ pub fn render(rows: &[OutboxRow], as_json: bool) -> String {
     let mut out = String::new();
     for r in rows {
         if as_json {
-            let event: serde_json::Value =
-                serde_json::from_str(&r.event).unwrap_or(serde_json::Value::Null);
-            let sinks: serde_json::Map<String, serde_json::Value> = r
-                .sinks
-                .iter()
-                .map(|s| {
-                    (
-                        s.as_str().to_owned(),
-                        serde_json::to_value(r.state(*s)).unwrap_or_default(),
-                    )
-                })
-                .collect();
-            out.push_str(
-                &json!({
-                    "partitionKey": r.partition_key,
-                    "rowKey": r.row_key,
-                    "pending": r.pending,
-                    "describes": r.describes,
-                    "sinks": sinks,
-                    "event": event,
-                })
-                .to_string(),
-            );
+            out.push_str(&cvchain_core::console::event_json(r).to_string());
             out.push('\n');
             continue;
         }

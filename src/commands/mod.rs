@@ -167,34 +167,10 @@ fn parse_channel(s: &str) -> Result<cvchain_core::channels::Channel, String> {
         .ok_or_else(|| format!("{s:?} is not a channel (production or latest)"))
 }
 
-/// The project's name: from Custom Vision when it is configured, else from its Training rows.
-async fn project_name(
-    app: &crate::startup::Application,
-    project: uuid::Uuid,
-) -> anyhow::Result<String> {
-    if let Some(cv) = app.training_api() {
-        return Ok(cv.get_project(project).await?.name);
-    }
-    let rows = app
-        .history()
-        .recent(Some(&project.to_string()), 5000)
-        .await?;
-    rows.iter()
-        .filter_map(cvchain_core::history::TrainingRow::from_row)
-        .map(|t| t.project_name)
-        .find(|n| !n.is_empty())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "project {project} has no Training row with its name, and CUSTOM_VISION_ENDPOINT is not set"
-            )
-        })
-}
-
 /// What a manual move did, one line each, with the moves that could not be carried out.
 fn print_manual(done: &crate::lifecycle::Manual) {
-    print_change(&done.change, done.publish.as_deref());
-    for f in &done.failed {
-        println!("{}", f.describe());
+    for line in crate::moves::describe(done) {
+        println!("{line}");
     }
 }
 
@@ -208,32 +184,6 @@ fn fail_on_failed(done: &crate::lifecycle::Manual) -> anyhow::Result<()> {
             "{} move(s) could not be carried out (see above); the channels stayed where they were",
             done.failed.len()
         )
-    }
-}
-
-/// What a manual move did, one line each.
-fn print_change(change: &cvchain_core::channels::Change, publish: Option<&str>) {
-    if let Some(p) = &change.pointer {
-        println!(
-            "production pointer: {} → {} ({})",
-            p.from.as_ref().map(|f| f.name.as_str()).unwrap_or("-"),
-            p.to.name,
-            p.reason.as_str()
-        );
-    }
-    for m in &change.moves {
-        println!(
-            "{} {}: {} → {} ({}) at {}",
-            m.channel.as_str(),
-            m.target,
-            m.from.as_ref().map(|f| f.name.as_str()).unwrap_or("-"),
-            m.to.iteration.name,
-            m.to.reason.as_str(),
-            m.to.channel_path
-        );
-    }
-    if let Some(p) = publish {
-        println!("publish: {p}");
     }
 }
 

@@ -4,7 +4,6 @@
 use crate::settings::Settings;
 use crate::startup::Application;
 use cvchain_core::channels::Channel;
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 #[derive(Debug, clap::Args)]
@@ -21,19 +20,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     super::runtime()?.block_on(async move {
         let app = Application::build(settings)?;
-        let name = super::project_name(&app, args.project).await?;
-        match app
-            .processor
-            .lifecycle()
-            .rollback(args.project, &name, args.channel, OffsetDateTime::now_utc())
-            .await?
-        {
-            Ok(done) => {
-                super::print_manual(&done);
-                super::deliver_events(&app, args.project).await;
-                super::fail_on_failed(&done)
-            }
-            Err(why) => anyhow::bail!("nothing rolled back: {why}"),
-        }
+        let done = crate::moves::rollback(&app.processor, args.project, args.channel).await?;
+        super::print_manual(&done);
+        super::deliver_events(&app, args.project).await;
+        super::fail_on_failed(&done)
     })
 }

@@ -24,6 +24,7 @@ pub mod chain;
 pub mod channels;
 pub mod claims;
 pub mod config;
+pub mod console;
 pub mod customvision;
 pub mod envelope;
 pub mod events;

@@ -386,6 +386,26 @@ impl HistoryStore {
         Ok((rows, page.next))
     }
 
+    /// The project's channel moves and failed moves (`ChannelMove_…`, `ChannelMoveFailed_…`):
+    /// one range of its partition.
+    pub async fn channel_rows(&self, project: Uuid) -> Result<Vec<HistoryRow>, StorageError> {
+        let filter = format!(
+            "{} and RowKey ge 'ChannelMove' and RowKey lt 'ChannelMovf'",
+            filter_eq("PartitionKey", &project.to_string()),
+        );
+        self.query(Some(&filter), 10_000).await
+    }
+
+    /// The project's messages given up after their last delivery (its rows in `_failed`).
+    pub async fn failed_rows(&self, project: Uuid) -> Result<Vec<HistoryRow>, StorageError> {
+        let filter = format!(
+            "{} and {}",
+            filter_eq("PartitionKey", cvchain_core::history::FAILED_PARTITION),
+            filter_eq("ProjectId", &project.to_string()),
+        );
+        self.query(Some(&filter), 1000).await
+    }
+
     /// The iteration's export step rows, as stored.
     async fn step_rows(
         &self,

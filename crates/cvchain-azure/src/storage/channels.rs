@@ -606,15 +606,15 @@ impl ChannelStore {
                 let Some(name) = b.name else { continue };
                 let id = b
                     .tags
-                    .and_then(|t| {
-                        t.blob_tag_set
-                            .into_iter()
-                            .flatten()
-                            .find(|t| t.key.as_deref() == Some("projectId"))
-                            .and_then(|t| t.value)
-                    })
+                    .and_then(project_tag)
                     .and_then(|v| Uuid::parse_str(&v).ok());
-                let Some(id) = id.or(project) else { continue };
+                // Find Blobs by Tags returns only the tags its filter names: without a project,
+                // the project comes from the blob's own tags (one Get Blob Tags each).
+                let id = match id.or(project) {
+                    Some(id) => Some(id),
+                    None => self.project_of(&name).await?,
+                };
+                let Some(id) = id else { continue };
                 if let Some(read) = self.read_manifest(&name, id).await? {
                     out.push(Listed {
                         project: id,
@@ -629,6 +629,30 @@ impl ChannelStore {
             }
         }
         Ok(out)
+    }
+}
+
+/// The `projectId` among a blob's tags.
+fn project_tag(tags: azure_storage_blob::models::BlobTags) -> Option<String> {
+    tags.blob_tag_set
+        .into_iter()
+        .flatten()
+        .find(|t| t.key.as_deref() == Some("projectId"))
+        .and_then(|t| t.value)
+}
+
+impl ChannelStore {
+    /// The project a manifest blob's own tags name (`None` when it names none, or is gone).
+    async fn project_of(&self, path: &str) -> Result<Option<Uuid>, StorageError> {
+        match self.blob(path).get_tags(None).await {
+            Ok(rsp) => Ok(rsp
+                .into_model()
+                .ok()
+                .and_then(project_tag)
+                .and_then(|v| Uuid::parse_str(&v).ok())),
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
     }
 }
 
