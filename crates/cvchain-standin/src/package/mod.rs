@@ -9,8 +9,6 @@
 
 mod onnx;
 
-pub use onnx::{INPUT as ONNX_INPUT, OUTPUT as ONNX_OUTPUT};
-
 use sha1::{Digest, Sha1};
 use std::io::{Cursor, Write};
 use uuid::Uuid;

@@ -11,22 +11,22 @@
 use uuid::Uuid;
 
 /// The input's name and side, as Custom Vision's compact classifiers take it.
-pub const INPUT: &str = "data";
-pub const SIDE: i64 = 224;
+const INPUT: &str = "data";
+const SIDE: i64 = 224;
 /// The output: one score per line of `labels.txt`, in that order.
-pub const OUTPUT: &str = "model_output";
+const OUTPUT: &str = "model_output";
 /// The pooling window: 224 / 32 = a 7×7 grid per channel, 147 features.
 const POOL: i64 = 32;
 const FEATURES: usize = (3 * (SIDE / POOL) * (SIDE / POOL)) as usize;
 /// Keeps logits of 0–255 pixels in a range where the scores are not all 0 or 1.
 const WEIGHT_SCALE: f32 = 0.002;
 
-pub const IR_VERSION: i64 = 3;
-pub const OPSET: i64 = 7;
+const IR_VERSION: i64 = 3;
+const OPSET: i64 = 7;
 
 /// The image metadata Microsoft's export samples read (`Image.BitmapPixelFormat` `Bgr8` swaps
 /// channels, `Image.NominalPixelRange` `NominalRange_0_255` skips dividing by 255).
-pub const METADATA: [(&str, &str); 3] = [
+const METADATA: [(&str, &str); 3] = [
     ("Image.BitmapPixelFormat", "Bgr8"),
     ("Image.ColorSpaceGamma", "SRGB"),
     ("Image.NominalPixelRange", "NominalRange_0_255"),

@@ -10,7 +10,7 @@ use super::export_call;
 use crate::api::{ApiError, ApiResult, Params, parse_id};
 use crate::package::ExportPackage;
 use crate::spec::ApiVersion;
-use crate::state::{ExportState, S};
+use crate::state::{ExportState, ProjectState, S};
 use crate::storage::{self, INTERNAL_CONTAINER};
 use axum::{
     Extension, Json,
@@ -151,20 +151,7 @@ async fn finish_export(
             p.queue.as_ref().map(|q| q.name.clone()),
             p.container.clone(),
         );
-        let mut package = ExportPackage {
-            project,
-            iteration,
-            platform: platform.clone(),
-            flavor: flavor.clone(),
-            multilabel: p.classification_type.eq_ignore_ascii_case("Multilabel"),
-            labels: Vec::new(),
-            trained_at: String::new(),
-        };
-        if let Ok(it) = p.iteration(iteration) {
-            package.multilabel = it.classification_type.eq_ignore_ascii_case("Multilabel");
-            package.labels = it.tags.iter().map(|(_, name)| name.clone()).collect();
-            package.trained_at = it.trained_at.clone().unwrap_or_default();
-        }
+        let package = package_of(p, iteration, &platform, flavor.as_deref());
         (queue, container, fail, package)
     };
     let blob_name = format!("{project} - {iteration}.{platform}");
@@ -237,4 +224,30 @@ async fn finish_export(
         };
         storage::notify(st, &queue, &n, s.config.base64_messages).await;
     }
+}
+
+/// What the export of `iteration` holds: its tags, classification type and training time (an
+/// iteration deleted while exporting leaves the project's type and no tags).
+fn package_of(
+    p: &mut ProjectState,
+    iteration: Uuid,
+    platform: &str,
+    flavor: Option<&str>,
+) -> ExportPackage {
+    let project = p.id;
+    let mut package = ExportPackage {
+        project,
+        iteration,
+        platform: platform.to_owned(),
+        flavor: flavor.map(str::to_owned),
+        multilabel: p.classification_type.eq_ignore_ascii_case("Multilabel"),
+        labels: Vec::new(),
+        trained_at: String::new(),
+    };
+    if let Ok(it) = p.iteration(iteration) {
+        package.multilabel = it.classification_type.eq_ignore_ascii_case("Multilabel");
+        package.labels = it.tags.iter().map(|(_, name)| name.clone()).collect();
+        package.trained_at = it.trained_at.clone().unwrap_or_default();
+    }
+    package
 }
