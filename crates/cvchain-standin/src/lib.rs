@@ -10,7 +10,8 @@
 //! - [`azurite`]: Azurite, the storage emulator, on free loopback ports.
 //!
 //! Modules: `spec` (the specs' enums) and `api` (errors, parameters) at the bottom; `state`
-//! (records and their JSON), `storage` (the integration) and `imaging` above them; `routes`
+//! (records and their JSON), `storage` (the integration), `imaging` and `package` (what an
+//! export's zip holds) above them; `routes`
 //! (one module per group of operations, and the gate) on top; `server` runs it.
 
 mod api;
@@ -18,6 +19,7 @@ pub mod azurite;
 mod config;
 mod faults;
 mod imaging;
+pub mod package;
 mod routes;
 pub mod script;
 mod server;
@@ -29,7 +31,7 @@ pub use api::ApiError;
 pub use config::{MAX_PROJECTS, StandinConfig};
 pub use faults::{CallLog, ExportCall, Faults, Metrics};
 pub use imaging::{MAX_IMAGE_BYTES, solid_png};
-pub use routes::model_bytes;
+pub use package::ExportPackage;
 pub use server::{Standin, serve_tls, tls_acceptor};
 pub use spec::{ApiVersion, COMPACT_DOMAIN, DOMAINS, GENERAL_DOMAIN};
 pub use state::{MAX_ITERATIONS, MIN_IMAGES_PER_TAG};

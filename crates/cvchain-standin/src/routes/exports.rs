@@ -1,14 +1,16 @@
 //! ExportIteration and GetExports. The platform and flavor are checked against the request's API
 //! version's enums (v3.4-preview adds OpenVino), the iteration must be trained on a compact
 //! domain, and a second export of the same target is refused as the service refuses it. An
-//! export ends after the configured time: the model is written to the service's own storage
-//! (GetExports' `downloadUri`, behind a SAS) and to the project's backup container, and the
-//! Export notification goes to the project's queue.
+//! export ends after the configured time: the package (a zip laid out as the service's, see
+//! `crate::package`) is written to the service's own storage (GetExports' `downloadUri`, behind
+//! a SAS) and to the project's backup container, and the Export notification goes to the
+//! project's queue.
 
 use super::export_call;
 use crate::api::{ApiError, ApiResult, Params, parse_id};
+use crate::package::ExportPackage;
 use crate::spec::ApiVersion;
-use crate::state::{ExportState, S};
+use crate::state::{ExportState, ProjectState, S};
 use crate::storage::{self, INTERNAL_CONTAINER};
 use axum::{
     Extension, Json,
@@ -135,7 +137,7 @@ async fn finish_export(
     platform: String,
     flavor: Option<String>,
 ) {
-    let (queue, container, fail) = {
+    let (queue, container, mut fail, package) = {
         let mut w = s.world();
         let fail = w
             .faults
@@ -145,23 +147,27 @@ async fn finish_export(
         let Ok(p) = w.project(project) else {
             return;
         };
-        (
+        let (queue, container) = (
             p.queue.as_ref().map(|q| q.name.clone()),
             p.container.clone(),
-            fail,
-        )
+        );
+        let package = package_of(p, iteration, &platform, flavor.as_deref());
+        (queue, container, fail, package)
     };
     let blob_name = format!("{project} - {iteration}.{platform}");
     let mut model_uri = None;
     let mut download_uri = String::new();
+    let body = if fail {
+        Vec::new()
+    } else {
+        package.zip(s.config.model_size).unwrap_or_else(|e| {
+            // Cannot happen writing to memory; the export fails as the service's would.
+            tracing::warn!(error = %e, "stand-in could not package an export");
+            fail = true;
+            Vec::new()
+        })
+    };
     if !fail && let Some(st) = &s.config.storage {
-        let body = model_bytes(
-            project,
-            iteration,
-            &platform,
-            flavor.as_deref(),
-            s.config.model_size,
-        );
         // The service's own copy, reachable through a SAS: GetExports' downloadUri.
         let internal_name = format!(
             "{project}/{iteration}/{}.zip",
@@ -220,22 +226,28 @@ async fn finish_export(
     }
 }
 
-/// Deterministic model content, so a copy can be compared with its source.
-pub fn model_bytes(
-    project: Uuid,
+/// What the export of `iteration` holds: its tags, classification type and training time (an
+/// iteration deleted while exporting leaves the project's type and no tags).
+fn package_of(
+    p: &mut ProjectState,
     iteration: Uuid,
     platform: &str,
     flavor: Option<&str>,
-    size: usize,
-) -> Vec<u8> {
-    let line = format!(
-        "cvchain stand-in model project={project} iteration={iteration} platform={platform} flavor={}\n",
-        flavor.unwrap_or("-")
-    );
-    line.as_bytes()
-        .iter()
-        .copied()
-        .cycle()
-        .take(size.max(line.len()))
-        .collect()
+) -> ExportPackage {
+    let project = p.id;
+    let mut package = ExportPackage {
+        project,
+        iteration,
+        platform: platform.to_owned(),
+        flavor: flavor.map(str::to_owned),
+        multilabel: p.classification_type.eq_ignore_ascii_case("Multilabel"),
+        labels: Vec::new(),
+        trained_at: String::new(),
+    };
+    if let Ok(it) = p.iteration(iteration) {
+        package.multilabel = it.classification_type.eq_ignore_ascii_case("Multilabel");
+        package.labels = it.tags.iter().map(|(_, name)| name.clone()).collect();
+        package.trained_at = it.trained_at.clone().unwrap_or_default();
+    }
+    package
 }

@@ -6,8 +6,6 @@ mod images;
 mod iterations;
 mod projects;
 
-pub use exports::model_bytes;
-
 use crate::api::{ApiError, error};
 use crate::faults::{ExportCall, Faults, next_f64};
 use crate::spec::ApiVersion;
