@@ -785,6 +785,8 @@ async fn the_timer_delivers_and_an_event_too_large_for_the_webhook_is_sent_trimm
         subject: format!("projects/{project}/iterations/x"),
         time: "2026-12-01T10:00:00Z".into(),
         datacontenttype: "application/json".into(),
+        traceparent: None,
+        tracestate: None,
         data: serde_json::json!({
             "projectId": project,
             "iterationId": "x",
@@ -989,6 +991,8 @@ async fn pending_events(
             subject: format!("projects/{project}/iterations/it-{i}"),
             time: "2026-12-01T10:00:00Z".into(),
             datacontenttype: "application/json".into(),
+            traceparent: None,
+            tracestate: None,
             data: serde_json::json!({
                 "projectId": project,
                 "iterationId": format!("it-{i}"),

@@ -126,6 +126,13 @@ pub struct CloudEvent {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub time: String,
     pub datacontenttype: String,
+    /// The distributed-tracing extension: the W3C trace context of the chain the event belongs
+    /// to (`crate::trace`), so a consumer's spans join the chain's trace. Left out when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The extension's vendor trace state, when the context has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
     pub data: Value,
 }
 
@@ -143,6 +150,24 @@ impl CloudEvent {
 
     pub fn from_json(text: &str) -> Result<Self, String> {
         serde_json::from_str(text).map_err(|e| format!("not a CloudEvent: {e}"))
+    }
+
+    /// The event in the trace `parent` names (the distributed-tracing extension). The id, and
+    /// everything else, stays as it is: a redelivery that makes the event again in another
+    /// trace context still makes the same event id.
+    pub fn in_trace(
+        mut self,
+        parent: &crate::trace::TraceParent,
+        tracestate: Option<&str>,
+    ) -> Self {
+        self.traceparent = Some(parent.header());
+        self.tracestate = tracestate.filter(|s| !s.is_empty()).map(str::to_owned);
+        self
+    }
+
+    /// The trace context the event carries, when it carries a valid one.
+    pub fn trace_parent(&self) -> Option<crate::trace::TraceParent> {
+        crate::trace::TraceParent::parse(self.traceparent.as_deref()?)
     }
 }
 
@@ -273,6 +298,8 @@ fn event(
         subject: subject(project, iteration),
         time: rfc3339(at),
         datacontenttype: DATA_CONTENT_TYPE.into(),
+        traceparent: None,
+        tracestate: None,
         data: Value::Object(data),
     }
 }
@@ -755,6 +782,8 @@ pub fn test_event(ctx: &EventContext, id: &str, now: OffsetDateTime) -> CloudEve
         subject: "test".into(),
         time: rfc3339(now),
         datacontenttype: DATA_CONTENT_TYPE.into(),
+        traceparent: None,
+        tracestate: None,
         data: json!({"message": "a test event from `cvchain events test`; ignore it"}),
     }
 }

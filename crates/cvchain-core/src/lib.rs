@@ -17,7 +17,8 @@
 //!
 //! Beside them: [`bounds`] (sizes as Table storage counts them), [`customvision`] (the Training API's models and error classes), [`config`] (the
 //! settings the decisions take, and the one number parser settings use), [`redact`] (secrets out
-//! of every text that is stored or logged) and [`fuzzing`] (entry points for the fuzz targets).
+//! of every text that is stored or logged), [`trace`] (which trace an invocation joins, W3C
+//! `traceparent`, what telemetry attributes say) and [`fuzzing`] (entry points for the fuzz targets).
 
 pub mod bounds;
 pub mod chain;
@@ -39,3 +40,4 @@ pub mod redact;
 pub mod release;
 pub mod report;
 pub mod retention;
+pub mod trace;

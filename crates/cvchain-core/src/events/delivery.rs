@@ -337,6 +337,9 @@ pub struct Fitted {
     pub body: String,
     /// Why it was made smaller, when it was.
     pub trimmed: Option<String>,
+    /// The trace context the event carries (its chain's), for the delivery's span and the
+    /// webhook's `traceparent` header.
+    pub trace: Option<crate::trace::TraceParent>,
 }
 
 /// The row's event as `sink` takes it: the stored CloudEvent, its data's strings shortened when
@@ -354,6 +357,7 @@ pub fn for_sink(row: &OutboxRow, sink: Sink, ctx: &EventContext) -> Fitted {
     Fitted {
         body: shaped.json,
         trimmed: shaped.trimmed.map(|t| format!("sent {t}")),
+        trace: event.trace_parent(),
     }
 }
 
@@ -370,6 +374,8 @@ fn from_row(row: &OutboxRow, ctx: &EventContext) -> CloudEvent {
         subject: row.subject.clone(),
         time: row.time.map(super::rfc3339).unwrap_or_default(),
         datacontenttype: super::DATA_CONTENT_TYPE.into(),
+        traceparent: None,
+        tracestate: None,
         data: json!({
             "projectId": row.partition_key,
             "iterationId": (!row.iteration_id.is_empty()).then_some(&row.iteration_id),

@@ -69,6 +69,15 @@ pub fn redacted(event: &CloudEvent) -> CloudEvent {
         subject: scrub(&event.subject),
         time: event.time.clone(),
         datacontenttype: event.datacontenttype.clone(),
+        // Only a valid W3C context is kept: it is hex, so it cannot spell a secret.
+        traceparent: event
+            .trace_parent()
+            .map(|_| event.traceparent.clone().unwrap_or_default()),
+        tracestate: event
+            .tracestate
+            .as_deref()
+            .map(scrub)
+            .filter(|s| s.len() <= 512),
         data: scrub_value(&event.data),
     }
 }
@@ -262,13 +271,16 @@ fn ids_only(event: &CloudEvent, size: usize, bound: Bound) -> String {
     if bound.measure.of(&body) <= bound.limit {
         return body;
     }
-    json!({
+    let mut last = json!({
         "specversion": "1.0",
         "id": event.id,
         "source": shorten(&event.source, 256),
         "type": event.kind,
         "datacontenttype": super::DATA_CONTENT_TYPE,
         "data": {"trimmed": {"by": bound.by, "size": size, "limit": bound.limit}},
-    })
-    .to_string()
+    });
+    if let Some(tp) = event.trace_parent() {
+        last["traceparent"] = Value::String(tp.header());
+    }
+    last.to_string()
 }

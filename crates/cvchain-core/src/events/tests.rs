@@ -829,3 +829,49 @@ fn a_failed_channel_move_is_told() {
         Some(EventType::ChannelMoveFailed)
     );
 }
+
+#[test]
+fn an_event_carries_its_chains_trace_and_keeps_its_id() {
+    use crate::trace::{SpanId, TraceParent, chain_trace_id};
+    let (project, iteration) = ids();
+    let events = insert_events(
+        &training_row(EventStatus::TrainingCompleted, Some("passed")),
+        &facts(),
+        &ctx(),
+        now(),
+    );
+    let parent = TraceParent {
+        trace_id: chain_trace_id(project, iteration),
+        parent_id: SpanId([1, 2, 3, 4, 5, 6, 7, 8]),
+        sampled: true,
+    };
+    for e in &events {
+        let traced = e.clone().in_trace(&parent, None);
+        // The id is the change's, whatever trace made it.
+        assert_eq!(traced.id, e.id);
+        let json: Value = serde_json::from_str(&traced.to_json()).unwrap();
+        assert_eq!(json["traceparent"], parent.header().as_str());
+        assert!(json.get("tracestate").is_none());
+        // Stored and sent, shortened or not, it keeps its context.
+        let row = stored(&traced, &[Sink::Webhook]);
+        let fitted = for_sink(&row, Sink::Webhook, &ctx());
+        assert_eq!(fitted.trace, Some(parent));
+        let sent: Value = serde_json::from_str(&fitted.body).unwrap();
+        assert_eq!(sent["traceparent"], parent.header().as_str());
+        let tiny = shape::shrink(
+            &traced,
+            shape::Bound {
+                by: "webhook",
+                limit: 300,
+                measure: shape::Measure::Bytes,
+            },
+        );
+        let tiny: Value = serde_json::from_str(&tiny.json).unwrap();
+        assert_eq!(tiny["traceparent"], parent.header().as_str());
+    }
+    // Without a trace the member is left out; an invalid one is not kept.
+    assert!(!events[0].to_json().contains("traceparent"));
+    let mut forged = events[0].clone();
+    forged.traceparent = Some("00-sig=c2VjcmV0-x-01".into());
+    assert_eq!(shape::redacted(&forged).traceparent, None);
+}
