@@ -34,6 +34,7 @@ use futures::StreamExt as _;
 use std::sync::Arc;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// Projects the timer's round (and the worker's) delivers at once: a project whose sink is slow
@@ -199,7 +200,14 @@ impl Events {
         events
             .iter()
             .enumerate()
-            .map(|(i, e)| outbox_row(partition_key, e, describes, &sinks, &sequence(at, i)))
+            .map(|(i, e)| {
+                // The chain's trace context travels with the event (its id stays the change's).
+                let traced = match crate::telemetry::event_trace(e) {
+                    Some(tp) => e.clone().in_trace(&tp, None),
+                    None => e.clone(),
+                };
+                outbox_row(partition_key, &traced, describes, &sinks, &sequence(at, i))
+            })
             .collect()
     }
 
@@ -295,8 +303,10 @@ impl Events {
     /// them does not wait for a sink.
     pub fn deliver_later(self: &Arc<Self>, partition_key: String) {
         let me = self.clone();
+        // The round is a child of the invocation that wrote the events (in its chain's trace).
+        let round = crate::telemetry::round_span(&partition_key, Some(&tracing::Span::current()));
         tokio::spawn(async move {
-            match me.deliver(&partition_key).await {
+            match me.deliver(&partition_key).instrument(round).await {
                 Ok(r) if r == DeliveryReport::default() => {}
                 Ok(r) => tracing::info!(project = %partition_key, "events: {}", r.describe()),
                 Err(e) => {
@@ -313,7 +323,11 @@ impl Events {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(me.deliver_every).await;
-                match me.deliver_all().await {
+                match me
+                    .deliver_all()
+                    .instrument(crate::telemetry::timer_span())
+                    .await
+                {
                     Ok(r) if r == DeliveryReport::default() => {}
                     Ok(r) => tracing::info!("events: {}", r.describe()),
                     Err(e) => tracing::warn!(error = %e, "events: periodic delivery failed"),
@@ -330,7 +344,8 @@ impl Events {
         let count = projects.len();
         let mut results = futures::stream::iter(projects)
             .map(|pk| async move {
-                let result = self.deliver(&pk).await;
+                let round = crate::telemetry::round_span(&pk, None);
+                let result = self.deliver(&pk).instrument(round).await;
                 (pk, result)
             })
             .buffer_unordered(PROJECTS_AT_ONCE);
@@ -346,9 +361,27 @@ impl Events {
                 }
             }
         }
+        if crate::telemetry::metrics_on() {
+            self.measure_outbox_age().await;
+        }
         match first_error {
             Some(e) if report.errors == count => Err(e),
             _ => Ok(report),
+        }
+    }
+
+    /// The age of the oldest event still pending after a round over every project (one query
+    /// of the pending rows, made only when metrics are exported).
+    async fn measure_outbox_age(&self) {
+        if let Ok(rows) = self.outbox.list(None, true, 10_000).await {
+            let now = OffsetDateTime::now_utc();
+            let oldest = rows
+                .iter()
+                .filter(|r| r.pending)
+                .filter_map(|r| r.time)
+                .min();
+            let age = oldest.map_or(0.0, |t| (now - t).as_seconds_f64());
+            crate::telemetry::outbox_age(age);
         }
     }
 
@@ -442,28 +475,58 @@ impl Events {
             }
             _ => (0..due.len()).map(|i| i..i + 1).collect(),
         };
+        let destination = self.sinks.describe(sink);
         for group in groups {
+            // Each event's delivery is a span in the event's own trace (its chain's); an Event
+            // Grid request carries several, and runs under the first one's.
+            let spans: Vec<tracing::Span> = group
+                .clone()
+                .map(|i| {
+                    crate::telemetry::delivery_span(
+                        sink.as_str(),
+                        &destination,
+                        &due[i].id,
+                        &due[i].kind,
+                        fitted[i].trace,
+                    )
+                })
+                .collect();
             let answer = match sink {
                 Sink::EventGrid => {
                     let bodies: Vec<&str> = fitted[group.clone()]
                         .iter()
                         .map(|f| f.body.as_str())
                         .collect();
-                    self.sinks.send_batch(&bodies).await
+                    self.sinks
+                        .send_batch(&bodies)
+                        .instrument(spans[0].clone())
+                        .await
                 }
                 _ => {
                     let i = group.start;
-                    self.sinks.send_one(sink, &due[i].id, &fitted[i].body).await
+                    let traceparent =
+                        crate::telemetry::delivery_traceparent(&spans[0], fitted[i].trace);
+                    self.sinks
+                        .send_one(sink, &due[i].id, &fitted[i].body, traceparent.as_deref())
+                        .instrument(spans[0].clone())
+                        .await
                 }
             };
             let now = OffsetDateTime::now_utc();
             let mut states = Vec::new();
-            for i in group {
+            for (n, i) in group.enumerate() {
                 let row = due[i];
                 let mut state = after_attempt(&row.state(sink), &answer, &self.retry, &row.id, now);
                 if fitted[i].trimmed.is_some() {
                     state.note = fitted[i].trimmed.clone();
                 }
+                let outcome = match state.state {
+                    delivery::State::Delivered => "delivered",
+                    delivery::State::Failed => "failed",
+                    _ => "retry",
+                };
+                crate::telemetry::delivery(sink.as_str(), outcome);
+                crate::telemetry::delivery_done(&spans[n], outcome, state.answer.as_deref());
                 self.tell(sink, row, &state, &answer, &mut report);
                 states.push((row.row_key.clone(), state));
             }

@@ -92,17 +92,32 @@ impl Lifecycle {
         row: &cvchain_core::history::HistoryRow,
         project_name: &str,
     ) -> Result<(), ProcessError> {
-        match &self.events {
+        let inserted = match &self.events {
             Some(events) => {
                 let facts = cvchain_core::events::IterationFacts {
                     project_name: project_name.to_owned(),
                     ..Default::default()
                 };
-                events.record(row, &facts, None, Vec::new()).await?;
+                events.record(row, &facts, None, Vec::new()).await?
+                    == cvchain_azure::history::store::Recorded::Inserted
             }
             // Without sinks nothing reads the row that is there already.
-            None => {
-                self.history.record_once(row).await?;
+            None => self.history.record_once(row).await?,
+        };
+        // A move counts once, when its row is written (a redelivery finds it there).
+        if inserted {
+            use cvchain_core::history::{Prop, RowKind};
+            let p = &row.properties;
+            match row.kind() {
+                Some(RowKind::ChannelMove) => crate::telemetry::channel_move(
+                    p.text(Prop::Channel),
+                    p.text(Prop::Reason),
+                    "moved",
+                ),
+                Some(RowKind::ChannelMoveFailed) => {
+                    crate::telemetry::channel_move(p.text(Prop::Channel), "failed", "failed")
+                }
+                _ => {}
             }
         }
         Ok(())

@@ -78,6 +78,8 @@ pub struct Processor {
     rejected: azure_storage_blob::BlobContainerClient,
     config: PlanConfig,
     table_name: String,
+    /// The notification queue (spans name it).
+    queue_name: String,
     cv: Option<Arc<dyn TrainingApi>>,
     releases: ReleaseStore,
     lifecycle: Lifecycle,
@@ -143,12 +145,18 @@ impl Processor {
             },
             events,
             table_name: settings.history_table.clone(),
+            queue_name: settings.queue_name.clone(),
             cv,
         })
     }
 
     pub fn history(&self) -> &HistoryStore {
         &self.history
+    }
+
+    /// The notification queue's name.
+    pub fn queue_name(&self) -> &str {
+        &self.queue_name
     }
 
     /// Outbound events, when a sink is configured.
@@ -527,6 +535,12 @@ impl Processor {
                     }
                     match recorded {
                         Recorded::Inserted => {
+                            // The gate's verdict counts once, when its row is written.
+                            if let Some(v) = Some(row.properties.text(Prop::GateVerdict))
+                                .filter(|v| !v.is_empty())
+                            {
+                                crate::telemetry::gate_verdict(v);
+                            }
                             scratch.logs.push(format!("recorded {row_desc}"));
                         }
                         Recorded::AlreadyPresent(existing) => {
@@ -894,6 +908,51 @@ impl Processor {
             }
         }
         Ok(())
+    }
+}
+
+/// How an invocation's result reads on its span and in its metrics: the outcome, the decision
+/// (what the plan decided and the chain did, from the invocation's log lines, already free of
+/// secrets) and, for a failure, the error.
+pub fn traced(
+    result: &Result<Outcome, ProcessError>,
+) -> (cvchain_core::trace::Outcome, Option<String>, Option<String>) {
+    use cvchain_core::trace::Outcome as T;
+    match result {
+        Ok(o) => {
+            let outcome = match (&o.disposition, o.duplicate) {
+                (Disposition::Rejected, _) => T::Rejected,
+                (Disposition::Recorded, true) => T::Duplicate,
+                (Disposition::Recorded, false) => T::Recorded,
+            };
+            let decision: Vec<&str> = o
+                .logs
+                .iter()
+                .map(String::as_str)
+                .filter(|l| {
+                    [
+                        "rejected:",
+                        "export chain:",
+                        "channels:",
+                        "publish:",
+                        "retention:",
+                        "released ",
+                        "release of ",
+                        "export ",
+                    ]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+                })
+                .collect();
+            let decision = if decision.is_empty() {
+                o.logs.first().cloned()
+            } else {
+                Some(decision.join("; "))
+            };
+            (outcome, decision, None)
+        }
+        Err(ProcessError::NotReady(why)) => (T::Retry, Some(format!("not ready: {why}")), None),
+        Err(e) => (T::Failed, None, Some(scrub(&e.to_string()))),
     }
 }
 

@@ -239,7 +239,9 @@ async fn invoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         .unwrap_or("")
         .to_owned();
     let span = tracing::info_span!("invocation", id = %invocation_id);
-    handle(state, body).instrument(span).await
+    handle(state, body, Some(invocation_id).filter(|i| !i.is_empty()))
+        .instrument(span)
+        .await
 }
 
 /// Reads a request body within the body timeout and the shared budget: a client that stalls
@@ -332,7 +334,11 @@ async fn deliver_events(State(state): State<AppState>, body: Bytes) -> Response 
         )
             .into_response();
     };
-    match events.deliver_all().await {
+    match events
+        .deliver_all()
+        .instrument(crate::telemetry::timer_span())
+        .await
+    {
         Ok(report) => {
             let line = format!(
                 "events: {}{}",
@@ -357,7 +363,7 @@ async fn deliver_events(State(state): State<AppState>, body: Bytes) -> Response 
     }
 }
 
-async fn handle(state: AppState, body: Bytes) -> Response {
+async fn handle(state: AppState, body: Bytes, invocation_id: Option<String>) -> Response {
     let received_at = OffsetDateTime::now_utc();
 
     let (result, notes) = match decode_queue_invocation(&body, TRIGGER_BINDING) {
@@ -368,10 +374,17 @@ async fn handle(state: AppState, body: Bytes) -> Response {
                 dequeue_count: inv.dequeue_count,
                 received_at,
             };
-            (
-                state.processor.process(&Incoming::decode(received)).await,
-                inv.notes,
-            )
+            let incoming = Incoming::decode(received);
+            let traced = crate::telemetry::invocation(
+                &incoming,
+                crate::telemetry::Trigger::Host,
+                state.processor.queue_name(),
+                invocation_id.as_deref(),
+            );
+            let result = traced.run(state.processor.process(&incoming)).await;
+            let (outcome, decision, error) = crate::process::traced(&result);
+            traced.finish(outcome, decision.as_deref(), error.as_deref());
+            (result, inv.notes)
         }
         Err(e) => {
             // Nothing to retry: record what arrived so it is not lost.
@@ -382,13 +395,23 @@ async fn handle(state: AppState, body: Bytes) -> Response {
                 received_at,
             };
             tracing::warn!(error = %e, "unreadable invocation body");
-            (
-                state
-                    .processor
-                    .process_unreadable(&Incoming::decode(received), &e.to_string())
-                    .await,
-                Vec::new(),
-            )
+            let incoming = Incoming::decode(received);
+            let traced = crate::telemetry::invocation(
+                &incoming,
+                crate::telemetry::Trigger::Host,
+                state.processor.queue_name(),
+                invocation_id.as_deref(),
+            );
+            let result = traced
+                .run(
+                    state
+                        .processor
+                        .process_unreadable(&incoming, &e.to_string()),
+                )
+                .await;
+            let (outcome, decision, error) = crate::process::traced(&result);
+            traced.finish(outcome, decision.as_deref(), error.as_deref());
+            (result, Vec::new())
         }
     };
 

@@ -238,7 +238,16 @@ async fn handle(
             }
         })
     };
-    let result = processor.process(&Incoming::decode(received)).await;
+    let incoming = Incoming::decode(received);
+    let traced = crate::telemetry::invocation(
+        &incoming,
+        crate::telemetry::Trigger::Worker,
+        processor.queue_name(),
+        None,
+    );
+    let result = traced.run(processor.process(&incoming)).await;
+    let (outcome, decision, error) = crate::process::traced(&result);
+    traced.finish(outcome, decision.as_deref(), error.as_deref());
     let _ = stop.send(());
     let _ = renewer.await;
     let pop = pop.lock().expect("pop").clone();

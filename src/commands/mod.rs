@@ -132,14 +132,9 @@ development build: `cargo run -- standin`.";
 impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Serve => {
-                crate::telemetry::init(crate::settings::log_format_from_env());
-                serve::run()
-            }
-            Command::Worker => {
-                crate::telemetry::init(crate::settings::log_format_from_env());
-                worker::run()
-            }
+            // Logging and telemetry start on the command's runtime (the exporters use it).
+            Command::Serve => serve::run(),
+            Command::Worker => worker::run(),
             #[cfg(feature = "standin")]
             Command::Dev(args) => dev::run(args),
             #[cfg(not(feature = "standin"))]
@@ -200,6 +195,9 @@ async fn deliver_events(app: &crate::startup::Application, project: uuid::Uuid) 
         }
     }
 }
+
+/// How long SIGTERM waits for telemetry to be exported (the collector may be away).
+pub const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The async runtime a command runs on.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

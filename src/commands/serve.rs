@@ -9,9 +9,13 @@ use std::time::Duration;
 const DRAIN: Duration = Duration::from_secs(20);
 
 pub fn run() -> anyhow::Result<()> {
-    let settings = Settings::from_env()?;
-    let port = handler_port(&|k| std::env::var(k).ok())?;
     super::runtime()?.block_on(async move {
+        let telemetry = crate::telemetry::init_with(
+            crate::settings::log_format_from_env(),
+            &crate::telemetry::TelemetrySettings::from_env(),
+        );
+        let settings = Settings::from_env()?;
+        let port = handler_port(&|k| std::env::var(k).ok())?;
         let app = Application::build(settings)?;
         let s = &app.settings;
         if s.custom_vision.is_none() {
@@ -29,6 +33,8 @@ pub fn run() -> anyhow::Result<()> {
             "settings validated"
         );
         app.serve(listener, DRAIN).await?;
+        // After the invocations in flight finished: what they recorded goes out now.
+        telemetry.shutdown(super::TELEMETRY_FLUSH).await;
         Ok(())
     })
 }

@@ -6,9 +6,13 @@ use crate::startup::Application;
 use crate::worker::WorkerOptions;
 
 pub fn run() -> anyhow::Result<()> {
-    let settings = Settings::from_env()?;
-    let options = WorkerOptions::from_env(settings.max_dequeue)?;
     super::runtime()?.block_on(async move {
+        let telemetry = crate::telemetry::init_with(
+            crate::settings::log_format_from_env(),
+            &crate::telemetry::TelemetrySettings::from_env(),
+        );
+        let settings = Settings::from_env()?;
+        let options = WorkerOptions::from_env(settings.max_dequeue)?;
         let app = Application::build(settings)?;
         let s = &app.settings;
         tracing::info!(
@@ -22,6 +26,7 @@ pub fn run() -> anyhow::Result<()> {
             .run_worker(options, crate::server::shutdown_signal())
             .await?;
         tracing::info!(?stats, "worker stopped");
+        telemetry.shutdown(super::TELEMETRY_FLUSH).await;
         Ok(())
     })
 }

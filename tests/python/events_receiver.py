@@ -36,6 +36,9 @@ def attributes(event):
         "specversion": event.get_specversion(),
         "datacontenttype": event.get_datacontenttype(),
         "data": event.get_data(),
+        # The distributed-tracing extension, as the SDK reads it.
+        "traceparent": event.get_extension("traceparent"),
+        "tracestate": event.get_extension("tracestate"),
     }
 
 
@@ -63,6 +66,7 @@ def serve(port, secret, out_path, delay=0.0, match=None):
             headers = {k.lower(): v for k, v in self.headers.items()}
             record = {"webhookId": headers.get("webhook-id"),
                       "contentType": headers.get("content-type"),
+                      "traceparentHeader": headers.get("traceparent"),
                       "inFlight": arrived_with}
             if delay and (match is None or match.encode() in body):
                 time.sleep(delay)

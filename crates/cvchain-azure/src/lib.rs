@@ -16,6 +16,7 @@ pub mod customvision;
 pub mod events;
 pub mod history;
 pub mod storage;
+pub mod telemetry;
 pub mod transport;
 
 /// The name cvchain's requests carry in their `User-Agent`.

@@ -132,7 +132,9 @@ impl TrainingClient {
         retry: CvRetry,
         transport: Option<azure_core::http::Transport>,
     ) -> Self {
-        let mut per_try: Vec<Arc<dyn Policy>> = Vec::new();
+        let mut per_try: Vec<Arc<dyn Policy>> = vec![crate::telemetry::ClientSpanPolicy::shared(
+            crate::telemetry::Service::CustomVision,
+        )];
         match auth {
             CvAuth::Key(key) => per_try.push(Arc::new(TrainingKeyPolicy(key))),
             CvAuth::Token(cred) => per_try.push(Arc::new(BearerTokenAuthorizationPolicy::new(
@@ -213,7 +215,9 @@ impl TrainingClient {
     ) -> Result<RawResponse, CvError> {
         let mut attempt = 1;
         loop {
-            let (result, retry_after) = self.attempt(operation, method, url.clone()).await;
+            let (result, retry_after) = self
+                .attempt(operation, method, url.clone(), attempt - 1)
+                .await;
             let err = match result {
                 Ok(rsp) => return Ok(rsp),
                 Err(e) => e,
@@ -247,6 +251,7 @@ impl TrainingClient {
         operation: &'static str,
         method: Method,
         url: Url,
+        resend: u32,
     ) -> (Result<RawResponse, CvError>, Option<Duration>) {
         if let Some(http) = &self.http {
             http.warm();
@@ -257,7 +262,10 @@ impl TrainingClient {
         if method == Method::Post {
             req.set_body(Vec::new());
         }
-        let ctx = Context::new();
+        let ctx = Context::new().with_value(crate::telemetry::Attempt {
+            number: resend,
+            operation,
+        });
         let send = self.pipeline.send(
             &ctx,
             &mut req,
@@ -268,6 +276,7 @@ impl TrainingClient {
         );
         let rsp = match tokio::time::timeout(self.retry.timeout, send).await {
             Err(_) => {
+                crate::telemetry::record_custom_vision(operation, None, Some("timeout"));
                 return (
                     Err(CvError::Timeout {
                         operation,
@@ -276,10 +285,14 @@ impl TrainingClient {
                     None,
                 );
             }
-            Ok(Err(e)) => return (Err(transport_error(operation, &e)), None),
+            Ok(Err(e)) => {
+                crate::telemetry::record_custom_vision(operation, None, Some("connection"));
+                return (Err(transport_error(operation, &e)), None);
+            }
             Ok(Ok(rsp)) => rsp,
         };
         let status = u16::from(rsp.status());
+        crate::telemetry::record_custom_vision(operation, Some(status), None);
         if (200..300).contains(&status) {
             return (Ok(rsp), None);
         }

@@ -128,7 +128,12 @@ impl Sinks {
                 Some(EventGridSink {
                     endpoint: eg.endpoint.clone(),
                     key,
-                    http: Http::new(transport.clone(), per_try, timeout),
+                    http: Http::new(
+                        transport.clone(),
+                        per_try,
+                        timeout,
+                        crate::telemetry::Service::EventGrid,
+                    ),
                 })
             }
             None => None,
@@ -136,7 +141,12 @@ impl Sinks {
         let webhook = settings.webhook.as_ref().map(|w| WebhookSink {
             url: w.url.clone(),
             key: w.key.clone(),
-            http: Http::new(transport.clone(), Vec::new(), timeout),
+            http: Http::new(
+                transport.clone(),
+                Vec::new(),
+                timeout,
+                crate::telemetry::Service::Webhook,
+            ),
         });
         Ok(Self {
             queue,
@@ -183,15 +193,22 @@ impl Sinks {
         }
     }
 
-    /// Sends one event to one sink (to Event Grid, as a batch of one).
-    pub async fn send_one(&self, sink: Sink, id: &str, body: &str) -> Answer {
+    /// Sends one event to one sink (to Event Grid, as a batch of one). `traceparent`: the W3C
+    /// trace context the webhook request carries in its `traceparent` header.
+    pub async fn send_one(
+        &self,
+        sink: Sink,
+        id: &str,
+        body: &str,
+        traceparent: Option<&str>,
+    ) -> Answer {
         match sink {
             Sink::Queue => match &self.queue {
                 Some(q) => q.send(body).await,
                 None => not_configured(),
             },
             Sink::Webhook => match &self.webhook {
-                Some(w) => w.send(id, body).await,
+                Some(w) => w.send(id, body, traceparent).await,
                 None => not_configured(),
             },
             Sink::EventGrid => self.send_batch(&[body]).await,
@@ -230,7 +247,7 @@ impl Sinks {
                 }
                 _ => {
                     let (id, body) = &events[group.start];
-                    self.send_one(sink, id, body).await
+                    self.send_one(sink, id, body, None).await
                 }
             };
             let stop = !matches!(answer, Answer::Delivered(_));
@@ -339,7 +356,13 @@ struct Exchange {
 }
 
 impl Http {
-    fn new(transport: Transport, per_try: Vec<Arc<dyn Policy>>, timeout: Duration) -> Self {
+    fn new(
+        transport: Transport,
+        mut per_try: Vec<Arc<dyn Policy>>,
+        timeout: Duration,
+        service: crate::telemetry::Service,
+    ) -> Self {
+        per_try.insert(0, crate::telemetry::ClientSpanPolicy::shared(service));
         let options = ClientOptions {
             retry: RetryOptions::none(),
             transport: Some(transport),
@@ -499,7 +522,7 @@ pub struct WebhookSink {
 }
 
 impl WebhookSink {
-    async fn send(&self, id: &str, body: &str) -> Answer {
+    async fn send(&self, id: &str, body: &str, traceparent: Option<&str>) -> Answer {
         let key = base64::engine::general_purpose::STANDARD
             .decode(self.key.secret())
             .unwrap_or_default();
@@ -512,6 +535,9 @@ impl WebhookSink {
             "webhook-signature",
             webhook::sign(&key, id, timestamp, body.as_bytes()),
         );
+        if let Some(tp) = traceparent {
+            req.insert_header("traceparent", tp.to_owned());
+        }
         req.set_body(body.as_bytes().to_vec());
         self.http.answer(&mut req, &self.url, &self.secrets()).await
     }

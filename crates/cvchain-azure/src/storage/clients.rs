@@ -146,6 +146,15 @@ impl StorageClients {
             },
             ..Default::default()
         };
+        // A client span and metrics per attempt (nothing unless telemetry is on).
+        options
+            .per_call_policies
+            .push(Arc::new(crate::telemetry::AttemptsPolicy));
+        options
+            .per_try_policies
+            .push(crate::telemetry::ClientSpanPolicy::shared(
+                telemetry_service(service),
+            ));
         if let StorageAuth::SharedKey { account, key } = &self.settings.auth {
             options.per_try_policies.push(SharedKeyPolicy::new(
                 account.clone(),
@@ -220,6 +229,11 @@ impl StorageClients {
     pub fn anonymous_blob(&self, url_with_sas: &Url) -> Result<BlobClient, StorageError> {
         let mut client_options = self.client_options(Service::Blob);
         client_options.per_try_policies.clear();
+        client_options
+            .per_try_policies
+            .push(crate::telemetry::ClientSpanPolicy::shared(
+                crate::telemetry::Service::Blob,
+            ));
         let options = BlobClientOptions {
             client_options,
             ..Default::default()
@@ -257,6 +271,14 @@ impl StorageClients {
             _ => None,
         };
         Ok(TableClient::new(endpoint, name, pipeline, sas))
+    }
+}
+
+fn telemetry_service(service: Service) -> crate::telemetry::Service {
+    match service {
+        Service::Blob => crate::telemetry::Service::Blob,
+        Service::Queue => crate::telemetry::Service::Queue,
+        Service::Table => crate::telemetry::Service::Table,
     }
 }
 
