@@ -401,6 +401,12 @@ impl Telemetry {
         }
         if tracer.is_some() {
             TRACING.store(true, Ordering::Relaxed);
+            if meter.is_none() {
+                // Spans without metrics (the tree alone): the client policies still make their
+                // spans; what they count goes nowhere.
+                let m = opentelemetry::global::meter("cvchain");
+                cvchain_azure::telemetry::install(&m);
+            }
         }
         Self {
             tracer,

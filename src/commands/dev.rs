@@ -39,6 +39,11 @@ pub struct Args {
     /// Leave Azurite, the stand-in and the worker running after the demo (Ctrl-C stops).
     #[arg(long)]
     pub keep: bool,
+    /// Print each chain's trace as a tree when the demo ends: every invocation, its storage and
+    /// Custom Vision calls and the events' deliveries, with their durations (no collector
+    /// needed; OTEL_EXPORTER_OTLP_ENDPOINT still exports them too).
+    #[arg(long)]
+    pub trace: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -46,8 +51,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // SAFETY: single-threaded here, before the runtime and logging start.
         unsafe { std::env::set_var("RUST_LOG", "warn") };
     }
-    crate::telemetry::init(crate::settings::log_format_from_env());
-    super::runtime()?.block_on(demo(std::env::current_dir()?, args.keep))
+    super::runtime()?.block_on(async move {
+        let mut settings = crate::telemetry::TelemetrySettings::from_env();
+        settings.tree = args.trace;
+        let telemetry =
+            crate::telemetry::init_with(crate::settings::log_format_from_env(), &settings);
+        let result = demo(std::env::current_dir()?, args.keep, &telemetry).await;
+        telemetry.shutdown(super::TELEMETRY_FLUSH).await;
+        result
+    })
 }
 
 /// Azurite for the run, with its data in `.azurite/` of the repository. A previous run's data
@@ -120,7 +132,11 @@ fn storage_blob_url(connection: &str) -> anyhow::Result<String> {
 }
 
 /// Runs the demo; with `keep`, leaves everything running until Ctrl-C.
-async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
+async fn demo(
+    root: PathBuf,
+    keep: bool,
+    telemetry: &crate::telemetry::Telemetry,
+) -> anyhow::Result<()> {
     let run_id = format!("{:08x}", rand_u32());
     let (azurite, connection) = match std::env::var("CVCHAIN_STORAGE") {
         Ok(c) if !c.trim().is_empty() => {
@@ -343,6 +359,15 @@ async fn demo(root: PathBuf, keep: bool) -> anyhow::Result<()> {
                 println!("  {container}/{}", b.name.unwrap_or_default());
             }
         }
+    }
+    if telemetry.tracing() {
+        // What the invocations still hold open (their delivery rounds) ends first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let spans = telemetry.kept_spans().await;
+        println!(
+            "\nTraces (one per chain: each invocation, its calls and the events' deliveries):\n{}",
+            crate::telemetry::render_tree(&spans)
+        );
     }
     if keep {
         println!(

@@ -100,6 +100,9 @@ pub struct DevArgs {
     /// Leave everything running after the demo.
     #[arg(long)]
     pub keep: bool,
+    /// Print each chain's trace as a tree.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 /// `cvchain standin`'s arguments, kept in builds without the stand-in so the command can say
