@@ -106,9 +106,40 @@ async fn check_reaches_everything_and_names_what_to_fix() {
         "✓ release container models",
         "✓ backup container cvbackups",
         "credentials accepted",
+        "✓ telemetry: off",
     ] {
         assert!(t.contains(line), "missing {line:?}:\n{t}");
     }
+
+    // Telemetry: where it goes, never the connection string; a setting it cannot use fails.
+    let mut telemetry = base.clone();
+    telemetry.push((
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        "InstrumentationKey=0f3c1a2b-1111-2222-3333-444455556666;IngestionEndpoint=https://swedencentral-0.in.applicationinsights.azure.com/".into(),
+    ));
+    telemetry.push((
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+        "Authorization=AAD".into(),
+    ));
+    let out = run(telemetry.clone()).await.unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("✓ telemetry: Application Insights (Microsoft Entra ID)"),
+        "{t}"
+    );
+    assert!(
+        !t.contains("0f3c1a2b") && !t.contains("swedencentral-0"),
+        "{t}"
+    );
+    telemetry.push(("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318".into()));
+    let out = run(telemetry).await.unwrap();
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        t.contains("✗ telemetry: OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{t}"
+    );
 
     let mut wrong_key = base.clone();
     wrong_key[0].1 = azurite.connection_string().replace(

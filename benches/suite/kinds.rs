@@ -53,8 +53,14 @@ pub struct Runner {
 
 impl Runner {
     pub async fn start(bin: Option<&Path>) -> Self {
+        Self::start_with(bin, &[]).await
+    }
+
+    /// As `start`, with more settings (telemetry's).
+    pub async fn start_with(bin: Option<&Path>, extra: &[(&'static str, String)]) -> Self {
         let env = Env::start(true).await;
-        let settings = env.settings("10");
+        let mut settings = env.settings("10");
+        settings.extend(extra.iter().cloned());
         let vars: Vec<(&str, String)> = settings.iter().map(|(k, v)| (*k, v.clone())).collect();
         let handler = tokio::task::block_in_place(|| match bin {
             Some(b) => Handler::start_with(b, "serve", &vars),

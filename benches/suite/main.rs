@@ -4,7 +4,7 @@
 //!     scripts/bench            # builds what it needs, runs criterion and this, prints the table
 //!
 //! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
-//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate,kinds), CVCHAIN_BENCH_OUT
+//! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate,kinds,telemetry), CVCHAIN_BENCH_OUT
 //! (target/bench/results.md), CVCHAIN_BENCH_KIND_ROUNDS (20), CVCHAIN_BENCH_BEFORE_BIN,
 //! CVCHAIN_BENCH_KINDS_DEBUG (a tally per invocation), CVCHAIN_BENCH_KINDS_DUMP=<dir> (each
 //! invocation's requests from Azurite's log). Needs Azurite in node_modules (`npm ci`).
@@ -119,7 +119,7 @@ fn baseline_exe() -> PathBuf {
 fn main() {
     let sections = setting(
         "CVCHAIN_BENCH_SECTIONS",
-        "cold,cost,kinds,calls,throughput,memory,rate",
+        "cold,cost,kinds,calls,throughput,memory,rate,telemetry",
     );
     let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let messages: usize = setting("CVCHAIN_BENCH_MESSAGES", "5000").parse().unwrap();
@@ -150,6 +150,9 @@ fn main() {
         }
         if on("rate") {
             rate(&mut table).await;
+        }
+        if on("telemetry") {
+            telemetry(&mut table).await;
         }
     });
     let out = PathBuf::from(setting("CVCHAIN_BENCH_OUT", "target/bench/results.md"));
@@ -336,6 +339,119 @@ async fn per_kind(table: &mut Table) {
             baseline,
             ratio,
             target,
+        );
+    }
+}
+
+/// A collector stand-in for the benchmark: takes any OTLP/HTTP request and answers 200 with an
+/// empty body (what it costs cvchain to export, not what a collector does with it).
+async fn otlp_sink() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, task)
+}
+
+/// Telemetry's cost: `serve`'s start-up and each kind of invocation with telemetry off (no
+/// `OTEL_*` or Application Insights setting) and on (OTLP/HTTP to a local sink: traces and
+/// metrics), and, with `CVCHAIN_BENCH_BEFORE_BIN` (the build before telemetry), that build too,
+/// all alternating run by run, so "off" beside "before" shows what telemetry costs when unused.
+async fn telemetry(table: &mut Table) {
+    let runs: usize = setting("CVCHAIN_BENCH_COLD_RUNS", "25").parse().unwrap();
+    let rounds: usize = setting("CVCHAIN_BENCH_KIND_ROUNDS", "20").parse().unwrap();
+    let before_bin = std::env::var("CVCHAIN_BENCH_BEFORE_BIN")
+        .ok()
+        .map(PathBuf::from);
+    let (port, _sink) = otlp_sink().await;
+    let on_vars: Vec<(&'static str, String)> = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1000".into()),
+    ];
+    // Start-up.
+    let env = Env::start(false).await;
+    let off = env.settings(FAST_CV_RPS);
+    let mut on = off.clone();
+    on.extend(on_vars.iter().cloned());
+    let exe = cvchain_exe();
+    let (mut t_off, mut t_on, mut t_before) = (Vec::new(), Vec::new(), Vec::new());
+    tokio::task::block_in_place(|| {
+        coldstart::once(&exe, &["serve"], &off);
+        coldstart::once(&exe, &["serve"], &on);
+        if let Some(b) = &before_bin {
+            coldstart::once(b, &["serve"], &off);
+        }
+        for _ in 0..runs {
+            t_off.push(coldstart::once(&exe, &["serve"], &off));
+            t_on.push(coldstart::once(&exe, &["serve"], &on));
+            if let Some(b) = &before_bin {
+                t_before.push(coldstart::once(b, &["serve"], &off));
+            }
+        }
+    });
+    let (m_off, m_on) = (coldstart::median(&mut t_off), coldstart::median(&mut t_on));
+    let before = (!t_before.is_empty()).then(|| coldstart::median(&mut t_before));
+    table.row(
+        &format!("Ready, telemetry off (median of {runs})"),
+        ms(m_off),
+        before.map_or("—".into(), |b| format!("{} (before telemetry)", ms(b))),
+        before.map_or("—".into(), |b| {
+            format!("{:.2}", m_off.as_secs_f64() / b.as_secs_f64())
+        }),
+        "unchanged",
+    );
+    table.row(
+        &format!("Ready, telemetry on: OTLP/HTTP (median of {runs})"),
+        ms(m_on),
+        format!("{} (off)", ms(m_off)),
+        format!("{:.2}", m_on.as_secs_f64() / m_off.as_secs_f64()),
+        "reported",
+    );
+    if let Some(b) = &before_bin {
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        table.row(
+            "Release binary size, with telemetry",
+            format!("{:.1} MiB", size(&exe) as f64 / 1048576.0),
+            format!("{:.1} MiB (before telemetry)", size(b) as f64 / 1048576.0),
+            format!("{:.2}", size(&exe) as f64 / size(b) as f64),
+            "reported",
+        );
+    }
+    drop(env);
+    // Each kind of invocation.
+    let r_off = kinds::Runner::start(None).await;
+    let r_on = kinds::Runner::start_with(None, &on_vars).await;
+    let r_before = match &before_bin {
+        Some(b) => Some(kinds::Runner::start(Some(b)).await),
+        None => None,
+    };
+    let (mut s_off, mut s_on, mut s_before) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        s_off.push(r_off.round().await);
+        s_on.push(r_on.round().await);
+        if let Some(r) = &r_before {
+            s_before.push(r.round().await);
+        }
+    }
+    let (k_off, k_on) = (kinds::medians(&s_off), kinds::medians(&s_on));
+    let k_before = (!s_before.is_empty()).then(|| kinds::medians(&s_before));
+    for (k, (name, _)) in kinds::KINDS.iter().enumerate() {
+        let before = k_before.as_ref().map(|b| b[k].duration);
+        table.row(
+            &format!("{name}, telemetry off / on (median of {rounds})"),
+            format!("{} / {}", ms(k_off[k].duration), ms(k_on[k].duration)),
+            before.map_or("—".into(), |b| format!("{} (before telemetry)", ms(b))),
+            format!(
+                "{:.2} / {:.2}",
+                before.map_or(1.0, |b| k_off[k].duration.as_secs_f64() / b.as_secs_f64()),
+                k_on[k].duration.as_secs_f64() / k_off[k].duration.as_secs_f64()
+            ),
+            "off: unchanged",
         );
     }
 }

@@ -213,7 +213,14 @@ pub fn run() -> anyhow::Result<()> {
         for c in &checks {
             println!("{c}");
         }
-        anyhow::Ok(checks.iter().filter(|c| !c.ok).count())
+        // Where telemetry goes (not reached: an export that fails never fails cvchain), and
+        // what of its settings cannot be used.
+        let telemetry = crate::telemetry::TelemetrySettings::from_env();
+        for p in &telemetry.problems {
+            println!("✗ telemetry: {p}");
+        }
+        println!("✓ telemetry: {}", telemetry.describe());
+        anyhow::Ok(checks.iter().filter(|c| !c.ok).count() + telemetry.problems.len())
     })?;
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");
