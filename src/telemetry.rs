@@ -947,7 +947,7 @@ pub fn invocation(
             otel.name = %name,
             otel.kind = "consumer",
             otel.status_code = Empty,
-            otel.status_message = Empty,
+            otel.status_description = Empty,
             faas.trigger = "pubsub",
             faas.invocation_id = Empty,
             messaging.system = "azure.storage.queue",
@@ -998,7 +998,7 @@ impl Invocation {
                 self.span.record("otel.status_code", "ERROR");
                 if let Some(e) = error {
                     self.span
-                        .record("otel.status_message", core_trace::attribute(e).as_str());
+                        .record("otel.status_description", core_trace::attribute(e).as_str());
                 }
             }
         }
