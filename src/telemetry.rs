@@ -584,7 +584,9 @@ impl ShouldSample for ChainSampler {
 /// endpoint (`v2/track` takes no token).
 #[derive(Clone)]
 struct ExportClient {
-    client: reqwest::Client,
+    /// Built on the first export, not at start-up: building it reads the system's root
+    /// certificates (as `cvchain_azure::transport` does for the Azure clients).
+    client: Arc<OnceLock<reqwest::Client>>,
     handle: tokio::runtime::Handle,
     timeout: Duration,
     entra: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
@@ -613,10 +615,7 @@ impl ExportClient {
             .map(|c| c as Arc<dyn azure_core::credentials::TokenCredential>)
         });
         Self {
-            client: reqwest::Client::builder()
-                .timeout(timeout)
-                .build()
-                .unwrap_or_default(),
+            client: Arc::new(OnceLock::new()),
             handle,
             timeout,
             entra,
@@ -632,6 +631,12 @@ impl opentelemetry_http::HttpClient for ExportClient {
     ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
         let (client, entra, timeout) = (self.client.clone(), self.entra.clone(), self.timeout);
         let work = async move {
+            let client = client.get_or_init(|| {
+                reqwest::Client::builder()
+                    .timeout(timeout)
+                    .build()
+                    .unwrap_or_default()
+            });
             let (mut parts, body) = request.into_parts();
             if let Some(credential) = entra {
                 let token = credential.get_token(&[MONITOR_SCOPE], None).await?;

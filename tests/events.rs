@@ -496,6 +496,23 @@ async fn one_chain_tells_every_sink_every_event_in_order_signed() {
     texts.extend(w.topic.events().iter().map(Value::to_string));
     let parsed = parse_with_sdk(&w.python, &texts);
     assert_eq!(parsed.len(), 2 * EXPECTED.len());
+    // Telemetry off (this worker exports nothing): every event still carries its chain's trace
+    // (the distributed-tracing extension, as the SDK reads it), and the webhook's header too.
+    let chain = cvchain_core::trace::chain_trace_id(w.project, iteration).to_string();
+    let trace_of = |tp: &Value| {
+        cvchain_core::trace::TraceParent::parse(tp.as_str().unwrap_or_default())
+            .map(|t| t.trace_id.to_string())
+    };
+    for e in parsed.iter().chain(w.receiver.records().iter()) {
+        assert_eq!(trace_of(&e["traceparent"]), Some(chain.clone()), "{e}");
+    }
+    for r in w.receiver.records() {
+        assert_eq!(
+            trace_of(&r["traceparentHeader"]),
+            Some(chain.clone()),
+            "{r}"
+        );
+    }
     // What a consumer needs without another call.
     let records = w.receiver.records();
     let of = |t: &'static str| records.iter().filter(move |r| r["type"] == t);

@@ -112,8 +112,22 @@ fn attr<'a>(r: &'a Value, k: &str) -> &'a Value {
     &r["attributes"][k]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_metrics() {
+/// Azurite, the stand-in, a project, the OTLP and webhook receivers, and the settings of a
+/// `serve` that exports where `otel` says (given the OTLP receiver's port).
+struct Ground {
+    _azurite: Azurite,
+    standin: Standin,
+    clients: StorageClients,
+    api: StandinApi,
+    source: String,
+    queue: String,
+    project: Uuid,
+    env: Vec<(&'static str, String)>,
+    otlp: PyServer,
+    webhook: PyServer,
+}
+
+async fn ground(otel: impl Fn(u16) -> Vec<(&'static str, String)>) -> Ground {
     let azurite = Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let standin = Standin::start(cvchain_testkit::standin_config(&clients, KEY, 50))
@@ -141,7 +155,7 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
     let source = unique("cvsource");
     let table = unique("Telemetry");
     let backup = azurite.container_url("cvbackups");
-    let env = vec![
+    let mut env = vec![
         ("CVCHAIN_STORAGE", azurite.connection_string()),
         ("CVCHAIN_QUEUE", queue.clone()),
         ("CVCHAIN_HISTORY_TABLE", table.clone()),
@@ -160,13 +174,8 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
         ),
         ("CVCHAIN_WEBHOOK_SECRET", SECRET.into()),
         ("CVCHAIN_EVENTS_RETRY_SECONDS", "1".into()),
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{}", otlp.port),
-        ),
-        ("OTEL_METRIC_EXPORT_INTERVAL", "1000".into()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
     ];
+    env.extend(otel(otlp.port));
     cvchain_testkit::standin::create_queue(&clients, &source).await;
     cvchain_testkit::standin::create_container(&clients, "cvbackups").await;
     let api = StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
@@ -182,51 +191,89 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
             ("exportModelContainerUri", &backup),
         ])
         .await;
-    let mut a = Handler::start(&env);
-    let mut b = Handler::start(&env);
-    let iteration = api.train(project).await;
+    Ground {
+        _azurite: azurite,
+        standin,
+        clients,
+        api,
+        source,
+        queue,
+        project,
+        env,
+        otlp,
+        webhook,
+    }
+}
 
+impl Ground {
+    /// Delivers every notification to both handlers (at once, then again) until the chain's
+    /// completion reached the webhook; with `throttle`, the training's first delivery meets a
+    /// Custom Vision that throttles every call. Returns how many messages were delivered.
+    async fn run_chain(&self, a: &Handler, b: &Handler, throttle: bool) -> usize {
+        let until = Instant::now() + Duration::from_secs(120);
+        let mut throttled = !throttle;
+        let mut delivered = 0;
+        loop {
+            for (text, id) in cvchain_testkit::take_messages(&self.clients, &self.source).await {
+                if !throttled && text.contains("TrainingCompleted") {
+                    self.standin.set_faults(Faults {
+                        failure_rate: 1.0,
+                        throttle_share: Some(1.0),
+                        retry_after_seconds: 0,
+                        ..Default::default()
+                    });
+                    let code = post(a, &text, &id, 1).await;
+                    assert_eq!(
+                        code, 500,
+                        "a throttled Custom Vision asks the host to retry"
+                    );
+                    self.standin.set_faults(Faults::default());
+                    throttled = true;
+                }
+                cvchain_testkit::deliver_to_both(a, b, &text, &id).await;
+                delivered += 1;
+            }
+            if self
+                .webhook
+                .records()
+                .iter()
+                .any(|r| r["type"] == "io.cvchain.chain.completed")
+            {
+                return delivered;
+            }
+            assert!(
+                Instant::now() < until,
+                "the chain did not complete: {delivered} delivered\n{}\n---\n{}",
+                a.stderr(),
+                b.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_metrics() {
+    let g = ground(|port| {
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{port}"),
+            ),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "1000".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
+        ]
+    })
+    .await;
+    let (project, queue) = (g.project, g.queue.clone());
+    let (otlp, webhook) = (&g.otlp, &g.webhook);
+    let mut a = Handler::start(&g.env);
+    let mut b = Handler::start(&g.env);
+    let iteration = g.api.train(project).await;
     // The training's first delivery meets a Custom Vision that throttles every call: retried
     // (and traced) until the client gives up, and the host is asked to deliver it again.
-    let until = Instant::now() + Duration::from_secs(120);
-    let mut throttled = false;
-    let mut delivered = 0;
-    loop {
-        for (text, id) in cvchain_testkit::take_messages(&clients, &source).await {
-            if !throttled && text.contains("TrainingCompleted") {
-                standin.set_faults(Faults {
-                    failure_rate: 1.0,
-                    throttle_share: Some(1.0),
-                    retry_after_seconds: 0,
-                    ..Default::default()
-                });
-                let code = post(&a, &text, &id, 1).await;
-                assert_eq!(
-                    code, 500,
-                    "a throttled Custom Vision asks the host to retry"
-                );
-                standin.set_faults(Faults::default());
-                throttled = true;
-            }
-            cvchain_testkit::deliver_to_both(&a, &b, &text, &id).await;
-            delivered += 1;
-        }
-        let received: Vec<Value> = webhook.records();
-        if received
-            .iter()
-            .any(|r| r["type"] == "io.cvchain.chain.completed")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "the chain did not complete: {delivered} delivered\n{}\n---\n{}",
-            a.stderr(),
-            b.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(throttled && delivered >= 4, "{delivered}");
+    let delivered = g.run_chain(&a, &b, true).await;
+    assert!(delivered >= 4, "{delivered}");
     // The timer's round over every project measures the outbox's age.
     let timer = serde_json::json!({
         "Data": {"timer": {"Schedule": {"AdjustForDST": true}, "IsPastDue": false}},
@@ -478,4 +525,63 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
             "function-key-9f8e",
         ],
     );
+}
+
+/// A collector that takes connections and never answers: the chain runs as it does without
+/// telemetry, the spans that could not be exported are counted in `cvchain.telemetry.dropped`
+/// (the metrics go to a receiver that answers), and SIGTERM still exits, its flush bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_stalls_nothing_and_the_drops_are_counted() {
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    // Accepts every connection and keeps it open, reading and answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming() {
+            held.push(c);
+        }
+    });
+    let g = ground(|port| {
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                format!("http://127.0.0.1:{hole_port}/v1/traces"),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                format!("http://127.0.0.1:{port}/v1/metrics"),
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "300".into()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ]
+    })
+    .await;
+    let mut a = Handler::start(&g.env);
+    let b = Handler::start(&g.env);
+    g.api.train(g.project).await;
+    let delivered = g.run_chain(&a, &b, false).await;
+    assert!(delivered >= 4, "{delivered}");
+    let dropped = |g: &Ground| {
+        g.otlp
+            .records()
+            .iter()
+            .filter(|r| r["name"] == "cvchain.telemetry.dropped")
+            .filter_map(|r| r["value"].as_f64())
+            .fold(0.0, f64::max)
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    while dropped(&g) < 1.0 {
+        assert!(
+            Instant::now() < until,
+            "no dropped span counted:\n{}",
+            a.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = g.otlp.records();
+    assert!(records.iter().all(|r| r["signal"] != "span"));
+    assert!(records.iter().any(|r| r["name"] == "faas.invocations"));
+    let status = a.signal_and_wait("TERM", Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{}", a.stderr());
 }
