@@ -1397,4 +1397,54 @@ mod tests {
         assert!(s.app_insights.is_none());
         assert!(s.problems[0].contains(APPINSIGHTS_SETTING));
     }
+
+    /// Application Insights with Microsoft Entra ID: a token for Azure Monitor's scope, on the
+    /// endpoint that takes one (`v2.1/track`), sent from a thread outside the runtime as the
+    /// SDK's export threads send it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entra_id_sends_a_token_for_azure_monitor_to_v2_1_track() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = s.read(&mut buf).unwrap();
+            tx.send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                .unwrap();
+        });
+        let credential = Arc::new(cvchain_testkit::RecordingCredential::default());
+        let client = ExportClient {
+            client: Arc::new(OnceLock::new()),
+            handle: tokio::runtime::Handle::current(),
+            timeout: Duration::from_secs(5),
+            entra: Some(credential.clone()),
+        };
+        let request = http::Request::post(format!("http://127.0.0.1:{port}/v2/track"))
+            .body(Bytes::from_static(b"[]"))
+            .unwrap();
+        let rsp = tokio::task::spawn_blocking(move || {
+            futures::executor::block_on(opentelemetry_http::HttpClient::send_bytes(
+                &client, request,
+            ))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(rsp.status(), 200);
+        let head = rx.recv().unwrap();
+        assert!(head.starts_with("POST /v2.1/track HTTP/1.1"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: bearer token-for:https://monitor.azure.com//.default"),
+            "{head}"
+        );
+        assert_eq!(
+            *credential.scopes.lock().unwrap(),
+            vec![MONITOR_SCOPE.to_owned()]
+        );
+    }
 }

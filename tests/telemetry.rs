@@ -113,7 +113,8 @@ fn attr<'a>(r: &'a Value, k: &str) -> &'a Value {
 }
 
 /// Azurite, the stand-in, a project, the OTLP and webhook receivers, and the settings of a
-/// `serve` that exports where `otel` says (given the OTLP receiver's port).
+/// `serve` that exports where `otel` says (given the OTLP receiver's port). With `tls`, the
+/// OTLP receiver speaks https with a test CA that `serve` trusts (`SSL_CERT_FILE`).
 struct Ground {
     _azurite: Azurite,
     standin: Standin,
@@ -125,9 +126,10 @@ struct Ground {
     env: Vec<(&'static str, String)>,
     otlp: PyServer,
     webhook: PyServer,
+    _ca: Option<cvchain_testkit::TestCa>,
 }
 
-async fn ground(otel: impl Fn(u16) -> Vec<(&'static str, String)>) -> Ground {
+async fn ground(tls: bool, otel: impl Fn(u16) -> Vec<(&'static str, String)>) -> Ground {
     let azurite = Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
     let standin = Standin::start(cvchain_testkit::standin_config(&clients, KEY, 50))
@@ -141,10 +143,18 @@ async fn ground(otel: impl Fn(u16) -> Vec<(&'static str, String)>) -> Ground {
         }],
         ..Default::default()
     });
+    let ca = tls.then(cvchain_testkit::TestCa::generate);
     let otlp = PyServer::start(
         &venv_python("scripts/python-otlp"),
         "tests/python/otlp_receiver.py",
-        |port, out| vec!["serve".into(), port.to_string(), out.into()],
+        |port, out| {
+            let mut args = vec!["serve".into(), port.to_string(), out.into()];
+            if let Some(ca) = &ca {
+                args.push(ca.cert.display().to_string());
+                args.push(ca.key.display().to_string());
+            }
+            args
+        },
     );
     let webhook = PyServer::start(
         &venv_python("scripts/python-events"),
@@ -176,6 +186,9 @@ async fn ground(otel: impl Fn(u16) -> Vec<(&'static str, String)>) -> Ground {
         ("CVCHAIN_EVENTS_RETRY_SECONDS", "1".into()),
     ];
     env.extend(otel(otlp.port));
+    if let Some(ca) = &ca {
+        env.push(("SSL_CERT_FILE", ca.ca_cert.display().to_string()));
+    }
     cvchain_testkit::standin::create_queue(&clients, &source).await;
     cvchain_testkit::standin::create_container(&clients, "cvbackups").await;
     let api = StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
@@ -202,6 +215,7 @@ async fn ground(otel: impl Fn(u16) -> Vec<(&'static str, String)>) -> Ground {
         env,
         otlp,
         webhook,
+        _ca: ca,
     }
 }
 
@@ -254,7 +268,7 @@ impl Ground {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_metrics() {
-    let g = ground(|port| {
+    let g = ground(false, |port| {
         vec![
             (
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -529,7 +543,9 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
 
 /// A collector that takes connections and never answers: the chain runs as it does without
 /// telemetry, the spans that could not be exported are counted in `cvchain.telemetry.dropped`
-/// (the metrics go to a receiver that answers), and SIGTERM still exits, its flush bounded.
+/// (the metrics go to a receiver that answers), and SIGTERM still exits, its flush bounded,
+/// though Application Insights' exporter (pointed at the same hole) keeps retrying for longer
+/// than the handler waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_never_answers_stalls_nothing_and_the_drops_are_counted() {
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -541,7 +557,7 @@ async fn a_collector_that_never_answers_stalls_nothing_and_the_drops_are_counted
             held.push(c);
         }
     });
-    let g = ground(|port| {
+    let g = ground(false, |port| {
         vec![
             (
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -550,6 +566,10 @@ async fn a_collector_that_never_answers_stalls_nothing_and_the_drops_are_counted
             (
                 "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
                 format!("http://127.0.0.1:{port}/v1/metrics"),
+            ),
+            (
+                "APPLICATIONINSIGHTS_CONNECTION_STRING",
+                format!("InstrumentationKey=0;IngestionEndpoint=https://127.0.0.1:{hole_port}/"),
             ),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "300".into()),
             ("OTEL_METRIC_EXPORT_INTERVAL", "500".into()),
@@ -584,4 +604,122 @@ async fn a_collector_that_never_answers_stalls_nothing_and_the_drops_are_counted
     assert!(records.iter().any(|r| r["name"] == "faas.invocations"));
     let status = a.signal_and_wait("TERM", Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()), "{}", a.stderr());
+}
+
+/// Application Insights, when `APPLICATIONINSIGHTS_CONNECTION_STRING` is set: the receiver plays
+/// its ingestion endpoint (the connection string's `IngestionEndpoint`) and reads what the
+/// exporter posts, as the service would. The chain is one operation (`ai.operation.id`, the
+/// trace id derived from the project and iteration) whose requests are the invocations of both
+/// instances and whose dependencies are their storage and Custom Vision calls; the metrics come
+/// too; no secret is in any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_insights_gets_the_chain_as_one_operation() {
+    const IKEY: &str = "00000000-1111-2222-3333-444444444444";
+    let g = ground(true, |port| {
+        vec![
+            (
+                "APPLICATIONINSIGHTS_CONNECTION_STRING",
+                format!("InstrumentationKey={IKEY};IngestionEndpoint=https://127.0.0.1:{port}/"),
+            ),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "1000".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
+        ]
+    })
+    .await;
+    let mut a = Handler::start(&g.env);
+    let mut b = Handler::start(&g.env);
+    let iteration = g.api.train(g.project).await;
+    g.run_chain(&a, &b, false).await;
+    for h in [&mut a, &mut b] {
+        let status = h.signal_and_wait("TERM", Duration::from_secs(30));
+        assert!(status.is_some_and(|s| s.success()), "{}", h.stderr());
+    }
+    let records = g.otlp.records();
+    assert!(
+        records.iter().all(|r| r["signal"] != "error"),
+        "{records:?}"
+    );
+    let envelopes: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["signal"] == "appinsights")
+        .map(|r| {
+            // An instrumentation key alone: no token without Entra ID.
+            assert_eq!(r["path"], "/v2/track");
+            assert!(r["authorization"].is_null());
+            &r["envelope"]
+        })
+        .collect();
+    let chain = cvchain_core::trace::chain_trace_id(g.project, iteration).to_string();
+    let of = |base: &str| -> Vec<&&Value> {
+        envelopes
+            .iter()
+            .filter(|e| e["data"]["baseType"] == base)
+            .collect()
+    };
+    for e in &envelopes {
+        assert_eq!(e["iKey"], IKEY);
+        assert_eq!(e["tags"]["ai.cloud.role"], "cvchain");
+    }
+    let requests: Vec<&&Value> = of("RequestData")
+        .into_iter()
+        .filter(|e| {
+            e["data"]["baseData"]["properties"]["cvchain.iteration.id"]
+                == iteration.to_string().as_str()
+        })
+        .collect();
+    let kinds: BTreeSet<&str> = requests
+        .iter()
+        .map(|e| {
+            assert_eq!(e["tags"]["ai.operation.id"], chain.as_str(), "{e}");
+            assert_eq!(e["data"]["baseData"]["name"], "CustomVisionNotification");
+            e["data"]["baseData"]["properties"]["cvchain.notification.kind"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["ExportCompleted", "TrainingCompleted"])
+    );
+    let roles: BTreeSet<&str> = requests
+        .iter()
+        .map(|e| e["tags"]["ai.cloud.roleInstance"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles.len(), 2, "both instances' requests");
+    let dependencies: Vec<&&Value> = of("RemoteDependencyData")
+        .into_iter()
+        .filter(|e| e["tags"]["ai.operation.id"] == chain.as_str())
+        .collect();
+    for service in ["table", "blob", "customvision"] {
+        assert!(
+            dependencies.iter().any(|e| {
+                e["data"]["baseData"]["properties"]["cvchain.service"] == service
+                    && e["tags"]["ai.operation.parentId"].is_string()
+            }),
+            "no {service} dependency in the operation"
+        );
+    }
+    let metrics: BTreeSet<&str> = of("MetricData")
+        .iter()
+        .flat_map(|e| e["data"]["baseData"]["metrics"].as_array().unwrap())
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    for name in [
+        "faas.invocations",
+        "cvchain.customvision.calls",
+        "cvchain.storage.requests",
+        "cvchain.event.deliveries",
+    ] {
+        assert!(metrics.contains(name), "{name} not in {metrics:?}");
+    }
+    cvchain_testkit::assert_no_secrets(
+        "what Application Insights got",
+        &g.otlp.text(),
+        &[
+            KEY,
+            cvchain_azure::storage::settings::DEV_ACCOUNT_KEY,
+            SECRET.trim_start_matches("whsec_"),
+            "function-key-9f8e",
+        ],
+    );
 }

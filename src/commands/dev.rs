@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // SAFETY: single-threaded here, before the runtime and logging start.
         unsafe { std::env::set_var("RUST_LOG", "warn") };
     }
-    super::runtime()?.block_on(async move {
+    super::run_then_leave(async move {
         let mut settings = crate::telemetry::TelemetrySettings::from_env();
         settings.tree = args.trace;
         let telemetry =
@@ -59,7 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let result = demo(std::env::current_dir()?, args.keep, &telemetry).await;
         telemetry.shutdown(super::TELEMETRY_FLUSH).await;
         result
-    })
+    })?
 }
 
 /// Azurite for the run, with its data in `.azurite/` of the repository. A previous run's data

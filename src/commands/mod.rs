@@ -206,3 +206,13 @@ pub const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
+
+/// Runs a long-lived command (`serve`, `worker`, `dev`) to its end, then leaves without waiting
+/// for blocking tasks: a telemetry flush still stuck past [`TELEMETRY_FLUSH`] (an exporter
+/// retrying a collector that is away) must not hold the exit after SIGTERM.
+fn run_then_leave<T>(work: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    let rt = runtime()?;
+    let out = rt.block_on(work);
+    rt.shutdown_background();
+    Ok(out)
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 const DRAIN: Duration = Duration::from_secs(20);
 
 pub fn run() -> anyhow::Result<()> {
-    super::runtime()?.block_on(async move {
+    super::run_then_leave(async move {
         let telemetry = crate::telemetry::init_with(
             crate::settings::log_format_from_env(),
             &crate::telemetry::TelemetrySettings::from_env(),
@@ -36,5 +36,5 @@ pub fn run() -> anyhow::Result<()> {
         // After the invocations in flight finished: what they recorded goes out now.
         telemetry.shutdown(super::TELEMETRY_FLUSH).await;
         Ok(())
-    })
+    })?
 }

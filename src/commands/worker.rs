@@ -6,7 +6,7 @@ use crate::startup::Application;
 use crate::worker::WorkerOptions;
 
 pub fn run() -> anyhow::Result<()> {
-    super::runtime()?.block_on(async move {
+    super::run_then_leave(async move {
         let telemetry = crate::telemetry::init_with(
             crate::settings::log_format_from_env(),
             &crate::telemetry::TelemetrySettings::from_env(),
@@ -28,5 +28,5 @@ pub fn run() -> anyhow::Result<()> {
         tracing::info!(?stats, "worker stopped");
         telemetry.shutdown(super::TELEMETRY_FLUSH).await;
         Ok(())
-    })
+    })?
 }

@@ -1,17 +1,26 @@
 """An OTLP/HTTP receiver that decodes what it gets with OpenTelemetry's own protobuf definitions
 (the opentelemetry-proto package), not cvchain's code.
 
-    otlp_receiver.py serve PORT OUT
+    otlp_receiver.py serve PORT OUT [CERT KEY]
         Listens on 127.0.0.1:PORT. POST /v1/traces and /v1/metrics (application/x-protobuf,
         gzip or not) are parsed as ExportTraceServiceRequest and ExportMetricsServiceRequest;
         each span and each metric data point is appended to OUT as one JSON line, ids in hex,
         attributes as a flat object, enums by name. The answer is the service's empty response,
         as a collector sends it. A body that does not parse is answered 400 and recorded as
         {"error": ...}. Prints "listening" when ready.
+
+        It also plays Application Insights' ingestion endpoint: POST /v2/track and /v2.1/track
+        (a gzip JSON array of telemetry envelopes, as Microsoft's SDKs send them) append each
+        envelope as {"signal": "appinsights", "path": ..., "authorization": ..., "envelope":
+        ...} and answer as the service does ({"itemsReceived", "itemsAccepted", "errors"}).
+
+        With CERT and KEY (PEM files), it speaks https: Application Insights' exporter always
+        sends to https, whatever the connection string's IngestionEndpoint says.
 """
 
 import gzip
 import json
+import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,7 +103,7 @@ def points(request: metrics_service_pb2.ExportMetricsServiceRequest):
                     yield point
 
 
-def serve(port, out_path):
+def serve(port, out_path, cert=None, key=None):
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -105,6 +114,29 @@ def serve(port, out_path):
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             if (self.headers.get("content-encoding") or "").lower() == "gzip":
                 body = gzip.decompress(body)
+            if self.path in ("/v2/track", "/v2.1/track"):
+                try:
+                    envelopes = json.loads(body)
+                    records = [{"signal": "appinsights", "path": self.path,
+                                "authorization": self.headers.get("authorization"),
+                                "envelope": e} for e in envelopes]
+                    status = 200
+                    payload = json.dumps({"itemsReceived": len(envelopes),
+                                          "itemsAccepted": len(envelopes),
+                                          "errors": []}).encode()
+                except Exception as e:  # noqa: BLE001
+                    records = [{"signal": "error", "path": self.path,
+                                "error": f"{type(e).__name__}: {e}"}]
+                    status, payload = 400, b""
+                with lock, open(out_path, "a", encoding="utf-8") as out:
+                    for r in records:
+                        out.write(json.dumps(r) + "\n")
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
             try:
                 if self.path == "/v1/traces":
                     request = trace_service_pb2.ExportTraceServiceRequest()
@@ -134,12 +166,16 @@ def serve(port, out_path):
             self.wfile.write(payload)
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    if cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print("listening", flush=True)
     server.serve_forever()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(int(sys.argv[2]), sys.argv[3])
+        serve(int(sys.argv[2]), sys.argv[3], *sys.argv[4:6])
     else:
         sys.exit(f"unknown command {sys.argv[1]}")
