@@ -303,14 +303,21 @@ impl World {
             .collect()
     }
 
-    /// Takes what the events queue holds now.
+    /// Takes what the events queue holds now, each message's JSON (base64 on the queue: the
+    /// default `CVCHAIN_EVENTS_QUEUE_ENCODING`).
     async fn drain_events_queue(&mut self) {
+        use base64::Engine as _;
         loop {
             let got = cvchain_testkit::take_messages(&self.clients, &self.events_queue).await;
             if got.is_empty() {
                 return;
             }
-            self.queued.extend(got.into_iter().map(|(text, _)| text));
+            self.queued.extend(got.into_iter().map(|(text, _)| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(&text)
+                    .unwrap_or_else(|e| panic!("not base64 ({e}): {text:.100}"));
+                String::from_utf8(bytes).unwrap()
+            }));
         }
     }
 
@@ -1743,4 +1750,150 @@ async fn hostile_names_reach_every_sink_as_cloudevents() {
     assert_eq!(w.webhook_ids(), w.outbox_ids().await);
     assert!(w.topic.refused().is_empty(), "{:?}", w.topic.refused());
     w.assert_no_secrets().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers on their defaults: the events queue as a queue-triggered Function reads it.
+
+/// The events machinery of `env` (as `serve` or the worker would build it), in this process.
+fn events_of(env: &[(&str, String)]) -> std::sync::Arc<cvchain::events::Events> {
+    let lookup = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+    let settings = cvchain::settings::Settings::from_lookup(&lookup).unwrap();
+    let storage = settings.storage.clone();
+    cvchain::events::Events::from_settings(
+        &settings,
+        &StorageClients::new(&storage).unwrap(),
+        Default::default(),
+    )
+    .unwrap()
+    .unwrap()
+}
+
+/// Events for the queue sink of `project`, in this order: a plain one, one whose names hold
+/// what XML and JSON escape (`<&>'"`, U+2028, U+FFFE), and one whose name is 20,000 CJK
+/// characters: whole in the outbox (its 30,000 UTF-16 units), 60 KB of UTF-8, whole as text
+/// and over 64 KiB once base64.
+async fn queue_events(clients: &StorageClients, table: &str, project: &str) -> Vec<String> {
+    use cvchain_core::events::{CloudEvent, Sink, outbox_row};
+    let store = cvchain_azure::history::store::HistoryStore::new(clients.table(table).unwrap());
+    let mut ids = Vec::new();
+    for (i, name) in [
+        "Widgets".to_owned(),
+        "<b>&'\"\u{2028}\u{FFFE}\u{FFFF} Wid\\gets".to_owned(),
+        "名".repeat(20_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let event = CloudEvent {
+            specversion: "1.0".into(),
+            id: Uuid::new_v4().to_string(),
+            source: "/cvchain/test".into(),
+            kind: "io.cvchain.model.released".into(),
+            subject: format!("projects/{project}/iterations/it-{i}"),
+            time: "2026-12-01T10:00:00Z".into(),
+            datacontenttype: "application/json".into(),
+            data: serde_json::json!({
+                "projectId": project,
+                "projectName": name,
+                "iterationId": format!("it-{i}"),
+                "history": {"table": table, "partitionKey": project, "rowKey": format!("ExportStep_{i}")},
+            }),
+        };
+        let row = outbox_row(
+            project,
+            &event,
+            &format!("ExportStep_{i}"),
+            &[Sink::Queue],
+            &format!("{:020}-000", i + 1),
+        );
+        store.record(&row).await.unwrap();
+        ids.push(event.id);
+    }
+    ids
+}
+
+/// Reads `count` messages of `queue` with Microsoft's Python queue SDK, decoding as `encoding`
+/// says (`base64`: its TextBase64DecodePolicy, as a default queue trigger decodes); each
+/// message's attributes as the CloudEvents SDK read them. Panics naming what did not decode.
+fn read_queue_with_sdk(
+    python: &str,
+    connection: &str,
+    queue: &str,
+    encoding: &str,
+    count: usize,
+) -> Vec<Value> {
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/python/events_receiver.py"))
+        .args([
+            "read-queue",
+            connection,
+            queue,
+            encoding,
+            &count.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Microsoft's queue SDK ({encoding}) could not read the events queue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The events queue is written base64 by default, so Microsoft's queue SDK with its base64
+/// decode policy (what a default Functions queue trigger does) reads every event, in order; a
+/// 60 KB event is shortened to fit 64 KiB as base64 sends it. With
+/// `CVCHAIN_EVENTS_QUEUE_ENCODING=none` the same events are JSON text the SDK reads without a
+/// policy, the 60 KB one whole, the characters XML cannot carry escaped in their JSON strings.
+/// (Before, each message was raw JSON: the base64 policy refused the first one, as a default
+/// trigger would have sent it to the poison queue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_queue_reads_as_a_default_queue_trigger_reads_it() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let python = python();
+    for encoding in ["base64", "none"] {
+        let table = unique("QueueEnc");
+        let queue = unique("cvevents");
+        let mut env = vec![
+            ("CVCHAIN_STORAGE", azurite.connection_string()),
+            ("CVCHAIN_HISTORY_TABLE", table.clone()),
+            ("CVCHAIN_EVENTS_QUEUE", queue.clone()),
+        ];
+        if encoding == "none" {
+            env.push(("CVCHAIN_EVENTS_QUEUE_ENCODING", "none".into()));
+        }
+        let events = events_of(&env);
+        let project = Uuid::new_v4().to_string();
+        let ids = queue_events(&clients, &table, &project).await;
+        let report = events.deliver(&project).await.unwrap();
+        assert_eq!(report.delivered, 3, "{encoding}: {report:?}");
+        let got = read_queue_with_sdk(&python, &azurite.connection_string(), &queue, encoding, 3);
+        let got_ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(got_ids, ids, "{encoding}: every event, in order");
+        assert_eq!(
+            got[1]["data"]["projectName"], "<b>&'\"\u{2028}\u{FFFE}\u{FFFF} Wid\\gets",
+            "{encoding}: the same names"
+        );
+        for e in &got {
+            assert!(e["messageSize"].as_u64().unwrap() <= 64 * 1024, "{e:.200}");
+        }
+        let large = &got[2]["data"];
+        if encoding == "base64" {
+            assert_eq!(large["trimmed"]["by"], "queue", "{large:.300}");
+            assert!(large["projectName"].as_str().unwrap().ends_with('…'));
+        } else {
+            assert!(large.get("trimmed").is_none(), "whole as text");
+            assert_eq!(
+                large["projectName"].as_str().unwrap().chars().count(),
+                20_000
+            );
+        }
+    }
 }
