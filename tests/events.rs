@@ -1897,3 +1897,157 @@ async fn the_events_queue_reads_as_a_default_queue_trigger_reads_it() {
         }
     }
 }
+
+/// `count` events of `project`, for `sinks`, in this order; their ids.
+async fn events_for(
+    clients: &StorageClients,
+    table: &str,
+    project: &str,
+    sinks: &[cvchain_core::events::Sink],
+    count: usize,
+) -> Vec<String> {
+    use cvchain_core::events::{CloudEvent, outbox_row};
+    let store = cvchain_azure::history::store::HistoryStore::new(clients.table(table).unwrap());
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let event = CloudEvent {
+            specversion: "1.0".into(),
+            id: Uuid::new_v4().to_string(),
+            source: "/cvchain/test".into(),
+            kind: "io.cvchain.export.requested".into(),
+            subject: format!("projects/{project}/iterations/it-{i}"),
+            time: "2026-12-01T10:00:00Z".into(),
+            datacontenttype: "application/json".into(),
+            data: serde_json::json!({"projectId": project, "iterationId": format!("it-{i}"),
+                "history": {"table": table, "partitionKey": project, "rowKey": format!("ExportStep_{i}")}}),
+        };
+        let row = outbox_row(
+            project,
+            &event,
+            &format!("ExportStep_{i}"),
+            sinks,
+            &format!("{:020}-000", i + 1),
+        );
+        store.record(&row).await.unwrap();
+        ids.push(event.id);
+    }
+    ids
+}
+
+/// An Event Grid namespace topic (`…/topics/<name>:publish`) is published to with its own
+/// scheme: `api-version=2023-11-01` and `Authorization: SharedAccessKey <key>` (the local topic
+/// refuses a custom topic's `aeg-sas-key`, as the service does), or a bearer token over https;
+/// `cvchain check` says which kind it detected. (Before, a namespace topic got `aeg-sas-key`:
+/// every publish was refused with 401.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_topic_is_published_to_with_its_own_scheme() {
+    use cvchain_azure::events::{
+        settings::{EventGridAuth, EventGridSettings, EventsSettings},
+        sinks::{EVENTGRID_SCOPE, SinkOptions, Sinks},
+    };
+    use cvchain_core::events::{Sink, delivery::Answer};
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let topic =
+        EventGridTopic::start_namespace("cvchain-events", TopicAuth::Key(TOPIC_KEY.into())).await;
+    assert!(topic.endpoint.ends_with("/topics/cvchain-events:publish"));
+    let table = unique("Namespace");
+    let env = vec![
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CVCHAIN_QUEUE", unique("cvq")),
+        ("CVCHAIN_EVENTGRID_ENDPOINT", topic.endpoint.clone()),
+        ("CVCHAIN_EVENTGRID_KEY", TOPIC_KEY.into()),
+    ];
+    let project = Uuid::new_v4().to_string();
+    let ids = events_for(&clients, &table, &project, &[Sink::EventGrid], 3).await;
+    let report = events_of(&env).deliver(&project).await.unwrap();
+    assert_eq!(report.delivered, 3, "{report:?}: {:?}", topic.refused());
+    assert!(topic.refused().is_empty(), "{:?}", topic.refused());
+    assert_eq!(topic.batches(), 1, "one request for the three");
+    let got: Vec<String> = topic
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ids);
+    let texts: Vec<String> = topic.events().iter().map(Value::to_string).collect();
+    assert_eq!(parse_with_sdk(&python(), &texts).len(), 3);
+    // `cvchain check` names the kind and its scheme.
+    let out = Command::new(env!("CARGO_BIN_EXE_cvchain"))
+        .arg("check")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("event sink: Event Grid"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.starts_with("✓")
+            && line.contains("namespace topic (api-version 2023-11-01, a key goes in Authorization: SharedAccessKey)"),
+        "{line}"
+    );
+    assert!(!text.contains(TOPIC_KEY), "{text}");
+    // A wrong key: refused for good, the answer recorded, the key never in it.
+    let wrong =
+        EventGridTopic::start_namespace("cvchain-events", TopicAuth::Key("other".into())).await;
+    let settings = |endpoint: &str, auth: EventGridAuth| EventsSettings {
+        event_grid: Some(EventGridSettings {
+            endpoint: url::Url::parse(&format!("{endpoint}?api-version=2023-11-01")).unwrap(),
+            auth,
+        }),
+        ..Default::default()
+    };
+    let sinks = Sinks::new(
+        &settings(
+            &wrong.endpoint,
+            EventGridAuth::Key(azure_core::credentials::Secret::new(TOPIC_KEY)),
+        ),
+        &clients,
+        SinkOptions::default(),
+    )
+    .unwrap();
+    let answers = sinks.send(Sink::EventGrid, &one_event()).await;
+    let [
+        Answer::Refused {
+            status: Some(401),
+            detail,
+            ..
+        },
+    ] = &answers[..]
+    else {
+        panic!("{answers:?}")
+    };
+    assert!(!detail.contains(TOPIC_KEY), "{detail}");
+    // Microsoft Entra ID: a bearer token for Event Grid's scope, over https.
+    let ca = cvchain_testkit::TestCa::generate();
+    let token = format!("token-for:{EVENTGRID_SCOPE}");
+    let entra = EventGridTopic::start_namespace_https("cv", TopicAuth::Bearer(token), &ca).await;
+    let credential = std::sync::Arc::new(cvchain_testkit::RecordingCredential::default());
+    let sinks = Sinks::new(
+        &settings(
+            &entra.endpoint,
+            EventGridAuth::ManagedIdentity { client_id: None },
+        ),
+        &clients,
+        SinkOptions {
+            transport: Some(ca.transport()),
+            eventgrid_credential: Some(credential.clone()),
+            timeout: None,
+        },
+    )
+    .unwrap();
+    let answers = sinks.send(Sink::EventGrid, &one_event()).await;
+    assert_eq!(
+        answers,
+        vec![Answer::Delivered("HTTP 200".into())],
+        "{:?}",
+        entra.refused()
+    );
+    assert_eq!(entra.events().len(), 1);
+    assert_eq!(*credential.scopes.lock().unwrap(), vec![EVENTGRID_SCOPE]);
+}
