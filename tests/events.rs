@@ -2051,3 +2051,347 @@ async fn a_namespace_topic_is_published_to_with_its_own_scheme() {
     assert_eq!(entra.events().len(), 1);
     assert_eq!(*credential.scopes.lock().unwrap(), vec![EVENTGRID_SCOPE]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// People are consumers too: Teams and Slack.
+
+const CONSOLE: &str = "https://cv-app.azurewebsites.net/api/history";
+
+/// Validates Teams messages with Microsoft's Adaptive Cards library (`tests/node`, the pinned
+/// `adaptivecards` npm package); each card's texts as the library read them back.
+fn validate_cards(messages: &[Value]) -> Vec<Vec<String>> {
+    use std::io::Write;
+    let mut child = Command::new("node")
+        .arg(repo_root().join("tests/node/adaptive_cards.js"))
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs (Node.js 20, as for Azurite)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(messages).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success() && results.len() == messages.len(),
+        "the Adaptive Cards library refused a card: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    results
+        .iter()
+        .map(|r| {
+            r["texts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// The event id a chat message names in its footer (`… · event <id>`).
+fn event_id_of(message: &Value) -> String {
+    let text = message.to_string();
+    let at = text.rfind("event ").expect("a footer naming the event") + "event ".len();
+    text[at..at + 36].to_owned()
+}
+
+/// Every Teams card cvchain makes, of every event type and of names no one would choose
+/// (10,000 quotes, `<>&`, U+2028, 80,000 characters; 5,000 reasons), is an Adaptive Card 1.5
+/// that Microsoft's library parses and validates whole, within Teams's 28 KB.
+#[test]
+fn every_teams_card_is_an_adaptive_card_microsofts_library_reads_whole() {
+    use cvchain_core::events::{CloudEvent, EventType, Routing, Sink, delivery::chat_for};
+    let routing = Routing {
+        console: Some(CONSOLE.into()),
+        ..Default::default()
+    };
+    let project = Uuid::new_v4().to_string();
+    let hostile = [
+        "Widgets".to_owned(),
+        format!(
+            "{}<b>&\u{2028}\\ *x* [l](https://e.example)",
+            "\"".repeat(10_000)
+        ),
+        "名".repeat(80_000),
+    ];
+    let mut messages = Vec::new();
+    for kind in EventType::ALL {
+        for name in &hostile {
+            let event = CloudEvent {
+                specversion: "1.0".into(),
+                id: Uuid::new_v4().to_string(),
+                source: "/cvchain/test".into(),
+                kind: kind.as_str().into(),
+                subject: format!("projects/{project}/iterations/x"),
+                time: "2026-12-01T10:00:00Z".into(),
+                datacontenttype: "application/json".into(),
+                data: serde_json::json!({
+                    "projectId": project, "projectName": name, "iterationId": "x",
+                    "iterationName": name, "verdict": "failed", "passed": false,
+                    "reasons": (0..5_000).map(|n| format!("rule {n} of {:.40}", name)).collect::<Vec<_>>(),
+                    "metrics": {"precision": 0.9, "recall": null, "mAP": 0.5},
+                    "channel": "production", "pointer": true, "reason": name,
+                    "previousIteration": {"id": "y", "name": name},
+                    "platform": "ONNX", "flavor": null, "status": "Failed",
+                    "exports": [{"platform": "ONNX", "status": "Done"}, {"platform": name, "status": "Refused", "reason": name}],
+                }),
+            };
+            let body = chat_for(&event, Sink::Teams, &routing).body;
+            assert!(body.len() <= 28_000, "{kind:?}: {}", body.len());
+            messages.push(serde_json::from_str::<Value>(&body).unwrap());
+        }
+    }
+    let texts = validate_cards(&messages);
+    assert!(
+        texts
+            .iter()
+            .all(|t| t.iter().any(|s| s.starts_with(CONSOLE))),
+        "each card links to the console"
+    );
+}
+
+/// A chain through the worker tells Teams and Slack what an ML team acts on, in order, once:
+/// the gate's verdict with the metrics and reasons, production moving (with the previous
+/// holder), an export that failed, the chain completed; then a training that failed. The other
+/// events are recorded as skipped for chat and hold up nothing. Each Teams card is validated by
+/// Microsoft's Adaptive Cards library, each Slack payload checked by the local webhook. Replay
+/// sends a chosen event again and never an unchosen one; `events test` and `check` reach both;
+/// no URL key (Teams's `sig`, Slack's path key) is ever shown or kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_tells_teams_and_slack_what_people_act_on_in_order_once() {
+    use cvchain_testkit::chat::Receiver as Chat;
+    let mut w = world(true).await;
+    w._standin.set_faults(Faults {
+        next_metrics: vec![Metrics {
+            precision: 0.9,
+            recall: 0.85,
+            average_precision: 0.88,
+        }],
+        fail_export_platforms: vec!["TensorFlow".into()],
+        ..Default::default()
+    });
+    let teams = Chat::teams().await;
+    let slack = Chat::slack().await;
+    w.env.push(("CVCHAIN_TEAMS_WEBHOOK_URL", teams.url.clone()));
+    w.env.push(("CVCHAIN_SLACK_WEBHOOK_URL", slack.url.clone()));
+    w.env.push(("CVCHAIN_CONSOLE_URL", format!("{CONSOLE}/")));
+    w.receiver.start();
+    w.handlers.push(Handler::start_worker(&w.env));
+    let iteration = w.api.train(w.project).await;
+    let want = [
+        "io.cvchain.gate.evaluated",
+        "io.cvchain.channel.moved",
+        "io.cvchain.export.failed",
+        "io.cvchain.chain.completed",
+    ];
+    w.wait("the chain told, chat caught up", 90, |_, outbox| {
+        outbox
+            .iter()
+            .any(|r| r.entity["CloudEventType"] == "io.cvchain.chain.completed")
+            && outbox.iter().all(|r| r.entity["Pending"] == false)
+            && teams.messages().len() >= want.len()
+            && slack.messages().len() >= want.len()
+    })
+    .await;
+    assert!(teams.refused().is_empty(), "{:?}", teams.refused());
+    assert!(slack.refused().is_empty(), "{:?}", slack.refused());
+    let outbox = w.outbox().await;
+    let state = |r: &StoredEntity, prop: &str| -> String {
+        let s: Value = serde_json::from_str(r.entity[prop].as_str().unwrap()).unwrap();
+        s["state"].as_str().unwrap().to_owned()
+    };
+    // The chosen events, in the outbox's order, delivered; every other one skipped.
+    let chosen: Vec<(String, String)> = outbox
+        .iter()
+        .filter(|r| state(r, "TeamsDelivery") == "delivered")
+        .map(|r| {
+            (
+                r.entity["CloudEventType"].as_str().unwrap().to_owned(),
+                r.entity["EventId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let kinds: Vec<&str> = chosen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, want);
+    for r in &outbox {
+        let s = state(r, "TeamsDelivery");
+        assert!(s == "delivered" || s == "skipped", "{s}");
+        assert_eq!(s, state(r, "SlackDelivery"));
+        assert_eq!(
+            state(r, "WebhookDelivery"),
+            "delivered",
+            "the webhook gets everything"
+        );
+    }
+    assert!(
+        outbox.len() > want.len() + 4,
+        "most events are not for chat"
+    );
+    let ids: Vec<&str> = chosen.iter().map(|(_, id)| id.as_str()).collect();
+    for (name, chat) in [("Teams", &teams), ("Slack", &slack)] {
+        let got: Vec<String> = chat.messages().iter().map(event_id_of).collect();
+        assert_eq!(got, ids, "{name}: each chosen event once, in order");
+    }
+    // What the messages say, as Microsoft's library reads the cards back.
+    let cards = validate_cards(&teams.messages());
+    let link = format!("{CONSOLE}/{}", w.project);
+    let has = |texts: &[String], want: &str| texts.iter().any(|t| t.contains(want));
+    let gate = &cards[0];
+    for want in [
+        "Gate passed: Widgets · Iteration 1",
+        "90.0%",
+        "85.0%",
+        "88.0%",
+        "passed",
+        "map 0.88 >= 0.80",
+        &link,
+    ] {
+        assert!(has(gate, want), "{want} in {gate:?}");
+    }
+    let moved = &cards[1];
+    for want in [
+        "Production moved: Widgets · Iteration 1",
+        "Previous holder",
+        "none (its first holder)",
+        "gate",
+    ] {
+        assert!(has(moved, want), "{want} in {moved:?}");
+    }
+    let failed = &cards[2];
+    assert!(
+        has(failed, "Export failed") && has(failed, "TensorFlow"),
+        "{failed:?}"
+    );
+    let done = &cards[3];
+    assert!(
+        has(done, "Export chain completed, 1 export(s) failed"),
+        "{done:?}"
+    );
+    assert!(
+        has(done, "ONNX: Done") && has(done, "TensorFlow (TensorFlowLite): Failed"),
+        "{done:?}"
+    );
+    let slack_text: Vec<String> = slack.messages().iter().map(Value::to_string).collect();
+    assert!(slack_text[0].contains(":white_check_mark: Gate passed: Widgets · Iteration 1"));
+    assert!(slack_text[0].contains(&format!("<{link}|Open in the console>")));
+    assert!(slack_text[1].contains("Production moved"));
+    assert!(slack_text[2].contains(":x: Export failed"));
+    let _ = iteration;
+
+    // A training that fails: told at once.
+    w._standin.set_faults(Faults {
+        fail_training: true,
+        ..Default::default()
+    });
+    w.api.train(w.project).await;
+    w.wait("the failed training told", 60, |_, _| {
+        teams.messages().len() > want.len() && slack.messages().len() > want.len()
+    })
+    .await;
+    let last = validate_cards(&teams.messages()[want.len()..]);
+    assert!(has(&last[0], "Training failed: Widgets"), "{last:?}");
+    assert!(
+        slack.messages()[want.len()]
+            .to_string()
+            .contains(":x: Training failed")
+    );
+
+    // Replay: a chosen event again (same message), an unchosen one never.
+    let before = teams.messages().len();
+    let out = w.cvchain(&["events", "replay", "--type", "gate.evaluated"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = w.cvchain(&["events", "replay", "--type", "export.requested"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.wait("the replayed verdict told again", 30, |_, outbox| {
+        teams.messages().len() > before
+            && slack.messages().len() > before
+            && outbox.iter().all(|r| r.entity["Pending"] == false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for chat in [&teams, &slack] {
+        let again: Vec<String> = chat.messages()[before..].iter().map(event_id_of).collect();
+        assert_eq!(again, [ids[0]], "only the verdict, once more");
+    }
+    let listed = String::from_utf8_lossy(&w.cvchain(&["events"]).stdout).into_owned();
+    assert!(
+        listed.contains("teams=skipped") && listed.contains("slack=delivered"),
+        "{listed}"
+    );
+
+    // `events test` reaches both (a card the library reads); `check` reaches both.
+    let out = w.cvchain(&["events", "test"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("✓ Teams http://127.0.0.1:") && text.contains("✓ Slack http://127.0.0.1:"),
+        "{text}"
+    );
+    let test_card = teams.messages().last().unwrap().clone();
+    assert!(has(
+        &validate_cards(&[test_card])[0],
+        "cvchain test message"
+    ));
+    assert!(
+        slack
+            .messages()
+            .last()
+            .unwrap()
+            .to_string()
+            .contains("cvchain test message")
+    );
+    let check = String::from_utf8_lossy(&w.cvchain(&["check"]).stdout).into_owned();
+    assert!(
+        check.contains("✓ event sink: Teams http://127.0.0.1:"),
+        "{check}"
+    );
+    assert!(
+        check.contains("✓ event sink: Slack http://127.0.0.1:"),
+        "{check}"
+    );
+    assert!(
+        check.contains("/services/T0CVCHAIN/B0CVCHAIN/REDACTED"),
+        "{check}"
+    );
+    // No key of either URL anywhere: outputs, logs, rows, what every sink got.
+    for shown in [&text, &check, &listed] {
+        assert!(
+            !shown.contains(&teams.key) && !shown.contains(&slack.key),
+            "{shown}"
+        );
+    }
+    let mut everything: Vec<String> = w.handlers.iter().map(|h| h.stderr()).collect();
+    everything.extend(
+        w.rows()
+            .await
+            .iter()
+            .map(|r| Value::Object(r.entity.clone()).to_string()),
+    );
+    everything.extend(teams.messages().iter().map(Value::to_string));
+    everything.extend(slack.messages().iter().map(Value::to_string));
+    cvchain_testkit::assert_no_secrets(
+        "logs, rows and chat messages",
+        &everything.join("\n"),
+        &[&teams.key, &slack.key, TOPIC_KEY, KEY],
+    );
+    w.assert_no_secrets().await;
+}
