@@ -70,5 +70,6 @@ process.stdin.on("end", () => {
     if (!result.ok) failed++;
     process.stdout.write(JSON.stringify(result) + "\n");
   }
-  process.exit(failed ? 1 : 0);
+  // exitCode, not exit(): exit() would cut output still being written to a pipe.
+  process.exitCode = failed ? 1 : 0;
 });

@@ -554,4 +554,123 @@ mod tests {
             .is_ok()
         );
     }
+
+    #[test]
+    fn chat_settings_are_checked_and_their_keys_never_shown() {
+        let teams = "https://prod-12.westeurope.logic.azure.com:443/workflows/0a1b/triggers/manual/paths/invoke?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig=c2lnLXNlY3JldC12YWx1ZQ";
+        let slack = "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/aBcDeFgHiJkLmNoPqRsTuVwX";
+        let s = settings(&[
+            ("CVCHAIN_TEAMS_WEBHOOK_URL", teams),
+            ("CVCHAIN_SLACK_WEBHOOK_URL", slack),
+            (
+                "CVCHAIN_CONSOLE_URL",
+                "https://cv-app.azurewebsites.net/api/history/",
+            ),
+            ("CVCHAIN_CHAT_EVENTS", "gate.evaluated, channel.moved:all"),
+            ("CVCHAIN_EVENTS_QUEUE", "cvchain-events"),
+            ("CVCHAIN_EVENTS_QUEUE_ENCODING", "none"),
+        ])
+        .unwrap();
+        assert_eq!(s.sinks(), [Sink::Queue, Sink::Teams, Sink::Slack]);
+        let r = s.routing();
+        assert_eq!(r.queue_encoding, QueueEncoding::None);
+        assert_eq!(
+            r.console.as_deref(),
+            Some("https://cv-app.azurewebsites.net/api/history")
+        );
+        assert_eq!(r.chat.describe(), "gate.evaluated, channel.moved:all");
+        assert_eq!(
+            display_url(s.slack.as_ref().unwrap()),
+            "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/REDACTED"
+        );
+        assert_eq!(
+            display_url(s.teams.as_ref().unwrap()),
+            "https://prod-12.westeurope.logic.azure.com/workflows/0a1b/triggers/manual/paths/invoke"
+        );
+        let shown = format!("{s:?}");
+        for secret in ["c2lnLXNlY3JldC12YWx1ZQ", "aBcDeFgHiJkLmNoPqRsTuVwX"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        // Defaults: base64, the default chat events, no console.
+        let d = settings(&[("CVCHAIN_SLACK_WEBHOOK_URL", slack)]).unwrap();
+        assert_eq!(d.routing().queue_encoding, QueueEncoding::Base64);
+        assert_eq!(d.routing().chat, ChatSelection::default());
+        assert_eq!(d.routing().console, None);
+        // Namespace topics: their api-version, their kind.
+        let ns = settings(&[
+            (
+                "CVCHAIN_EVENTGRID_ENDPOINT",
+                "https://ns.westeurope-1.eventgrid.azure.net/topics/cv:publish",
+            ),
+            ("CVCHAIN_EVENTGRID_KEY", "k"),
+        ])
+        .unwrap();
+        assert_eq!(ns.routing().event_grid, EventGridKind::NamespaceTopic);
+        for (pairs, setting) in [
+            (
+                vec![(
+                    "CVCHAIN_TEAMS_WEBHOOK_URL",
+                    "http://prod-12.logic.azure.com/workflows/x?sig=abc",
+                )],
+                "CVCHAIN_TEAMS_WEBHOOK_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_SLACK_WEBHOOK_URL",
+                    "http://hooks.slack.com/services/T/B/aBcDeFgHiJkLmNoPqRsTuVwX",
+                )],
+                "CVCHAIN_SLACK_WEBHOOK_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_SLACK_WEBHOOK_URL",
+                    "https://hooks.slack.com/aBcDeFgHiJkLmNoPqRsTuVwX",
+                )],
+                "CVCHAIN_SLACK_WEBHOOK_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_CONSOLE_URL",
+                    "https://cv-app.azurewebsites.net/api/history?code=aBcDeFgHiJkLmNoPqRsTuVwX",
+                )],
+                "CVCHAIN_CONSOLE_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_CONSOLE_URL",
+                    "http://cv-app.azurewebsites.net/api/history",
+                )],
+                "CVCHAIN_CONSOLE_URL",
+            ),
+            (
+                vec![("CVCHAIN_CHAT_EVENTS", "gate.evaluted")],
+                "CVCHAIN_CHAT_EVENTS",
+            ),
+            (
+                vec![("CVCHAIN_EVENTS_QUEUE_ENCODING", "utf8")],
+                "CVCHAIN_EVENTS_QUEUE_ENCODING",
+            ),
+        ] {
+            let e = settings(&pairs).expect_err(&format!("{pairs:?}"));
+            assert_eq!(e.setting, setting, "{pairs:?}: {e}");
+            for secret in ["abc", "aBcDeFgHiJkLmNoPqRsTuVwX"] {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+        }
+        // Loopback may use http, for local receivers.
+        assert!(
+            settings(&[
+                (
+                    "CVCHAIN_TEAMS_WEBHOOK_URL",
+                    "http://127.0.0.1:9/workflows/x?sig=abc"
+                ),
+                (
+                    "CVCHAIN_SLACK_WEBHOOK_URL",
+                    "http://localhost:9/services/T/B/k"
+                ),
+                ("CVCHAIN_CONSOLE_URL", "http://127.0.0.1:7071/api/history"),
+            ])
+            .is_ok()
+        );
+    }
 }
