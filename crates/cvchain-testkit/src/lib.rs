@@ -4,8 +4,10 @@
 //!   (`pending`, then `success`, `failed` or `aborted`), as a real service's are;
 //! - [`azurite`]: an Azurite of the test's own (free loopback ports, its own data folder or
 //!   memory, stopped on drop), on `cvchain-standin`'s launcher;
-//! - [`eventgrid`]: a local Event Grid topic that checks what the service checks (no emulator
-//!   exists);
+//! - [`eventgrid`]: a local Event Grid topic (custom or namespace) that checks what the service
+//!   checks (no emulator exists);
+//! - [`chat`]: local Teams Workflows and Slack incoming webhooks that check what each service
+//!   documents;
 //! - [`handler`]: the `cvchain` binary started as the Functions host starts it (`serve`) or as a
 //!   queue worker;
 //! - [`host`]: the Functions host's queue trigger, played against a running handler;
@@ -16,6 +18,7 @@
 //! - [`hot_path`]: the per-notification CPU work the benchmarks measure.
 
 pub mod azurite;
+pub mod chat;
 pub mod copy_proxy;
 pub mod eventgrid;
 pub mod handler;
