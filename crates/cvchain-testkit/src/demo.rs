@@ -84,7 +84,47 @@ impl DemoRun {
             run.iterations.push(it);
             run.wait_for_chain(it).await;
         }
+        run.wait_until_settled().await;
         run
+    }
+
+    /// Until every event is delivered and nothing more is written: what the run shows then
+    /// (the console's JSON, the CLI's output) no longer changes between two reads.
+    pub async fn wait_until_settled(&self) {
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
+        loop {
+            let rows = self
+                .clients
+                .table(&self.setting("CVCHAIN_HISTORY_TABLE"))
+                .unwrap()
+                .query(None, 10_000)
+                .await
+                .unwrap_or_default();
+            let pending = rows
+                .iter()
+                .filter(|r| {
+                    r.entity["RowKey"]
+                        .as_str()
+                        .is_some_and(|k| k.starts_with("Outbox_"))
+                        && r.entity.get("Pending").and_then(|v| v.as_bool()) != Some(false)
+                })
+                .count();
+            let seen: Vec<String> = rows
+                .iter()
+                .map(|r| serde_json::to_string(&r.entity).unwrap_or_default())
+                .collect();
+            if pending == 0 && last.as_ref() == Some(&seen) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "{pending} events still pending after a minute\n{}",
+                self.worker.stderr()
+            );
+            last = Some(seen);
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
     }
 
     /// One of the run's settings.
