@@ -14,7 +14,7 @@
 use crate::settings::Settings;
 use cvchain_azure::events::{
     outbox::{Outbox, sequence},
-    sinks::{EVENTGRID_MAX_EVENTS, EVENTGRID_MAX_REQUEST, SinkOptions, Sinks},
+    sinks::{SinkOptions, Sinks},
 };
 use cvchain_azure::history::{
     claims::{Claims, HoldError},
@@ -23,10 +23,10 @@ use cvchain_azure::history::{
 use cvchain_azure::storage::{StorageError, clients::StorageClients, settings::StorageAuth};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::events::{
-    CloudEvent, DeliveryState, EventContext, EventType, IterationFacts, OutboxRow, Sink,
+    CloudEvent, DeliveryState, EventContext, EventType, IterationFacts, OutboxRow, Routing, Sink,
     chain_completed,
-    delivery::{self, Answer, RetryPolicy, after_attempt, batches, due_for, for_sink},
-    insert_events, outbox_row, step_write_events,
+    delivery::{self, Answer, RetryPolicy, after_attempt, batches, due_for, fit},
+    insert_events, outbox_row_routed, step_write_events,
 };
 use cvchain_core::history::{HistoryRow, StepRow};
 use cvchain_core::plan::{Observed, StepWrite};
@@ -102,6 +102,8 @@ pub struct Events {
     outbox: Outbox,
     pub sinks: Sinks,
     ctx: EventContext,
+    /// The queue's encoding, the Event Grid endpoint's kind, what chat is told.
+    routing: Routing,
     claims: Claims,
     retry: RetryPolicy,
     /// How often `cvchain worker` delivers what is pending.
@@ -171,6 +173,7 @@ impl Events {
                 table: table.clone(),
                 release_container: Some(release_container),
             },
+            routing: settings.events.routing(),
             claims: Claims::new(
                 clients.table(table)?,
                 std::time::Duration::from_secs(settings.claim_seconds),
@@ -206,7 +209,14 @@ impl Events {
                     Some(tp) => e.clone().in_trace(&tp, None),
                     None => e.clone(),
                 };
-                outbox_row(partition_key, &traced, describes, &sinks, &sequence(at, i))
+                outbox_row_routed(
+                    partition_key,
+                    &traced,
+                    describes,
+                    &sinks,
+                    &self.routing,
+                    &sequence(at, i),
+                )
             })
             .collect()
     }
@@ -466,12 +476,15 @@ impl Events {
         saved: &Mutex<Vec<OutboxRow>>,
     ) -> Result<DeliveryReport, StorageError> {
         let mut report = DeliveryReport::default();
-        let fitted: Vec<delivery::Fitted> =
-            due.iter().map(|r| for_sink(r, sink, &self.ctx)).collect();
+        let fitted: Vec<delivery::Fitted> = due
+            .iter()
+            .map(|r| fit(r, sink, &self.ctx, &self.routing))
+            .collect();
         let groups = match sink {
             Sink::EventGrid => {
                 let sizes: Vec<usize> = fitted.iter().map(|f| f.body.len()).collect();
-                batches(&sizes, EVENTGRID_MAX_REQUEST, EVENTGRID_MAX_EVENTS)
+                let (bytes, count) = self.sinks.eventgrid_request_limits();
+                batches(&sizes, bytes, count)
             }
             _ => (0..due.len()).map(|i| i..i + 1).collect(),
         };
@@ -591,7 +604,7 @@ impl Events {
     }
 
     /// `cvchain events replay`: the matching events become pending again for every configured
-    /// sink (same ids), then are delivered.
+    /// sink (same ids), then are delivered; a chat sink is again told only the chosen ones.
     pub async fn replay(
         &self,
         project: Option<&str>,
@@ -606,7 +619,21 @@ impl Events {
             since.is_none_or(|s| r.time.is_some_and(|t| t >= s))
                 && kind.is_none_or(|k| r.kind == k.as_str())
         }) {
-            self.outbox.reset(r, &sinks).await?;
+            let event = CloudEvent::from_json(&r.event).unwrap_or_else(|_| CloudEvent {
+                specversion: "1.0".into(),
+                id: r.id.clone(),
+                source: self.ctx.source.clone(),
+                kind: r.kind.clone(),
+                subject: r.subject.clone(),
+                time: String::new(),
+                datacontenttype: cvchain_core::events::DATA_CONTENT_TYPE.into(),
+                traceparent: None,
+                tracestate: None,
+                data: serde_json::Value::Null,
+            });
+            self.outbox
+                .reset_to(r, &self.routing.initial_states(&sinks, &event))
+                .await?;
             count += 1;
             if !projects.contains(&r.partition_key) {
                 projects.push(r.partition_key.clone());
@@ -624,12 +651,16 @@ impl Events {
     pub async fn test(&self) -> Vec<(Sink, String, Answer)> {
         let id = uuid::Uuid::new_v4().to_string();
         let event = cvchain_core::events::test_event(&self.ctx, &id, OffsetDateTime::now_utc());
-        let body = event.to_json();
         let mut out = Vec::new();
         for sink in self.sinks.configured() {
+            let body = if sink.is_chat() {
+                delivery::chat_for(&event, sink, &self.routing).body
+            } else {
+                event.to_json()
+            };
             let answer = self
                 .sinks
-                .send(sink, &[(id.clone(), body.clone())])
+                .send(sink, &[(id.clone(), body)])
                 .await
                 .into_iter()
                 .next()

@@ -329,7 +329,7 @@ async fn deliver_events(State(state): State<AppState>, body: Bytes) -> Response 
         return (
             StatusCode::OK,
             Json(InvocationResponse::with_logs(vec![
-                "no event sink configured (CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL)".into(),
+                "no event sink configured (CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL, CVCHAIN_TEAMS_WEBHOOK_URL, CVCHAIN_SLACK_WEBHOOK_URL)".into(),
             ])),
         )
             .into_response();

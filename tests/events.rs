@@ -303,14 +303,21 @@ impl World {
             .collect()
     }
 
-    /// Takes what the events queue holds now.
+    /// Takes what the events queue holds now, each message's JSON (base64 on the queue: the
+    /// default `CVCHAIN_EVENTS_QUEUE_ENCODING`).
     async fn drain_events_queue(&mut self) {
+        use base64::Engine as _;
         loop {
             let got = cvchain_testkit::take_messages(&self.clients, &self.events_queue).await;
             if got.is_empty() {
                 return;
             }
-            self.queued.extend(got.into_iter().map(|(text, _)| text));
+            self.queued.extend(got.into_iter().map(|(text, _)| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(&text)
+                    .unwrap_or_else(|e| panic!("not base64 ({e}): {text:.100}"));
+                String::from_utf8(bytes).unwrap()
+            }));
         }
     }
 
@@ -1763,5 +1770,655 @@ async fn hostile_names_reach_every_sink_as_cloudevents() {
     assert_eq!(parsed.len(), 2 * n);
     assert_eq!(w.webhook_ids(), w.outbox_ids().await);
     assert!(w.topic.refused().is_empty(), "{:?}", w.topic.refused());
+    w.assert_no_secrets().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers on their defaults: the events queue as a queue-triggered Function reads it.
+
+/// The events machinery of `env` (as `serve` or the worker would build it), in this process.
+fn events_of(env: &[(&str, String)]) -> std::sync::Arc<cvchain::events::Events> {
+    let lookup = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+    let settings = cvchain::settings::Settings::from_lookup(&lookup).unwrap();
+    let storage = settings.storage.clone();
+    cvchain::events::Events::from_settings(
+        &settings,
+        &StorageClients::new(&storage).unwrap(),
+        Default::default(),
+    )
+    .unwrap()
+    .unwrap()
+}
+
+/// Events for the queue sink of `project`, in this order: a plain one, one whose names hold
+/// what XML and JSON escape (`<&>'"`, U+2028, U+FFFE), and one whose name is 20,000 CJK
+/// characters: whole in the outbox (its 30,000 UTF-16 units), 60 KB of UTF-8, whole as text
+/// and over 64 KiB once base64.
+async fn queue_events(clients: &StorageClients, table: &str, project: &str) -> Vec<String> {
+    use cvchain_core::events::{CloudEvent, Sink, outbox_row};
+    let store = cvchain_azure::history::store::HistoryStore::new(clients.table(table).unwrap());
+    let mut ids = Vec::new();
+    for (i, name) in [
+        "Widgets".to_owned(),
+        "<b>&'\"\u{2028}\u{FFFE}\u{FFFF} Wid\\gets".to_owned(),
+        "名".repeat(20_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let event = CloudEvent {
+            specversion: "1.0".into(),
+            id: Uuid::new_v4().to_string(),
+            source: "/cvchain/test".into(),
+            kind: "io.cvchain.model.released".into(),
+            subject: format!("projects/{project}/iterations/it-{i}"),
+            time: "2026-12-01T10:00:00Z".into(),
+            datacontenttype: "application/json".into(),
+            traceparent: None,
+            tracestate: None,
+            data: serde_json::json!({
+                "projectId": project,
+                "projectName": name,
+                "iterationId": format!("it-{i}"),
+                "history": {"table": table, "partitionKey": project, "rowKey": format!("ExportStep_{i}")},
+            }),
+        };
+        let row = outbox_row(
+            project,
+            &event,
+            &format!("ExportStep_{i}"),
+            &[Sink::Queue],
+            &format!("{:020}-000", i + 1),
+        );
+        store.record(&row).await.unwrap();
+        ids.push(event.id);
+    }
+    ids
+}
+
+/// Reads `count` messages of `queue` with Microsoft's Python queue SDK, decoding as `encoding`
+/// says (`base64`: its TextBase64DecodePolicy, as a default queue trigger decodes); each
+/// message's attributes as the CloudEvents SDK read them. Panics naming what did not decode.
+fn read_queue_with_sdk(
+    python: &str,
+    connection: &str,
+    queue: &str,
+    encoding: &str,
+    count: usize,
+) -> Vec<Value> {
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/python/events_receiver.py"))
+        .args([
+            "read-queue",
+            connection,
+            queue,
+            encoding,
+            &count.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Microsoft's queue SDK ({encoding}) could not read the events queue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The events queue is written base64 by default, so Microsoft's queue SDK with its base64
+/// decode policy (what a default Functions queue trigger does) reads every event, in order; a
+/// 60 KB event is shortened to fit 64 KiB as base64 sends it. With
+/// `CVCHAIN_EVENTS_QUEUE_ENCODING=none` the same events are JSON text the SDK reads without a
+/// policy, the 60 KB one whole, the characters XML cannot carry escaped in their JSON strings.
+/// (Before, each message was raw JSON: the base64 policy refused the first one, as a default
+/// trigger would have sent it to the poison queue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_queue_reads_as_a_default_queue_trigger_reads_it() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let python = python();
+    for encoding in ["base64", "none"] {
+        let table = unique("QueueEnc");
+        let queue = unique("cvevents");
+        let mut env = vec![
+            ("CVCHAIN_STORAGE", azurite.connection_string()),
+            ("CVCHAIN_HISTORY_TABLE", table.clone()),
+            ("CVCHAIN_EVENTS_QUEUE", queue.clone()),
+        ];
+        if encoding == "none" {
+            env.push(("CVCHAIN_EVENTS_QUEUE_ENCODING", "none".into()));
+        }
+        let events = events_of(&env);
+        let project = Uuid::new_v4().to_string();
+        let ids = queue_events(&clients, &table, &project).await;
+        let report = events.deliver(&project).await.unwrap();
+        assert_eq!(report.delivered, 3, "{encoding}: {report:?}");
+        let got = read_queue_with_sdk(&python, &azurite.connection_string(), &queue, encoding, 3);
+        let got_ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(got_ids, ids, "{encoding}: every event, in order");
+        assert_eq!(
+            got[1]["data"]["projectName"], "<b>&'\"\u{2028}\u{FFFE}\u{FFFF} Wid\\gets",
+            "{encoding}: the same names"
+        );
+        for e in &got {
+            assert!(e["messageSize"].as_u64().unwrap() <= 64 * 1024, "{e:.200}");
+        }
+        let large = &got[2]["data"];
+        if encoding == "base64" {
+            assert_eq!(large["trimmed"]["by"], "queue", "{large:.300}");
+            assert!(large["projectName"].as_str().unwrap().ends_with('…'));
+        } else {
+            assert!(large.get("trimmed").is_none(), "whole as text");
+            assert_eq!(
+                large["projectName"].as_str().unwrap().chars().count(),
+                20_000
+            );
+        }
+    }
+}
+
+/// `count` events of `project`, for `sinks`, in this order; their ids.
+async fn events_for(
+    clients: &StorageClients,
+    table: &str,
+    project: &str,
+    sinks: &[cvchain_core::events::Sink],
+    count: usize,
+) -> Vec<String> {
+    use cvchain_core::events::{CloudEvent, outbox_row};
+    let store = cvchain_azure::history::store::HistoryStore::new(clients.table(table).unwrap());
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let event = CloudEvent {
+            specversion: "1.0".into(),
+            id: Uuid::new_v4().to_string(),
+            source: "/cvchain/test".into(),
+            kind: "io.cvchain.export.requested".into(),
+            subject: format!("projects/{project}/iterations/it-{i}"),
+            time: "2026-12-01T10:00:00Z".into(),
+            datacontenttype: "application/json".into(),
+            traceparent: None,
+            tracestate: None,
+            data: serde_json::json!({"projectId": project, "iterationId": format!("it-{i}"),
+                "history": {"table": table, "partitionKey": project, "rowKey": format!("ExportStep_{i}")}}),
+        };
+        let row = outbox_row(
+            project,
+            &event,
+            &format!("ExportStep_{i}"),
+            sinks,
+            &format!("{:020}-000", i + 1),
+        );
+        store.record(&row).await.unwrap();
+        ids.push(event.id);
+    }
+    ids
+}
+
+/// An Event Grid namespace topic (`…/topics/<name>:publish`) is published to with its own
+/// scheme: `api-version=2023-11-01` and `Authorization: SharedAccessKey <key>` (the local topic
+/// refuses a custom topic's `aeg-sas-key`, as the service does), or a bearer token over https;
+/// `cvchain check` says which kind it detected. (Before, a namespace topic got `aeg-sas-key`:
+/// every publish was refused with 401.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_topic_is_published_to_with_its_own_scheme() {
+    use cvchain_azure::events::{
+        settings::{EventGridAuth, EventGridSettings, EventsSettings},
+        sinks::{EVENTGRID_SCOPE, SinkOptions, Sinks},
+    };
+    use cvchain_core::events::{Sink, delivery::Answer};
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let topic =
+        EventGridTopic::start_namespace("cvchain-events", TopicAuth::Key(TOPIC_KEY.into())).await;
+    assert!(topic.endpoint.ends_with("/topics/cvchain-events:publish"));
+    let table = unique("Namespace");
+    let env = vec![
+        ("CVCHAIN_STORAGE", azurite.connection_string()),
+        ("CVCHAIN_HISTORY_TABLE", table.clone()),
+        ("CVCHAIN_QUEUE", unique("cvq")),
+        ("CVCHAIN_EVENTGRID_ENDPOINT", topic.endpoint.clone()),
+        ("CVCHAIN_EVENTGRID_KEY", TOPIC_KEY.into()),
+    ];
+    let project = Uuid::new_v4().to_string();
+    let ids = events_for(&clients, &table, &project, &[Sink::EventGrid], 3).await;
+    let report = events_of(&env).deliver(&project).await.unwrap();
+    assert_eq!(report.delivered, 3, "{report:?}: {:?}", topic.refused());
+    assert!(topic.refused().is_empty(), "{:?}", topic.refused());
+    assert_eq!(topic.batches(), 1, "one request for the three");
+    let got: Vec<String> = topic
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ids);
+    let texts: Vec<String> = topic.events().iter().map(Value::to_string).collect();
+    assert_eq!(parse_with_sdk(&python(), &texts).len(), 3);
+    // `cvchain check` names the kind and its scheme.
+    let out = Command::new(env!("CARGO_BIN_EXE_cvchain"))
+        .arg("check")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("event sink: Event Grid"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.starts_with("✓")
+            && line.contains("namespace topic (api-version 2023-11-01, a key goes in Authorization: SharedAccessKey)"),
+        "{line}"
+    );
+    assert!(!text.contains(TOPIC_KEY), "{text}");
+    // A wrong key: refused for good, the answer recorded, the key never in it.
+    let wrong =
+        EventGridTopic::start_namespace("cvchain-events", TopicAuth::Key("other".into())).await;
+    let settings = |endpoint: &str, auth: EventGridAuth| EventsSettings {
+        event_grid: Some(EventGridSettings {
+            endpoint: url::Url::parse(&format!("{endpoint}?api-version=2023-11-01")).unwrap(),
+            auth,
+        }),
+        ..Default::default()
+    };
+    let sinks = Sinks::new(
+        &settings(
+            &wrong.endpoint,
+            EventGridAuth::Key(azure_core::credentials::Secret::new(TOPIC_KEY)),
+        ),
+        &clients,
+        SinkOptions::default(),
+    )
+    .unwrap();
+    let answers = sinks.send(Sink::EventGrid, &one_event()).await;
+    let [
+        Answer::Refused {
+            status: Some(401),
+            detail,
+            ..
+        },
+    ] = &answers[..]
+    else {
+        panic!("{answers:?}")
+    };
+    assert!(!detail.contains(TOPIC_KEY), "{detail}");
+    // Microsoft Entra ID: a bearer token for Event Grid's scope, over https.
+    let ca = cvchain_testkit::TestCa::generate();
+    let token = format!("token-for:{EVENTGRID_SCOPE}");
+    let entra = EventGridTopic::start_namespace_https("cv", TopicAuth::Bearer(token), &ca).await;
+    let credential = std::sync::Arc::new(cvchain_testkit::RecordingCredential::default());
+    let sinks = Sinks::new(
+        &settings(
+            &entra.endpoint,
+            EventGridAuth::ManagedIdentity { client_id: None },
+        ),
+        &clients,
+        SinkOptions {
+            transport: Some(ca.transport()),
+            eventgrid_credential: Some(credential.clone()),
+            timeout: None,
+        },
+    )
+    .unwrap();
+    let answers = sinks.send(Sink::EventGrid, &one_event()).await;
+    assert_eq!(
+        answers,
+        vec![Answer::Delivered("HTTP 200".into())],
+        "{:?}",
+        entra.refused()
+    );
+    assert_eq!(entra.events().len(), 1);
+    assert_eq!(*credential.scopes.lock().unwrap(), vec![EVENTGRID_SCOPE]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// People are consumers too: Teams and Slack.
+
+const CONSOLE: &str = "https://cv-app.azurewebsites.net/api/history";
+
+/// Validates Teams messages with Microsoft's Adaptive Cards library (`tests/node`, the pinned
+/// `adaptivecards` npm package); each card's texts as the library read them back.
+fn validate_cards(messages: &[Value]) -> Vec<Vec<String>> {
+    use std::io::Write;
+    let mut child = Command::new("node")
+        .arg(repo_root().join("tests/node/adaptive_cards.js"))
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs (Node.js 20, as for Azurite)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(messages).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success() && results.len() == messages.len(),
+        "the Adaptive Cards library refused a card: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    results
+        .iter()
+        .map(|r| {
+            r["texts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// The event id a chat message names in its footer (`… · event <id>`).
+fn event_id_of(message: &Value) -> String {
+    let text = message.to_string();
+    let at = text.rfind("event ").expect("a footer naming the event") + "event ".len();
+    text[at..at + 36].to_owned()
+}
+
+/// Every Teams card cvchain makes, of every event type and of names no one would choose
+/// (10,000 quotes, `<>&`, U+2028, 80,000 characters; 5,000 reasons), is an Adaptive Card 1.5
+/// that Microsoft's library parses and validates whole, within Teams's 28 KB.
+#[test]
+fn every_teams_card_is_an_adaptive_card_microsofts_library_reads_whole() {
+    use cvchain_core::events::{CloudEvent, EventType, Routing, Sink, delivery::chat_for};
+    let routing = Routing {
+        console: Some(CONSOLE.into()),
+        ..Default::default()
+    };
+    let project = Uuid::new_v4().to_string();
+    let hostile = [
+        "Widgets".to_owned(),
+        format!(
+            "{}<b>&\u{2028}\\ *x* [l](https://e.example)",
+            "\"".repeat(10_000)
+        ),
+        "名".repeat(80_000),
+    ];
+    let mut messages = Vec::new();
+    for kind in EventType::ALL {
+        for name in &hostile {
+            let event = CloudEvent {
+                specversion: "1.0".into(),
+                id: Uuid::new_v4().to_string(),
+                source: "/cvchain/test".into(),
+                kind: kind.as_str().into(),
+                subject: format!("projects/{project}/iterations/x"),
+                time: "2026-12-01T10:00:00Z".into(),
+                datacontenttype: "application/json".into(),
+                traceparent: None,
+                tracestate: None,
+                data: serde_json::json!({
+                    "projectId": project, "projectName": name, "iterationId": "x",
+                    "iterationName": name, "verdict": "failed", "passed": false,
+                    "reasons": (0..5_000).map(|n| format!("rule {n} of {:.40}", name)).collect::<Vec<_>>(),
+                    "metrics": {"precision": 0.9, "recall": null, "mAP": 0.5},
+                    "channel": "production", "pointer": true, "reason": name,
+                    "previousIteration": {"id": "y", "name": name},
+                    "platform": "ONNX", "flavor": null, "status": "Failed",
+                    "exports": [{"platform": "ONNX", "status": "Done"}, {"platform": name, "status": "Refused", "reason": name}],
+                }),
+            };
+            let body = chat_for(&event, Sink::Teams, &routing).body;
+            assert!(body.len() <= 28_000, "{kind:?}: {}", body.len());
+            messages.push(serde_json::from_str::<Value>(&body).unwrap());
+        }
+    }
+    let texts = validate_cards(&messages);
+    assert!(
+        texts
+            .iter()
+            .all(|t| t.iter().any(|s| s.starts_with(CONSOLE))),
+        "each card links to the console"
+    );
+}
+
+/// A chain through the worker tells Teams and Slack what an ML team acts on, in order, once:
+/// the gate's verdict with the metrics and reasons, production moving (with the previous
+/// holder), an export that failed, the chain completed; then a training that failed. The other
+/// events are recorded as skipped for chat and hold up nothing. Each Teams card is validated by
+/// Microsoft's Adaptive Cards library, each Slack payload checked by the local webhook. Replay
+/// sends a chosen event again and never an unchosen one; `events test` and `check` reach both;
+/// no URL key (Teams's `sig`, Slack's path key) is ever shown or kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_tells_teams_and_slack_what_people_act_on_in_order_once() {
+    use cvchain_testkit::chat::Receiver as Chat;
+    let mut w = world(true).await;
+    w._standin.set_faults(Faults {
+        next_metrics: vec![Metrics {
+            precision: 0.9,
+            recall: 0.85,
+            average_precision: 0.88,
+        }],
+        fail_export_platforms: vec!["TensorFlow".into()],
+        ..Default::default()
+    });
+    let teams = Chat::teams().await;
+    let slack = Chat::slack().await;
+    w.env.push(("CVCHAIN_TEAMS_WEBHOOK_URL", teams.url.clone()));
+    w.env.push(("CVCHAIN_SLACK_WEBHOOK_URL", slack.url.clone()));
+    w.env.push(("CVCHAIN_CONSOLE_URL", format!("{CONSOLE}/")));
+    w.receiver.start();
+    w.handlers.push(Handler::start_worker(&w.env));
+    let iteration = w.api.train(w.project).await;
+    let want = [
+        "io.cvchain.gate.evaluated",
+        "io.cvchain.channel.moved",
+        "io.cvchain.export.failed",
+        "io.cvchain.chain.completed",
+    ];
+    w.wait("the chain told, chat caught up", 90, |_, outbox| {
+        outbox
+            .iter()
+            .any(|r| r.entity["CloudEventType"] == "io.cvchain.chain.completed")
+            && outbox.iter().all(|r| r.entity["Pending"] == false)
+            && teams.messages().len() >= want.len()
+            && slack.messages().len() >= want.len()
+    })
+    .await;
+    assert!(teams.refused().is_empty(), "{:?}", teams.refused());
+    assert!(slack.refused().is_empty(), "{:?}", slack.refused());
+    let outbox = w.outbox().await;
+    let state = |r: &StoredEntity, prop: &str| -> String {
+        let s: Value = serde_json::from_str(r.entity[prop].as_str().unwrap()).unwrap();
+        s["state"].as_str().unwrap().to_owned()
+    };
+    // The chosen events, in the outbox's order, delivered; every other one skipped.
+    let chosen: Vec<(String, String)> = outbox
+        .iter()
+        .filter(|r| state(r, "TeamsDelivery") == "delivered")
+        .map(|r| {
+            (
+                r.entity["CloudEventType"].as_str().unwrap().to_owned(),
+                r.entity["EventId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let kinds: Vec<&str> = chosen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, want);
+    for r in &outbox {
+        let s = state(r, "TeamsDelivery");
+        assert!(s == "delivered" || s == "skipped", "{s}");
+        assert_eq!(s, state(r, "SlackDelivery"));
+        assert_eq!(
+            state(r, "WebhookDelivery"),
+            "delivered",
+            "the webhook gets everything"
+        );
+    }
+    assert!(
+        outbox.len() > want.len() + 4,
+        "most events are not for chat"
+    );
+    let ids: Vec<&str> = chosen.iter().map(|(_, id)| id.as_str()).collect();
+    for (name, chat) in [("Teams", &teams), ("Slack", &slack)] {
+        let got: Vec<String> = chat.messages().iter().map(event_id_of).collect();
+        assert_eq!(got, ids, "{name}: each chosen event once, in order");
+    }
+    // What the messages say, as Microsoft's library reads the cards back.
+    let cards = validate_cards(&teams.messages());
+    let link = format!("{CONSOLE}/{}", w.project);
+    let has = |texts: &[String], want: &str| texts.iter().any(|t| t.contains(want));
+    let gate = &cards[0];
+    for want in [
+        "Gate passed: Widgets · Iteration 1",
+        "90.0%",
+        "85.0%",
+        "88.0%",
+        "passed",
+        "map 0.88 >= 0.80",
+        &link,
+    ] {
+        assert!(has(gate, want), "{want} in {gate:?}");
+    }
+    let moved = &cards[1];
+    for want in [
+        "Production moved: Widgets · Iteration 1",
+        "Previous holder",
+        "none (its first holder)",
+        "gate",
+    ] {
+        assert!(has(moved, want), "{want} in {moved:?}");
+    }
+    let failed = &cards[2];
+    assert!(
+        has(failed, "Export failed") && has(failed, "TensorFlow"),
+        "{failed:?}"
+    );
+    let done = &cards[3];
+    assert!(
+        has(done, "Export chain completed, 1 export(s) failed"),
+        "{done:?}"
+    );
+    assert!(
+        has(done, "ONNX: Done") && has(done, "TensorFlow (TensorFlowLite): Failed"),
+        "{done:?}"
+    );
+    let slack_text: Vec<String> = slack.messages().iter().map(Value::to_string).collect();
+    assert!(slack_text[0].contains(":white_check_mark: Gate passed: Widgets · Iteration 1"));
+    assert!(slack_text[0].contains(&format!("<{link}|Open in the console>")));
+    assert!(slack_text[1].contains("Production moved"));
+    assert!(slack_text[2].contains(":x: Export failed"));
+    let _ = iteration;
+
+    // A training that fails: told at once.
+    w._standin.set_faults(Faults {
+        fail_training: true,
+        ..Default::default()
+    });
+    w.api.train(w.project).await;
+    w.wait("the failed training told", 60, |_, _| {
+        teams.messages().len() > want.len() && slack.messages().len() > want.len()
+    })
+    .await;
+    let last = validate_cards(&teams.messages()[want.len()..]);
+    assert!(has(&last[0], "Training failed: Widgets"), "{last:?}");
+    assert!(
+        slack.messages()[want.len()]
+            .to_string()
+            .contains(":x: Training failed")
+    );
+
+    // Replay: a chosen event again (same message), an unchosen one never.
+    let before = teams.messages().len();
+    let out = w.cvchain(&["events", "replay", "--type", "gate.evaluated"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = w.cvchain(&["events", "replay", "--type", "export.requested"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.wait("the replayed verdict told again", 30, |_, outbox| {
+        teams.messages().len() > before
+            && slack.messages().len() > before
+            && outbox.iter().all(|r| r.entity["Pending"] == false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for chat in [&teams, &slack] {
+        let again: Vec<String> = chat.messages()[before..].iter().map(event_id_of).collect();
+        assert_eq!(again, [ids[0]], "only the verdict, once more");
+    }
+    let listed = String::from_utf8_lossy(&w.cvchain(&["events"]).stdout).into_owned();
+    assert!(
+        listed.contains("teams=skipped") && listed.contains("slack=delivered"),
+        "{listed}"
+    );
+
+    // `events test` reaches both (a card the library reads); `check` reaches both.
+    let out = w.cvchain(&["events", "test"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("✓ Teams http://127.0.0.1:") && text.contains("✓ Slack http://127.0.0.1:"),
+        "{text}"
+    );
+    let test_card = teams.messages().last().unwrap().clone();
+    assert!(has(
+        &validate_cards(&[test_card])[0],
+        "cvchain test message"
+    ));
+    assert!(
+        slack
+            .messages()
+            .last()
+            .unwrap()
+            .to_string()
+            .contains("cvchain test message")
+    );
+    let check = String::from_utf8_lossy(&w.cvchain(&["check"]).stdout).into_owned();
+    assert!(
+        check.contains("✓ event sink: Teams http://127.0.0.1:"),
+        "{check}"
+    );
+    assert!(
+        check.contains("✓ event sink: Slack http://127.0.0.1:"),
+        "{check}"
+    );
+    assert!(
+        check.contains("/services/T0CVCHAIN/B0CVCHAIN/REDACTED"),
+        "{check}"
+    );
+    // No key of either URL anywhere: outputs, logs, rows, what every sink got.
+    for shown in [&text, &check, &listed] {
+        assert!(
+            !shown.contains(&teams.key) && !shown.contains(&slack.key),
+            "{shown}"
+        );
+    }
+    let mut everything: Vec<String> = w.handlers.iter().map(|h| h.stderr()).collect();
+    everything.extend(
+        w.rows()
+            .await
+            .iter()
+            .map(|r| Value::Object(r.entity.clone()).to_string()),
+    );
+    everything.extend(teams.messages().iter().map(Value::to_string));
+    everything.extend(slack.messages().iter().map(Value::to_string));
+    cvchain_testkit::assert_no_secrets(
+        "logs, rows and chat messages",
+        &everything.join("\n"),
+        &[&teams.key, &slack.key, TOPIC_KEY, KEY],
+    );
     w.assert_no_secrets().await;
 }

@@ -176,7 +176,7 @@ async fn check_sinks(settings: &Settings, clients: &StorageClients) -> Vec<Check
     if !settings.events.any() {
         return vec![ok(
             "event sinks".into(),
-            "none configured (CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL): no events are recorded",
+            "none configured (CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL, CVCHAIN_TEAMS_WEBHOOK_URL, CVCHAIN_SLACK_WEBHOOK_URL): no events are recorded",
         )];
     }
     let sinks = match Sinks::new(&settings.events, clients, Default::default()) {

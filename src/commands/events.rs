@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn events(settings: &Settings, clients: &StorageClients) -> anyhow::Result<std::sync::Arc<Events>> {
     Events::from_settings(settings, clients, Default::default())?.context(
-        "no event sink is configured: set CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT or CVCHAIN_WEBHOOK_URL",
+        "no event sink is configured: set CVCHAIN_EVENTS_QUEUE, CVCHAIN_EVENTGRID_ENDPOINT, CVCHAIN_WEBHOOK_URL, CVCHAIN_TEAMS_WEBHOOK_URL or CVCHAIN_SLACK_WEBHOOK_URL",
     )
 }
 
@@ -184,6 +184,12 @@ fn hint(sink: Sink) -> &'static str {
         }
         Sink::Webhook => {
             " — check CVCHAIN_WEBHOOK_URL and that the receiver uses CVCHAIN_WEBHOOK_SECRET"
+        }
+        Sink::Teams => {
+            " — check CVCHAIN_TEAMS_WEBHOOK_URL (the URL of the Workflows flow \"Post to a channel when a webhook request is received\", with its sig)"
+        }
+        Sink::Slack => {
+            " — check CVCHAIN_SLACK_WEBHOOK_URL (the incoming webhook's URL, and that its channel still exists)"
         }
     }
 }

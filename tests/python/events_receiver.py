@@ -13,6 +13,14 @@
         A JSON array of texts, each a CloudEvent or an array of them (a queue message, an Event
         Grid batch): each event is parsed by the CloudEvents SDK's JSON format; prints one JSON
         line per event with its attributes, or exits 1 naming the one that does not parse.
+
+    events_receiver.py read-queue CONNECTION_STRING QUEUE ENCODING COUNT
+        Reads COUNT messages of QUEUE with Microsoft's queue SDK (azure-storage-queue), as a
+        queue-triggered Function would: ENCODING `base64` decodes each with the SDK's
+        TextBase64DecodePolicy (what the Functions queues extension does by default), `none`
+        takes the text as it is. Each is deleted, parsed by the CloudEvents SDK's JSON format
+        and printed as one JSON line of its attributes (plus "messageSize": the text as the
+        queue held it). Exits 1 naming a message that does not decode or parse.
 """
 
 import json
@@ -103,6 +111,43 @@ def parse():
             print(json.dumps(attributes(event), default=str))
 
 
+def read_queue(connection_string, queue, encoding, count):
+    from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+
+    raw = QueueClient.from_connection_string(connection_string, queue)
+    client = QueueClient.from_connection_string(
+        connection_string, queue,
+        message_decode_policy=TextBase64DecodePolicy() if encoding == "base64" else None)
+    fmt = JSONFormat()
+    got = 0
+    empty = 0
+    while got < count and empty < 50:
+        # The text as held (no decoding), to measure it; then the same message decoded.
+        peeked = raw.peek_messages(max_messages=1)
+        if not peeked:
+            empty += 1
+            time.sleep(0.1)
+            continue
+        size = len(peeked[0].content.encode("utf-8"))
+        try:
+            message = next(iter(client.receive_messages(max_messages=1, visibility_timeout=30)))
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"message {got} does not decode as {encoding}: {type(e).__name__}: {e}: "
+                     f"{peeked[0].content[:120]!r}")
+        client.delete_message(message)
+        try:
+            event = fmt.read(None, message.content.encode("utf-8"))
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"message {got} is not a CloudEvent after {encoding} decoding: "
+                     f"{type(e).__name__}: {e}: {message.content[:120]!r}")
+        record = attributes(event)
+        record["messageSize"] = size
+        print(json.dumps(record, default=str), flush=True)
+        got += 1
+    if got < count:
+        sys.exit(f"only {got} of {count} messages arrived")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3], sys.argv[4],
@@ -110,5 +155,7 @@ if __name__ == "__main__":
               sys.argv[6] if len(sys.argv) > 6 else None)
     elif sys.argv[1] == "parse":
         parse()
+    elif sys.argv[1] == "read-queue":
+        read_queue(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         sys.exit(f"unknown mode {sys.argv[1]!r}")

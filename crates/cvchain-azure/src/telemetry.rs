@@ -80,6 +80,8 @@ pub enum Service {
     CustomVision,
     EventGrid,
     Webhook,
+    Teams,
+    Slack,
 }
 
 impl Service {
@@ -91,6 +93,8 @@ impl Service {
             Service::CustomVision => "customvision",
             Service::EventGrid => "eventgrid",
             Service::Webhook => "webhook",
+            Service::Teams => "teams",
+            Service::Slack => "slack",
         }
     }
 
@@ -135,12 +139,26 @@ impl Policy for AttemptsPolicy {
 #[derive(Debug)]
 pub struct ClientSpanPolicy {
     service: Service,
+    /// How `url.full` shows the URL when its path holds a key too (a Slack webhook's), before
+    /// the core's redaction.
+    shown: Option<fn(&url::Url) -> String>,
 }
 
 impl ClientSpanPolicy {
     /// The policy for `service`, as a pipeline takes it.
     pub fn shared(service: Service) -> Arc<dyn Policy> {
-        Arc::new(Self { service })
+        Arc::new(Self {
+            service,
+            shown: None,
+        })
+    }
+
+    /// The same, for a service whose URLs `shown` must withhold more than the query of.
+    pub fn shared_shown(service: Service, shown: fn(&url::Url) -> String) -> Arc<dyn Policy> {
+        Arc::new(Self {
+            service,
+            shown: Some(shown),
+        })
     }
 }
 
@@ -161,7 +179,10 @@ impl Policy for ClientSpanPolicy {
             (None, None) => (0, None),
         };
         let method = request.method().as_str().to_ascii_uppercase();
-        let target = trace::http_target(request.url());
+        let mut target = trace::http_target(request.url());
+        if let Some(shown) = self.shown {
+            target.url_full = trace::url_attribute(&shown(request.url()));
+        }
         let span = tracing::info_span!(
             target: SPAN_TARGET,
             "http.client",

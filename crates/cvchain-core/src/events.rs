@@ -17,9 +17,11 @@
 //! - [`delivery`]: per-sink delivery state, ordering, retries with backoff, size limits.
 //! - [`webhook`]: Standard Webhooks signing and verification.
 
+pub mod chat;
 pub mod delivery;
 pub mod shape;
 pub mod webhook;
+pub mod wire;
 
 use crate::chain::EntryState;
 use crate::history::{HistoryRow, Prop, Props, RowKind, RowStatus, StepRow, safe_key};
@@ -30,7 +32,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-pub use delivery::{DeliveryState, Sink};
+pub use delivery::{DeliveryState, Routing, Sink};
 
 /// `CVCHAIN_EVENTS_SOURCE`: overrides the events' `source`.
 pub const SOURCE_SETTING: &str = "CVCHAIN_EVENTS_SOURCE";
@@ -788,13 +790,34 @@ pub fn test_event(ctx: &EventContext, id: &str, now: OffsetDateTime) -> CloudEve
     }
 }
 
-/// The outbox row of `event`, in the partition of the change it describes, for `sinks`.
-/// `sequence` orders the project's events (the adapter makes it from the clock at write time).
+/// The outbox row of `event`, in the partition of the change it describes, for `sinks`, routed
+/// as [`Routing::default`] routes (see [`outbox_row_routed`]).
 pub fn outbox_row(
     partition_key: &str,
     event: &CloudEvent,
     describes: &str,
     sinks: &[Sink],
+    sequence: &str,
+) -> HistoryRow {
+    outbox_row_routed(
+        partition_key,
+        event,
+        describes,
+        sinks,
+        &Routing::default(),
+        sequence,
+    )
+}
+
+/// The outbox row of `event`, in the partition of the change it describes, for `sinks`; a chat
+/// sink `routing` does not choose it for is recorded as skipped, never pending. `sequence`
+/// orders the project's events (the adapter makes it from the clock at write time).
+pub fn outbox_row_routed(
+    partition_key: &str,
+    event: &CloudEvent,
+    describes: &str,
+    sinks: &[Sink],
+    routing: &Routing,
     sequence: &str,
 ) -> HistoryRow {
     let mut p = Props::new();
@@ -806,7 +829,11 @@ pub fn outbox_row(
         p.set(Prop::EventTime, t);
     }
     p.set(Prop::Sequence, sequence);
-    p.set(Prop::Pending, !sinks.is_empty());
+    let states = routing.initial_states(sinks, event);
+    p.set(Prop::Pending, states.iter().any(|(_, s)| !s.is_done()));
+    for (sink, state) in states.iter().filter(|(_, s)| s.is_done()) {
+        p.set(sink.prop(), state.to_json());
+    }
     p.set(Prop::Sinks, delivery::sinks_text(sinks));
     // Redacted and bounded here, so sealing the row leaves it as it is: the stored text is this
     // CloudEvent, never one cut or withheld whole.

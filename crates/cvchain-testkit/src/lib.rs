@@ -4,8 +4,10 @@
 //!   (`pending`, then `success`, `failed` or `aborted`), as a real service's are;
 //! - [`azurite`]: an Azurite of the test's own (free loopback ports, its own data folder or
 //!   memory, stopped on drop), on `cvchain-standin`'s launcher;
-//! - [`eventgrid`]: a local Event Grid topic that checks what the service checks (no emulator
-//!   exists);
+//! - [`eventgrid`]: a local Event Grid topic (custom or namespace) that checks what the service
+//!   checks (no emulator exists);
+//! - [`chat`]: local Teams Workflows and Slack incoming webhooks that check what each service
+//!   documents;
 //! - [`handler`]: the `cvchain` binary started as the Functions host starts it (`serve`) or as a
 //!   queue worker;
 //! - [`host`]: the Functions host's queue trigger, played against a running handler;
@@ -16,7 +18,9 @@
 //! - [`hot_path`]: the per-notification CPU work the benchmarks measure.
 
 pub mod azurite;
+pub mod chat;
 pub mod copy_proxy;
+pub mod demo;
 pub mod eventgrid;
 pub mod handler;
 pub mod host;
@@ -27,6 +31,7 @@ pub mod tls;
 
 pub use azurite::{Azurite, unique};
 pub use copy_proxy::{CopyEnd, CopyFaults, CopyProxy};
+pub use demo::DemoRun;
 pub use eventgrid::{EventGridTopic, TopicAuth};
 pub use handler::Handler;
 pub use host::{HostEmulator, PumpStats, deliver_to_both, host_envelope, take_messages};

@@ -89,12 +89,27 @@ impl Outbox {
     /// `cvchain events replay`: the event is pending again for `sinks` (its id unchanged), as if
     /// never sent.
     pub async fn reset(&self, row: &OutboxRow, sinks: &[Sink]) -> Result<(), StorageError> {
+        let states: Vec<(Sink, DeliveryState)> = sinks
+            .iter()
+            .map(|s| (*s, DeliveryState::default()))
+            .collect();
+        self.reset_to(row, &states).await
+    }
+
+    /// As [`reset`](Self::reset), each sink starting from the state given (pending, or skipped
+    /// for a chat sink that is not told the event: `Routing::initial_states`).
+    pub async fn reset_to(
+        &self,
+        row: &OutboxRow,
+        states: &[(Sink, DeliveryState)],
+    ) -> Result<(), StorageError> {
         let mut p = Props::new();
-        for s in sinks {
-            p.set(s.prop(), DeliveryState::default().to_json());
+        for (s, state) in states {
+            p.set(s.prop(), state.to_json());
         }
-        p.set(Prop::Sinks, delivery::sinks_text(sinks));
-        p.set(Prop::Pending, !sinks.is_empty());
+        let sinks: Vec<Sink> = states.iter().map(|(s, _)| *s).collect();
+        p.set(Prop::Sinks, delivery::sinks_text(&sinks));
+        p.set(Prop::Pending, states.iter().any(|(_, s)| !s.is_done()));
         self.history
             .merge(&row.partition_key, &row.row_key, &p)
             .await

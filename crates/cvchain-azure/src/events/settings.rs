@@ -3,7 +3,13 @@
 
 use azure_core::credentials::Secret;
 use cvchain_core::config::{SettingsError, Vars};
-use cvchain_core::events::{SOURCE_SETTING, Sink, delivery::RetryPolicy, webhook};
+use cvchain_core::events::{
+    Routing, SOURCE_SETTING, Sink,
+    chat::{CHAT_EVENTS_SETTING, CONSOLE_URL_SETTING, ChatSelection},
+    delivery::RetryPolicy,
+    webhook,
+    wire::{EventGridKind, QUEUE_ENCODING_SETTING, QueueEncoding},
+};
 use std::time::Duration;
 use url::Url;
 
@@ -16,6 +22,8 @@ pub const WEBHOOK_URL_SETTING: &str = "CVCHAIN_WEBHOOK_URL";
 pub const WEBHOOK_SECRET_SETTING: &str = "CVCHAIN_WEBHOOK_SECRET";
 pub const RETRY_SECONDS_SETTING: &str = "CVCHAIN_EVENTS_RETRY_SECONDS";
 pub const DELIVER_SECONDS_SETTING: &str = "CVCHAIN_EVENTS_DELIVER_SECONDS";
+pub const TEAMS_URL_SETTING: &str = "CVCHAIN_TEAMS_WEBHOOK_URL";
+pub const SLACK_URL_SETTING: &str = "CVCHAIN_SLACK_WEBHOOK_URL";
 /// Event Grid's API version for custom topics (`…/api/events`).
 pub const EVENTGRID_API_VERSION: &str = "2018-01-01";
 /// For namespace topics (`…/topics/<name>:publish`).
@@ -38,6 +46,13 @@ pub struct EventGridSettings {
     pub auth: EventGridAuth,
 }
 
+impl EventGridSettings {
+    /// A custom topic or a namespace topic: told by the endpoint's path.
+    pub fn kind(&self) -> EventGridKind {
+        EventGridKind::of_path(self.endpoint.path())
+    }
+}
+
 #[derive(Clone)]
 pub struct WebhookSettings {
     /// May carry a query (a receiver's `?code=` key): never logged or recorded with it.
@@ -50,8 +65,18 @@ pub struct WebhookSettings {
 #[derive(Clone, Default)]
 pub struct EventsSettings {
     pub queue: Option<String>,
+    /// `CVCHAIN_EVENTS_QUEUE_ENCODING`: base64 (what a default queue trigger reads) or none.
+    pub queue_encoding: QueueEncoding,
     pub event_grid: Option<EventGridSettings>,
     pub webhook: Option<WebhookSettings>,
+    /// A Teams Workflows webhook: its URL carries its key (`sig=` in the query), never shown.
+    pub teams: Option<Url>,
+    /// A Slack incoming webhook: its URL's path is its key, never shown.
+    pub slack: Option<Url>,
+    /// `CVCHAIN_CHAT_EVENTS`: which events Teams and Slack are told.
+    pub chat_events: ChatSelection,
+    /// `CVCHAIN_CONSOLE_URL`, without a trailing `/`: chat messages link to a project's page.
+    pub console: Option<Url>,
     /// `CVCHAIN_EVENTS_SOURCE`; `None`: `/cvchain/<account>/<table>`.
     pub source: Option<String>,
     pub retry: RetryPolicy,
@@ -79,14 +104,41 @@ impl std::fmt::Debug for EventsSettings {
                 "webhook",
                 &self.webhook.as_ref().map(|w| display_url(&w.url)),
             )
+            .field("teams", &self.teams.as_ref().map(display_url))
+            .field("slack", &self.slack.as_ref().map(display_url))
+            .field("chat_events", &self.chat_events.describe())
+            .field("console", &self.console.as_ref().map(display_url))
             .field("source", &self.source)
             .finish()
     }
 }
 
-/// A URL as logs and rows may show it: without its query (where keys live) or user info.
+/// A URL as logs and rows may show it: without its query (where keys live, a Teams Workflows
+/// URL's `sig=` among them) or user info, and with the key of a Slack incoming webhook's path
+/// (`/services/<team>/<bot>/<key>`, on any host, so a local receiver is shown the same way)
+/// withheld.
 pub fn display_url(url: &Url) -> String {
-    cvchain_core::redact::url_without_secrets(url.as_str())
+    let shown = cvchain_core::redact::url_without_secrets(url.as_str());
+    match slack_key(url) {
+        Some(key) => match Url::parse(&shown) {
+            Ok(mut u) => {
+                let path = u.path().replacen(key, cvchain_core::redact::REDACTED, 1);
+                u.set_path(&path);
+                u.to_string()
+            }
+            Err(_) => shown.replace(key, cvchain_core::redact::REDACTED),
+        },
+        None => shown,
+    }
+}
+
+/// The key of a Slack incoming webhook's URL: what follows `/services/<team>/<bot>/`.
+pub fn slack_key(url: &Url) -> Option<&str> {
+    let path = url.path();
+    let rest = path.strip_prefix("/services/")?;
+    let mut parts = rest.splitn(3, '/');
+    let (_team, _bot, key) = (parts.next()?, parts.next()?, parts.next()?);
+    (!key.is_empty()).then_some(key)
 }
 
 fn err(setting: &str, problem: impl Into<String>) -> SettingsError {
@@ -103,7 +155,7 @@ fn is_loopback(url: &Url) -> bool {
 }
 
 /// An https URL (http only on the loopback interface, for local runs), without user info.
-fn endpoint_url(setting: &str, value: &str) -> Result<Url, SettingsError> {
+pub fn endpoint_url(setting: &str, value: &str) -> Result<Url, SettingsError> {
     let url = Url::parse(value.trim())
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
@@ -132,7 +184,51 @@ impl EventsSettings {
             }
             None => None,
         };
+        let queue_encoding = match get(QUEUE_ENCODING_SETTING) {
+            None => QueueEncoding::default(),
+            Some(v) => QueueEncoding::parse(&v).ok_or_else(|| {
+                err(
+                    QUEUE_ENCODING_SETTING,
+                    "must be `base64` (what a Functions queue trigger reads by default) or `none`",
+                )
+            })?,
+        };
         let event_grid = event_grid(vars)?;
+        let teams = get(TEAMS_URL_SETTING)
+            .map(|v| endpoint_url(TEAMS_URL_SETTING, &v))
+            .transpose()?;
+        let slack = match get(SLACK_URL_SETTING) {
+            Some(v) => {
+                let url = endpoint_url(SLACK_URL_SETTING, &v)?;
+                if slack_key(&url).is_none() {
+                    return Err(err(
+                        SLACK_URL_SETTING,
+                        "must be a Slack incoming webhook URL (https://hooks.slack.com/services/T…/B…/…)",
+                    ));
+                }
+                Some(url)
+            }
+            None => None,
+        };
+        let chat_events = match get(CHAT_EVENTS_SETTING) {
+            Some(v) => ChatSelection::parse(&v).map_err(|p| err(CHAT_EVENTS_SETTING, p))?,
+            None => ChatSelection::default(),
+        };
+        let console = match get(CONSOLE_URL_SETTING) {
+            Some(v) => {
+                let mut url = endpoint_url(CONSOLE_URL_SETTING, &v)?;
+                if url.query().is_some() || url.fragment().is_some() {
+                    return Err(err(
+                        CONSOLE_URL_SETTING,
+                        "must carry no query or fragment: it is posted to every chat channel, so never put a function key (?code=) in it",
+                    ));
+                }
+                let path = url.path().trim_end_matches('/').to_owned();
+                url.set_path(&path);
+                Some(url)
+            }
+            None => None,
+        };
         let webhook = match (get(WEBHOOK_URL_SETTING), get(WEBHOOK_SECRET_SETTING)) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -174,8 +270,13 @@ impl EventsSettings {
         let deliver = vars.number(DELIVER_SECONDS_SETTING, 60, 1..=3600, " of seconds", "")?;
         Ok(Self {
             queue,
+            queue_encoding,
             event_grid,
             webhook,
+            teams,
+            slack,
+            chat_events,
+            console,
             source,
             retry: RetryPolicy {
                 first: Duration::from_secs(first),
@@ -197,11 +298,34 @@ impl EventsSettings {
         if self.webhook.is_some() {
             out.push(Sink::Webhook);
         }
+        if self.teams.is_some() {
+            out.push(Sink::Teams);
+        }
+        if self.slack.is_some() {
+            out.push(Sink::Slack);
+        }
         out
     }
 
     pub fn any(&self) -> bool {
         !self.sinks().is_empty()
+    }
+
+    /// What the core's decisions need of these settings.
+    pub fn routing(&self) -> Routing {
+        Routing {
+            queue_encoding: self.queue_encoding,
+            event_grid: self
+                .event_grid
+                .as_ref()
+                .map(EventGridSettings::kind)
+                .unwrap_or_default(),
+            chat: self.chat_events.clone(),
+            console: self
+                .console
+                .as_ref()
+                .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+        }
     }
 }
 
@@ -236,13 +360,10 @@ fn event_grid(vars: &Vars) -> Result<Option<EventGridSettings>, SettingsError> {
             ),
         ));
     }
+    let kind = EventGridKind::of_path(url.path());
     if !url.query_pairs().any(|(k, _)| k == "api-version") {
-        let version = if url.path().ends_with(":publish") {
-            EVENTGRID_NAMESPACE_API_VERSION
-        } else {
-            EVENTGRID_API_VERSION
-        };
-        url.query_pairs_mut().append_pair("api-version", version);
+        url.query_pairs_mut()
+            .append_pair("api-version", kind.api_version());
     }
     let auth = match (key, credential) {
         (Some(_), Some(_)) => {
@@ -429,6 +550,125 @@ mod tests {
             settings(&[
                 ("CVCHAIN_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
                 ("CVCHAIN_WEBHOOK_SECRET", SECRET)
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn chat_settings_are_checked_and_their_keys_never_shown() {
+        let teams = "https://prod-12.westeurope.logic.azure.com:443/workflows/0a1b/triggers/manual/paths/invoke?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig=c2lnLXNlY3JldC12YWx1ZQ";
+        let slack = "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/aBcDeFgHiJkLmNoPqRsTuVwX";
+        let s = settings(&[
+            ("CVCHAIN_TEAMS_WEBHOOK_URL", teams),
+            ("CVCHAIN_SLACK_WEBHOOK_URL", slack),
+            (
+                "CVCHAIN_CONSOLE_URL",
+                "https://cv-app.azurewebsites.net/api/history/",
+            ),
+            ("CVCHAIN_CHAT_EVENTS", "gate.evaluated, channel.moved:all"),
+            ("CVCHAIN_EVENTS_QUEUE", "cvchain-events"),
+            ("CVCHAIN_EVENTS_QUEUE_ENCODING", "none"),
+        ])
+        .unwrap();
+        assert_eq!(s.sinks(), [Sink::Queue, Sink::Teams, Sink::Slack]);
+        let r = s.routing();
+        assert_eq!(r.queue_encoding, QueueEncoding::None);
+        assert_eq!(
+            r.console.as_deref(),
+            Some("https://cv-app.azurewebsites.net/api/history")
+        );
+        assert_eq!(r.chat.describe(), "gate.evaluated, channel.moved:all");
+        assert_eq!(
+            display_url(s.slack.as_ref().unwrap()),
+            "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/REDACTED"
+        );
+        assert_eq!(
+            display_url(s.teams.as_ref().unwrap()),
+            "https://prod-12.westeurope.logic.azure.com/workflows/0a1b/triggers/manual/paths/invoke"
+        );
+        let shown = format!("{s:?}");
+        for secret in ["c2lnLXNlY3JldC12YWx1ZQ", "aBcDeFgHiJkLmNoPqRsTuVwX"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        // Defaults: base64, the default chat events, no console.
+        let d = settings(&[("CVCHAIN_SLACK_WEBHOOK_URL", slack)]).unwrap();
+        assert_eq!(d.routing().queue_encoding, QueueEncoding::Base64);
+        assert_eq!(d.routing().chat, ChatSelection::default());
+        assert_eq!(d.routing().console, None);
+        // Namespace topics: their api-version, their kind.
+        let ns = settings(&[
+            (
+                "CVCHAIN_EVENTGRID_ENDPOINT",
+                "https://ns.westeurope-1.eventgrid.azure.net/topics/cv:publish",
+            ),
+            ("CVCHAIN_EVENTGRID_KEY", "k"),
+        ])
+        .unwrap();
+        assert_eq!(ns.routing().event_grid, EventGridKind::NamespaceTopic);
+        for (pairs, setting) in [
+            (
+                vec![(
+                    "CVCHAIN_TEAMS_WEBHOOK_URL",
+                    "http://prod-12.logic.azure.com/workflows/x?sig=abc",
+                )],
+                "CVCHAIN_TEAMS_WEBHOOK_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_SLACK_WEBHOOK_URL",
+                    "http://hooks.slack.com/services/T/B/aBcDeFgHiJkLmNoPqRsTuVwX",
+                )],
+                "CVCHAIN_SLACK_WEBHOOK_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_SLACK_WEBHOOK_URL",
+                    "https://hooks.slack.com/aBcDeFgHiJkLmNoPqRsTuVwX",
+                )],
+                "CVCHAIN_SLACK_WEBHOOK_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_CONSOLE_URL",
+                    "https://cv-app.azurewebsites.net/api/history?code=aBcDeFgHiJkLmNoPqRsTuVwX",
+                )],
+                "CVCHAIN_CONSOLE_URL",
+            ),
+            (
+                vec![(
+                    "CVCHAIN_CONSOLE_URL",
+                    "http://cv-app.azurewebsites.net/api/history",
+                )],
+                "CVCHAIN_CONSOLE_URL",
+            ),
+            (
+                vec![("CVCHAIN_CHAT_EVENTS", "gate.evaluted")],
+                "CVCHAIN_CHAT_EVENTS",
+            ),
+            (
+                vec![("CVCHAIN_EVENTS_QUEUE_ENCODING", "utf8")],
+                "CVCHAIN_EVENTS_QUEUE_ENCODING",
+            ),
+        ] {
+            let e = settings(&pairs).expect_err(&format!("{pairs:?}"));
+            assert_eq!(e.setting, setting, "{pairs:?}: {e}");
+            for secret in ["abc", "aBcDeFgHiJkLmNoPqRsTuVwX"] {
+                assert!(!e.to_string().contains(secret), "{e}");
+            }
+        }
+        // Loopback may use http, for local receivers.
+        assert!(
+            settings(&[
+                (
+                    "CVCHAIN_TEAMS_WEBHOOK_URL",
+                    "http://127.0.0.1:9/workflows/x?sig=abc"
+                ),
+                (
+                    "CVCHAIN_SLACK_WEBHOOK_URL",
+                    "http://localhost:9/services/T/B/k"
+                ),
+                ("CVCHAIN_CONSOLE_URL", "http://127.0.0.1:7071/api/history"),
             ])
             .is_ok()
         );

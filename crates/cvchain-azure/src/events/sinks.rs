@@ -9,7 +9,7 @@
 //! text redacted before it is shortened (`redact::excerpt`), and a URL is only ever shown as
 //! [`display_url`] shows it.
 
-use super::settings::{EventGridAuth, EventsSettings, display_url};
+use super::settings::{EventGridAuth, EventsSettings, display_url, slack_key};
 use crate::storage::{StorageError, clients::StorageClients, queue::send_text};
 use azure_core::{
     credentials::{Secret, TokenCredential},
@@ -26,6 +26,7 @@ use cvchain_core::events::{
     BATCH_CONTENT_TYPE, CONTENT_TYPE, Sink,
     delivery::{Answer, batches},
     webhook,
+    wire::{EventGridKind, QueueEncoding},
 };
 use futures::StreamExt as _;
 use std::{sync::Arc, time::Duration};
@@ -34,11 +35,11 @@ use tokio::time::Instant;
 pub const EVENTGRID_SCOPE: &str = "https://eventgrid.azure.net/.default";
 /// One attempt; a sink that hangs costs this much, once per round.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Event Grid takes at most 1 MB per request.
+/// Event Grid takes at most 1 MB per request (either kind: `EventGridKind::limits`).
 pub const EVENTGRID_MAX_REQUEST: usize = 1_000_000;
 /// Events per Event Grid request: a batch's delivery states are then saved in one table
 /// transaction (at most 100 writes), so a batch is delivered and recorded as one.
-pub const EVENTGRID_MAX_EVENTS: usize = 100;
+pub const EVENTGRID_MAX_EVENTS: usize = cvchain_core::events::wire::EVENTS_PER_TRANSACTION;
 /// The bytes of an answer's body that are read: its excerpt comes from them. The rest is never
 /// read; the connection is closed instead.
 pub const ANSWER_READ: usize = 4 * 1024;
@@ -60,6 +61,8 @@ pub struct Sinks {
     pub queue: Option<QueueSink>,
     pub event_grid: Option<EventGridSink>,
     pub webhook: Option<WebhookSink>,
+    pub teams: Option<ChatSink>,
+    pub slack: Option<ChatSink>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -86,6 +89,7 @@ impl Sinks {
             Some(name) => Some(QueueSink {
                 client: clients.queue(name)?,
                 name: name.clone(),
+                encoding: settings.queue_encoding,
             }),
             None => None,
         };
@@ -127,6 +131,7 @@ impl Sinks {
                 }
                 Some(EventGridSink {
                     endpoint: eg.endpoint.clone(),
+                    kind: eg.kind(),
                     key,
                     http: Http::new(
                         transport.clone(),
@@ -148,11 +153,36 @@ impl Sinks {
                 crate::telemetry::Service::Webhook,
             ),
         });
+        let chat = |sink: Sink, url: &Option<Url>| {
+            url.as_ref().map(|u| ChatSink {
+                sink,
+                url: u.clone(),
+                http: Http::new(
+                    transport.clone(),
+                    Vec::new(),
+                    timeout,
+                    match sink {
+                        Sink::Slack => crate::telemetry::Service::Slack,
+                        _ => crate::telemetry::Service::Teams,
+                    },
+                ),
+            })
+        };
         Ok(Self {
             queue,
             event_grid,
             webhook,
+            teams: chat(Sink::Teams, &settings.teams),
+            slack: chat(Sink::Slack, &settings.slack),
         })
+    }
+
+    fn chat(&self, sink: Sink) -> Option<&ChatSink> {
+        match sink {
+            Sink::Teams => self.teams.as_ref(),
+            Sink::Slack => self.slack.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn configured(&self) -> Vec<Sink> {
@@ -165,6 +195,12 @@ impl Sinks {
         }
         if self.webhook.is_some() {
             out.push(Sink::Webhook);
+        }
+        if self.teams.is_some() {
+            out.push(Sink::Teams);
+        }
+        if self.slack.is_some() {
+            out.push(Sink::Slack);
         }
         out
     }
@@ -190,6 +226,17 @@ impl Sinks {
                     .map(|w| display_url(&w.url))
                     .unwrap_or_default()
             ),
+            Sink::Teams | Sink::Slack => format!(
+                "{} {}",
+                if sink == Sink::Teams {
+                    "Teams"
+                } else {
+                    "Slack"
+                },
+                self.chat(sink)
+                    .map(|c| display_url(&c.url))
+                    .unwrap_or_default()
+            ),
         }
     }
 
@@ -211,8 +258,23 @@ impl Sinks {
                 Some(w) => w.send(id, body, traceparent).await,
                 None => not_configured(),
             },
+            Sink::Teams | Sink::Slack => match self.chat(sink) {
+                Some(c) => c.send(body).await,
+                None => not_configured(),
+            },
             Sink::EventGrid => self.send_batch(&[body]).await,
         }
+    }
+
+    /// How many events, and bytes, one Event Grid request may carry (its endpoint kind's).
+    pub fn eventgrid_request_limits(&self) -> (usize, usize) {
+        let l = self
+            .event_grid
+            .as_ref()
+            .map(|e| e.kind)
+            .unwrap_or_default()
+            .limits();
+        (l.max_request_bytes, l.max_events)
     }
 
     /// Sends events to Event Grid in one request: they are taken or refused together.
@@ -232,7 +294,8 @@ impl Sinks {
         let groups = match sink {
             Sink::EventGrid => {
                 let sizes: Vec<usize> = events.iter().map(|(_, b)| b.len()).collect();
-                batches(&sizes, EVENTGRID_MAX_REQUEST, EVENTGRID_MAX_EVENTS)
+                let (bytes, count) = self.eventgrid_request_limits();
+                batches(&sizes, bytes, count)
             }
             _ => (0..events.len()).map(|i| i..i + 1).collect(),
         };
@@ -276,24 +339,31 @@ impl Sinks {
             }
             Sink::EventGrid => {
                 let eg = self.event_grid.as_ref().ok_or("not configured")?;
+                let kind = eg.kind.explain();
                 match eg.send(&[]).await {
-                    Answer::Delivered(a) => Ok(format!("reachable, credentials accepted ({a})")),
+                    Answer::Delivered(a) => {
+                        Ok(format!("{kind}: reachable, credentials accepted ({a})"))
+                    }
                     Answer::Refused {
                         status: Some(s @ (401 | 403)),
                         detail,
                         ..
                     } => Err(format!(
-                        "HTTP {s}: {detail} — fix CVCHAIN_EVENTGRID_KEY, or give the identity the EventGrid Data Sender role on the topic"
+                        "{kind}: HTTP {s}: {detail} — fix CVCHAIN_EVENTGRID_KEY, or give the identity the EventGrid Data Sender role on the topic"
                     )),
                     Answer::Refused {
                         status: Some(s), ..
                     } if s < 500 && s != 404 => Ok(format!(
-                        "reachable, credentials accepted (HTTP {s} for an empty batch)"
+                        "{kind}: reachable, credentials accepted (HTTP {s} for an empty batch)"
                     )),
-                    Answer::Refused { detail, .. } => {
-                        Err(format!("{detail} — check CVCHAIN_EVENTGRID_ENDPOINT"))
-                    }
+                    Answer::Refused { detail, .. } => Err(format!(
+                        "{kind}: {detail} — check CVCHAIN_EVENTGRID_ENDPOINT"
+                    )),
                 }
+            }
+            Sink::Teams | Sink::Slack => {
+                let c = self.chat(sink).ok_or("not configured")?;
+                c.reach().await
             }
             Sink::Webhook => {
                 let w = self.webhook.as_ref().ok_or("not configured")?;
@@ -307,15 +377,17 @@ impl Sinks {
     }
 }
 
-/// The Storage queue sink: one event per message.
+/// The Storage queue sink: one event per message, encoded as `CVCHAIN_EVENTS_QUEUE_ENCODING`
+/// says (base64 by default: what a Functions queue trigger decodes unless told otherwise).
 pub struct QueueSink {
     client: QueueClient,
     pub name: String,
+    pub encoding: QueueEncoding,
 }
 
 impl QueueSink {
     async fn send(&self, body: &str) -> Answer {
-        match send_text(&self.client, body).await {
+        match send_text(&self.client, &self.encoding.encode(body)).await {
             Ok(_) => Answer::Delivered("on the queue".into()),
             Err(e) => Answer::Refused {
                 status: match &e {
@@ -362,7 +434,14 @@ impl Http {
         timeout: Duration,
         service: crate::telemetry::Service,
     ) -> Self {
-        per_try.insert(0, crate::telemetry::ClientSpanPolicy::shared(service));
+        let spans = match service {
+            // A Slack webhook's key is the last part of its path.
+            crate::telemetry::Service::Slack => {
+                crate::telemetry::ClientSpanPolicy::shared_shown(service, display_url)
+            }
+            _ => crate::telemetry::ClientSpanPolicy::shared(service),
+        };
+        per_try.insert(0, spans);
         let options = ClientOptions {
             retry: RetryOptions::none(),
             transport: Some(transport),
@@ -493,9 +572,11 @@ fn retry_after(headers: &Headers) -> Option<Duration> {
     Some(Duration::try_from(at - azure_core::time::OffsetDateTime::now_utc()).unwrap_or_default())
 }
 
-/// An Event Grid topic (CloudEvents schema): a batch per request.
+/// An Event Grid topic (CloudEvents schema): a batch per request, authenticated as its
+/// endpoint kind asks.
 pub struct EventGridSink {
     pub endpoint: Url,
+    pub kind: EventGridKind,
     key: Option<Secret>,
     http: Http,
 }
@@ -505,7 +586,8 @@ impl EventGridSink {
         let mut req = Request::new(self.endpoint.clone(), Method::Post);
         req.insert_header("content-type", BATCH_CONTENT_TYPE);
         if let Some(k) = &self.key {
-            req.insert_header("aeg-sas-key", k.secret().to_owned());
+            let (name, value) = self.kind.key_header(k.secret());
+            req.insert_header(name, value);
         }
         req.set_body(format!("[{}]", bodies.join(",")).into_bytes());
         let secrets: Vec<&str> = self.key.iter().map(|k| k.secret()).collect();
@@ -547,6 +629,85 @@ impl WebhookSink {
     fn secrets(&self) -> Vec<&str> {
         let mut out = vec![self.key.secret()];
         out.extend(self.url.query().filter(|q| !q.is_empty()));
+        out
+    }
+}
+
+/// A chat channel's webhook (Teams Workflows, or a Slack incoming webhook): one message per
+/// event, `application/json`. Its URL is its key: the query (Teams's `sig=`) and a Slack path's
+/// key are never shown or kept.
+pub struct ChatSink {
+    pub sink: Sink,
+    pub url: Url,
+    http: Http,
+}
+
+impl ChatSink {
+    async fn send(&self, body: &str) -> Answer {
+        let mut req = Request::new(self.url.clone(), Method::Post);
+        req.insert_header("content-type", "application/json");
+        req.set_body(body.as_bytes().to_vec());
+        self.http.answer(&mut req, &self.url, &self.secrets()).await
+    }
+
+    fn setting(&self) -> &'static str {
+        match self.sink {
+            Sink::Slack => super::settings::SLACK_URL_SETTING,
+            _ => super::settings::TEAMS_URL_SETTING,
+        }
+    }
+
+    /// Reaches the webhook without posting a message: to Teams a `HEAD`; to Slack an empty
+    /// payload, which it refuses (400 `no_text` or `invalid_payload`) when the URL is good, and
+    /// answers 403, 404 or 410 when the URL or its channel is not.
+    async fn reach(&self) -> Result<String, String> {
+        let fix = format!("check {}", self.setting());
+        let mut req = match self.sink {
+            Sink::Slack => {
+                let mut r = Request::new(self.url.clone(), Method::Post);
+                r.insert_header("content-type", "application/json");
+                r.set_body(b"{}".to_vec());
+                r
+            }
+            _ => Request::new(self.url.clone(), Method::Head),
+        };
+        match self
+            .http
+            .exchange(&mut req, &self.url, &self.secrets())
+            .await
+        {
+            Err(detail) => Err(format!("{detail} — {fix}")),
+            Ok(rsp) if matches!(rsp.status, 401 | 403 | 404 | 410) || rsp.status >= 500 => {
+                let text = String::from_utf8_lossy(&rsp.body);
+                let excerpt = cvchain_core::redact::excerpt(
+                    &text,
+                    !rsp.complete,
+                    &self.secrets(),
+                    EXCERPT_CHARS,
+                );
+                Err(format!("HTTP {}: {excerpt} — {fix}", rsp.status))
+            }
+            Ok(rsp) => Ok(format!(
+                "reachable, URL accepted ({} answered HTTP {}; no message posted)",
+                if self.sink == Sink::Slack {
+                    "an empty payload"
+                } else {
+                    "HEAD"
+                },
+                rsp.status
+            )),
+        }
+    }
+
+    /// What no answer or error may show: the URL's query, and a Slack path's key.
+    fn secrets(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .url
+            .query()
+            .filter(|q| !q.is_empty())
+            .into_iter()
+            .collect();
+        out.extend(slack_key(&self.url));
         out
     }
 }

@@ -2,7 +2,9 @@
 //! order, never past one that is waiting for its retry), what an answer means (delivered, retry
 //! later, or failed for good), the backoff, and events too large for a sink.
 
+use super::chat::{self, ChatSelection};
 use super::shape::{self, Bound, Measure};
+use super::wire::{EventGridKind, QueueEncoding};
 use super::{CloudEvent, EventContext, OutboxRow};
 use crate::history::Prop;
 use serde::{Deserialize, Serialize};
@@ -20,17 +22,36 @@ pub enum Sink {
     EventGrid,
     /// An HTTP endpoint, signed as Standard Webhooks says (`CVCHAIN_WEBHOOK_URL`).
     Webhook,
+    /// A Teams channel, through a Workflows webhook (`CVCHAIN_TEAMS_WEBHOOK_URL`): a message
+    /// with an Adaptive Card, for the events people act on.
+    Teams,
+    /// A Slack channel, through an incoming webhook (`CVCHAIN_SLACK_WEBHOOK_URL`).
+    Slack,
 }
 
 impl Sink {
-    pub const ALL: [Sink; 3] = [Sink::Queue, Sink::EventGrid, Sink::Webhook];
+    pub const ALL: [Sink; 5] = [
+        Sink::Queue,
+        Sink::EventGrid,
+        Sink::Webhook,
+        Sink::Teams,
+        Sink::Slack,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Sink::Queue => "queue",
             Sink::EventGrid => "eventgrid",
             Sink::Webhook => "webhook",
+            Sink::Teams => "teams",
+            Sink::Slack => "slack",
         }
+    }
+
+    /// A channel people read: it gets a message made from the event, and only the events
+    /// [`ChatSelection`] chooses.
+    pub fn is_chat(self) -> bool {
+        matches!(self, Sink::Teams | Sink::Slack)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -45,19 +66,85 @@ impl Sink {
             Sink::Queue => Prop::QueueDelivery,
             Sink::EventGrid => Prop::EventGridDelivery,
             Sink::Webhook => Prop::WebhookDelivery,
+            Sink::Teams => Prop::TeamsDelivery,
+            Sink::Slack => Prop::SlackDelivery,
         }
     }
 
     /// The largest event (bytes of JSON) the sink takes; larger ones are sent with their data's
     /// strings shortened. A queue message holds 64 KiB (48 KiB before base64, should the text
     /// need it); an Event Grid event 1 MB; a webhook the ~20 kB the Standard Webhooks
-    /// specification advises.
+    /// specification advises; a chat message the service's own limit ([`chat`]).
     pub fn max_event_bytes(self) -> usize {
         match self {
             Sink::Queue => 48 * 1024,
             Sink::EventGrid => 1_000_000,
             Sink::Webhook => 20 * 1024,
+            Sink::Teams => chat::TEAMS_MAX_BYTES,
+            Sink::Slack => 40_000,
         }
+    }
+
+    /// The bound an event's JSON must fit for this sink: the queue's counts the message as the
+    /// encoding sends it (64 KiB), Event Grid's is the endpoint kind's.
+    pub fn bound(self, routing: &Routing) -> Bound {
+        match self {
+            Sink::Queue => Bound {
+                by: self.as_str(),
+                limit: QueueEncoding::MAX_MESSAGE,
+                measure: Measure::QueueMessage(routing.queue_encoding),
+            },
+            Sink::EventGrid => Bound {
+                by: self.as_str(),
+                limit: routing.event_grid.limits().max_event_bytes,
+                measure: Measure::Bytes,
+            },
+            _ => Bound {
+                by: self.as_str(),
+                limit: self.max_event_bytes(),
+                measure: Measure::Bytes,
+            },
+        }
+    }
+}
+
+/// How the configured sinks take events, as far as the decisions need to know: the queue's
+/// encoding, the kind of Event Grid endpoint, which events chat gets and where the console is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub queue_encoding: QueueEncoding,
+    pub event_grid: EventGridKind,
+    pub chat: ChatSelection,
+    /// `CVCHAIN_CONSOLE_URL`, without a trailing `/`: chat messages link to
+    /// `{console}/{projectId}`.
+    pub console: Option<String>,
+}
+
+impl Routing {
+    /// Whether `sink` is to take `event` at all: every event for a sink of events, the chosen
+    /// ones for chat.
+    pub fn wants(&self, sink: Sink, event: &CloudEvent) -> bool {
+        !sink.is_chat() || self.chat.wants(event)
+    }
+
+    /// Each of `sinks`' state for a new (or replayed) event: pending, or skipped for a chat
+    /// sink that is not to take it, so it never holds up the ones after it.
+    pub fn initial_states(&self, sinks: &[Sink], event: &CloudEvent) -> Vec<(Sink, DeliveryState)> {
+        sinks
+            .iter()
+            .map(|s| {
+                let state = if self.wants(*s, event) {
+                    DeliveryState::default()
+                } else {
+                    DeliveryState {
+                        state: State::Skipped,
+                        answer: Some(format!("not chosen by {}", chat::CHAT_EVENTS_SETTING)),
+                        ..Default::default()
+                    }
+                };
+                (*s, state)
+            })
+            .collect()
     }
 }
 
@@ -84,6 +171,9 @@ pub enum State {
     /// Given up: the sink refused it for good (a 4xx other than 408/429), or it kept failing
     /// for [`RetryPolicy::give_up_after`]. `cvchain events replay` sends it again.
     Failed,
+    /// Not for this sink: a chat sink is told only the events `CVCHAIN_CHAT_EVENTS` chooses.
+    /// Done, like delivered, so it holds up nothing.
+    Skipped,
 }
 
 impl State {
@@ -92,6 +182,7 @@ impl State {
             State::Pending => "pending",
             State::Delivered => "delivered",
             State::Failed => "failed",
+            State::Skipped => "skipped",
         }
     }
 }
@@ -154,7 +245,7 @@ impl DeliveryState {
             s.push(')');
         }
         if let Some(a) = &self.answer
-            && self.state != State::Delivered
+            && !matches!(self.state, State::Delivered | State::Skipped)
         {
             s.push_str(&format!(": {a}"));
         }
@@ -342,17 +433,45 @@ pub struct Fitted {
     pub trace: Option<crate::trace::TraceParent>,
 }
 
-/// The row's event as `sink` takes it: the stored CloudEvent, its data's strings shortened when
-/// it is larger than the sink takes ([`shape::for_sink`]). A stored text that does not read as a
-/// CloudEvent (written before events were shaped, and cut) is told by what the row says of it:
-/// its id, type, subject and time, `source` from `ctx`, and its ids and history pointer as data.
+/// The row's event as a CloudEvent within `sink`'s limit, as [`Routing::default`] routes it
+/// (see [`fit`]).
 pub fn for_sink(row: &OutboxRow, sink: Sink, ctx: &EventContext) -> Fitted {
-    let bound = Bound {
-        by: sink.as_str(),
-        limit: sink.max_event_bytes(),
-        measure: Measure::Bytes,
+    cloudevent_for(row, sink.bound(&Routing::default()), ctx)
+}
+
+/// The row's event as `sink` takes it. A sink of events gets the stored CloudEvent, its data's
+/// strings shortened when it is larger than the sink takes ([`shape::for_sink`]); a chat sink
+/// gets the message made from it ([`chat`]). A stored text that does not read as a CloudEvent
+/// (written before events were shaped, and cut) is told by what the row says of it: its id,
+/// type, subject and time, `source` from `ctx`, and its ids and history pointer as data.
+pub fn fit(row: &OutboxRow, sink: Sink, ctx: &EventContext, routing: &Routing) -> Fitted {
+    if sink.is_chat() {
+        let event = row_event(row, ctx);
+        return chat_for(&event, sink, routing);
+    }
+    cloudevent_for(row, sink.bound(routing), ctx)
+}
+
+/// The chat message of `event` for a chat sink (`cvchain events test` too).
+pub fn chat_for(event: &CloudEvent, sink: Sink, routing: &Routing) -> Fitted {
+    let summary = chat::summarize(&shape::redacted(event), routing.console.as_deref());
+    let m = match sink {
+        Sink::Slack => chat::slack_message(&summary),
+        _ => chat::teams_message(&summary),
     };
-    let event = CloudEvent::from_json(&row.event).unwrap_or_else(|_| from_row(row, ctx));
+    Fitted {
+        body: m.body,
+        trimmed: m.trimmed,
+        trace: event.trace_parent(),
+    }
+}
+
+fn row_event(row: &OutboxRow, ctx: &EventContext) -> CloudEvent {
+    CloudEvent::from_json(&row.event).unwrap_or_else(|_| from_row(row, ctx))
+}
+
+fn cloudevent_for(row: &OutboxRow, bound: Bound, ctx: &EventContext) -> Fitted {
+    let event = row_event(row, ctx);
     let shaped = shape::for_sink(&event, bound);
     Fitted {
         body: shaped.json,

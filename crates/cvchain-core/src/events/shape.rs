@@ -21,6 +21,9 @@ pub enum Measure {
     /// UTF-16 units once the JSON is itself a table string (`"` and `\` count twice), as the
     /// outbox row's property is counted (`bounds::encoded_units`).
     TableUnits,
+    /// Bytes of the queue message the JSON makes, as the request carries it (base64, or text
+    /// inside XML): the queue's 64 KiB limit is on that, not on the JSON.
+    QueueMessage(super::wire::QueueEncoding),
 }
 
 impl Measure {
@@ -28,6 +31,7 @@ impl Measure {
         match self {
             Measure::Bytes => json.len(),
             Measure::TableUnits => encoded_units(json),
+            Measure::QueueMessage(encoding) => encoding.sent_size(json),
         }
     }
 
@@ -35,6 +39,10 @@ impl Measure {
         match self {
             Measure::Bytes => "bytes",
             Measure::TableUnits => "UTF-16 units as stored",
+            Measure::QueueMessage(super::wire::QueueEncoding::Base64) => "bytes as sent (base64)",
+            Measure::QueueMessage(super::wire::QueueEncoding::None) => {
+                "bytes as sent (text in XML)"
+            }
         }
     }
 }

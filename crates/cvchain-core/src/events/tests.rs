@@ -830,6 +830,441 @@ fn a_failed_channel_move_is_told() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Chat: which events reach Teams and Slack, and the messages they become.
+
+fn pointer_move(from: Option<IterationRef>) -> CloudEvent {
+    let (p, i) = ids();
+    let pm = PointerMove {
+        to: iteration_ref("Iteration 2", i),
+        from,
+        reason: Reason::Gate,
+        revision: 3,
+    };
+    insert_events(
+        &crate::channels::pointer_row(p, &pm, now(), None),
+        &facts(),
+        &ctx(),
+        now(),
+    )
+    .remove(0)
+}
+
+fn target_move(channel: Channel) -> CloudEvent {
+    let (p, i) = ids();
+    let mv = Move {
+        channel,
+        target: target("ONNX", None),
+        to: Holder {
+            iteration: iteration_ref("Iteration 2", i),
+            release_path: "Widgets/Iteration 2/ONNX.zip".into(),
+            channel_path: "Widgets/channels/x/ONNX.zip".into(),
+            size: 10,
+            content_md5: None,
+            promoted_at: "2026-12-01T10:00:00.000Z".into(),
+            reason: Reason::Gate,
+            revision: 4,
+            note: None,
+        },
+        from: None,
+    };
+    insert_events(&crate::channels::move_row(p, &mv), &facts(), &ctx(), now()).remove(0)
+}
+
+fn gate(verdict: &str) -> CloudEvent {
+    insert_events(
+        &training_row(EventStatus::TrainingCompleted, Some(verdict)),
+        &facts(),
+        &ctx(),
+        now(),
+    )
+    .remove(1)
+}
+
+#[test]
+fn chat_is_told_what_people_act_on_and_production_once_per_move() {
+    use super::chat::ChatSelection;
+    let d = ChatSelection::default();
+    let completed = insert_events(
+        &training_row(EventStatus::TrainingCompleted, Some("passed")),
+        &facts(),
+        &ctx(),
+        now(),
+    );
+    assert_eq!(completed[0].kind, "io.cvchain.training.completed");
+    assert!(!d.wants(&completed[0]), "not every training");
+    assert!(d.wants(&completed[1]), "the gate's verdict");
+    let failed = insert_events(
+        &training_row(EventStatus::TrainingFailed, None),
+        &facts(),
+        &ctx(),
+        now(),
+    );
+    assert!(d.wants(&failed[0]));
+    assert!(d.wants(&pointer_move(None)), "production moved");
+    assert!(
+        !d.wants(&target_move(Channel::Production)),
+        "each target's copy"
+    );
+    assert!(
+        !d.wants(&target_move(Channel::Latest)),
+        "each target's latest"
+    );
+    let mut requested = step(EntryState::Exporting);
+    requested.properties.set(Prop::RequestedAt, now());
+    let requested = insert_events(&requested, &facts(), &ctx(), now()).remove(0);
+    assert!(!d.wants(&requested), "not every export.requested");
+    assert!(d.wants(&insert_events(&step(EntryState::Failed), &facts(), &ctx(), now())[0]));
+    // Chosen by name, short or full; every move on request; mistakes named.
+    let s = ChatSelection::parse("io.cvchain.export.requested; channel.moved:all").unwrap();
+    assert!(s.wants(&requested) && s.wants(&target_move(Channel::Latest)));
+    assert!(!s.wants(&gate("passed")));
+    assert!(ChatSelection::parse("all").unwrap().wants(&completed[0]));
+    for bad in ["gate.evaluted", "gate.evaluated:all", "test", " , "] {
+        let e = ChatSelection::parse(bad).unwrap_err();
+        assert!(
+            e.contains(bad.trim_matches([' ', ','])) || e.contains("no event"),
+            "{e}"
+        );
+    }
+    assert!(
+        d.describe().contains("channel.moved (production)"),
+        "{}",
+        d.describe()
+    );
+}
+
+#[test]
+fn events_chat_does_not_want_are_skipped_and_hold_up_nothing() {
+    let routing = Routing::default();
+    let sinks = [Sink::Webhook, Sink::Teams, Sink::Slack];
+    let mut requested = step(EntryState::Exporting);
+    requested.properties.set(Prop::RequestedAt, now());
+    let requested = insert_events(&requested, &facts(), &ctx(), now()).remove(0);
+    let rows: Vec<OutboxRow> = [(requested, "1"), (gate("failed"), "2")]
+        .iter()
+        .map(|(e, seq)| {
+            OutboxRow::from_row(&outbox_row_routed(PROJECT, e, "x", &sinks, &routing, seq)).unwrap()
+        })
+        .collect();
+    assert_eq!(rows[0].state(Sink::Teams).state, State::Skipped);
+    assert_eq!(rows[0].state(Sink::Slack).state, State::Skipped);
+    assert_eq!(rows[0].state(Sink::Webhook), DeliveryState::default());
+    assert!(rows[0].pending, "the webhook still has to take it");
+    assert_eq!(rows[1].state(Sink::Teams), DeliveryState::default());
+    assert_eq!(rows[0].state(Sink::Teams).describe(), "skipped");
+    // The skipped one does not hold up the gate's verdict for chat.
+    for sink in [Sink::Teams, Sink::Slack] {
+        let due: Vec<&str> = due_for(&rows, sink, now())
+            .iter()
+            .map(|r| r.sequence.as_str())
+            .collect();
+        assert_eq!(due, ["2"], "{sink:?}");
+    }
+    assert_eq!(due_for(&rows, Sink::Webhook, now()).len(), 2);
+    // Only chat sinks, nothing chosen: not pending at all.
+    let only_chat = outbox_row_routed(
+        PROJECT,
+        &rows_event(&rows[0]),
+        "x",
+        &[Sink::Teams],
+        &routing,
+        "3",
+    );
+    assert_eq!(only_chat.properties.flag(Prop::Pending), Some(false));
+    // Replay starts from the same decision.
+    let states = routing.initial_states(&sinks, &gate("passed"));
+    assert!(states.iter().all(|(_, s)| s.state == State::Pending));
+}
+
+fn rows_event(row: &OutboxRow) -> CloudEvent {
+    CloudEvent::from_json(&row.event).unwrap()
+}
+
+fn teams_card(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["type"], "message");
+    let attachments = v["attachments"].as_array().unwrap();
+    assert_eq!(attachments.len(), 1);
+    let a = &attachments[0];
+    assert_eq!(a["contentType"], "application/vnd.microsoft.card.adaptive");
+    assert!(a.get("contentUrl").is_some_and(Value::is_null), "{a}");
+    let card = &a["content"];
+    assert_eq!(card["type"], "AdaptiveCard");
+    assert_eq!(
+        card["$schema"],
+        "http://adaptivecards.io/schemas/adaptive-card.json"
+    );
+    assert_eq!(card["version"], "1.5");
+    card.clone()
+}
+
+fn all_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(all_text).collect::<Vec<_>>().join("\n"),
+        Value::Object(m) => m.values().map(all_text).collect::<Vec<_>>().join("\n"),
+        _ => String::new(),
+    }
+}
+
+fn slack_checked(body: &str) -> Value {
+    use super::chat::*;
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert!(!v["text"].as_str().unwrap().is_empty());
+    let blocks = v["blocks"].as_array().unwrap();
+    assert!(!blocks.is_empty() && blocks.len() <= SLACK_MAX_BLOCKS);
+    for b in blocks {
+        let chars = |t: &Value| t["text"].as_str().unwrap().chars().count();
+        match b["type"].as_str().unwrap() {
+            "header" => {
+                assert_eq!(b["text"]["type"], "plain_text");
+                assert!(chars(&b["text"]) <= SLACK_MAX_HEADER_CHARS);
+            }
+            "section" => {
+                if let Some(t) = b.get("text") {
+                    assert_eq!(t["type"], "mrkdwn");
+                    assert!(chars(t) <= SLACK_MAX_SECTION_CHARS);
+                }
+                let fields = b.get("fields").and_then(Value::as_array);
+                for f in fields.into_iter().flatten() {
+                    assert!(chars(f) <= SLACK_MAX_FIELD_CHARS);
+                }
+                assert!(fields.is_none_or(|f| f.len() <= SLACK_MAX_FIELDS));
+                assert!(b.get("text").is_some() || fields.is_some(), "{b}");
+            }
+            "context" => {
+                assert!(b["elements"].as_array().unwrap().len() <= 10);
+            }
+            other => panic!("unexpected block {other}"),
+        }
+    }
+    v
+}
+
+fn routing_with_console() -> Routing {
+    Routing {
+        console: Some("https://cv-app.azurewebsites.net/api/history".into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn chat_messages_name_the_project_iteration_metrics_verdict_and_link() {
+    let r = routing_with_console();
+    let link = format!("https://cv-app.azurewebsites.net/api/history/{PROJECT}");
+    // The gate refused: the verdict, its reasons, the metrics as percentages.
+    let e = gate("failed");
+    let teams = delivery::chat_for(&e, Sink::Teams, &r);
+    assert_eq!(teams.trimmed, None);
+    let card = teams_card(&teams.body);
+    let text = all_text(&card);
+    for want in [
+        "Gate refused: Widgets · Iteration 2",
+        "90.0%",
+        "80.0%",
+        "85.0%",
+        "map 0.85 >= 0.80",
+        "recall 0.80 >= 0.75",
+        "failed",
+        &e.id,
+    ] {
+        assert!(text.contains(want), "{want} in {text}");
+    }
+    assert_eq!(card["body"][0]["color"], "Attention");
+    assert_eq!(card["actions"][0]["type"], "Action.OpenUrl");
+    assert_eq!(card["actions"][0]["url"], link.as_str());
+    let slack = slack_checked(&delivery::chat_for(&e, Sink::Slack, &r).body);
+    assert_eq!(slack["text"], ":x: Gate refused: Widgets · Iteration 2");
+    let text = all_text(&slack);
+    assert!(
+        text.contains(&format!("<{link}|Open in the console>")),
+        "{text}"
+    );
+    assert!(text.contains("• map 0.85 &gt;= 0.80"), "escaped: {text}");
+    // Production moved: the channel, the new and the previous holder.
+    let prev = Uuid::from_u128(7);
+    let e = pointer_move(Some(iteration_ref("Iteration 1", prev)));
+    let text = all_text(&teams_card(&delivery::chat_for(&e, Sink::Teams, &r).body));
+    for want in [
+        "Production moved: Widgets · Iteration 2",
+        "Previous holder",
+        &format!("Iteration 1 ({prev})"),
+        "gate",
+    ] {
+        assert!(text.contains(want), "{want} in {text}");
+    }
+    let text = all_text(&slack_checked(
+        &delivery::chat_for(&pointer_move(None), Sink::Slack, &r).body,
+    ));
+    assert!(text.contains("none (its first holder)"), "{text}");
+    // A chain: every export's outcome.
+    let (p, i) = ids();
+    let mut steps = vec![StepRow::from_row(&step(EntryState::Done))];
+    let mut failed = StepRow::from_row(&step(EntryState::Failed));
+    failed.target = target("TensorFlow", Some("TensorFlowLite"));
+    failed.reason = "Custom Vision reports the export failed".into();
+    steps.push(failed);
+    let row = training_row(EventStatus::TrainingCompleted, None);
+    let done = chain_completed(
+        &row,
+        &p.to_string(),
+        &i.to_string(),
+        &steps,
+        &facts(),
+        &ctx(),
+        now(),
+    );
+    let text = all_text(&slack_checked(
+        &delivery::chat_for(&done, Sink::Slack, &r).body,
+    ));
+    assert!(
+        text.contains("Export chain completed, 1 export(s) failed"),
+        "{text}"
+    );
+    assert!(text.contains("• ONNX: Done"), "{text}");
+    assert!(
+        text.contains(
+            "• TensorFlow (TensorFlowLite): Failed (Custom Vision reports the export failed)"
+        ),
+        "{text}"
+    );
+    // No console set: no link at all.
+    let card = teams_card(&delivery::chat_for(&done, Sink::Teams, &Routing::default()).body);
+    assert!(card.get("actions").is_none(), "{card}");
+    // Every type makes a message for both services.
+    let mut every = vec![
+        test_event(&ctx(), "t-1", now()),
+        target_move(Channel::Latest),
+    ];
+    every.extend(insert_events(
+        &training_row(EventStatus::TrainingFailed, None),
+        &facts(),
+        &ctx(),
+        now(),
+    ));
+    every.extend(insert_events(
+        &step(EntryState::Failed),
+        &facts(),
+        &ctx(),
+        now(),
+    ));
+    for e in &every {
+        teams_card(&delivery::chat_for(e, Sink::Teams, &r).body);
+        slack_checked(&delivery::chat_for(e, Sink::Slack, &r).body);
+    }
+}
+
+#[test]
+fn hostile_and_huge_names_make_messages_within_each_services_limits() {
+    use super::chat::TEAMS_MAX_BYTES;
+    let r = routing_with_console();
+    let mut e = gate("failed");
+    let name = format!(
+        "{}<b>&\u{2028}\"\\ {}",
+        "\"".repeat(20_000),
+        "x".repeat(60_000)
+    );
+    e.data["projectName"] = json!(name);
+    e.data["iterationName"] = json!("<@channel> &amp; *bold*");
+    let reasons: Vec<String> = (0..5_000)
+        .map(|n| format!("rule {n} {}", "y".repeat(500)))
+        .collect();
+    e.data["reasons"] = json!(reasons);
+    let teams = delivery::chat_for(&e, Sink::Teams, &r);
+    assert!(teams.body.len() <= TEAMS_MAX_BYTES, "{}", teams.body.len());
+    assert!(
+        teams
+            .trimmed
+            .as_deref()
+            .unwrap()
+            .starts_with("sent shortened")
+    );
+    let card = teams_card(&teams.body);
+    let text = all_text(&card);
+    assert!(text.contains("Gate refused: \"\"\"\""), "{text:.80}");
+    assert!(text.contains('…'));
+    assert!(
+        text.contains("… and 4980 more"),
+        "a list is counted past 20"
+    );
+    assert_eq!(
+        card["actions"][0]["url"],
+        format!("https://cv-app.azurewebsites.net/api/history/{PROJECT}").as_str()
+    );
+    let slack = delivery::chat_for(&e, Sink::Slack, &r);
+    assert!(slack.trimmed.is_some());
+    slack_checked(&slack.body);
+    // Slack's control characters never reach its mrkdwn raw: no mention, no injected link.
+    let mut e2 = gate("failed");
+    e2.data["iterationName"] = json!("<@channel> &amp; <https://evil.example|click>");
+    let v = slack_checked(&delivery::chat_for(&e2, Sink::Slack, &r).body);
+    assert_eq!(
+        v["text"],
+        ":x: Gate refused: Widgets · &lt;@channel&gt; &amp;amp; &lt;https://evil.example|click&gt;"
+    );
+    // A secret in a value is redacted before any message is made.
+    let mut e = gate("failed");
+    e.data["reasons"] = json!(["see https://x.blob.core.windows.net/c/b?sv=1&sig=c2VjcmV0"]);
+    for sink in [Sink::Teams, Sink::Slack] {
+        let body = delivery::chat_for(&e, sink, &r).body;
+        assert!(!body.contains("c2VjcmV0"), "{body}");
+        assert!(crate::redact::find_leak(&body).is_none());
+    }
+}
+
+#[test]
+fn the_queue_bound_counts_the_message_as_its_encoding_sends_it() {
+    use super::wire::QueueEncoding;
+    let mut e = test_event(&ctx(), "q-1", now());
+    // 56 KB of JSON: whole as text, over 64 KiB once base64.
+    e.data = json!({"projectId": PROJECT, "notes": "n".repeat(56_000)});
+    let mut o = stored(&e, &[Sink::Queue]);
+    // (The outbox row keeps 30,000 units; here the sink's bound is what is tested.)
+    o.event = e.to_json();
+    let text = Routing {
+        queue_encoding: QueueEncoding::None,
+        ..Default::default()
+    };
+    let f = delivery::fit(&o, Sink::Queue, &ctx(), &text);
+    assert_eq!(
+        (f.body.as_str(), f.trimmed.as_deref()),
+        (e.to_json().as_str(), None)
+    );
+    let f = delivery::fit(&o, Sink::Queue, &ctx(), &Routing::default());
+    assert!(QueueEncoding::Base64.sent_size(&f.body) <= 64 * 1024);
+    assert!(
+        f.trimmed
+            .as_deref()
+            .unwrap()
+            .contains("bytes as sent (base64)"),
+        "{:?}",
+        f.trimmed
+    );
+    let back = CloudEvent::from_json(&f.body).unwrap();
+    assert_eq!(back.data["trimmed"]["by"], "queue");
+    assert_eq!(back.data["trimmed"]["limit"], 65_536);
+    // Quotes count as XML carries them: 12,000 of them make 72 KB as sent.
+    e.data = json!({"projectId": PROJECT, "notes": "\"".repeat(12_000)});
+    o.event = e.to_json();
+    let f = delivery::fit(&o, Sink::Queue, &ctx(), &text);
+    assert!(f.trimmed.is_some());
+    assert!(QueueEncoding::None.sent_size(&f.body) <= 64 * 1024);
+}
+
+#[test]
+fn a_name_never_becomes_a_link_in_a_teams_card() {
+    use super::chat::teams_text;
+    let t = teams_text("Widgets [docs](https://evil.example) <https://evil.example>");
+    assert!(!t.contains("]("), "{t}");
+    assert!(!t.contains("<h"), "{t}");
+    // Read as it was written: only invisible characters were added.
+    assert_eq!(
+        t.replace('\u{200B}', ""),
+        "Widgets [docs](https://evil.example) <https://evil.example>"
+    );
+}
+
 #[test]
 fn an_event_carries_its_chains_trace_and_keeps_its_id() {
     use crate::trace::{SpanId, TraceParent, chain_trace_id};

@@ -176,6 +176,10 @@ props! {
     EventGridDelivery: Text,
     /// An outbox row: its delivery to the webhook sink.
     WebhookDelivery: Text,
+    /// An outbox row: its delivery to the Teams channel (`skipped` when chat is not told it).
+    TeamsDelivery: Text,
+    /// An outbox row: its delivery to the Slack channel.
+    SlackDelivery: Text,
     /// Set by the table service on every write; never written.
     Timestamp: Time,
 }
