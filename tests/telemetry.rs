@@ -101,6 +101,19 @@ async fn post(handler: &Handler, text: &str, id: &str, n: u32) -> u16 {
     rsp.status().as_u16()
 }
 
+/// How many of `pid`'s threads are the OpenTelemetry SDK's (its span batcher, its metric
+/// reader): none unless something is exported.
+fn otel_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|name| name.starts_with("OpenTelemetry"))
+        })
+        .count()
+}
+
 /// The trace id an event's `traceparent` names.
 fn trace_of(traceparent: &str) -> String {
     let tp = cvchain_core::trace::TraceParent::parse(traceparent)
@@ -268,7 +281,9 @@ impl Ground {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_metrics() {
-    let g = ground(false, |port| {
+    use cvchain_testkit::chat::Receiver as Chat;
+    let (teams, slack) = (Chat::teams().await, Chat::slack().await);
+    let mut g = ground(false, |port| {
         vec![
             (
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -279,15 +294,25 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
         ]
     })
     .await;
+    // The chat sinks too: a Slack webhook's key is the last part of its URL's path.
+    g.env.push(("CVCHAIN_TEAMS_WEBHOOK_URL", teams.url.clone()));
+    g.env.push(("CVCHAIN_SLACK_WEBHOOK_URL", slack.url.clone()));
     let (project, queue) = (g.project, g.queue.clone());
     let (otlp, webhook) = (&g.otlp, &g.webhook);
     let mut a = Handler::start(&g.env);
     let mut b = Handler::start(&g.env);
+    // Exporting: the SDK's span batcher and metric reader run.
+    assert_eq!(otel_threads(a.pid()), 2);
     let iteration = g.api.train(project).await;
     // The training's first delivery meets a Custom Vision that throttles every call: retried
     // (and traced) until the client gives up, and the host is asked to deliver it again.
     let delivered = g.run_chain(&a, &b, true).await;
     assert!(delivered >= 4, "{delivered}");
+    let until = Instant::now() + Duration::from_secs(60);
+    while teams.messages().is_empty() || slack.messages().is_empty() {
+        assert!(Instant::now() < until, "the chat sinks got nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The timer's round over every project measures the outbox's age.
     let timer = serde_json::json!({
         "Data": {"timer": {"Schedule": {"AdjustForDST": true}, "IsPastDue": false}},
@@ -394,7 +419,7 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
             .filter(|s| s["kind"] == "SPAN_KIND_CLIENT" && attr(s, "cvchain.service") == service)
             .collect()
     };
-    for service in ["table", "blob", "customvision", "webhook"] {
+    for service in ["table", "blob", "customvision", "webhook", "teams", "slack"] {
         let found = clients_of(service);
         assert!(!found.is_empty(), "no {service} client span in the trace");
         for s in found {
@@ -528,7 +553,7 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
     assert_eq!(instances_of_metrics.len(), 2);
 
     // No secret in any attribute, event or resource: the training key, the account key, the
-    // webhook secret and the webhook URL's query.
+    // webhook secret, the webhook URL's query and the chat webhooks' keys.
     cvchain_testkit::assert_no_secrets(
         "what was exported",
         &otlp.text(),
@@ -537,8 +562,30 @@ async fn one_trace_per_chain_across_two_instances_with_client_spans_events_and_m
             cvchain_azure::storage::settings::DEV_ACCOUNT_KEY,
             SECRET.trim_start_matches("whsec_"),
             "function-key-9f8e",
+            &teams.key,
+            &slack.key,
         ],
     );
+}
+
+/// Nothing set: no exporter is built and no SDK thread starts, neither at start-up nor by the
+/// invocations of a whole chain through two instances; nothing reaches the receiver, and no
+/// telemetry line is logged. The events still carry the chain's trace (`tests/events.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_set_builds_no_exporter_and_starts_no_thread() {
+    let g = ground(false, |_| Vec::new()).await;
+    let a = Handler::start(&g.env);
+    let b = Handler::start(&g.env);
+    assert_eq!(otel_threads(a.pid()), 0);
+    g.api.train(g.project).await;
+    g.run_chain(&a, &b, false).await;
+    for h in [&a, &b] {
+        assert_eq!(otel_threads(h.pid()), 0);
+        assert!(!h.stderr().contains("telemetry:"), "{}", h.stderr());
+    }
+    assert!(g.otlp.records().is_empty());
+    let received = g.webhook.records();
+    assert!(received.iter().all(|r| r["traceparent"].is_string()));
 }
 
 /// A collector that takes connections and never answers: the chain runs as it does without
