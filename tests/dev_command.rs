@@ -59,6 +59,71 @@ fn the_local_chain_runs_to_completion_and_shows_its_work() {
     );
 }
 
+/// `cvchain dev --trace`: each chain's trace as a tree, from spans kept in memory (no
+/// collector): for each of the two trainings one trace holds its TrainingCompleted and every
+/// ExportCompleted, their table, blob and Custom Vision calls under them, and the events'
+/// deliveries; no key in any of it.
+#[test]
+fn trace_prints_each_chain_as_one_tree() {
+    let azurite = Azurite::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_cvchain"))
+        .args(["dev", "--trace"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CVCHAIN_STORAGE", azurite.connection_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (_, trees) = stdout
+        .split_once("Traces (one per chain")
+        .unwrap_or_else(|| panic!("no traces in:\n{stdout}"));
+    // One block per trace: its `trace <id>  (n spans, …)` line and the tree under it.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in trees.lines() {
+        if line.starts_with("trace ") {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    let chains: Vec<&String> = blocks
+        .iter()
+        .filter(|b| b.contains("TrainingCompleted") && b.contains("ExportCompleted"))
+        .collect();
+    assert_eq!(chains.len(), 2, "one trace per training's chain:\n{trees}");
+    for chain in chains {
+        let id = chain.split_whitespace().nth(1).unwrap();
+        assert!(
+            id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+        // Three exports, each its own invocation, all in the chain's trace.
+        assert!(chain.matches("ExportCompleted").count() >= 3, "{chain}");
+        for call in ["  table  ", "  blob  ", "  customvision  ", "send webhook"] {
+            assert!(chain.contains(call), "no {call:?} in:\n{chain}");
+        }
+        // Calls are children of the invocations: indented under them.
+        assert!(
+            chain
+                .lines()
+                .any(|l| l.starts_with("│  ├─ ") || l.starts_with("   ├─ "))
+        );
+    }
+    cvchain_testkit::assert_no_secrets(
+        "cvchain dev --trace's output",
+        &format!("{stdout}{stderr}"),
+        &[
+            cvchain_azure::storage::settings::DEV_ACCOUNT_KEY,
+            "cvchain-dev-training-key",
+        ],
+    );
+}
+
 /// What a new user meets after the first run: a second run shows the same clean paths (the
 /// previous run's data is removed, and says so), nothing warns about the stand-in's own
 /// containers, and `--keep` hands over the environment so that `source .cvchain/dev.env` makes
