@@ -3,7 +3,7 @@
 //! Logging: `tracing` to stderr (the host turns stderr lines into its logs), text or JSON,
 //! filtered by `RUST_LOG` (default `info`), as before telemetry existed.
 //!
-//! Telemetry (README "Observability"): traces and metrics through OpenTelemetry, exported over
+//! Telemetry (docs/observability.md): traces and metrics through OpenTelemetry, exported over
 //! OTLP/HTTP when an `OTEL_EXPORTER_OTLP_*ENDPOINT` is set, and to Application Insights when
 //! `APPLICATIONINSIGHTS_CONNECTION_STRING` is (with a Microsoft Entra ID token when
 //! `APPLICATIONINSIGHTS_AUTHENTICATION_STRING` says `Authorization=AAD`). Nothing set: no layer,

@@ -9,7 +9,9 @@
 //! TrainingCompleted and every ExportCompleted on both instances; storage and Custom Vision
 //! client spans in it (the throttled attempt and its retries among them); each event's delivery
 //! in it; the same trace in every event's `traceparent` and in the webhook's header; the metrics
-//! the README lists; and no secret anywhere in what was exported.
+//! docs/observability.md lists; and no secret anywhere in what was exported. The other tests:
+//! nothing set runs nothing, a collector that never answers stalls nothing, and Application
+//! Insights gets the chain as one operation.
 
 use cvchain_azure::storage::clients::StorageClients;
 use cvchain_standin::{COMPACT_DOMAIN, Faults, Metrics, Standin};
