@@ -8,26 +8,13 @@
 //! the CLI's.
 
 use azure_storage_blob::models::BlobClientGetPropertiesResultHeaders;
-use cvchain_azure::storage::clients::StorageClients;
-use cvchain_standin::{COMPACT_DOMAIN, Faults, Metrics, Standin};
-use cvchain_testkit::{Azurite, Handler, StandinApi, repo_root, unique};
+use cvchain_testkit::{DemoRun, Handler, repo_root};
 use serde_json::Value;
 use sha2::Digest;
 use std::process::Command;
-use std::time::{Duration, Instant};
-use uuid::Uuid;
-
-const KEY: &str = "console-key-51c0";
-const CHAIN: &str = "ONNX, TensorFlow:TensorFlowLite";
 
 struct World {
-    _azurite: Azurite,
-    _standin: Standin,
-    clients: StorageClients,
-    env: Vec<(&'static str, String)>,
-    project: Uuid,
-    iterations: Vec<Uuid>,
-    _worker: Handler,
+    run: DemoRun,
     console: Handler,
 }
 
@@ -43,125 +30,23 @@ fn chromium() -> String {
         .expect("Chromium is not installed: .ci/run installs Debian's chromium package")
 }
 
-/// Two trainings of "Widgets" through the chain, the second better: the gate promotes it.
+/// A run like `cvchain dev`'s, and `cvchain serve` serving its console.
 async fn world(console_env: &[(&'static str, String)]) -> World {
-    let azurite = Azurite::start();
-    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
-    let standin = Standin::start(cvchain_testkit::standin_config(&clients, KEY, 50))
-        .await
-        .unwrap();
-    standin.set_faults(Faults {
-        next_metrics: [(0.88, 0.84, 0.86), (0.93, 0.90, 0.92)]
-            .iter()
-            .map(|&(precision, recall, average_precision)| Metrics {
-                precision,
-                recall,
-                average_precision,
-            })
-            .collect(),
-        ..Default::default()
-    });
-    let queue = unique("cq");
-    let backup = azurite.container_url("cvbackups");
-    let env = vec![
-        ("CVCHAIN_STORAGE", azurite.connection_string()),
-        ("CVCHAIN_QUEUE", queue.clone()),
-        ("CVCHAIN_HISTORY_TABLE", unique("Console")),
-        ("CUSTOM_VISION_ENDPOINT", standin.endpoint()),
-        ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
-        ("CVCHAIN_EXPORTS", CHAIN.into()),
-        ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
-        ("CVCHAIN_GATE", "map>=0.80,improves:map".into()),
-        ("CVCHAIN_EVENTS_QUEUE", unique("ev")),
-        ("CVCHAIN_WORKER_RETRY_SECONDS", "1".into()),
-        ("CVCHAIN_WORKER_MAX_POLL_SECONDS", "1".into()),
-    ];
-    let worker = Handler::start_worker(&env);
-    let mut serve_env = env.clone();
-    serve_env.extend(console_env.iter().cloned());
-    let console = Handler::start(&serve_env);
-    let api = StandinApi::with_storage(&standin.endpoint(), KEY, &clients);
-    let project = api
-        .create_project(&[
-            ("name", "Widgets"),
-            ("domainId", COMPACT_DOMAIN),
-            ("notificationQueueUri", &azurite.queue_url(&queue)),
-            ("exportModelContainerUri", &backup),
-        ])
-        .await;
-    let mut w = World {
-        _azurite: azurite,
-        _standin: standin,
-        clients,
-        env,
-        project,
-        iterations: Vec::new(),
-        _worker: worker,
-        console,
-    };
-    for _ in 0..2 {
-        let it = api.train(project).await;
-        w.iterations.push(it);
-        w.wait_for_chain(it).await;
-    }
-    w
+    let run = DemoRun::start().await;
+    let mut env = run.env.clone();
+    env.extend(console_env.iter().cloned());
+    let console = Handler::start(&env);
+    World { run, console }
 }
 
 impl World {
-    fn table(&self) -> String {
-        self.setting("CVCHAIN_HISTORY_TABLE")
-    }
-
-    fn setting(&self, name: &str) -> String {
-        self.env.iter().find(|(k, _)| *k == name).unwrap().1.clone()
-    }
-
-    /// Until both exports of the iteration are released and its latest channels moved.
-    async fn wait_for_chain(&self, iteration: Uuid) {
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let rows = self
-                .clients
-                .table(&self.table())
-                .unwrap()
-                .query(None, 10_000)
-                .await
-                .unwrap_or_default();
-            let released = rows
-                .iter()
-                .filter(|r| {
-                    r.entity["RowKey"]
-                        .as_str()
-                        .is_some_and(|k| k.starts_with(&format!("ExportStep_{iteration}")))
-                        && r.entity.contains_key("ReleaseUrl")
-                })
-                .count();
-            let latest = rows
-                .iter()
-                .filter(|r| {
-                    r.entity["EventType"] == "ChannelMove"
-                        && r.entity["Channel"] == "latest"
-                        && r.entity["IterationId"] == iteration.to_string()
-                })
-                .count();
-            if released == 2 && latest == 2 {
-                return;
-            }
-            assert!(
-                Instant::now() < until,
-                "the chain of {iteration} did not complete: {released} released, {latest} latest moves"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
     /// A cvchain command with this world's settings.
     fn cvchain(&self, args: &[&str]) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_cvchain"))
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(self.run.env.iter().map(|(k, v)| (*k, v.as_str())))
             .output()
             .unwrap();
         assert!(
@@ -185,7 +70,7 @@ impl World {
     }
 
     async fn blob(&self, container: &str, name: &str) -> Vec<u8> {
-        cvchain_testkit::blob_bytes(&self.clients, container, name).await
+        cvchain_testkit::blob_bytes(&self.run.clients, container, name).await
     }
 }
 
@@ -219,7 +104,7 @@ async fn browse(args: Value) -> Value {
 #[tokio::test]
 async fn a_person_sees_fetches_and_moves_models_in_the_console() {
     let w = world(&[]).await;
-    let (p, first, second) = (w.project, w.iterations[0], w.iterations[1]);
+    let (p, first) = (w.run.project, w.run.iterations[0]);
     let release = "Widgets/Iteration-1/ONNX.zip";
     let shots = tempfile::tempdir().unwrap();
     let chart_shot = shots.path().join("chart.png");
@@ -322,6 +207,7 @@ async fn a_person_sees_fetches_and_moves_models_in_the_console() {
     );
     assert_eq!(manifest["productionPointer"]["reason"], "manual");
     let copy = w
+        .run
         .clients
         .blob_service()
         .unwrap()
@@ -342,7 +228,6 @@ async fn a_person_sees_fetches_and_moves_models_in_the_console() {
         moves.contains("back to the first model"),
         "the reason is recorded"
     );
-    let _ = second;
 }
 
 /// How many pixels of the PNG are within a small distance of `colour` (`#rrggbb`).
@@ -377,7 +262,7 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn each_view_has_the_clis_json_and_a_read_only_console_moves_nothing() {
     let w = world(&[("CVCHAIN_CONSOLE_ACTIONS", "off".into())]).await;
-    let p = w.project.to_string();
+    let p = w.run.project.to_string();
 
     let list = w.get_json("/api/history").await;
     let entry = list
@@ -446,6 +331,6 @@ async fn each_view_has_the_clis_json_and_a_read_only_console_moves_nothing() {
         serde_json::from_slice(&w.blob("models", "Widgets/channels.json").await).unwrap();
     assert_eq!(
         manifest["productionPointer"]["iteration"]["id"],
-        w.iterations[1].to_string()
+        w.run.iterations[1].to_string()
     );
 }

@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 
 /// cvchain: Azure Custom Vision notifications → an event-driven MLOps chain.
 ///
-/// Settings come from the environment (the names Azure Functions uses); see README.md.
+/// Settings come from the environment (the names Azure Functions uses); see docs/settings.md.
 #[derive(Debug, Parser)]
 #[command(name = "cvchain", version, arg_required_else_help = true)]
 pub struct Cli {
@@ -38,7 +38,7 @@ pub enum Command {
     Serve,
     /// Consume the queue without a Functions host.
     ///
-    /// The same processing as serve, with the host's queue semantics; see README for the
+    /// The same processing as serve, with the host's queue semantics; see docs/settings.md for the
     /// CVCHAIN_WORKER_* settings.
     Worker,
     /// Run the whole chain locally (development builds only).

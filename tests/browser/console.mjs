@@ -39,6 +39,10 @@ try {
   out.chartSeries = await page.locator('#chart polyline').count();
   out.chartThresholds = await page.locator('#chart [data-threshold]').count();
   out.events = await page.locator('#events tr').count();
+  // The page as a person first sees it (kept as docs/console.png).
+  if (args.screenshot) {
+    await page.screenshot({ path: args.screenshot, fullPage: false });
+  }
   if (args.chartShot) {
     await page.locator('#chart').screenshot({ path: args.chartShot });
   }
@@ -71,9 +75,6 @@ try {
   out.notice = await text('#notice');
   out.pointerAfter = await text('[data-channel="production"][data-target="pointer"]');
   out.productionOnnxAfter = await text('[data-channel="production"][data-target="ONNX"]');
-  if (args.screenshot) {
-    await page.screenshot({ path: args.screenshot, fullPage: true });
-  }
 } catch (e) {
   out.error = String(e && e.stack || e);
 } finally {

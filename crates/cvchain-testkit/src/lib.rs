@@ -22,6 +22,7 @@
 pub mod azurite;
 pub mod chat;
 pub mod copy_proxy;
+pub mod demo;
 pub mod eventgrid;
 pub mod handler;
 pub mod host;
@@ -33,6 +34,7 @@ pub mod tls;
 
 pub use azurite::{Azurite, unique};
 pub use copy_proxy::{CopyEnd, CopyFaults, CopyProxy};
+pub use demo::DemoRun;
 pub use eventgrid::{EventGridTopic, TopicAuth};
 pub use handler::Handler;
 pub use host::{HostEmulator, PumpStats, deliver_to_both, host_envelope, take_messages};

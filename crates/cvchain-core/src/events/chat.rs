@@ -701,9 +701,16 @@ enum CardAction {
     OpenUrl { title: String, url: String },
 }
 
+/// Text for a card: Teams renders a TextBlock's and a fact's text as markdown, so a name such as
+/// `[docs](https://…)` would become a link in a message cvchain posts. A zero-width space between
+/// `]` and `(` (and after `<`, which starts an autolink) keeps such text as it reads.
+pub fn teams_text(text: &str) -> String {
+    text.replace("](", "]\u{200B}(").replace('<', "<\u{200B}")
+}
+
 fn text_block(text: String) -> CardElement {
     CardElement::TextBlock {
-        text,
+        text: teams_text(&text),
         wrap: true,
         weight: None,
         size: None,
@@ -720,7 +727,7 @@ fn teams_card(s: &Summary) -> String {
         Tone::Neutral => "Default",
     };
     let mut body = vec![CardElement::TextBlock {
-        text: s.headline(),
+        text: teams_text(&s.headline()),
         wrap: true,
         weight: Some("Bolder"),
         size: Some("Medium"),
@@ -733,15 +740,15 @@ fn teams_card(s: &Summary) -> String {
                 .facts
                 .iter()
                 .map(|f| CardFact {
-                    title: f.title.clone(),
-                    value: f.value.clone(),
+                    title: teams_text(&f.title),
+                    value: teams_text(&f.value),
                 })
                 .collect(),
         });
     }
     for (heading, items) in &s.lists {
         body.push(CardElement::TextBlock {
-            text: heading.clone(),
+            text: teams_text(heading),
             wrap: true,
             weight: Some("Bolder"),
             size: None,
@@ -752,7 +759,7 @@ fn teams_card(s: &Summary) -> String {
         body.push(text_block(lines.join("\r")));
     }
     body.push(CardElement::TextBlock {
-        text: s.footer.clone(),
+        text: teams_text(&s.footer),
         wrap: true,
         weight: None,
         size: Some("Small"),

@@ -1251,3 +1251,16 @@ fn the_queue_bound_counts_the_message_as_its_encoding_sends_it() {
     assert!(f.trimmed.is_some());
     assert!(QueueEncoding::None.sent_size(&f.body) <= 64 * 1024);
 }
+
+#[test]
+fn a_name_never_becomes_a_link_in_a_teams_card() {
+    use super::chat::teams_text;
+    let t = teams_text("Widgets [docs](https://evil.example) <https://evil.example>");
+    assert!(!t.contains("]("), "{t}");
+    assert!(!t.contains("<h"), "{t}");
+    // Read as it was written: only invisible characters were added.
+    assert_eq!(
+        t.replace('\u{200B}', ""),
+        "Widgets [docs](https://evil.example) <https://evil.example>"
+    );
+}
