@@ -70,6 +70,14 @@ struct Scratch {
     logs: Vec<String>,
 }
 
+/// What the reads before planning found: another message's row under this event's keys (this
+/// message's goes apart), the iteration's step rows.
+#[derive(Default)]
+struct Found {
+    first_row: Option<cvchain_core::history::HistoryRow>,
+    steps: Option<Vec<StepRow>>,
+}
+
 /// The adapters the actions need.
 pub struct Processor {
     history: HistoryStore,
@@ -253,8 +261,7 @@ impl Processor {
             &observed,
             &incoming.key,
             last,
-            first_row,
-            steps,
+            Found { first_row, steps },
         )
         .await
     }
@@ -272,8 +279,7 @@ impl Processor {
             &Observed::default(),
             &incoming.key,
             true,
-            None,
-            None,
+            Found::default(),
         )
         .await
     }
@@ -443,9 +449,9 @@ impl Processor {
         observed: &Observed,
         message_key: &str,
         last: bool,
-        first_row: Option<cvchain_core::history::HistoryRow>,
-        steps: Option<Vec<StepRow>>,
+        found: Found,
     ) -> Result<Outcome, ProcessError> {
+        let Found { first_row, steps } = found;
         let now = OffsetDateTime::now_utc();
         let mut scratch = Scratch {
             steps,

@@ -839,8 +839,11 @@ fn a_notification_releases_its_export_and_whatever_was_left_behind() {
 /// about the one not released yet, and the first's release copy is left as it is.
 #[test]
 fn a_second_flavor_of_a_platform_releases_only_itself() {
-    let lite = ExportTarget::parse("TensorFlow:TensorFlowLite").unwrap();
-    let normal = ExportTarget::parse("TensorFlow:TensorFlowNormal").unwrap();
+    let target = |flavor: &str| ExportTarget {
+        platform: "TensorFlow".into(),
+        flavor: Some(flavor.into()),
+    };
+    let (lite, normal) = (target("TensorFlowLite"), target("TensorFlowNormal"));
     let chain = vec![lite.clone(), normal.clone()];
     let plan = |t: &ExportTarget| crate::release::ReleasePlan {
         platform: t.platform.clone(),
