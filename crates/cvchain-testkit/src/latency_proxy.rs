@@ -261,9 +261,11 @@ async fn send_on(shared: &Shared, upstream: &str, request: Request, service: Ser
         .http
         .request(parts.method.clone(), format!("{upstream}{path_and_query}"));
     for (name, value) in &parts.headers {
+        // `Host` is kept: Azurite checks that a signed copy source (a download link) names the
+        // instance the copy request reached, which is the proxy.
         if matches!(
             name.as_str(),
-            "host" | "connection" | "content-length" | "transfer-encoding"
+            "connection" | "content-length" | "transfer-encoding"
         ) {
             continue;
         }
