@@ -17,7 +17,7 @@ use cvchain_azure::events::{
     sinks::{SinkOptions, Sinks},
 };
 use cvchain_azure::history::{
-    claims::{Claims, HoldError},
+    claims::{Claim, Claims, HoldError},
     store::{HistoryStore, Recorded},
 };
 use cvchain_azure::storage::{StorageError, clients::StorageClients, settings::StorageAuth};
@@ -232,13 +232,39 @@ impl Events {
         at: Option<OffsetDateTime>,
         extra: Vec<(CloudEvent, OffsetDateTime)>,
     ) -> Result<Recorded, StorageError> {
+        let outbox = self.outbox_of(row, facts, at, extra);
+        self.history.record_with(row, &outbox, None).await
+    }
+
+    /// The outbox rows `record` writes with `row`.
+    fn outbox_of(
+        &self,
+        row: &HistoryRow,
+        facts: &IterationFacts,
+        at: Option<OffsetDateTime>,
+        extra: Vec<(CloudEvent, OffsetDateTime)>,
+    ) -> Vec<HistoryRow> {
         let now = OffsetDateTime::now_utc();
         let own = insert_events(row, facts, &self.ctx, now);
         let mut outbox = self.rows_for(&row.partition_key, &row.row_key, &own, at.unwrap_or(now));
         for (event, at) in extra {
             outbox.extend(self.rows_for(&row.partition_key, &row.row_key, &[event], at));
         }
-        self.history.record_with(row, &outbox).await
+        outbox
+    }
+
+    /// Records several rows of one change (each unless it exists, with the events it emits)
+    /// in one transaction when they share a partition.
+    pub async fn record_all(
+        &self,
+        rows: &[HistoryRow],
+        facts: &IterationFacts,
+    ) -> Result<(), StorageError> {
+        let groups: Vec<(HistoryRow, Vec<HistoryRow>)> = rows
+            .iter()
+            .map(|r| (r.clone(), self.outbox_of(r, facts, None, Vec::new())))
+            .collect();
+        self.history.record_groups(&groups).await
     }
 
     /// Records a notification row with the events it emits; `chain_done` names the (project,
@@ -250,11 +276,16 @@ impl Events {
         chain_done: Option<(Uuid, Uuid)>,
         at: OffsetDateTime,
         chain_ended_at: OffsetDateTime,
+        known: Option<&[StepRow]>,
     ) -> Result<Recorded, StorageError> {
         let facts = facts(observed);
         let mut extra = Vec::new();
         if let Some((project, iteration)) = chain_done {
-            let steps = self.history.steps(project, iteration).await?;
+            // The steps as this message read and wrote them, when it did: no second read.
+            let steps = match known {
+                Some(k) => k.to_vec(),
+                None => self.history.steps(project, iteration).await?,
+            };
             let event = chain_completed(
                 row,
                 &project.to_string(),
@@ -270,12 +301,14 @@ impl Events {
     }
 
     /// Writes a step row change with the events it emits; what the row said before comes from
-    /// `steps` (as the writer read them).
+    /// `steps` (as the writer read them). `release`: the claim that guarded the change, given
+    /// back in the same transaction.
     pub async fn write_step(
         &self,
         w: &StepWrite,
         steps: &[StepRow],
         observed: &Observed,
+        release: Option<&Claim>,
     ) -> Result<(), StorageError> {
         let rk = match w {
             StepWrite::Insert(row) => &row.row_key,
@@ -293,7 +326,10 @@ impl Events {
             StepWrite::Insert(row) => {
                 let now = OffsetDateTime::now_utc();
                 let outbox = self.rows_for(&row.partition_key, &row.row_key, &events, now);
-                self.history.record_with(row, &outbox).await.map(|_| ())
+                self.history
+                    .record_with(row, &outbox, release)
+                    .await
+                    .map(|_| ())
             }
             StepWrite::Merge {
                 partition_key,
@@ -303,7 +339,7 @@ impl Events {
                 let now = OffsetDateTime::now_utc();
                 let outbox = self.rows_for(partition_key, row_key, &events, now);
                 self.history
-                    .merge_with(partition_key, row_key, properties, &outbox)
+                    .merge_with(partition_key, row_key, properties, &outbox, release)
                     .await
             }
         }

@@ -123,6 +123,28 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Records the rows of one change together (one transaction where they share a partition).
+    async fn record_all(
+        &self,
+        rows: &[cvchain_core::history::HistoryRow],
+        project_name: &str,
+    ) -> Result<(), ProcessError> {
+        match &self.events {
+            Some(events) => {
+                let facts = cvchain_core::events::IterationFacts {
+                    project_name: project_name.to_owned(),
+                    ..Default::default()
+                };
+                events.record_all(rows, &facts).await?;
+            }
+            None => {
+                let groups: Vec<_> = rows.iter().map(|r| (r.clone(), Vec::new())).collect();
+                self.history.record_groups(&groups).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn record_failures(
         &self,
         project: Uuid,
@@ -422,16 +444,22 @@ impl Lifecycle {
         releases.retain(|r| !refused.contains(&r.target.key()));
         // Where each new entry's copy goes: a free path, or none.
         let mut paths: HashMap<(Channel, String), Option<String>> = HashMap::new();
-        for mv in &wanted.moves {
-            if loaded.manifest.entry(mv.channel, &mv.target).is_some()
-                || refused.contains(&mv.target.key())
-            {
-                continue;
-            }
-            let path = self
-                .channels
+        let new_entries: Vec<&Move> = wanted
+            .moves
+            .iter()
+            .filter(|mv| {
+                loaded.manifest.entry(mv.channel, &mv.target).is_none()
+                    && !refused.contains(&mv.target.key())
+            })
+            .collect();
+        // Each path is looked at on its own: together, one round trip.
+        let found = futures::future::join_all(new_entries.iter().map(|mv| {
+            self.channels
                 .channel_path(project, project_name, mv.channel, &mv.target)
-                .await?;
+        }))
+        .await;
+        for (mv, path) in new_entries.into_iter().zip(found) {
+            let path = path?;
             if path.is_none()
                 && let Some(r) = releases.iter().find(|r| r.target == mv.target)
             {
@@ -507,9 +535,12 @@ impl Lifecycle {
             )
             .await?;
         failed.extend(carried.failed);
-        for mv in &carried.moved {
-            self.record(&move_row(project, mv), project_name).await?;
-        }
+        let rows: Vec<_> = carried
+            .moved
+            .iter()
+            .map(|mv| move_row(project, mv))
+            .collect();
+        self.record_all(&rows, project_name).await?;
         self.record_failures(project, project_name, &failed).await?;
         if let Some(e) = carried.retry {
             return Err(e);
@@ -562,14 +593,17 @@ impl Lifecycle {
             Complete::Held => (&[][..], true),
         };
         let mut out = Carried::default();
-        for mv in moves {
+        // The copies go to paths of their own: they run together (one round trip, not one per
+        // channel), and what each came to is judged in order below.
+        let outcomes = futures::future::join_all(moves.iter().map(|mv| {
             let source = just_released
                 .iter()
                 .find(|d| d.path == mv.to.release_path)
                 .and_then(|d| Some((d.etag.as_deref()?, d.size)));
-            let outcome = self
-                .carry_out(project, project_name, mv, source, revision, now)
-                .await;
+            self.carry_out(project, project_name, mv, source, revision, now)
+        }))
+        .await;
+        for (mv, outcome) in moves.iter().zip(outcomes) {
             let (reason, path, error) = match outcome {
                 Ok(Ok(Some(done))) => {
                     out.moved.push(done);

@@ -9,7 +9,7 @@ use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
 use cvchain_azure::customvision::TrainingApi;
 use cvchain_azure::history::{
-    claims::Claims,
+    claims::{Claim, Claims},
     store::{HistoryStore, Recorded},
 };
 use cvchain_azure::storage::{
@@ -68,6 +68,14 @@ pub struct Outcome {
 struct Scratch {
     steps: Option<Vec<StepRow>>,
     logs: Vec<String>,
+}
+
+/// What the reads before planning found: another message's row under this event's keys (this
+/// message's goes apart), the iteration's step rows.
+#[derive(Default)]
+struct Found {
+    first_row: Option<cvchain_core::history::HistoryRow>,
+    steps: Option<Vec<StepRow>>,
 }
 
 /// The adapters the actions need.
@@ -201,13 +209,25 @@ impl Processor {
     }
 
     async fn process_once(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
-        // A redelivery of a handled notification costs one read.
-        // (Another message's row under the same event's keys is not: that one is recorded
-        // apart, see `carry_out`.)
+        // A redelivery of a handled notification costs one read; two when another message
+        // recorded this event first and this one's row is the one recorded apart (two exports of
+        // one platform, see `carry_out`).
+        // Another message's row found by the probe: recording this one's goes straight to the
+        // row apart, without trying the first's keys again.
+        let mut first_row = None;
         if let Ok(parsed) = &incoming.parsed
             && let Some(row) = redelivery_probe(incoming, parsed, &self.config)
             && let Some(existing) = self.history.get(&row.partition_key, &row.row_key).await?
-            && existing_row(&row, &existing, &incoming.key) == Existing::Redelivery
+            && let Some(row) = match existing_row(&row, &existing, &incoming.key) {
+                Existing::Redelivery => Some(row),
+                Existing::Another { row: own, .. } => {
+                    let mine = self.history.get(&own.partition_key, &own.row_key).await?;
+                    if mine.is_none() {
+                        first_row = Some(existing);
+                    }
+                    mine.map(|_| own)
+                }
+            }
         {
             let row_desc = format!("{}/{}", self.table_name, row.describe());
             return Ok(Outcome {
@@ -220,17 +240,38 @@ impl Processor {
                 duplicate: true,
             });
         }
-        let observed = match &incoming.parsed {
-            Ok(parsed) => self.observe(&parsed.notification).await?,
-            Err(_) => Observed::default(),
+        // What Custom Vision (or the Training row) says, and the iteration's step rows when the
+        // plan will read them: independent, so they go out together.
+        let (observed, steps) = match &incoming.parsed {
+            Ok(parsed) => {
+                let n = &parsed.notification;
+                let steps = async {
+                    match (n.project_id(), n.iteration_id()) {
+                        (Some(p), Some(i)) if self.reads_steps(n) => {
+                            Ok::<_, ProcessError>(Some(self.history.steps(p, i).await?))
+                        }
+                        _ => Ok(None),
+                    }
+                };
+                let (observed, steps) = tokio::join!(self.observe(n), steps);
+                (observed?, steps?)
+            }
+            Err(_) => (Observed::default(), None),
         };
         let (decision, actions) = plan(incoming, &observed, &self.config);
         if let Decision::Retry(reason) = &decision {
             return Err(ProcessError::NotReady(reason.clone()));
         }
         let last = incoming.received.dequeue_count >= self.max_dequeue;
-        self.carry_out(decision, actions, &observed, &incoming.key, last)
-            .await
+        self.carry_out(
+            decision,
+            actions,
+            &observed,
+            &incoming.key,
+            last,
+            Found { first_row, steps },
+        )
+        .await
     }
 
     /// Records something that arrived but could not be read as a message at all.
@@ -240,8 +281,34 @@ impl Processor {
         reason: &str,
     ) -> Result<Outcome, ProcessError> {
         let (decision, actions) = plan_unreadable(incoming, reason, &self.config);
-        self.carry_out(decision, actions, &Observed::default(), &incoming.key, true)
-            .await
+        self.carry_out(
+            decision,
+            actions,
+            &Observed::default(),
+            &incoming.key,
+            true,
+            Found::default(),
+        )
+        .await
+    }
+
+    /// Whether the plan for `n` reads the iteration's step rows (a finished training runs the
+    /// chain, a finished export releases): read beside the observations.
+    fn reads_steps(&self, n: &Notification) -> bool {
+        use cvchain_core::notification::ExportStatus;
+        self.cv.is_some()
+            && self.config.allows(n)
+            && match n {
+                Notification::Training {
+                    status: TrainingStatus::Completed,
+                    ..
+                } => !self.config.chain.exports.is_empty(),
+                Notification::Export {
+                    status: ExportStatus::Completed,
+                    ..
+                } => true,
+                _ => false,
+            }
     }
 
     /// Asks Custom Vision what the plan needs. Transient failures end the invocation (the
@@ -390,9 +457,14 @@ impl Processor {
         observed: &Observed,
         message_key: &str,
         last: bool,
+        found: Found,
     ) -> Result<Outcome, ProcessError> {
+        let Found { first_row, steps } = found;
         let now = OffsetDateTime::now_utc();
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch {
+            steps,
+            logs: Vec::new(),
+        };
         let mut row_desc = String::new();
         let mut duplicate = false;
         let mut poison_already_sent = false;
@@ -500,13 +572,26 @@ impl Processor {
                         row.properties.set(Prop::RetentionStatus, s);
                     }
                     row_desc = format!("{}/{}", self.table_name, row.describe());
+                    let known = first_row.as_ref().filter(|f| {
+                        f.partition_key == row.partition_key && f.row_key == row.row_key
+                    });
                     let mut recorded = match &self.events {
+                        _ if known.is_some() => {
+                            Recorded::AlreadyPresent(known.cloned().expect("just checked"))
+                        }
                         Some(events) => {
                             let done = (chain_next == Some(Next::Complete))
                                 .then(|| decision_ids(&decision))
                                 .flatten();
                             events
-                                .record_notification(&row, observed, done, now, chain_ended_at)
+                                .record_notification(
+                                    &row,
+                                    observed,
+                                    done,
+                                    now,
+                                    chain_ended_at,
+                                    scratch.steps.as_deref(),
+                                )
                                 .await?
                         }
                         None => self.history.record(&row).await?,
@@ -521,11 +606,8 @@ impl Processor {
                         let first = existing.row_key.clone();
                         row = own;
                         row_desc = format!("{}/{}", self.table_name, row.describe());
-                        recorded = self.history.record(&row).await?;
+                        recorded = self.history.record_apart(&row, &first, &note).await?;
                         if recorded == Recorded::Inserted {
-                            self.history
-                                .merge(&row.partition_key, &first, &note)
-                                .await?;
                             tracing::warn!(
                                 row = %row_desc,
                                 first = %first,
@@ -672,9 +754,9 @@ impl Processor {
             // and given back only after the step row is written: whoever takes it next sees the
             // row. A claim taken over from a holder that crashed asks GetExports, the source of
             // truth, since that holder may have requested without writing its row.
-            let asked =
+            let (asked, claim) =
                 self.claims
-                    .hold(claim, async {
+                    .hold_keep(claim, async {
                         if taken_over {
                             let fresh = cv.get_exports(project, iteration).await?;
                             if fresh.iter().any(|e| target.matches(e)) {
@@ -697,22 +779,39 @@ impl Processor {
                                 target.flavor.as_deref(),
                             )
                             .await;
-                        let outcome = request_outcome(&result);
-                        if outcome != RequestOutcome::Transient {
-                            let exists = step_exists(
-                                self.steps(cache, project, iteration).await?,
-                                iteration,
-                                target,
-                            );
-                            if let Some(w) = step_after_request(
-                                project, iteration, position, target, &outcome, exists, now,
-                            ) {
-                                self.write_step(&w, cache, observed).await?;
-                            }
-                        }
-                        Ok(Asked::Answered(outcome, result.err()))
+                        Ok(Asked::Answered(request_outcome(&result), result.err()))
                     })
-                    .await??;
+                    .await?;
+            // The step row the answer calls for, written with the claim's release in one
+            // transaction: whoever takes the claim next sees the row.
+            let written = match &asked {
+                Ok(Asked::Answered(outcome, _)) if *outcome != RequestOutcome::Transient => {
+                    let write = async {
+                        let exists = step_exists(
+                            self.steps(cache, project, iteration).await?,
+                            iteration,
+                            target,
+                        );
+                        match step_after_request(
+                            project, iteration, position, target, outcome, exists, now,
+                        ) {
+                            Some(w) => {
+                                self.write_step_releasing(&w, cache, observed, Some(&claim))
+                                    .await?;
+                                Ok::<_, ProcessError>(true)
+                            }
+                            None => Ok(false),
+                        }
+                    };
+                    write.await
+                }
+                _ => Ok(false),
+            };
+            if !matches!(written, Ok(true)) {
+                self.give_back(&claim).await;
+            }
+            written?;
+            let asked = asked?;
             match asked {
                 Asked::Exists(fresh) => {
                     exports = fresh;
@@ -805,18 +904,25 @@ impl Processor {
             };
             // A copy is polled for up to ten minutes: the claim is renewed while it runs, and
             // the work stops the moment the claim is lost.
-            let released = self
+            let (released, claim) = self
                 .claims
-                .hold(claim, self.releases.release(&plan, &names, &facts))
+                .hold_keep(claim, self.releases.release(&plan, &names, &facts))
                 .await?;
+            // The claim goes back with the step row's write (one transaction), or alone.
+            let mut claim = Some(claim);
             let released = match released {
                 Ok(r) => r,
-                Err(ReleaseError::Storage(e)) => return Err(e.into()),
+                Err(ReleaseError::Storage(e)) => {
+                    if let Some(c) = claim.take() {
+                        self.give_back(&c).await;
+                    }
+                    return Err(e.into());
+                }
                 // Permanent: recorded on the step row; the other exports go on.
                 Err(ReleaseError::Refused(reason)) => {
                     tracing::warn!(export = %target, "release refused: {reason}");
                     logs.push(format!("release of {target} refused: {reason}"));
-                    for w in release_refused_writes(
+                    let writes = release_refused_writes(
                         project,
                         iteration,
                         &self.config.chain.exports,
@@ -824,9 +930,9 @@ impl Processor {
                         &reason,
                         &steps,
                         now,
-                    ) {
-                        self.write_step(&w, cache, observed).await?;
-                    }
+                    );
+                    self.write_steps_releasing(&writes, cache, observed, claim.take())
+                        .await?;
                     continue;
                 }
             };
@@ -841,7 +947,7 @@ impl Processor {
             } else {
                 logs.push(format!("release of {target} is current: {}", released.path));
             }
-            for w in release_writes(
+            let writes = release_writes(
                 project,
                 iteration,
                 &self.config.chain.exports,
@@ -849,12 +955,49 @@ impl Processor {
                 &released,
                 &steps,
                 now,
-            ) {
-                self.write_step(&w, cache, observed).await?;
-            }
+            );
+            self.write_steps_releasing(&writes, cache, observed, claim.take())
+                .await?;
             done.push(released);
         }
         Ok(done)
+    }
+
+    /// Writes step row changes in order, the first with `release` given back in its
+    /// transaction (or alone, when there is none or the write fails).
+    async fn write_steps_releasing(
+        &self,
+        writes: &[StepWrite],
+        cache: &mut Option<Vec<StepRow>>,
+        observed: &Observed,
+        release: Option<Claim>,
+    ) -> Result<(), ProcessError> {
+        let mut release = release;
+        for w in writes {
+            let result = self
+                .write_step_releasing(w, cache, observed, release.as_ref())
+                .await;
+            if result.is_ok() {
+                release = None;
+            }
+            if let Err(e) = result {
+                if let Some(c) = &release {
+                    self.give_back(c).await;
+                }
+                return Err(e);
+            }
+        }
+        if let Some(c) = &release {
+            self.give_back(c).await;
+        }
+        Ok(())
+    }
+
+    /// Gives a claim back; one not given back expires on its own.
+    async fn give_back(&self, claim: &Claim) {
+        if let Err(e) = self.claims.release(claim).await {
+            tracing::warn!(error = %e, claim = %claim.row_key, "cannot give a claim back; it expires");
+        }
     }
 
     /// The iteration's step rows: read on first use, then kept in line with this message's
@@ -879,12 +1022,23 @@ impl Processor {
         cache: &mut Option<Vec<StepRow>>,
         observed: &Observed,
     ) -> Result<(), ProcessError> {
+        self.write_step_releasing(w, cache, observed, None).await
+    }
+
+    /// As [`write_step`](Self::write_step), giving `release` back in the same transaction.
+    async fn write_step_releasing(
+        &self,
+        w: &StepWrite,
+        cache: &mut Option<Vec<StepRow>>,
+        observed: &Observed,
+        release: Option<&Claim>,
+    ) -> Result<(), ProcessError> {
         if let Some(events) = &self.events {
             events
-                .write_step(w, cache.as_deref().unwrap_or_default(), observed)
+                .write_step(w, cache.as_deref().unwrap_or_default(), observed, release)
                 .await?;
         } else {
-            self.write_step_plain(w).await?;
+            self.write_step_plain(w, release).await?;
         }
         if let Some(steps) = cache.as_mut() {
             apply_step_write(steps, w);
@@ -892,10 +1046,14 @@ impl Processor {
         Ok(())
     }
 
-    async fn write_step_plain(&self, w: &StepWrite) -> Result<(), ProcessError> {
+    async fn write_step_plain(
+        &self,
+        w: &StepWrite,
+        release: Option<&Claim>,
+    ) -> Result<(), ProcessError> {
         match w {
             StepWrite::Insert(row) => {
-                self.history.record(row).await?;
+                self.history.record_with(row, &[], release).await?;
             }
             StepWrite::Merge {
                 partition_key,
@@ -903,7 +1061,7 @@ impl Processor {
                 properties,
             } => {
                 self.history
-                    .merge(partition_key, row_key, properties)
+                    .merge_with(partition_key, row_key, properties, &[], release)
                     .await?;
             }
         }

@@ -331,6 +331,47 @@ async fn an_entity_group_transaction_writes_all_or_nothing() {
     assert!(table.transact(&ops).await.is_err());
 }
 
+/// A claim is given back in the transaction that records its work: the delete is conditional on
+/// the claim's ETag, so a claim taken over meanwhile fails the transaction and is left alone.
+#[tokio::test]
+async fn a_transaction_deletes_a_row_only_at_its_etag() {
+    use cvchain_azure::storage::table::{BatchOp, BatchOutcome, WriteOutcome};
+    let azurite = Azurite::start();
+    let table = clients(&azurite).table(&unique("BatchDel")).unwrap();
+    table.create_if_missing().await.unwrap();
+    let WriteOutcome::Written { etag } = table
+        .insert(&entity("p", "claim", json!({ "Owner": "me" })))
+        .await
+        .unwrap()
+    else {
+        panic!("the claim is new");
+    };
+    let delete = |etag: &str| BatchOp::Delete {
+        partition_key: "p".into(),
+        row_key: "claim".into(),
+        etag: etag.into(),
+    };
+    // A stale ETag: nothing is written, the delete is named as the refused operation.
+    let ops = [
+        BatchOp::Insert(entity("p", "step", json!({ "V": 1 }))),
+        delete("W/\"datetime'2000-01-01T00%3A00%3A00.0000000Z'\""),
+    ];
+    let BatchOutcome::Refused { index, status, .. } = table.transact(&ops).await.unwrap() else {
+        panic!("a stale ETag must fail the transaction");
+    };
+    assert_eq!((index, status), (Some(1), 412));
+    assert!(table.get("p", "step").await.unwrap().is_none());
+    assert!(table.get("p", "claim").await.unwrap().is_some());
+    // The claim's own ETag: the row is written and the claim gone, together.
+    let ops = [
+        BatchOp::Insert(entity("p", "step", json!({ "V": 1 }))),
+        delete(&etag),
+    ];
+    assert_eq!(table.transact(&ops).await.unwrap(), BatchOutcome::Committed);
+    assert!(table.get("p", "step").await.unwrap().is_some());
+    assert!(table.get("p", "claim").await.unwrap().is_none());
+}
+
 /// A download link (an account-key service SAS) reads its one blob with no other credential,
 /// and nothing else: not another blob, not a write, not after it expires.
 #[tokio::test]

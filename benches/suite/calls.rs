@@ -7,10 +7,16 @@ use std::path::Path;
 
 /// Kind of each request logged since byte `from`; returns them and the new end offset.
 pub fn requests_since(log: &Path, from: usize) -> (Vec<String>, usize) {
+    let (entries, end) = entries_since(log, from);
+    (entries.into_iter().map(|(k, _)| k).collect(), end)
+}
+
+/// Kind and URL of each request logged since byte `from`, and the new end offset.
+pub fn entries_since(log: &Path, from: usize) -> (Vec<(String, String)>, usize) {
     let text = std::fs::read(log).unwrap_or_default();
     let end = text.len();
     let text = String::from_utf8_lossy(&text[from.min(end)..]).into_owned();
-    let kinds = text
+    let entries = text
         .lines()
         .filter_map(|l| {
             let service = ["Blob", "Queue", "Table"]
@@ -22,15 +28,15 @@ pub fn requests_since(log: &Path, from: usize) -> (Vec<String>, usize) {
                 .split_whitespace()
                 .next()?;
             let url = l.split("RequestURL=").nth(1)?.split_whitespace().next()?;
-            Some(kind(service, method, url))
+            Some((kind(service, method, url), url.to_owned()))
         })
         .collect();
-    (kinds, end)
+    (entries, end)
 }
 
-/// As `requests_since`, without the requests whose `User-Agent` begins with one of `others`
+/// As `entries_since`, without the requests whose `User-Agent` begins with one of `others`
 /// (the stand-in's, the benchmark's own).
-pub fn requests_but(log: &Path, from: usize, others: &[&str]) -> (Vec<String>, usize) {
+pub fn entries_but(log: &Path, from: usize, others: &[&str]) -> (Vec<(String, String)>, usize) {
     let text = std::fs::read(log).unwrap_or_default();
     let end = text.len();
     let text = String::from_utf8_lossy(&text[from.min(end)..]).into_owned();
@@ -51,8 +57,8 @@ pub fn requests_but(log: &Path, from: usize, others: &[&str]) -> (Vec<String>, u
         let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
         std::fs::write(format!("{dir}/{n:02}.log"), &mine).unwrap();
     }
-    let (kinds, _) = requests_since(&part, 0);
-    (kinds, end)
+    let (entries, _) = entries_since(&part, 0);
+    (entries, end)
 }
 
 /// A request's kind: service, method and what it addressed, without names or keys.

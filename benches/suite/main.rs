@@ -119,7 +119,7 @@ fn baseline_exe() -> PathBuf {
 fn main() {
     let sections = setting(
         "CVCHAIN_BENCH_SECTIONS",
-        "cold,cost,kinds,calls,throughput,memory,rate,telemetry",
+        "cold,cost,kinds,latency,calls,throughput,memory,rate,telemetry",
     );
     let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let messages: usize = setting("CVCHAIN_BENCH_MESSAGES", "5000").parse().unwrap();
@@ -138,6 +138,9 @@ fn main() {
         }
         if on("kinds") {
             per_kind(&mut table).await;
+        }
+        if on("latency") {
+            latency_model(&mut table).await;
         }
         if on("calls") {
             call_counts(&mut table).await;
@@ -303,26 +306,17 @@ async fn call_counts(table: &mut Table) {
 /// (an earlier revision) when it is set, alternating round by round.
 async fn per_kind(table: &mut Table) {
     let rounds: usize = setting("CVCHAIN_BENCH_KIND_ROUNDS", "20").parse().unwrap();
-    let before_bin = std::env::var("CVCHAIN_BENCH_BEFORE_BIN")
-        .ok()
-        .map(PathBuf::from);
-    let after = kinds::Runner::start(None).await;
-    let before = match &before_bin {
-        Some(b) => Some(kinds::Runner::start(Some(b)).await),
-        None => None,
+    let (now, then) = kind_rounds(rounds, None).await;
+    let show = |s: &kinds::Sample| {
+        format!(
+            "{}, {} storage (+{} delivering), {} CV",
+            ms(s.duration),
+            s.storage,
+            s.delivery,
+            s.cv
+        )
     };
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        ours.push(after.round().await);
-        if let Some(b) = &before {
-            theirs.push(b.round().await);
-        }
-    }
-    let now = kinds::medians(&ours);
-    let then = (!theirs.is_empty()).then(|| kinds::medians(&theirs));
-    let show =
-        |s: &kinds::Sample| format!("{}, {} storage, {} CV", ms(s.duration), s.storage, s.cv);
-    for (k, (name, target)) in kinds::KINDS.iter().enumerate() {
+    for (k, (name, target)) in kinds::kinds().iter().enumerate() {
         let (baseline, ratio) = match &then {
             Some(t) => (
                 format!("{} (before)", show(&t[k])),
@@ -424,10 +418,10 @@ async fn telemetry(table: &mut Table) {
     }
     drop(env);
     // Each kind of invocation.
-    let r_off = kinds::Runner::start(None).await;
-    let r_on = kinds::Runner::start_with(None, &on_vars).await;
+    let r_off = kinds::Runner::start(None, None).await;
+    let r_on = kinds::Runner::start_with(None, None, &on_vars).await;
     let r_before = match &before_bin {
-        Some(b) => Some(kinds::Runner::start(Some(b)).await),
+        Some(b) => Some(kinds::Runner::start(Some(b), None).await),
         None => None,
     };
     let (mut s_off, mut s_on, mut s_before) = (Vec::new(), Vec::new(), Vec::new());
@@ -440,7 +434,7 @@ async fn telemetry(table: &mut Table) {
     }
     let (k_off, k_on) = (kinds::medians(&s_off), kinds::medians(&s_on));
     let k_before = (!s_before.is_empty()).then(|| kinds::medians(&s_before));
-    for (k, (name, _)) in kinds::KINDS.iter().enumerate() {
+    for (k, (name, _)) in kinds::kinds().iter().enumerate() {
         let before = k_before.as_ref().map(|b| b[k].duration);
         table.row(
             &format!("{name}, telemetry off / on (median of {rounds})"),
@@ -452,6 +446,80 @@ async fn telemetry(table: &mut Table) {
                 k_on[k].duration.as_secs_f64() / k_off[k].duration.as_secs_f64()
             ),
             "off: unchanged",
+        );
+    }
+}
+
+/// `rounds` rounds of every kind, against this build and (alternating) the "before" binary.
+async fn kind_rounds(
+    rounds: usize,
+    latency: Option<kinds::Latency>,
+) -> (Vec<kinds::Sample>, Option<Vec<kinds::Sample>>) {
+    let before_bin = std::env::var("CVCHAIN_BENCH_BEFORE_BIN")
+        .ok()
+        .map(PathBuf::from);
+    let after = kinds::Runner::start(None, latency).await;
+    let before = match &before_bin {
+        Some(b) => Some(kinds::Runner::start(Some(b), latency).await),
+        None => None,
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.push(after.round().await);
+        if let Some(b) = &before {
+            theirs.push(b.round().await);
+        }
+    }
+    (
+        kinds::medians(&ours),
+        (!theirs.is_empty()).then(|| kinds::medians(&theirs)),
+    )
+}
+
+/// The cloud-latency model: every storage request delayed by `CVCHAIN_BENCH_STORAGE_MS` (5) and
+/// every Custom Vision call by `CVCHAIN_BENCH_CV_MS` (60) through a proxy; each kind's duration
+/// and its critical path (sequential round trips), this build beside the "before" one.
+async fn latency_model(table: &mut Table) {
+    let rounds: usize = setting("CVCHAIN_BENCH_LATENCY_ROUNDS", "10")
+        .parse()
+        .unwrap();
+    let storage_ms: u64 = setting("CVCHAIN_BENCH_STORAGE_MS", "5").parse().unwrap();
+    let cv_ms: u64 = setting("CVCHAIN_BENCH_CV_MS", "60").parse().unwrap();
+    let latency = kinds::Latency {
+        storage: Duration::from_millis(storage_ms),
+        custom_vision: Duration::from_millis(cv_ms),
+    };
+    let (now, then) = kind_rounds(rounds, Some(latency)).await;
+    let show = |s: &kinds::Sample| {
+        format!(
+            "{}, path {} storage + {} CV",
+            ms(s.duration),
+            s.critical.storage,
+            s.critical.custom_vision
+        )
+    };
+    for (k, (name, _)) in kinds::kinds().iter().enumerate() {
+        let target = if name.starts_with("ExportCompleted") {
+            "≤ 8 storage round trips"
+        } else {
+            "reported"
+        };
+        let (baseline, ratio) = match &then {
+            Some(t) => (
+                format!("{} (before)", show(&t[k])),
+                format!(
+                    "{:.2}",
+                    now[k].duration.as_secs_f64() / t[k].duration.as_secs_f64()
+                ),
+            ),
+            None => ("—".into(), "—".into()),
+        };
+        table.row(
+            &format!("{storage_ms} ms storage, {cv_ms} ms CV: {name} (median of {rounds})"),
+            show(&now[k]),
+            baseline,
+            ratio,
+            target,
         );
     }
 }

@@ -6,6 +6,7 @@ use cvchain_azure::storage::clients::StorageClients;
 use cvchain_azure::storage::settings::DEV_ACCOUNT;
 use cvchain_core::notification::{ExportStatus, Notification, TrainingStatus};
 use cvchain_standin::{COMPACT_DOMAIN, Standin, StandinConfig};
+use cvchain_testkit::latency_proxy::LatencyProxy;
 use cvchain_testkit::{Azurite, StandinApi, standin_config, unique};
 use futures::StreamExt;
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub struct Env {
     pub table: String,
     pub backup: String,
     pub release: String,
+    /// With a latency model: the proxy cvchain and the stand-in reach storage and Custom
+    /// Vision through (the harness's own `clients` go to Azurite directly).
+    pub proxy: Option<LatencyProxy>,
 }
 
 impl Env {
@@ -55,6 +59,16 @@ impl Env {
 
     /// As `start`, with the stand-in taking `delay_ms` to train and to export.
     pub async fn start_with_delay(debug: bool, delay_ms: u64) -> Self {
+        Self::start_full(debug, delay_ms, None).await
+    }
+
+    /// As `start`, with every request of cvchain and the stand-in through a proxy that delays
+    /// it by the storage or the Custom Vision latency.
+    pub async fn start_with_latency(debug: bool, latency: (Duration, Duration)) -> Self {
+        Self::start_full(debug, 0, Some(latency)).await
+    }
+
+    async fn start_full(debug: bool, delay_ms: u64, latency: Option<(Duration, Duration)>) -> Self {
         let azurite = tokio::task::block_in_place(|| {
             if debug {
                 Azurite::builder().debug_log().start()
@@ -65,14 +79,30 @@ impl Env {
         let clients = StorageClients::new(&azurite.storage_settings())
             .unwrap()
             .with_application_id("cvchain-bench");
+        let proxy = latency.map(|(storage, cv)| LatencyProxy::start(&azurite, storage, cv));
+        // The stand-in writes to the account as cvchain sees it (through the proxy, if any).
+        let standin_clients = match &proxy {
+            Some(p) => StorageClients::new(
+                &cvchain_azure::storage::settings::parse_connection_string(
+                    "CVCHAIN_STORAGE",
+                    &p.connection_string(),
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+            None => clients.clone(),
+        };
         let standin = Standin::start(StandinConfig {
             model_size: 4096,
             // A round of 500 messages needs about 170 projects: more than one S0 resource holds.
             max_projects: 10_000,
-            ..standin_config(&clients, KEY, delay_ms)
+            ..standin_config(&standin_clients, KEY, delay_ms)
         })
         .await
         .unwrap();
+        if let Some(p) = &proxy {
+            p.set_custom_vision(&standin.endpoint());
+        }
         let env = Self {
             queue: unique("work"),
             setup_queue: unique("setup"),
@@ -82,6 +112,7 @@ impl Env {
             azurite,
             clients,
             standin,
+            proxy,
         };
         let blobs = env.clients.blob_service().unwrap();
         blobs
@@ -97,19 +128,51 @@ impl Env {
         env
     }
 
+    /// The account as cvchain and the stand-in reach it: `(connection string, blob URL, queue
+    /// URL)`, through the proxy when there is one.
+    fn account(&self) -> (String, String, String) {
+        match &self.proxy {
+            Some(p) => (
+                p.connection_string(),
+                format!("http://127.0.0.1:{}/{DEV_ACCOUNT}", p.blob_port),
+                format!("http://127.0.0.1:{}/{DEV_ACCOUNT}", p.queue_port),
+            ),
+            None => (
+                self.azurite.connection_string(),
+                self.azurite.blob_url(),
+                format!("http://127.0.0.1:{}/{DEV_ACCOUNT}", self.azurite.queue_port),
+            ),
+        }
+    }
+
+    /// A container's URL as the stand-in and cvchain see it.
+    pub fn container_uri(&self, name: &str) -> String {
+        format!("{}/{name}", self.account().1)
+    }
+
+    /// A queue's URL as the stand-in and cvchain see it.
+    pub fn queue_uri(&self, name: &str) -> String {
+        format!("{}/{name}", self.account().2)
+    }
+
+    /// The Custom Vision endpoint cvchain calls.
+    pub fn custom_vision_endpoint(&self) -> String {
+        match &self.proxy {
+            Some(p) => p.custom_vision_endpoint(),
+            None => self.standin.endpoint(),
+        }
+    }
+
     /// cvchain's settings for this environment (`max_rps` Custom Vision calls per second).
     pub fn settings(&self, max_rps: &str) -> Vec<(&'static str, String)> {
         vec![
-            ("CVCHAIN_STORAGE", self.azurite.connection_string()),
+            ("CVCHAIN_STORAGE", self.account().0),
             ("CVCHAIN_QUEUE", self.queue.clone()),
             ("CVCHAIN_HISTORY_TABLE", self.table.clone()),
-            ("CUSTOM_VISION_ENDPOINT", self.standin.endpoint()),
+            ("CUSTOM_VISION_ENDPOINT", self.custom_vision_endpoint()),
             ("CUSTOM_VISION_TRAINING_KEY", KEY.into()),
             ("CVCHAIN_EXPORTS", CHAIN.into()),
-            (
-                "CVCHAIN_BACKUP_CONTAINER",
-                self.azurite.container_url(&self.backup),
-            ),
+            ("CVCHAIN_BACKUP_CONTAINER", self.container_uri(&self.backup)),
             ("CVCHAIN_RELEASE_CONTAINER", self.release.clone()),
             ("CVCHAIN_CV_MAX_RPS", max_rps.into()),
             ("RUST_LOG", "warn".into()),
@@ -121,11 +184,8 @@ impl Env {
     /// TensorFlow ones, so no two messages of an iteration are in flight together.
     pub async fn prepare(&self, iterations: usize) -> Vec<Message> {
         let api = StandinApi::with_storage(&self.standin.endpoint(), KEY, &self.clients);
-        let queue_uri = format!(
-            "http://127.0.0.1:{}/{DEV_ACCOUNT}/{}",
-            self.azurite.queue_port, self.setup_queue
-        );
-        let container_uri = self.azurite.container_url(&self.backup);
+        let queue_uri = self.queue_uri(&self.setup_queue);
+        let container_uri = self.container_uri(&self.backup);
         futures::stream::iter(0..iterations)
             .map(|k| {
                 let (api, queue_uri, container_uri) = (&api, &queue_uri, &container_uri);

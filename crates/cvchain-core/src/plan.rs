@@ -788,19 +788,27 @@ pub fn releases_due(
         }
         _ => None,
     };
+    let unreleased = |p: &crate::release::ReleasePlan| {
+        let target = ExportTarget {
+            platform: p.platform.clone(),
+            flavor: p.flavor.clone(),
+        };
+        let entry = chain_entry(chain, &target).map_or(target, |(_, t)| t);
+        StepRow::find(steps, &step_row_key(iteration, &entry))
+            .is_none_or(|s| s.release_url.is_none())
+    };
+    let is_named = |p: &crate::release::ReleasePlan| named.as_deref() == Some(p.platform.as_str());
+    // Two flavors of one platform share the backup blob's name, and the notification does not
+    // say which flavor it is about: the one not released yet is the export that just ended; one
+    // released already is verified again only when no other is waiting (a re-export).
+    let named_waiting = plans.iter().any(|p| is_named(p) && unreleased(p));
     plans
         .into_iter()
         .filter(|p| {
-            if named.as_deref() == Some(p.platform.as_str()) {
+            if is_named(p) && !named_waiting {
                 return true;
             }
-            let target = ExportTarget {
-                platform: p.platform.clone(),
-                flavor: p.flavor.clone(),
-            };
-            let entry = chain_entry(chain, &target).map_or(target, |(_, t)| t);
-            StepRow::find(steps, &step_row_key(iteration, &entry))
-                .is_none_or(|s| s.release_url.is_none())
+            unreleased(p)
         })
         .collect()
 }

@@ -8,6 +8,8 @@
 //!   checks (no emulator exists);
 //! - [`chat`]: local Teams Workflows and Slack incoming webhooks that check what each service
 //!   documents;
+//! - [`latency_proxy`]: a proxy that gives Azurite and the stand-in a cloud's latency and
+//!   finds an invocation's critical path in sequential round trips (the benchmark's model);
 //! - [`handler`]: the `cvchain` binary started as the Functions host starts it (`serve`) or as a
 //!   queue worker;
 //! - [`host`]: the Functions host's queue trigger, played against a running handler;
@@ -25,6 +27,7 @@ pub mod eventgrid;
 pub mod handler;
 pub mod host;
 pub mod hot_path;
+pub mod latency_proxy;
 pub mod secrets;
 pub mod standin;
 pub mod tls;

@@ -132,6 +132,22 @@ impl Claims {
         claim: Claim,
         work: impl Future<Output = T>,
     ) -> Result<T, HoldError> {
+        let (out, claim) = self.hold_keep(claim, work).await?;
+        // A claim not given back expires on its own: the work's outcome matters more.
+        if let Err(e) = self.release(&claim).await {
+            tracing::warn!(error = %e, claim = %claim.row_key, "cannot give a claim back; it expires");
+        }
+        Ok(out)
+    }
+
+    /// As [`hold`](Self::hold), but the claim is not given back: it is returned as last
+    /// renewed, for the caller to give back in the transaction that records the work
+    /// (`HistoryStore::record_with`), or with [`release`](Self::release).
+    pub async fn hold_keep<T>(
+        &self,
+        claim: Claim,
+        work: impl Future<Output = T>,
+    ) -> Result<(T, Claim), HoldError> {
         let period = (self.ttl / 3).max(Duration::from_millis(100));
         let mut claim = claim;
         // The claim was written just before: it lasts about a lifetime from now.
@@ -140,13 +156,7 @@ impl Claims {
         tokio::pin!(work);
         loop {
             tokio::select! {
-                out = &mut work => {
-                    // A claim not given back expires on its own: the work's outcome matters more.
-                    if let Err(e) = self.release(&claim).await {
-                        tracing::warn!(error = %e, claim = %claim.row_key, "cannot give a claim back; it expires");
-                    }
-                    return Ok(out);
-                }
+                out = &mut work => return Ok((out, claim)),
                 _ = tokio::time::sleep_until(next) => {
                     let asked = Instant::now();
                     match self.renew(&claim).await {

@@ -2,6 +2,7 @@
 //! A write can carry outbox rows (the events it emits, `cvchain_core::events`): they go in the
 //! same entity-group transaction, so the change and its events exist together or not at all.
 
+use super::claims::Claim;
 use super::{from_stored, props_to_entity, to_entity};
 use crate::storage::{
     StorageError,
@@ -80,16 +81,19 @@ impl HistoryStore {
     /// As [`record`](Self::record), with the outbox rows of the events the row emits, in one
     /// transaction: a redelivery finds the row there and writes nothing, and an outbox row that
     /// exists already (the same event, written by another change or instance) is left as it is.
+    /// `release`: a claim (of this row's partition) given back in the same transaction, once
+    /// the row is written: who takes the claim next sees the row, for one request less.
     pub async fn record_with(
         &self,
         row: &HistoryRow,
         outbox: &[HistoryRow],
+        release: Option<&Claim>,
     ) -> Result<Recorded, StorageError> {
-        if outbox.is_empty() {
+        if outbox.is_empty() && release.is_none() {
             return self.record(row).await;
         }
         let first = BatchOp::Insert(to_entity(row));
-        match self.transact_with(first, outbox).await? {
+        match self.transact_with(first, outbox, release).await? {
             None => Ok(Recorded::Inserted),
             Some(_) => {
                 let existing = self
@@ -104,21 +108,141 @@ impl HistoryStore {
         }
     }
 
-    /// As [`merge`](Self::merge), with outbox rows in the same transaction.
+    /// Inserts `row` (a message's own row for an event another message recorded first) and
+    /// merges `note` into that first row (`first_row_key`, same partition), in one transaction;
+    /// a row already there is left as it is, and the note with it.
+    pub async fn record_apart(
+        &self,
+        row: &HistoryRow,
+        first_row_key: &str,
+        note: &Props,
+    ) -> Result<Recorded, StorageError> {
+        let mut e = props_to_entity(note);
+        e.insert("PartitionKey".into(), row.partition_key.clone().into());
+        e.insert("RowKey".into(), first_row_key.into());
+        let ops = [BatchOp::Insert(to_entity(row)), BatchOp::Merge(e)];
+        match self.table.transact(&ops).await? {
+            BatchOutcome::Committed => Ok(Recorded::Inserted),
+            // The table is there: the first row is in it. The row exists, or the service did
+            // not say which failed: as `record`, which reads it.
+            _ => {
+                let recorded = self.record(row).await?;
+                if recorded == Recorded::Inserted {
+                    self.merge(&row.partition_key, first_row_key, note).await?;
+                }
+                Ok(recorded)
+            }
+        }
+    }
+
+    /// Inserts several rows of one partition, each with its outbox rows, in one transaction
+    /// (the rows one change made: a channel move's rows): a row that exists already (a
+    /// redelivery completing what a crash left) is left as it is and its outbox rows with it;
+    /// an outbox row that exists already is dropped. Rows of several partitions, or more than
+    /// a transaction holds, are recorded one by one.
+    pub async fn record_groups(
+        &self,
+        groups: &[(HistoryRow, Vec<HistoryRow>)],
+    ) -> Result<(), StorageError> {
+        let partition = groups.first().map(|(r, _)| r.partition_key.as_str());
+        let size: usize = groups.iter().map(|(_, o)| 1 + o.len()).sum();
+        let shared = groups.iter().all(|(r, o)| {
+            Some(r.partition_key.as_str()) == partition
+                && o.iter()
+                    .all(|x| Some(x.partition_key.as_str()) == partition)
+        });
+        if groups.len() < 2 || !shared || size > 100 {
+            return self.record_one_by_one(groups).await;
+        }
+        // Each op's group, and whether it is the group's own row.
+        let mut live: Vec<(usize, bool, &HistoryRow)> = Vec::with_capacity(size);
+        for (g, (row, outbox)) in groups.iter().enumerate() {
+            live.push((g, true, row));
+            live.extend(outbox.iter().map(|o| (g, false, o)));
+        }
+        let mut created = false;
+        while !live.is_empty() {
+            let ops: Vec<BatchOp> = live
+                .iter()
+                .map(|(_, _, r)| BatchOp::Insert(to_entity(r)))
+                .collect();
+            match self.table.transact(&ops).await? {
+                BatchOutcome::Committed => return Ok(()),
+                BatchOutcome::Refused { status: 404, .. } if !created => {
+                    self.table.create_if_missing().await?;
+                    created = true;
+                }
+                BatchOutcome::Refused {
+                    index: Some(i),
+                    status: 409,
+                    ..
+                } if i < live.len() => {
+                    let (g, own, _) = live[i];
+                    if own {
+                        live.retain(|(x, _, _)| *x != g);
+                    } else {
+                        live.remove(i);
+                    }
+                }
+                // The service did not say which: one by one.
+                BatchOutcome::Refused {
+                    index: None,
+                    status: 409,
+                    ..
+                } => {
+                    return self.record_one_by_one(groups).await;
+                }
+                BatchOutcome::Refused { status, code, .. } => {
+                    return Err(StorageError::from_status(
+                        "table",
+                        status,
+                        if code.is_empty() {
+                            code
+                        } else {
+                            format!(" {code}")
+                        },
+                        "the transaction was refused".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_one_by_one(
+        &self,
+        groups: &[(HistoryRow, Vec<HistoryRow>)],
+    ) -> Result<(), StorageError> {
+        for (row, outbox) in groups {
+            if outbox.is_empty() {
+                self.record_once(row).await?;
+            } else {
+                self.record_with(row, outbox, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`merge`](Self::merge), with outbox rows (and `release`, as in
+    /// [`record_with`](Self::record_with)) in the same transaction.
     pub async fn merge_with(
         &self,
         partition_key: &str,
         row_key: &str,
         properties: &Props,
         outbox: &[HistoryRow],
+        release: Option<&Claim>,
     ) -> Result<(), StorageError> {
-        if outbox.is_empty() {
+        if outbox.is_empty() && release.is_none() {
             return self.merge(partition_key, row_key, properties).await;
         }
         let mut e = props_to_entity(properties);
         e.insert("PartitionKey".into(), partition_key.into());
         e.insert("RowKey".into(), row_key.into());
-        match self.transact_with(BatchOp::Merge(e), outbox).await? {
+        match self
+            .transact_with(BatchOp::Merge(e), outbox, release)
+            .await?
+        {
             None => Ok(()),
             Some(status) => Err(StorageError::Service {
                 service: "table",
@@ -129,21 +253,45 @@ impl HistoryStore {
         }
     }
 
-    /// `first` and the outbox rows in one transaction. Outbox rows that exist already are
-    /// dropped and the rest sent again; `Some(status)` when `first` itself was refused (409: the
-    /// row exists). Creates the table on first use.
+    /// `first`, the outbox rows and the claim's release in one transaction. Outbox rows that
+    /// exist already are dropped and the rest sent again; a claim that is no longer ours (taken
+    /// over: its ETag changed, or gone) is left out and left to its holder; `Some(status)` when
+    /// `first` itself was refused (409: the row exists). Creates the table on first use.
     async fn transact_with(
         &self,
         first: BatchOp,
         outbox: &[HistoryRow],
+        release: Option<&Claim>,
     ) -> Result<Option<u16>, StorageError> {
         let mut rest: Vec<&HistoryRow> = outbox.iter().collect();
+        let partition = match &first {
+            BatchOp::Insert(e) | BatchOp::Merge(e) => {
+                e["PartitionKey"].as_str().unwrap_or_default().to_owned()
+            }
+            BatchOp::Delete { partition_key, .. } => partition_key.clone(),
+        };
+        let mut release = release.filter(|c| c.partition_key == partition);
         let mut created = false;
         loop {
             let mut ops = vec![first.clone()];
             ops.extend(rest.iter().map(|r| BatchOp::Insert(to_entity(r))));
+            if let Some(c) = release {
+                ops.push(BatchOp::Delete {
+                    partition_key: c.partition_key.clone(),
+                    row_key: c.row_key.clone(),
+                    etag: c.etag.clone(),
+                });
+            }
+            let last = ops.len() - 1;
             match self.table.transact(&ops).await? {
                 BatchOutcome::Committed => return Ok(None),
+                BatchOutcome::Refused {
+                    index,
+                    status: 404 | 412,
+                    ..
+                } if release.is_some() && index.is_none_or(|i| i == last) => {
+                    release = None;
+                }
                 BatchOutcome::Refused { status: 404, .. } if !created => {
                     self.table.create_if_missing().await?;
                     created = true;
@@ -171,6 +319,11 @@ impl HistoryStore {
                             e["PartitionKey"].as_str().unwrap_or_default().to_owned(),
                             e["RowKey"].as_str().unwrap_or_default().to_owned(),
                         ),
+                        BatchOp::Delete {
+                            partition_key,
+                            row_key,
+                            ..
+                        } => (partition_key.clone(), row_key.clone()),
                     };
                     if matches!(first, BatchOp::Insert(_))
                         && self.table.get(&pk, &rk).await?.is_some()

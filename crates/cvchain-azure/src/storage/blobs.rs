@@ -114,33 +114,10 @@ impl ReleaseStore {
         names: &ReleaseNames,
         facts: &ReleaseFacts,
     ) -> Result<Released, ReleaseError> {
-        // The source: its URL for the copy, its ETag and length for the currency check. A
-        // missing backup falls back to GetExports' downloadUri.
-        let (source_client, copy_source, backup, props) = match &plan.source {
-            Source::Backup { blob_name } => {
-                let c = self.backup_blob(blob_name)?;
-                match c.get_properties(None).await {
-                    Ok(props) => {
-                        let url = c.url().to_string();
-                        (c, url, true, props)
-                    }
-                    Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
-                        let Some(url) = &plan.fallback else {
-                            return Err(err(e).into());
-                        };
-                        let c = self.download_client(url)?;
-                        let props = c.get_properties(None).await.map_err(err)?;
-                        (c, url.clone(), false, props)
-                    }
-                    Err(e) => return Err(err(e).into()),
-                }
-            }
-            Source::Download { url } => {
-                let c = self.download_client(url)?;
-                let props = c.get_properties(None).await.map_err(err)?;
-                (c, url.clone(), false, props)
-            }
-        };
+        // The source and the plain destination are read together (independent round trips).
+        let mut path = self.template.render(names, false);
+        let (source, plain_destination) = tokio::join!(self.source(plan), self.destination(&path));
+        let (source_client, copy_source, backup, props) = source?;
         let source_etag = props
             .etag()
             .map_err(err)?
@@ -150,8 +127,7 @@ impl ReleaseStore {
 
         // The destination: the plain path, or the id-qualified one when the plain path holds
         // another project's or iteration's model.
-        let mut path = self.template.render(names, false);
-        let mut existing = self.destination(&path).await?;
+        let mut existing = plain_destination?;
         if let Some(d) = &existing
             && belongs_elsewhere(&d.metadata, names.project_id, names.iteration_id)
         {
@@ -286,6 +262,51 @@ impl ReleaseStore {
     }
 
     /// What the destination holds now, if anything.
+    /// The release's source: its client, its URL for the copy, whether it is the backup blob,
+    /// and its properties (ETag and length for the currency check). A missing backup falls back
+    /// to GetExports' downloadUri.
+    async fn source(
+        &self,
+        plan: &ReleasePlan,
+    ) -> Result<
+        (
+            BlobClient,
+            String,
+            bool,
+            azure_core::http::Response<
+                azure_storage_blob::models::BlobClientGetPropertiesResult,
+                azure_core::http::NoFormat,
+            >,
+        ),
+        ReleaseError,
+    > {
+        Ok(match &plan.source {
+            Source::Backup { blob_name } => {
+                let c = self.backup_blob(blob_name)?;
+                match c.get_properties(None).await {
+                    Ok(props) => {
+                        let url = c.url().to_string();
+                        (c, url, true, props)
+                    }
+                    Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
+                        let Some(url) = &plan.fallback else {
+                            return Err(err(e).into());
+                        };
+                        let c = self.download_client(url)?;
+                        let props = c.get_properties(None).await.map_err(err)?;
+                        (c, url.clone(), false, props)
+                    }
+                    Err(e) => return Err(err(e).into()),
+                }
+            }
+            Source::Download { url } => {
+                let c = self.download_client(url)?;
+                let props = c.get_properties(None).await.map_err(err)?;
+                (c, url.clone(), false, props)
+            }
+        })
+    }
+
     async fn destination(&self, path: &str) -> Result<Option<Destination>, StorageError> {
         match self.container.blob_client(path).get_properties(None).await {
             Ok(p) => Ok(Some(Destination {

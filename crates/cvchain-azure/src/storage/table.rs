@@ -76,12 +76,35 @@ pub enum BatchOp {
     Insert(Entity),
     /// Insert-or-merge, unconditionally.
     Merge(Entity),
+    /// Delete if the entity's ETag is still `etag` (a claim given back in the same request as
+    /// the write it guarded); the transaction fails (412, or 404) otherwise.
+    Delete {
+        partition_key: String,
+        row_key: String,
+        etag: String,
+    },
 }
 
 impl BatchOp {
-    fn entity(&self) -> &Entity {
+    /// The keys it writes, checked as tables require.
+    fn keys(&self) -> Result<(&str, &str), StorageError> {
         match self {
-            BatchOp::Insert(e) | BatchOp::Merge(e) => e,
+            BatchOp::Insert(e) | BatchOp::Merge(e) => check_keys(e),
+            BatchOp::Delete {
+                partition_key,
+                row_key,
+                ..
+            } => {
+                for k in [partition_key, row_key] {
+                    if !is_valid_key(k) {
+                        return Err(StorageError::Other {
+                            service: SERVICE,
+                            detail: "a key contains a character tables forbid".into(),
+                        });
+                    }
+                }
+                Ok((partition_key, row_key))
+            }
         }
     }
 }
@@ -337,7 +360,7 @@ impl TableClient {
         }
         let mut partition = None;
         for op in ops {
-            let (pk, _) = check_keys(op.entity())?;
+            let (pk, _) = op.keys()?;
             if partition.get_or_insert(pk) != &pk {
                 return Err(StorageError::Other {
                     service: SERVICE,
@@ -351,19 +374,27 @@ impl TableClient {
         let mut body =
             format!("--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n");
         for op in ops {
-            let entity = op.entity();
-            let (pk, rk) = check_keys(entity)?;
-            let (line, prefer) = match op {
-                BatchOp::Insert(_) => (
+            let (pk, rk) = op.keys()?;
+            let (line, prefer, json) = match op {
+                BatchOp::Insert(e) => (
                     format!("POST {base}/{} HTTP/1.1", self.table),
-                    "Prefer: return-no-content\r\n",
+                    "Prefer: return-no-content\r\n".to_owned(),
+                    entity_json(e),
                 ),
-                BatchOp::Merge(_) => (
+                BatchOp::Merge(e) => (
                     format!("MERGE {base}/{} HTTP/1.1", entity_path(&self.table, pk, rk)),
-                    "",
+                    String::new(),
+                    entity_json(e),
+                ),
+                BatchOp::Delete { etag, .. } => (
+                    format!(
+                        "DELETE {base}/{} HTTP/1.1",
+                        entity_path(&self.table, pk, rk)
+                    ),
+                    format!("If-Match: {etag}\r\n"),
+                    String::new(),
                 ),
             };
-            let json = entity_json(entity);
             body.push_str(&format!(
                 "--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
                  {line}\r\nContent-Type: application/json\r\nAccept: application/json;odata=minimalmetadata\r\n\

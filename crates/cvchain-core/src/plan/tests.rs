@@ -835,6 +835,61 @@ fn a_notification_releases_its_export_and_whatever_was_left_behind() {
     );
 }
 
+/// Two flavors of one platform share the backup blob's name: the notification of the second is
+/// about the one not released yet, and the first's release copy is left as it is.
+#[test]
+fn a_second_flavor_of_a_platform_releases_only_itself() {
+    let target = |flavor: &str| ExportTarget {
+        platform: "TensorFlow".into(),
+        flavor: Some(flavor.into()),
+    };
+    let (lite, normal) = (target("TensorFlowLite"), target("TensorFlowNormal"));
+    let chain = vec![lite.clone(), normal.clone()];
+    let plan = |t: &ExportTarget| crate::release::ReleasePlan {
+        platform: t.platform.clone(),
+        flavor: t.flavor.clone(),
+        source: crate::release::Source::Download {
+            url: "https://x/y".into(),
+        },
+        fallback: None,
+    };
+    let plans = vec![plan(&lite), plan(&normal)];
+    let mut first = step_row(pid(), iid(), 0, &lite, EntryState::Done);
+    first
+        .properties
+        .set(Prop::ReleaseUrl, "https://a/models/W/1/TFLite.zip");
+    let second = step_row(pid(), iid(), 1, &normal, EntryState::Done);
+    let named = ModelUri::InBackup {
+        blob_name: format!("{P} - {I}.TensorFlow"),
+    };
+    let due = releases_due(
+        plans.clone(),
+        &named,
+        pid(),
+        iid(),
+        &chain,
+        &[stored(&first), stored(&second)],
+    );
+    assert_eq!(
+        due.iter().map(|p| p.flavor.clone()).collect::<Vec<_>>(),
+        vec![normal.flavor.clone()]
+    );
+    // Both released: a re-export verifies both again.
+    let mut second = second;
+    second
+        .properties
+        .set(Prop::ReleaseUrl, "https://a/models/W/1/TFNormal.zip");
+    let due = releases_due(
+        plans,
+        &named,
+        pid(),
+        iid(),
+        &chain,
+        &[stored(&first), stored(&second)],
+    );
+    assert_eq!(due.len(), 2);
+}
+
 fn key_to_read_first(text: &str, config: &PlanConfig) -> Option<(String, String)> {
     let incoming = Incoming::decode(received(text));
     let parsed = incoming.parsed.as_ref().expect("a readable message");
