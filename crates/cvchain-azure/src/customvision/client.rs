@@ -1,6 +1,6 @@
 //! The Training API client on `azure_core`'s HTTP pipeline: key or Microsoft Entra ID auth,
 //! typed errors from both error body shapes, retries with backoff that honours `Retry-After`,
-//! per-attempt timeouts, and a process-wide rate limit.
+//! per-attempt timeouts, and a process-wide rate limit that adapts to the service's 429s.
 
 use super::{TrainingApi, limiter::RateLimiter};
 use azure_core::{
@@ -13,6 +13,7 @@ use azure_core::{
     },
 };
 use cvchain_core::customvision::{CvError, Export, Iteration, IterationPerformance, Project};
+use cvchain_core::ratelimit::Outcome;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::{sync::Arc, time::Duration};
@@ -251,7 +252,7 @@ impl TrainingClient {
         if let Some(http) = &self.http {
             http.warm();
         }
-        self.limiter.acquire().await;
+        let started = self.limiter.acquire().await;
         let mut req = Request::new(url, method);
         req.insert_header("accept", "application/json");
         if method == Method::Post {
@@ -280,10 +281,19 @@ impl TrainingClient {
             Ok(Ok(rsp)) => rsp,
         };
         let status = u16::from(rsp.status());
+        let retry_after = retry_after(&rsp);
+        // Only answers teach the limiter: a timeout or a broken connection says nothing of rate.
+        self.limiter.record(
+            started,
+            if status == 429 {
+                Outcome::Refused { retry_after }
+            } else {
+                Outcome::Answered
+            },
+        );
         if (200..300).contains(&status) {
             return (Ok(rsp), None);
         }
-        let retry_after = retry_after(&rsp);
         (Err(service_error(operation, status, &rsp)), retry_after)
     }
 }
