@@ -235,6 +235,8 @@ async fn a_wrong_key_gets_the_gateway_error_without_echoing_the_key() {
 #[tokio::test]
 async fn failures_are_retried_and_retry_after_is_honoured() {
     let s = standin().await;
+    // Only the injected faults: the resource's own limit would add 429s of its own.
+    s.set_rate_limit(None);
     let c = client(&s, quick(), 100);
     let (pid, it) = trained(&s, &c, COMPACT_DOMAIN).await;
     s.set_faults(Faults {
@@ -325,6 +327,38 @@ async fn concurrent_calls_share_one_rate_limit() {
     for w in sorted.windows(6) {
         assert!(w[5] - w[0] >= 950, "{sorted:?}");
     }
+}
+
+/// Two instances at the full ceiling share one resource: the stand-in refuses what goes over its
+/// 10 calls a second, and both clients slow down and finish every call.
+#[tokio::test]
+async fn instances_sharing_a_resource_slow_down_on_its_refusals() {
+    let s = standin().await;
+    let setup = client(&s, quick(), 10);
+    let (pid, it) = trained(&s, &setup, COMPACT_DOMAIN).await;
+    let retry = CvRetry {
+        max_attempts: 10,
+        ..quick()
+    };
+    let instances = [client(&s, retry, 10), client(&s, retry, 10)];
+    let mut tasks = Vec::new();
+    for c in &instances {
+        for _ in 0..25 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(
+                async move { c.get_iteration(pid, it.id).await },
+            ));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let calls = s.calls();
+    let refused = calls.throttled.get("GetIteration").copied().unwrap_or(0);
+    assert!(
+        refused == 0 || instances.iter().any(|c| c.adaptive_rate().is_some()),
+        "{refused} refused, yet no instance slowed down"
+    );
 }
 
 #[tokio::test]

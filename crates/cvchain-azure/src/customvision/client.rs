@@ -172,6 +172,12 @@ impl TrainingClient {
         }
     }
 
+    /// The calls per second this client (and its clones) allows itself since the service last
+    /// refused one for rate, or `None` while only `CVCHAIN_CV_MAX_RPS` applies.
+    pub fn adaptive_rate(&self) -> Option<f64> {
+        self.limiter.rate()
+    }
+
     fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
         let mut url = self.base.join(path).unwrap_or_else(|_| self.base.clone());
         if !query.is_empty() {
