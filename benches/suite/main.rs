@@ -5,7 +5,7 @@
 //!
 //! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
 //! CVCHAIN_BENCH_SECTIONS (cold,cost,calls,throughput,memory,rate,kinds), CVCHAIN_BENCH_OUT
-//! (target/bench/results.md), CVCHAIN_BENCH_KIND_ROUNDS (20), CVCHAIN_BENCH_RATE_MESSAGES (480), CVCHAIN_BENCH_BEFORE_BIN,
+//! (target/bench/results.md), CVCHAIN_BENCH_KIND_ROUNDS (20), CVCHAIN_BENCH_RATE_MESSAGES (200), CVCHAIN_BENCH_BEFORE_BIN,
 //! CVCHAIN_BENCH_KINDS_DEBUG (a tally per invocation), CVCHAIN_BENCH_KINDS_DUMP=<dir> (each
 //! invocation's requests from Azurite's log). Needs Azurite in node_modules (`npm ci`).
 use cvchain_testkit::hot_path;
@@ -400,11 +400,12 @@ async fn throughput(table: &mut Table, n: usize) {
         messages: n,
         elapsed: serve_t,
         retries,
+        gave_up: 0,
     };
     let worker = drive::RunStats {
         messages: n,
         elapsed: worker_t,
-        retries: 0,
+        ..Default::default()
     };
     let (direct_http, direct_queue): (Duration, Duration) = (direct_t, queue_t);
     let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64();
@@ -542,6 +543,8 @@ struct RateRun {
     notifications: usize,
     /// Invocations answered non-2xx (delivered again).
     failed: u64,
+    /// Messages that failed 20 deliveries.
+    gave_up: u64,
     elapsed: Duration,
 }
 
@@ -563,7 +566,13 @@ impl RateRun {
 /// `RATE_INSTANCES` `serve` processes (`bin`, or this build) sharing one stand-in that serves
 /// 10 calls a second, each given its share of the notifications at 24 at once.
 async fn rate_run(bin: Option<&Path>, max_rps: &str, n: usize) -> RateRun {
-    let (env, messages) = fresh(n).await;
+    // TrainingCompleted only: each instance then works on projects of its own, as the
+    // notifications of different projects do, and nothing waits on another instance's export.
+    let (env, messages) = fresh(3 * n).await;
+    let messages: Vec<Message> = messages
+        .into_iter()
+        .filter(|m| m.kind == Kind::TrainingCompleted)
+        .collect();
     // Set up without the limit (the service's resource would take minutes); measured with it.
     env.standin
         .set_rate_limit(Some(cvchain_standin::RATE_LIMIT));
@@ -594,10 +603,31 @@ async fn rate_run(bin: Option<&Path>, max_rps: &str, n: usize) -> RateRun {
         handlers
             .iter()
             .zip(&shares)
-            .map(|(h, share)| drive::drive_serve(h, share, 24)),
+            .map(|(h, share)| drive::drive_serve_counting(h, share, 24)),
     )
     .await;
     let elapsed = started.elapsed();
+    // Why invocations failed, from the instances' logs.
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for h in &handlers {
+        for line in h
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("invocation failed"))
+        {
+            let reason = line
+                .split("error=")
+                .nth(1)
+                .unwrap_or(line)
+                .chars()
+                .take(120)
+                .collect::<String>();
+            *reasons.entry(reason).or_default() += 1;
+        }
+    }
+    for (reason, n) in &reasons {
+        eprintln!("rate: {n} invocations failed: {reason}");
+    }
     let calls = env.standin.calls();
     let mut arrived = calls.timeline_ms[skip..].to_vec();
     arrived.sort_unstable();
@@ -619,6 +649,7 @@ async fn rate_run(bin: Option<&Path>, max_rps: &str, n: usize) -> RateRun {
         arrived,
         notifications: messages.len(),
         failed: runs.iter().map(|r| r.retries).sum(),
+        gave_up: runs.iter().map(|r| r.gave_up).sum(),
         elapsed,
     }
 }
@@ -665,9 +696,10 @@ async fn rate(table: &mut Table) {
     };
     let pace = |r: &RateRun| {
         format!(
-            "{:.1} calls/s, {} failed",
+            "{:.1} calls/s, {} failed ({} messages given up)",
             r.served.len() as f64 / r.elapsed.as_secs_f64(),
-            r.failed
+            r.failed,
+            r.gave_up
         )
     };
     let before_cell = |f: &dyn Fn(&RateRun) -> String| match &before {

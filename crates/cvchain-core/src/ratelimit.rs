@@ -5,8 +5,10 @@
 //!
 //! Two limits apply together:
 //!
-//! - the ceiling (`CVCHAIN_CV_MAX_RPS`): at most `ceiling` calls start in any [`WINDOW`], so an
-//!   idle instance that is alone sends a burst at once and never more than the service allows;
+//! - the ceiling (`CVCHAIN_CV_MAX_RPS`): at most `ceiling` calls start in any [`WINDOW`] and at
+//!   most half of them in any half window, so an idle instance sends a notification's calls at
+//!   once, an instance alone never more than the service allows, and instances that start
+//!   together overshoot by less;
 //! - the adaptive rate: off until the service first refuses a call. A refusal (429) cuts the rate
 //!   to what the instance actually got through, at most [`BETA`] of the rate before, and pauses
 //!   every start for the answer's `Retry-After`; calls then start evenly spaced. Each success
@@ -27,8 +29,8 @@ use std::time::Duration;
 pub const WINDOW: Duration = Duration::from_millis(1100);
 /// The rate after a refusal is at most this share of the rate before.
 pub const BETA: f64 = 0.6;
-/// How fast the rate grows back: this share of itself per second of successes (3%/s doubles it
-/// in about 23 s). Slow on purpose: N instances grow together, and the sooner they reach the
+/// How fast the rate grows back: this share of itself per second of successes (2%/s doubles it
+/// in about 35 s). Slow on purpose: N instances grow together, and the sooner they reach the
 /// limit again, the more calls are refused.
 pub const GROWTH: f64 = 0.02;
 /// The lowest rate, in calls per second: an instance refused everything still tries now and then.

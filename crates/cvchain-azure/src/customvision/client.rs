@@ -40,6 +40,9 @@ impl std::fmt::Debug for CvAuth {
     }
 }
 
+/// Refusals for rate (429) a call may get before they count against its attempts.
+pub const FREE_REFUSALS: u32 = 4;
+
 /// Retry and timeout behaviour.
 #[derive(Debug, Clone, Copy)]
 pub struct CvRetry {
@@ -219,6 +222,7 @@ impl TrainingClient {
         url: Url,
     ) -> Result<RawResponse, CvError> {
         let mut attempt = 1;
+        let mut refusals = 0;
         loop {
             let (result, retry_after) = self.attempt(operation, method, url.clone()).await;
             let err = match result {
@@ -230,14 +234,24 @@ impl TrainingClient {
                 CvError::Unreachable { .. } | CvError::Timeout { .. } => true,
                 _ => false,
             };
-            if !retryable || attempt >= self.retry.max_attempts {
+            // A refusal for rate was not processed and says when to come back: with instances
+            // sharing the resource it is the normal way to learn the share, so it takes an
+            // attempt only after the first few.
+            let refused = matches!(&err, CvError::Service { status: 429, .. });
+            if refused {
+                refusals += 1;
+            }
+            let counted = !refused || refusals > FREE_REFUSALS;
+            if !retryable || (counted && attempt >= self.retry.max_attempts) {
                 return Err(err);
             }
-            let backoff = self.retry.base_delay * 2u32.saturating_pow(attempt - 1);
+            if counted {
+                attempt += 1;
+            }
+            let backoff = self.retry.base_delay * 2u32.saturating_pow(attempt.saturating_sub(2));
             let delay = retry_after.unwrap_or(backoff).min(self.retry.max_delay);
-            tracing::warn!(operation, attempt, ?delay, error = %err, "Custom Vision call failed; retrying");
+            tracing::warn!(operation, attempt, refusals, ?delay, error = %err, "Custom Vision call failed; retrying");
             tokio::time::sleep(delay + jitter(delay)).await;
-            attempt += 1;
         }
     }
 
