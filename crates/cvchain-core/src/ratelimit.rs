@@ -140,6 +140,11 @@ impl RateState {
                 self.grow(now);
             }
             Outcome::Refused { retry_after } => {
+                // `Retry-After: 0` asks for the call again at once, not for a slower pace (the
+                // service's own refusals say a second).
+                if retry_after == Some(Duration::ZERO) {
+                    return;
+                }
                 let pause = retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_PAUSE);
                 self.paused_until = self.paused_until.max(now + pause);
                 if self.last_cut.is_some_and(|cut| started < cut) {
@@ -285,6 +290,16 @@ mod tests {
         for _ in 0..5 {
             s.try_start(t).unwrap();
         }
+    }
+
+    #[test]
+    fn a_refusal_that_says_retry_at_once_neither_pauses_nor_slows() {
+        let mut s = RateState::new(10);
+        s.try_start(ms(0)).unwrap();
+        let now = Some(Duration::ZERO);
+        s.record(ms(10), ms(0), Outcome::Refused { retry_after: now });
+        assert_eq!(s.rate(), None);
+        assert_eq!(s.try_start(ms(11)), Ok(()));
     }
 
     #[test]
