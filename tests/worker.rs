@@ -136,11 +136,9 @@ async fn a_malformed_message_is_recorded_copied_to_poison_and_removed() {
 #[tokio::test]
 async fn a_failing_message_is_retried_then_recorded_and_poisoned() {
     let s = setup(&[("CVCHAIN_MAX_DEQUEUE", "3")]).await;
-    // Every call fails with 500: refusals for rate (429) would instead slow the instance down
-    // to a call every few seconds, as a resource that refuses everything asks.
     s.standin.set_faults(Faults {
         failure_rate: 1.0,
-        throttle_share: Some(0.0),
+        throttle_share: Some(1.0),
         retry_after_seconds: 0,
         ..Default::default()
     });
