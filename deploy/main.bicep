@@ -49,10 +49,15 @@ param historyTableName string = 'CustomVisionHistory'
 @description('CVCHAIN_CONSOLE_SECRET: what the console\'s forms are signed with, the same on every instance. A new random value with each deployment unless you give one (a page opened before a deployment then asks for a reload before its form is posted).')
 param consoleSecret string = newGuid() // checkov:skip=CKV_AZURE_131:The default is newGuid(), a new random value each deployment, not a fixed secret.
 
-@description('Most instances the app scales out to. The service allows 10 Custom Vision calls a second per resource for all instances together: each instance gets CVCHAIN_CV_MAX_RPS = 10 / maximumInstanceCount (at least 1), so more instances means fewer calls each.')
+@description('Most instances the app scales out to. Flex Consumption accepts 40 to 1000; below 40 only in the regions where lower counts are in preview, and there 4 to 8 is enough: the Custom Vision resource serves 10 calls a second for all instances together (about 4 notifications a second), and fewer instances sharing it means fewer refused calls. The instances find their shares of those 10 calls themselves, however many run.')
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 4
+param maximumInstanceCount int = 40
+
+@description('Calls a second the Custom Vision resource serves (10 on S0 and F0): each instance\'s ceiling (CVCHAIN_CV_MAX_RPS). An instance alone goes up to it; several slow down on the service\'s 429 answers until together they fit.')
+@minValue(1)
+@maxValue(1000)
+param customVisionCallsPerSecond int = 10
 
 @description('Memory of each instance; cvchain itself needs a few MiB, the Functions host the rest.')
 @allowed([512, 2048, 4096])
@@ -251,7 +256,6 @@ var customVisionSettings = withCustomVision ? [
 
 // Every instance limits its own Custom Vision calls, and the service allows 10 a second per
 // resource for all of them together: each instance gets its share (at least 1).
-var customVisionRpsPerInstance = string(max(1, 10 / maximumInstanceCount))
 
 var appSettings = [
   // The host's own storage (leases, keys, the queue trigger's scale data).
@@ -302,7 +306,7 @@ var appSettings = [
   }
   {
     name: 'CVCHAIN_CV_MAX_RPS'
-    value: customVisionRpsPerInstance
+    value: string(customVisionCallsPerSecond)
   }
   {
     // The console's forms carry tokens signed with it: every instance must have the same.

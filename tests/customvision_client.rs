@@ -3,7 +3,7 @@
 
 use cvchain_azure::customvision::{
     TrainingApi,
-    client::{CvAuth, CvRetry, TrainingClient},
+    client::{CvAuth, CvRetry, FREE_REFUSALS, TrainingClient},
 };
 use cvchain_core::customvision::{CvError, Iteration, codes};
 use cvchain_standin::{COMPACT_DOMAIN, Faults, Standin, StandinConfig};
@@ -196,17 +196,27 @@ async fn requests_the_spec_forbids_get_the_services_errors() {
         .unwrap_err();
     assert_eq!(err.code(), Some(codes::UNSUPPORTED_EXPORT_PLATFORM));
 
-    // A missing required parameter, straight over HTTP.
-    let rsp = reqwest::Client::new()
-        .post(format!(
-            "{}/customvision/v3.3/training/projects/{pid}/iterations/{}/export",
-            s.endpoint(),
-            it.id
-        ))
-        .header("Training-Key", KEY)
-        .send()
-        .await
-        .unwrap();
+    // A missing required parameter, straight over HTTP (waiting out a refusal for rate, as the
+    // calls above may have filled the resource's second).
+    let mut rsp = None;
+    for _ in 0..5 {
+        let r = reqwest::Client::new()
+            .post(format!(
+                "{}/customvision/v3.3/training/projects/{pid}/iterations/{}/export",
+                s.endpoint(),
+                it.id
+            ))
+            .header("Training-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 429 {
+            rsp = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let rsp = rsp.expect("refused for rate five times");
     assert_eq!(rsp.status(), 400);
     let body: serde_json::Value = rsp.json().await.unwrap();
     assert_eq!(body["code"], "BadRequestRequiredParamIsNull");
@@ -235,6 +245,8 @@ async fn a_wrong_key_gets_the_gateway_error_without_echoing_the_key() {
 #[tokio::test]
 async fn failures_are_retried_and_retry_after_is_honoured() {
     let s = standin().await;
+    // Only the injected faults: the resource's own limit would add 429s of its own.
+    s.set_rate_limit(None);
     let c = client(&s, quick(), 100);
     let (pid, it) = trained(&s, &c, COMPACT_DOMAIN).await;
     s.set_faults(Faults {
@@ -257,7 +269,7 @@ async fn failures_are_retried_and_retry_after_is_honoured() {
     });
     let before = s.calls().timeline_ms.len();
     let retry = CvRetry {
-        max_attempts: 3,
+        max_attempts: 2,
         ..quick()
     };
     let err = client(&s, retry, 100)
@@ -267,7 +279,8 @@ async fn failures_are_retried_and_retry_after_is_honoured() {
     assert!(err.is_transient(), "{err}");
     let timeline = s.calls().timeline_ms;
     let attempts = &timeline[before..];
-    assert_eq!(attempts.len(), 3);
+    // The first refusals for rate are free; then each takes an attempt.
+    assert_eq!(attempts.len() as u32, FREE_REFUSALS + 2);
     // The client's own backoff would be 10-20 ms; the header says one second.
     for pair in attempts.windows(2) {
         assert!(
@@ -305,6 +318,9 @@ async fn concurrent_calls_share_one_rate_limit() {
     let s = standin().await;
     let setup = client(&s, quick(), 100);
     let (pid, it) = trained(&s, &setup, COMPACT_DOMAIN).await;
+    // The client's own limit is under test: the set-up's calls must not leave the resource's
+    // second full.
+    s.set_rate_limit(None);
     let c = client(&s, quick(), 5);
     let before = s.calls().timeline_ms.len();
     let mut tasks = Vec::new();
@@ -325,6 +341,38 @@ async fn concurrent_calls_share_one_rate_limit() {
     for w in sorted.windows(6) {
         assert!(w[5] - w[0] >= 950, "{sorted:?}");
     }
+}
+
+/// Two instances at the full ceiling share one resource: the stand-in refuses what goes over its
+/// 10 calls a second, and both clients slow down and finish every call.
+#[tokio::test]
+async fn instances_sharing_a_resource_slow_down_on_its_refusals() {
+    let s = standin().await;
+    let setup = client(&s, quick(), 10);
+    let (pid, it) = trained(&s, &setup, COMPACT_DOMAIN).await;
+    let retry = CvRetry {
+        max_attempts: 10,
+        ..quick()
+    };
+    let instances = [client(&s, retry, 10), client(&s, retry, 10)];
+    let mut tasks = Vec::new();
+    for c in &instances {
+        for _ in 0..25 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(
+                async move { c.get_iteration(pid, it.id).await },
+            ));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let calls = s.calls();
+    let refused = calls.throttled.get("GetIteration").copied().unwrap_or(0);
+    assert!(
+        refused == 0 || instances.iter().any(|c| c.adaptive_rate().is_some()),
+        "{refused} refused, yet no instance slowed down"
+    );
 }
 
 #[tokio::test]

@@ -238,6 +238,9 @@ async fn the_specs_examples_go_through_the_stand_in_with_their_status_and_shape(
         training_key: KEY.into(),
         train_delay: Duration::from_millis(5),
         export_delay: Duration::from_millis(5),
+        // The examples go one after another as fast as they answer, and are checked for their
+        // own status: the calls-per-second limit has a test of its own.
+        rate_limit: None,
         ..Default::default()
     })
     .await
@@ -322,4 +325,71 @@ async fn both_versions_answer_in_any_casing_and_every_miss_is_a_json_error() {
         assert_eq!(body["code"], "NotFound", "{path}");
         assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+}
+
+/// The resource serves 10 calls a second for all callers together, and refuses the rest as the
+/// service does: 429, `Retry-After`, the rate-limit message. Refusals are logged apart.
+#[tokio::test]
+async fn over_ten_calls_a_second_are_refused_with_retry_after() {
+    let standin = Standin::start(StandinConfig {
+        training_key: KEY.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/customvision/v3.3/training/domains", standin.endpoint());
+    let mut refused = None;
+    // Rounds of 40 calls at once until one is refused (the first round is, on any machine that
+    // answers 40 local calls within a second).
+    for _ in 0..20 {
+        let answers = futures::future::join_all(
+            (0..40).map(|_| http.get(&url).header("Training-Key", KEY).send()),
+        )
+        .await;
+        if let Some(r) = answers
+            .into_iter()
+            .map(Result::unwrap)
+            .find(|r| r.status() == 429)
+        {
+            refused = Some(r);
+            break;
+        }
+    }
+    let rsp = refused.expect("no call was refused");
+    assert_eq!(rsp.headers()["retry-after"], "1");
+    let body: Value = rsp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "429");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeded rate limit")
+    );
+    let calls = standin.calls();
+    assert!(calls.throttled["GetDomains"] >= 1);
+    assert_eq!(
+        calls.throttled_ms.len() as u64,
+        calls.throttled["GetDomains"]
+    );
+    assert_eq!(
+        calls.counts["GetDomains"] + calls.throttled["GetDomains"],
+        calls.timeline_ms.len() as u64
+    );
+    // A wrong key is the gateway's 401, never a refusal for rate.
+    let rsp = http
+        .get(&url)
+        .header("Training-Key", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 401);
+
+    // Off, every call is served.
+    standin.set_rate_limit(None);
+    let answers = futures::future::join_all(
+        (0..40).map(|_| http.get(&url).header("Training-Key", KEY).send()),
+    )
+    .await;
+    assert!(answers.into_iter().all(|r| r.unwrap().status() == 200));
 }

@@ -14,6 +14,8 @@ pub struct RunStats {
     pub elapsed: Duration,
     /// Invocations answered non-2xx and delivered again.
     pub retries: u64,
+    /// Messages still failing after 20 deliveries.
+    pub gave_up: u64,
 }
 
 impl RunStats {
@@ -54,17 +56,30 @@ pub fn start_worker(env: &Env, max_rps: &str) -> Handler {
     tokio::task::block_in_place(|| Handler::start_worker(&vars))
 }
 
-/// POSTs every message to the handler, `concurrency` at a time, as the host does.
+/// POSTs every message to the handler, `concurrency` at a time, as the host does; panics on a
+/// message that fails 20 times.
 pub async fn drive_serve(handler: &Handler, messages: &[Message], concurrency: usize) -> RunStats {
+    let stats = drive_serve_counting(handler, messages, concurrency).await;
+    assert_eq!(stats.gave_up, 0, "{}", handler.stderr());
+    stats
+}
+
+/// As [`drive_serve`], counting the messages that fail 20 times instead of panicking.
+pub async fn drive_serve_counting(
+    handler: &Handler,
+    messages: &[Message],
+    concurrency: usize,
+) -> RunStats {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
         .unwrap();
     let url = handler.url("/CustomVisionNotification");
     let started = Instant::now();
+    let gave_up = std::sync::atomic::AtomicU64::new(0);
     let retries: u64 = futures::stream::iter(messages)
         .map(|m| {
-            let (http, url) = (&http, &url);
+            let (http, url, gave_up) = (&http, &url, &gave_up);
             async move {
                 for (retries, dequeue) in (1..=20u32).enumerate() {
                     let body = cvchain_core::envelope::encode_queue_invocation(
@@ -85,7 +100,9 @@ pub async fn drive_serve(handler: &Handler, messages: &[Message], concurrency: u
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                panic!("{:?} {} failed 20 times", m.kind, m.project);
+                eprintln!("{:?} {} failed 20 times", m.kind, m.project);
+                gave_up.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                20
             }
         })
         .buffer_unordered(concurrency)
@@ -95,6 +112,7 @@ pub async fn drive_serve(handler: &Handler, messages: &[Message], concurrency: u
         messages: messages.len(),
         elapsed: started.elapsed(),
         retries,
+        gave_up: gave_up.into_inner(),
     }
 }
 
@@ -116,7 +134,7 @@ pub async fn drive_worker(env: &Env, messages: usize, max_rps: &str) -> (RunStat
     let stats = RunStats {
         messages,
         elapsed: started.elapsed(),
-        retries: 0,
+        ..Default::default()
     };
     (stats, worker)
 }

@@ -36,6 +36,7 @@ pub mod history;
 pub mod message;
 pub mod notification;
 pub mod plan;
+pub mod ratelimit;
 pub mod redact;
 pub mod release;
 pub mod report;

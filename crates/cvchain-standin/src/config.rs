@@ -5,6 +5,9 @@ use std::time::Duration;
 
 /// Projects per resource (S0): the default of [`StandinConfig::max_projects`].
 pub const MAX_PROJECTS: usize = 100;
+/// Calls per second a resource serves (S0 and F0), for all its callers together: the default of
+/// [`StandinConfig::rate_limit`].
+pub const RATE_LIMIT: u32 = 10;
 
 /// How the stand-in behaves.
 #[derive(Clone)]
@@ -32,6 +35,11 @@ pub struct StandinConfig {
     /// the S0 tier's 100 unless raised. Only the benchmarks raise it, to stand for several
     /// resources' projects in one stand-in.
     pub max_projects: usize,
+    /// Calls served in any second, by all callers together, before the next is refused with
+    /// 429 and `Retry-After`, as the service does: [`RATE_LIMIT`]. `None` serves every call, for
+    /// a test or benchmark that sets up more than the service would let it (turn it back on with
+    /// [`crate::Standin::set_rate_limit`]).
+    pub rate_limit: Option<u32>,
 }
 
 impl std::fmt::Debug for StandinConfig {
@@ -39,6 +47,7 @@ impl std::fmt::Debug for StandinConfig {
         f.debug_struct("StandinConfig")
             .field("train_delay", &self.train_delay)
             .field("export_delay", &self.export_delay)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }
@@ -56,6 +65,7 @@ impl Default for StandinConfig {
             tls: None,
             accept_bearer: None,
             max_projects: MAX_PROJECTS,
+            rate_limit: Some(RATE_LIMIT),
         }
     }
 }

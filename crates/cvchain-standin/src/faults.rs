@@ -52,13 +52,17 @@ pub struct ExportCall {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CallLog {
-    /// Calls per operation, faults included.
+    /// Calls per operation, faults included, refusals for rate not (those are in `throttled`).
     pub counts: HashMap<String, u64>,
+    /// Calls per operation refused for rate (429: over the resource's calls per second).
+    pub throttled: HashMap<String, u64>,
     /// Injected faults per operation.
     pub faults: HashMap<String, u64>,
     pub exports: Vec<ExportCall>,
-    /// Milliseconds since start of each API call, for rate checks.
+    /// Milliseconds since start of each API call, for rate checks (refused ones included).
     pub timeline_ms: Vec<u64>,
+    /// Milliseconds since start of each call refused for rate.
+    pub throttled_ms: Vec<u64>,
 }
 
 /// xorshift64*: reproducible faults and metrics for a given seed.

@@ -28,7 +28,7 @@ mod state;
 mod storage;
 
 pub use api::ApiError;
-pub use config::{MAX_PROJECTS, StandinConfig};
+pub use config::{MAX_PROJECTS, RATE_LIMIT, StandinConfig};
 pub use faults::{CallLog, ExportCall, Faults, Metrics};
 pub use imaging::{MAX_IMAGE_BYTES, solid_png};
 pub use package::ExportPackage;

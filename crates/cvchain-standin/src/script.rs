@@ -17,6 +17,9 @@ pub struct ScriptError {
     pub message: String,
 }
 
+/// Sends refused for rate (429) before a call gives up.
+const MAX_TRIES: u32 = 30;
+
 /// A Training API client for set-up scripts (v3.4-preview, the SDKs' default).
 #[derive(Clone)]
 pub struct TrainingScript {
@@ -46,21 +49,38 @@ impl TrainingScript {
         body: Option<Value>,
     ) -> Result<Value, ScriptError> {
         let operation = format!("{method} {path}");
-        let mut req = self
-            .http
-            .request(method, format!("{}/{path}", self.base))
-            .query(query)
-            .header("Training-Key", &self.key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
         let failed = |status: u16, code: &str, message: String| ScriptError {
             operation: operation.clone(),
             status,
             code: code.to_owned(),
             message,
         };
-        let rsp = req.send().await.map_err(|e| failed(0, "", e.to_string()))?;
+        // Over the resource's calls per second the service answers 429: wait as it says, as
+        // Microsoft's SDKs do, and send again.
+        let mut tries = 0;
+        let rsp = loop {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}/{path}", self.base))
+                .query(query)
+                .header("Training-Key", &self.key);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let rsp = req.send().await.map_err(|e| failed(0, "", e.to_string()))?;
+            tries += 1;
+            if rsp.status().as_u16() != 429 || tries >= MAX_TRIES {
+                break rsp;
+            }
+            let wait = rsp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(1)
+                .min(60);
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        };
         let status = rsp.status().as_u16();
         let text = rsp
             .text()

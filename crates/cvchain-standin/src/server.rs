@@ -33,6 +33,8 @@ impl Standin {
         let shared = Arc::new(Shared {
             world: Mutex::new(World {
                 projects: Vec::new(),
+                rate_limit: config.rate_limit,
+                served: Default::default(),
                 faults: Faults::default(),
                 calls: CallLog::default(),
                 rng: config.seed.max(1),
@@ -87,6 +89,13 @@ impl Standin {
 
     pub fn set_faults(&self, faults: Faults) {
         self.shared.world().faults = faults;
+    }
+
+    /// Calls served per second before 429 (`None`: no limit), from now on.
+    pub fn set_rate_limit(&self, limit: Option<u32>) {
+        let mut w = self.shared.world();
+        w.rate_limit = limit;
+        w.served.clear();
     }
 
     pub fn calls(&self) -> CallLog {

@@ -32,6 +32,25 @@ pub struct Shared {
 
 pub type S = Arc<Shared>;
 
+impl World {
+    /// Serves a call arriving at `now` if fewer than the limit were served in the second before
+    /// it; otherwise the time until one of those leaves the second (the `Retry-After`).
+    pub fn admit(&mut self, now: std::time::Duration) -> Result<(), std::time::Duration> {
+        let Some(limit) = self.rate_limit else {
+            return Ok(());
+        };
+        let second = std::time::Duration::from_secs(1);
+        while self.served.front().is_some_and(|t| now >= *t + second) {
+            self.served.pop_front();
+        }
+        if self.served.len() >= limit.max(1) as usize {
+            return Err(self.served[0] + second - now);
+        }
+        self.served.push_back(now);
+        Ok(())
+    }
+}
+
 impl Shared {
     pub fn world(&self) -> MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|p| p.into_inner())
@@ -40,6 +59,10 @@ impl Shared {
 
 pub struct World {
     pub projects: Vec<ProjectState>,
+    /// Calls served per second, or none for no limit (from the config, changed at run time).
+    pub rate_limit: Option<u32>,
+    /// When the calls served in the last second arrived, oldest first.
+    pub served: std::collections::VecDeque<std::time::Duration>,
     pub faults: Faults,
     pub calls: CallLog,
     pub rng: u64,
@@ -296,5 +319,37 @@ impl ExportState {
         self.platform.eq_ignore_ascii_case(platform)
             && self.flavor.as_deref().map(str::to_ascii_lowercase)
                 == flavor.map(str::to_ascii_lowercase)
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn world(limit: Option<u32>) -> World {
+        World {
+            projects: Vec::new(),
+            rate_limit: limit,
+            served: Default::default(),
+            faults: Faults::default(),
+            calls: CallLog::default(),
+            rng: 1,
+        }
+    }
+
+    #[test]
+    fn the_eleventh_call_within_a_second_waits_for_the_first_to_leave_it() {
+        let ms = Duration::from_millis;
+        let mut w = world(Some(10));
+        for t in 0..10 {
+            assert_eq!(w.admit(ms(t * 50)), Ok(()));
+        }
+        assert_eq!(w.admit(ms(600)), Err(ms(400)));
+        assert_eq!(w.admit(ms(999)), Err(ms(1)), "refusals do not count");
+        assert_eq!(w.admit(ms(1000)), Ok(()));
+        assert_eq!(w.admit(ms(1001)), Err(ms(49)));
+        let mut off = world(None);
+        assert!((0..100).all(|_| off.admit(ms(0)).is_ok()));
     }
 }

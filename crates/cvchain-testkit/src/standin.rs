@@ -44,7 +44,8 @@ impl StandinApi {
         }
     }
 
-    /// POSTs, retrying while the stand-in injects faults, and returns the JSON answer.
+    /// POSTs, retrying while the stand-in injects faults or refuses for rate, and returns the
+    /// JSON answer.
     pub async fn post(&self, path: &str, query: &[(&str, &str)]) -> serde_json::Value {
         for _ in 0..50 {
             let rsp = self
@@ -58,20 +59,27 @@ impl StandinApi {
             if rsp.status().is_success() {
                 return rsp.json().await.unwrap();
             }
+            wait_if_refused(&rsp).await;
         }
         panic!("POST {path} kept failing");
     }
 
+    /// GETs, waiting out refusals for rate (429), and returns the JSON answer, an error's too.
     pub async fn get(&self, path: &str) -> serde_json::Value {
-        self.http
-            .get(format!("{}/{path}", self.base))
-            .header("Training-Key", &self.key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        for _ in 0..30 {
+            let rsp = self
+                .http
+                .get(format!("{}/{path}", self.base))
+                .header("Training-Key", &self.key)
+                .send()
+                .await
+                .unwrap();
+            if rsp.status().as_u16() != 429 {
+                return rsp.json().await.unwrap();
+            }
+            wait_if_refused(&rsp).await;
+        }
+        panic!("GET {path} kept being refused for rate");
     }
 
     /// CreateProject with the given query (name, domainId, notificationQueueUri, …); with
@@ -127,13 +135,28 @@ impl StandinApi {
 
     /// Polls until `check` holds for the JSON at `path`.
     pub async fn wait_for(&self, path: &str, check: impl Fn(&serde_json::Value) -> bool) {
-        for _ in 0..500 {
+        // Every 100 ms: a poll is a call, and the resource serves 10 a second to everyone.
+        for _ in 0..200 {
             if check(&self.get(path).await) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("{path} never got there");
+    }
+}
+
+/// After a 429, waits as its `Retry-After` says (a second if it says nothing).
+async fn wait_if_refused(rsp: &reqwest::Response) {
+    if rsp.status().as_u16() == 429 {
+        let secs = rsp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(1)
+            .min(60);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
     }
 }
 

@@ -1,6 +1,6 @@
 //! The Training API client on `azure_core`'s HTTP pipeline: key or Microsoft Entra ID auth,
 //! typed errors from both error body shapes, retries with backoff that honours `Retry-After`,
-//! per-attempt timeouts, and a process-wide rate limit.
+//! per-attempt timeouts, and a process-wide rate limit that adapts to the service's 429s.
 
 use super::{TrainingApi, limiter::RateLimiter};
 use azure_core::{
@@ -13,6 +13,7 @@ use azure_core::{
     },
 };
 use cvchain_core::customvision::{CvError, Export, Iteration, IterationPerformance, Project};
+use cvchain_core::ratelimit::Outcome;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::{sync::Arc, time::Duration};
@@ -38,6 +39,9 @@ impl std::fmt::Debug for CvAuth {
         }
     }
 }
+
+/// Refusals for rate (429) a call may get before they count against its attempts.
+pub const FREE_REFUSALS: u32 = 4;
 
 /// Retry and timeout behaviour.
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +177,12 @@ impl TrainingClient {
         }
     }
 
+    /// The calls per second this client (and its clones) allows itself since the service last
+    /// refused one for rate, or `None` while only `CVCHAIN_CV_MAX_RPS` applies.
+    pub fn adaptive_rate(&self) -> Option<f64> {
+        self.limiter.rate()
+    }
+
     fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
         let mut url = self.base.join(path).unwrap_or_else(|_| self.base.clone());
         if !query.is_empty() {
@@ -214,6 +224,7 @@ impl TrainingClient {
         url: Url,
     ) -> Result<RawResponse, CvError> {
         let mut attempt = 1;
+        let mut refusals = 0;
         loop {
             let (result, retry_after) = self
                 .attempt(operation, method, url.clone(), attempt - 1)
@@ -227,14 +238,24 @@ impl TrainingClient {
                 CvError::Unreachable { .. } | CvError::Timeout { .. } => true,
                 _ => false,
             };
-            if !retryable || attempt >= self.retry.max_attempts {
+            // A refusal for rate was not processed and says when to come back: with instances
+            // sharing the resource it is the normal way to learn the share, so it takes an
+            // attempt only after the first few.
+            let refused = matches!(&err, CvError::Service { status: 429, .. });
+            if refused {
+                refusals += 1;
+            }
+            let counted = !refused || refusals > FREE_REFUSALS;
+            if !retryable || (counted && attempt >= self.retry.max_attempts) {
                 return Err(err);
             }
-            let backoff = self.retry.base_delay * 2u32.saturating_pow(attempt - 1);
+            if counted {
+                attempt += 1;
+            }
+            let backoff = self.retry.base_delay * 2u32.saturating_pow(attempt.saturating_sub(2));
             let delay = retry_after.unwrap_or(backoff).min(self.retry.max_delay);
-            tracing::warn!(operation, attempt, ?delay, error = %err, "Custom Vision call failed; retrying");
+            tracing::warn!(operation, attempt, refusals, ?delay, error = %err, "Custom Vision call failed; retrying");
             tokio::time::sleep(delay + jitter(delay)).await;
-            attempt += 1;
         }
     }
 
@@ -256,7 +277,7 @@ impl TrainingClient {
         if let Some(http) = &self.http {
             http.warm();
         }
-        self.limiter.acquire().await;
+        let started = self.limiter.acquire().await;
         let mut req = Request::new(url, method);
         req.insert_header("accept", "application/json");
         if method == Method::Post {
@@ -293,10 +314,19 @@ impl TrainingClient {
         };
         let status = u16::from(rsp.status());
         crate::telemetry::record_custom_vision(operation, Some(status), None);
+        let retry_after = retry_after(&rsp);
+        // Only answers teach the limiter: a timeout or a broken connection says nothing of rate.
+        self.limiter.record(
+            started,
+            if status == 429 {
+                Outcome::Refused { retry_after }
+            } else {
+                Outcome::Answered
+            },
+        );
         if (200..300).contains(&status) {
             return (Ok(rsp), None);
         }
-        let retry_after = retry_after(&rsp);
         (Err(service_error(operation, status, &rsp)), retry_after)
     }
 }

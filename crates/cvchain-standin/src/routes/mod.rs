@@ -229,33 +229,48 @@ async fn gate(State(s): State<S>, req: Request, next: Next) -> Response {
         (Some(token), Some(v)) => v.to_str().ok() == Some(format!("Bearer {token}").as_str()),
         _ => false,
     };
-    let (fault, slow, retry_after) = {
+    let authenticated = key_ok || bearer;
+    let (throttled, fault, slow, retry_after) = {
         let mut st = s.world();
-        *st.calls.counts.entry(op.to_owned()).or_default() += 1;
-        let ms = s.started.elapsed().as_millis() as u64;
+        let now = s.started.elapsed();
+        let ms = now.as_millis() as u64;
         st.calls.timeline_ms.push(ms);
-        let f = st.faults.clone();
-        let roll = next_f64(&mut st.rng);
-        let fault = if roll < f.failure_rate {
-            let share = f.throttle_share.unwrap_or(0.5).clamp(0.0, 1.0);
-            Some(if roll < f.failure_rate * share {
-                429
-            } else {
-                500
-            })
+        // The resource's calls per second, for every caller together; a refused call is not
+        // served, so it does not count against the second.
+        if authenticated && let Err(wait) = st.admit(now) {
+            *st.calls.throttled.entry(op.to_owned()).or_default() += 1;
+            st.calls.throttled_ms.push(ms);
+            (Some(wait), None, None, 0)
         } else {
-            None
-        };
-        let slow = next_f64(&mut st.rng) < f.slow_rate;
-        if fault.is_some() {
-            *st.calls.faults.entry(op.to_owned()).or_default() += 1;
-            if op == "ExportIteration" {
-                st.calls.exports.push(export_call(req.uri(), "fault"));
+            *st.calls.counts.entry(op.to_owned()).or_default() += 1;
+            let f = st.faults.clone();
+            let roll = next_f64(&mut st.rng);
+            let fault = if roll < f.failure_rate {
+                let share = f.throttle_share.unwrap_or(0.5).clamp(0.0, 1.0);
+                Some(if roll < f.failure_rate * share {
+                    429
+                } else {
+                    500
+                })
+            } else {
+                None
+            };
+            let slow = next_f64(&mut st.rng) < f.slow_rate;
+            if fault.is_some() {
+                *st.calls.faults.entry(op.to_owned()).or_default() += 1;
+                if op == "ExportIteration" {
+                    st.calls.exports.push(export_call(req.uri(), "fault"));
+                }
             }
+            (
+                None,
+                fault,
+                slow.then_some(f.slow_ms),
+                f.retry_after_seconds,
+            )
         }
-        (fault, slow.then_some(f.slow_ms), f.retry_after_seconds)
     };
-    if !key_ok && !bearer {
+    if !authenticated {
         // The gateway's shape, not the service's: the request never reached Custom Vision.
         return (
             StatusCode::UNAUTHORIZED,
@@ -263,22 +278,15 @@ async fn gate(State(s): State<S>, req: Request, next: Next) -> Response {
         )
             .into_response();
     }
+    if let Some(wait) = throttled {
+        // Whole seconds, rounded up: the header counts seconds.
+        return too_many_requests(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+    }
     if let Some(ms) = slow {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     match fault {
-        Some(429) => {
-            let mut rsp = (
-                StatusCode::TOO_MANY_REQUESTS,
-                Json(json!({"error": {"code": "429", "message": "Requests to the Custom Vision Training API have exceeded rate limit. Please retry after 1 second."}})),
-            )
-                .into_response();
-            rsp.headers_mut().insert(
-                "retry-after",
-                HeaderValue::from_str(&retry_after.to_string()).expect("digits"),
-            );
-            rsp
-        }
+        Some(429) => too_many_requests(retry_after),
         Some(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "ErrorUnknown",
@@ -286,6 +294,20 @@ async fn gate(State(s): State<S>, req: Request, next: Next) -> Response {
         ),
         None => next.run(req).await,
     }
+}
+
+/// 429 as the service answers it over its calls-per-second limit.
+fn too_many_requests(retry_after_seconds: u64) -> Response {
+    let mut rsp = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({"error": {"code": "429", "message": "Requests to the Custom Vision Training API have exceeded rate limit. Please retry after 1 second."}})),
+    )
+        .into_response();
+    rsp.headers_mut().insert(
+        "retry-after",
+        HeaderValue::from_str(&retry_after_seconds.to_string()).expect("digits"),
+    );
+    rsp
 }
 
 pub(crate) fn export_call(uri: &Uri, outcome: &str) -> ExportCall {
