@@ -279,25 +279,61 @@ impl Events {
         known: Option<&[StepRow]>,
     ) -> Result<Recorded, StorageError> {
         let facts = facts(observed);
-        let mut extra = Vec::new();
-        if let Some((project, iteration)) = chain_done {
-            // The steps as this message read and wrote them, when it did: no second read.
-            let steps = match known {
-                Some(k) => k.to_vec(),
-                None => self.history.steps(project, iteration).await?,
-            };
-            let event = chain_completed(
-                row,
-                &project.to_string(),
-                &iteration.to_string(),
-                &steps,
-                &facts,
-                &self.ctx,
-                chain_ended_at,
-            );
-            extra.push((event, chain_ended_at));
-        }
+        let extra = self
+            .completion(row, &facts, chain_done, chain_ended_at, known)
+            .await?;
         self.record(row, &facts, Some(at), extra).await
+    }
+
+    /// `chain.completed`, when this message saw the chain of `chain_done` complete.
+    async fn completion(
+        &self,
+        row: &HistoryRow,
+        facts: &IterationFacts,
+        chain_done: Option<(Uuid, Uuid)>,
+        chain_ended_at: OffsetDateTime,
+        known: Option<&[StepRow]>,
+    ) -> Result<Vec<(CloudEvent, OffsetDateTime)>, StorageError> {
+        let Some((project, iteration)) = chain_done else {
+            return Ok(Vec::new());
+        };
+        // The steps as this message read and wrote them, when it did: no second read.
+        let steps = match known {
+            Some(k) => k.to_vec(),
+            None => self.history.steps(project, iteration).await?,
+        };
+        let event = chain_completed(
+            row,
+            &project.to_string(),
+            &iteration.to_string(),
+            &steps,
+            facts,
+            &self.ctx,
+            chain_ended_at,
+        );
+        Ok(vec![(event, chain_ended_at)])
+    }
+
+    /// The outbox rows of a notification row recorded apart (another message recorded its
+    /// event first, and told that event): only `chain.completed`, when this message ended the
+    /// chain. Its id is the chain's, so a chain told complete already is not told again.
+    pub async fn completion_rows(
+        &self,
+        row: &HistoryRow,
+        observed: &Observed,
+        chain_done: Option<(Uuid, Uuid)>,
+        chain_ended_at: OffsetDateTime,
+        known: Option<&[StepRow]>,
+    ) -> Result<Vec<HistoryRow>, StorageError> {
+        let facts = facts(observed);
+        let mut rows = Vec::new();
+        for (event, at) in self
+            .completion(row, &facts, chain_done, chain_ended_at, known)
+            .await?
+        {
+            rows.extend(self.rows_for(&row.partition_key, &row.row_key, &[event], at));
+        }
+        Ok(rows)
     }
 
     /// Writes a step row change with the events it emits; what the row said before comes from

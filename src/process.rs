@@ -597,8 +597,9 @@ impl Processor {
                         None => self.history.record(&row).await?,
                     };
                     // A row under this event's keys that another message wrote: this message
-                    // gets its own row, and both say so. It tells no event: the event was told
-                    // when the first row was written.
+                    // gets its own row, and both say so. It tells no event of its own (the event
+                    // was told when the first row was written), only the chain's completion
+                    // when this message ended the chain.
                     if let Recorded::AlreadyPresent(existing) = &recorded
                         && let Existing::Another { row: own, note } =
                             existing_row(&row, existing, message_key)
@@ -606,7 +607,29 @@ impl Processor {
                         let first = existing.row_key.clone();
                         row = own;
                         row_desc = format!("{}/{}", self.table_name, row.describe());
-                        recorded = self.history.record_apart(&row, &first, &note).await?;
+                        // When this message ended the chain, the row apart carries its
+                        // completion: the first row was written before the chain was done.
+                        let done = (chain_next == Some(Next::Complete))
+                            .then(|| decision_ids(&decision))
+                            .flatten();
+                        let outbox = match &self.events {
+                            Some(events) => {
+                                events
+                                    .completion_rows(
+                                        &row,
+                                        observed,
+                                        done,
+                                        chain_ended_at,
+                                        scratch.steps.as_deref(),
+                                    )
+                                    .await?
+                            }
+                            None => Vec::new(),
+                        };
+                        recorded = self
+                            .history
+                            .record_apart(&row, &outbox, &first, &note)
+                            .await?;
                         if recorded == Recorded::Inserted {
                             tracing::warn!(
                                 row = %row_desc,

@@ -617,6 +617,57 @@ async fn every_notification_three_times_and_two_at_once_tells_each_event_once_pe
     w.assert_no_secrets().await;
 }
 
+/// Two flavors of one platform: the second's ExportCompleted has the first's keys, so its row is
+/// recorded apart. When it ends the chain, `chain.completed` is still told (on the row apart),
+/// with its own release, once, and its redelivery tells nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_ending_on_a_second_flavor_of_a_platform_is_told_complete() {
+    let mut w = world(true).await;
+    for (k, v) in w.env.iter_mut() {
+        if *k == "CVCHAIN_EXPORTS" {
+            *v = "ONNX, TensorFlow:TensorFlowLite, TensorFlow:TensorFlowNormal".into();
+        }
+    }
+    w.receiver.start();
+    w.handlers.push(Handler::start_worker(&w.env));
+    w.api.train(w.project).await;
+    w.wait("the chain told complete", 90, |_, outbox| {
+        outbox
+            .iter()
+            .any(|r| r.entity["CloudEventType"] == "io.cvchain.chain.completed")
+            && outbox.iter().all(|r| r.entity["Pending"] == false)
+    })
+    .await;
+    // A moment more: a second completion would be written now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outbox = w.outbox().await;
+    let count = |kind: &str| {
+        outbox
+            .iter()
+            .filter(|r| r.entity["CloudEventType"] == kind)
+            .count()
+    };
+    assert_eq!(count("io.cvchain.chain.completed"), 1);
+    assert_eq!(count("io.cvchain.model.released"), 3);
+    let done = outbox
+        .iter()
+        .find(|r| r.entity["CloudEventType"] == "io.cvchain.chain.completed")
+        .unwrap();
+    let event = done.entity["CloudEvent"].as_str().unwrap();
+    assert!(
+        event.contains("TensorFlowNormal") && event.contains("TensorFlowLite"),
+        "{event}"
+    );
+    let apart = w
+        .rows()
+        .await
+        .into_iter()
+        .filter(|r| r.entity["EventType"] == "Export")
+        .count();
+    assert_eq!(apart, 3, "each export's notification has its row");
+    w.assert_no_secrets().await;
+}
+
 // Multi-threaded: the local Event Grid topic keeps answering while a command runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_was_down_gets_every_event_and_the_others_go_on() {

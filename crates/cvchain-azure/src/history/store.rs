@@ -110,13 +110,23 @@ impl HistoryStore {
 
     /// Inserts `row` (a message's own row for an event another message recorded first) and
     /// merges `note` into that first row (`first_row_key`, same partition), in one transaction;
-    /// a row already there is left as it is, and the note with it.
+    /// a row already there is left as it is, and the note with it. `outbox`: events the row
+    /// carries (the chain's completion, when this message ended it), written with it as
+    /// [`record_with`](Self::record_with) does, the note then.
     pub async fn record_apart(
         &self,
         row: &HistoryRow,
+        outbox: &[HistoryRow],
         first_row_key: &str,
         note: &Props,
     ) -> Result<Recorded, StorageError> {
+        if !outbox.is_empty() {
+            let recorded = self.record_with(row, outbox, None).await?;
+            if recorded == Recorded::Inserted {
+                self.merge(&row.partition_key, first_row_key, note).await?;
+            }
+            return Ok(recorded);
+        }
         let mut e = props_to_entity(note);
         e.insert("PartitionKey".into(), row.partition_key.clone().into());
         e.insert("RowKey".into(), first_row_key.into());
