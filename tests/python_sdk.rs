@@ -159,7 +159,8 @@ async fn microsofts_python_sdk_trains_against_the_stand_in_and_the_chain_release
     );
     let want: BTreeSet<&str> = ["ONNX", "TensorFlow", "VAIDK", "OpenVino"].into();
     let mut released = BTreeSet::new();
-    for _ in 0..240 {
+    // Two minutes: the script and the worker share the resource's 10 calls a second.
+    for _ in 0..480 {
         released.clear();
         let mut pages = service
             .find_blobs_by_tags(&filter, None)

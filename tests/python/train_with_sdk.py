@@ -96,6 +96,12 @@ def tagged_images(trainer, project_id, tags, salt):
 
 def main():
     trainer = CustomVisionTrainingClient(ENDPOINT, ApiKeyCredentials(in_headers={"Training-key": KEY}))
+    # The service (and the stand-in) allow 10 calls a second and refuse the rest with 429 and
+    # Retry-After; msrest's default policy retries neither 429 nor a POST. A script that makes
+    # calls back to back has to, as one against the service would.
+    policy = trainer.config.retry_policy.policy
+    policy.status_forcelist = set(policy.status_forcelist) | {429}
+    policy.allowed_methods = None
 
     compact = next(d for d in trainer.get_domains() if d.name == "General (compact)")
     assert compact.exportable
