@@ -531,6 +531,8 @@ async fn the_last_failed_delivery_is_recorded_before_the_message_is_poisoned() {
             !w.rows_of("ConnectionTest").await.is_empty()
         })
         .await;
+    // The resource's own limit off: every refusal is an injected one, each answered at once.
+    w.standin.set_rate_limit(None);
     w.standin.set_faults(Faults {
         failure_rate: 1.0,
         throttle_share: Some(1.0),

@@ -245,6 +245,9 @@ impl Ground {
         loop {
             for (text, id) in cvchain_testkit::take_messages(&self.clients, &self.source).await {
                 if !throttled && text.contains("TrainingCompleted") {
+                    // Every call refused with `Retry-After: 0`; the resource's own limit off
+                    // meanwhile, so the refusals are all injected ones (what is traced here).
+                    self.standin.set_rate_limit(None);
                     self.standin.set_faults(Faults {
                         failure_rate: 1.0,
                         throttle_share: Some(1.0),
@@ -257,6 +260,8 @@ impl Ground {
                         "a throttled Custom Vision asks the host to retry"
                     );
                     self.standin.set_faults(Faults::default());
+                    self.standin
+                        .set_rate_limit(Some(cvchain_standin::RATE_LIMIT));
                     throttled = true;
                 }
                 cvchain_testkit::deliver_to_both(a, b, &text, &id).await;
