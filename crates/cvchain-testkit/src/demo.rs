@@ -94,13 +94,7 @@ impl DemoRun {
         let until = Instant::now() + Duration::from_secs(60);
         let mut last = None;
         loop {
-            let rows = self
-                .clients
-                .table(&self.setting("CVCHAIN_HISTORY_TABLE"))
-                .unwrap()
-                .query(None, 10_000)
-                .await
-                .unwrap_or_default();
+            let rows = self.rows().await;
             let pending = rows
                 .iter()
                 .filter(|r| {
@@ -136,17 +130,21 @@ impl DemoRun {
             .unwrap_or_default()
     }
 
+    /// The history table's rows (none while it is not there yet).
+    async fn rows(&self) -> Vec<cvchain_azure::storage::table::StoredEntity> {
+        self.clients
+            .table(&self.setting("CVCHAIN_HISTORY_TABLE"))
+            .unwrap()
+            .query(None, 10_000)
+            .await
+            .unwrap_or_default()
+    }
+
     /// Until both exports of the iteration are released and its `latest` channels moved.
     pub async fn wait_for_chain(&self, iteration: Uuid) {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            let rows = self
-                .clients
-                .table(&self.setting("CVCHAIN_HISTORY_TABLE"))
-                .unwrap()
-                .query(None, 10_000)
-                .await
-                .unwrap_or_default();
+            let rows = self.rows().await;
             let released = rows
                 .iter()
                 .filter(|r| {
