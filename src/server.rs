@@ -25,7 +25,6 @@ use cvchain_core::envelope::{
 use cvchain_core::message::{Incoming, Received};
 use futures::StreamExt;
 use std::{
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -151,6 +150,77 @@ async fn bounded(
 /// The host polls `GET /` until any answer: answer at once, without touching storage.
 async fn ready() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ready" }))
+}
+
+/// The routes, once the application behind them is built. Until then `GET /` (the host's
+/// readiness probe) answers at once and every other request waits for them: start-up answers
+/// the probe as soon as it listens, and builds the clients and the processor after.
+#[derive(Clone)]
+pub struct Routes {
+    built: tokio::sync::watch::Receiver<Option<Router>>,
+    /// Told when the first request came (answered, for the probe).
+    asked: Arc<Notify>,
+}
+
+/// Hands the built application's routes to the server.
+pub struct RoutesReady {
+    built: tokio::sync::watch::Sender<Option<Router>>,
+    asked: Arc<Notify>,
+}
+
+impl RoutesReady {
+    pub fn ready(self, state: AppState) {
+        let _ = self.built.send(Some(app(state)));
+    }
+
+    /// Once a request came: the probe was answered, or another request waits for the routes.
+    pub async fn asked(&self) {
+        self.asked.notified().await
+    }
+}
+
+impl Routes {
+    /// Routes still to be built, and the handle that gives them.
+    pub fn pending() -> (RoutesReady, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let asked = Arc::new(Notify::new());
+        (
+            RoutesReady {
+                built: tx,
+                asked: asked.clone(),
+            },
+            Self { built: rx, asked },
+        )
+    }
+
+    /// The answer to `request`: through the routes, waiting for them unless it is the probe.
+    async fn answer(
+        &mut self,
+        request: axum::http::Request<hyper::body::Incoming>,
+    ) -> Result<Response, std::convert::Infallible> {
+        let built = self.built.borrow().clone();
+        let router = match built {
+            Some(router) => router,
+            None if request.method() == axum::http::Method::GET && request.uri().path() == "/" => {
+                let answer = ready().await.into_response();
+                self.asked.notify_one();
+                return Ok(answer);
+            }
+            None => {
+                self.asked.notify_one();
+                match self.built.wait_for(Option::is_some).await {
+                    Ok(built) => built.clone().expect("built"),
+                    // The start failed: the process is exiting with the reason.
+                    Err(_) => return Ok(StatusCode::SERVICE_UNAVAILABLE.into_response()),
+                }
+            }
+        };
+        hyper::service::Service::call(
+            &hyper_util::service::TowerToHyperService::new(router),
+            request,
+        )
+        .await
+    }
 }
 
 async fn console_list(
@@ -533,19 +603,18 @@ impl Conns {
 /// Serves one connection until it ends, is evicted, or shutdown asks it to finish.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    router: Router,
+    routes: Routes,
     conn: Arc<Conn>,
     conns: Arc<Conns>,
     limits: Limits,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let inner = hyper_util::service::TowerToHyperService::new(router);
     let tracked = conn.clone();
     let service = hyper::service::service_fn(move |request| {
         let in_progress = InProgress::enter(&tracked);
-        let answer = hyper::service::Service::call(&inner, request);
+        let mut routes = routes.clone();
         async move {
-            let answer = answer.await;
+            let answer = routes.answer(request).await;
             drop(in_progress);
             answer
         }
@@ -569,13 +638,14 @@ async fn serve_connection(
     conns.remove(&conn);
 }
 
-/// Serves on `addr` until SIGTERM or SIGINT, then lets in-flight invocations finish (up to
-/// `drain`). Binding 127.0.0.1: the host always connects there.
-pub async fn serve(listener: TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
-    let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(%addr, "cvchain handler listening");
-    let limits = state.limits;
-    let router = app(state);
+/// Serves `routes` on `listener` until SIGTERM or SIGINT, then lets in-flight invocations
+/// finish (up to `drain`). Binding 127.0.0.1: the host always connects there.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    limits: Limits,
+    drain: Duration,
+) -> std::io::Result<()> {
     let conns = Arc::new(Conns::default());
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -599,7 +669,7 @@ pub async fn serve(listener: TcpListener, state: AppState, drain: Duration) -> s
         let conn = conns.add();
         tasks.spawn(serve_connection(
             stream,
-            router.clone(),
+            routes.clone(),
             conn,
             conns.clone(),
             limits,

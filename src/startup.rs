@@ -10,7 +10,7 @@ use cvchain_azure::history::store::HistoryStore;
 use cvchain_azure::storage::{StorageError, clients::StorageClients, queue::poison_queue_name};
 use cvchain_core::customvision::CvError;
 use std::{future::Future, sync::Arc, time::Duration};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 
 /// Why cvchain cannot start with these settings.
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +83,11 @@ impl Application {
         ))
     }
 
-    /// Serves the Functions custom-handler protocol on `listener` until SIGTERM or SIGINT.
-    pub async fn serve(self, listener: TcpListener, drain: Duration) -> std::io::Result<()> {
+    /// The handler's state: the processor and the registry console.
+    pub fn handler_state(&self) -> crate::server::AppState {
         let console =
             crate::console::Console::new(&self.settings, &self.clients, self.processor.history());
-        let state = crate::server::AppState::new(self.processor, console);
-        crate::server::serve(listener, state, drain).await
+        crate::server::AppState::new(self.processor.clone(), console)
     }
 
     /// Consumes the queue until `shutdown` completes, then drains.
@@ -99,5 +98,46 @@ impl Application {
     ) -> Result<WorkerStats, StorageError> {
         let (queue, poison) = self.queues()?;
         Ok(crate::worker::run(self.processor, queue, poison, options, shutdown).await)
+    }
+}
+
+/// `serve`'s listener, answering before the [`Application`] is built: the host's readiness
+/// probe (`GET /`) is answered as soon as the port is bound, and the clients, the processor, the
+/// console and telemetry (most of start-up's work, which on two busy cores would otherwise
+/// compete with that first answer) are built after it. An invocation or a console request
+/// arriving meanwhile waits for them.
+pub struct Serving {
+    ready: crate::server::RoutesReady,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+/// How long the build waits for the first request before starting anyway, so that a wrong
+/// setting found while building is still reported at once when nothing probes.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(20);
+
+impl Serving {
+    /// Serves the Functions custom-handler protocol on `listener` from now until SIGTERM or
+    /// SIGINT, then lets in-flight invocations finish (up to `drain`).
+    pub fn start(listener: TcpListener, drain: Duration) -> Self {
+        let (ready, routes) = crate::server::Routes::pending();
+        let server = tokio::spawn(crate::server::serve(
+            listener,
+            routes,
+            crate::server::Limits::default(),
+            drain,
+        ));
+        Self { ready, server }
+    }
+
+    /// Once the first request was answered (or waits for the application), or after
+    /// [`FIRST_REQUEST_WAIT`]: the moment to build the rest.
+    pub async fn first_answered(&self) {
+        let _ = tokio::time::timeout(FIRST_REQUEST_WAIT, self.ready.asked()).await;
+    }
+
+    /// Hands `app` to the waiting requests and serves until the server stops.
+    pub async fn run(self, app: Application) -> std::io::Result<()> {
+        self.ready.ready(app.handler_state());
+        self.server.await.map_err(std::io::Error::other)?
     }
 }

@@ -315,6 +315,62 @@ async fn readiness_and_graceful_shutdown_follow_the_host_protocol() {
     assert!(s.handler.stderr().contains("shutdown requested"));
 }
 
+/// `GET /` answers as soon as the port is bound, before the clients and the processor are built
+/// (start-up builds them after the first answer): an invocation that comes before any probe
+/// waits for them and is handled as any other.
+#[tokio::test]
+async fn an_invocation_sent_before_readiness_waits_for_the_start_and_is_handled() {
+    let azurite = Azurite::start();
+    let table = unique("History");
+    let port = cvchain_testkit::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cvchain"))
+        .arg("serve")
+        .env_clear()
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+        .env("CVCHAIN_STORAGE", azurite.connection_string())
+        .env("CVCHAIN_HISTORY_TABLE", &table)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/CustomVisionNotification");
+    let started = std::time::Instant::now();
+    // Sent again only while nothing listens yet (refused before the port is bound).
+    let rsp = loop {
+        match http
+            .post(&url)
+            .body(host_envelope(
+                &fixture("connection-test.json"),
+                "22222222-0000-0000-0000-000000000001",
+                1,
+            ))
+            .send()
+            .await
+        {
+            Ok(rsp) => break rsp,
+            Err(e) if e.is_connect() && started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(1)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let status = rsp.status().as_u16();
+    let body: Value = rsp.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body["Logs"].to_string().contains("recorded"), "{body}");
+    let rows = StorageClients::new(&azurite.storage_settings())
+        .unwrap()
+        .table(&table)
+        .unwrap()
+        .query(None, 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[tokio::test]
 async fn invalid_settings_stop_the_handler_with_the_setting_named() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvchain"))
