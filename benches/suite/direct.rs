@@ -11,8 +11,9 @@
 //!   the step rows; [`chain`](Direct::chain) (a step row for each export already there, the
 //!   next export requested under its claim); [`pointer`](Direct::pointer) (the production
 //!   pointer in the manifest, its row); [`notification_row`](Direct::notification_row).
-//! - ExportCompleted: [`redelivered`](Direct::redelivered); the Training row, GetExports and
-//!   the step rows together; [`release`](Direct::release) (each finished export not released
+//! - ExportCompleted: [`redelivered`](Direct::redelivered); the Training row then GetExports
+//!   (Custom Vision's three other reads too when the row is not there yet), beside the step
+//!   rows; [`release`](Direct::release) (each finished export not released
 //!   yet, and the one the message is about: claim, source and destination, copy, backup tags,
 //!   step row with the claim given back); [`chain`](Direct::chain) (nothing left to request in
 //!   this workload); [`channels`](Direct::channels) (manifest, free paths, manifest write,
@@ -339,7 +340,13 @@ impl Direct {
             }
             let claim_rk = format!("Claim_{}_{platform}", m.i);
             let claim = self.claim(&m.pk, &claim_rk, "ExportRequest").await?;
-            self.table.get(&m.pk, &key).await?;
+            // Another message of the iteration requested it while this one waited for the
+            // claim (the queue consumer may get an export before its training): its step row
+            // says so, and the claim goes back alone.
+            if self.table.get(&m.pk, &key).await?.is_some() {
+                self.table.delete(&m.pk, &claim_rk, &claim).await?;
+                break;
+            }
             self.cv.export_iteration(m.p, m.i, platform, None).await?;
             self.write_releasing(BatchOp::Insert(step("Requested")), &m.pk, &claim_rk, &claim)
                 .await?;
