@@ -106,6 +106,7 @@ fn main() {
             flavor: None,
             source: Source::Backup { blob_name: name },
             fallback: None,
+            expect_free: false,
         };
         let names = ReleaseNames {
             project_id: p,

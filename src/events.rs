@@ -18,7 +18,7 @@ use cvchain_azure::events::{
 };
 use cvchain_azure::history::{
     claims::{Claim, Claims, HoldError},
-    store::{HistoryStore, Recorded},
+    store::{HistoryStore, Recorded, TailWrite},
 };
 use cvchain_azure::storage::{StorageError, clients::StorageClients, settings::StorageAuth};
 use cvchain_core::claims::ClaimKey;
@@ -237,7 +237,7 @@ impl Events {
     }
 
     /// The outbox rows `record` writes with `row`.
-    fn outbox_of(
+    pub fn outbox_of(
         &self,
         row: &HistoryRow,
         facts: &IterationFacts,
@@ -269,6 +269,7 @@ impl Events {
 
     /// Records a notification row with the events it emits; `chain_done` names the (project,
     /// iteration) whose chain this message saw complete, at `chain_ended_at`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_notification(
         &self,
         row: &HistoryRow,
@@ -277,12 +278,14 @@ impl Events {
         at: OffsetDateTime,
         chain_ended_at: OffsetDateTime,
         known: Option<&[StepRow]>,
+        tail: &[TailWrite],
     ) -> Result<Recorded, StorageError> {
         let facts = facts(observed);
         let extra = self
             .completion(row, &facts, chain_done, chain_ended_at, known)
             .await?;
-        self.record(row, &facts, Some(at), extra).await
+        let outbox = self.outbox_of(row, &facts, Some(at), extra);
+        self.history.record_with_tail(row, &outbox, tail).await
     }
 
     /// `chain.completed`, when this message saw the chain of `chain_done` complete.
@@ -346,39 +349,45 @@ impl Events {
         observed: &Observed,
         release: Option<&Claim>,
     ) -> Result<(), StorageError> {
-        let rk = match w {
-            StepWrite::Insert(row) => &row.row_key,
-            StepWrite::Merge { row_key, .. } => row_key,
-        };
-        let before = StepRow::find(steps, rk);
-        let events = step_write_events(
-            w,
-            before,
-            &facts(observed),
-            &self.ctx,
-            OffsetDateTime::now_utc(),
-        );
+        let outbox = self.step_outbox(w, steps, observed, OffsetDateTime::now_utc());
         match w {
-            StepWrite::Insert(row) => {
-                let now = OffsetDateTime::now_utc();
-                let outbox = self.rows_for(&row.partition_key, &row.row_key, &events, now);
-                self.history
-                    .record_with(row, &outbox, release)
-                    .await
-                    .map(|_| ())
-            }
+            StepWrite::Insert(row) => self
+                .history
+                .record_with(row, &outbox, release)
+                .await
+                .map(|_| ()),
             StepWrite::Merge {
                 partition_key,
                 row_key,
                 properties,
             } => {
-                let now = OffsetDateTime::now_utc();
-                let outbox = self.rows_for(partition_key, row_key, &events, now);
                 self.history
                     .merge_with(partition_key, row_key, properties, &outbox, release)
                     .await
             }
         }
+    }
+
+    /// The outbox rows of the events a step row change emits, told from the row as `steps`
+    /// (the writer's) has it, at `at` (their time and place in the project's order).
+    pub fn step_outbox(
+        &self,
+        w: &StepWrite,
+        steps: &[StepRow],
+        observed: &Observed,
+        at: OffsetDateTime,
+    ) -> Vec<HistoryRow> {
+        let (pk, rk) = match w {
+            StepWrite::Insert(row) => (&row.partition_key, &row.row_key),
+            StepWrite::Merge {
+                partition_key,
+                row_key,
+                ..
+            } => (partition_key, row_key),
+        };
+        let events =
+            step_write_events(w, StepRow::find(steps, rk), &facts(observed), &self.ctx, at);
+        self.rows_for(pk, rk, &events, at)
     }
 
     /// Delivers `partition_key`'s pending events in the background: the invocation that wrote

@@ -12,7 +12,7 @@
 use crate::error::ProcessError;
 use crate::events::Events;
 use cvchain_azure::customvision::TrainingApi;
-use cvchain_azure::history::store::HistoryStore;
+use cvchain_azure::history::store::{HistoryStore, TailWrite};
 use cvchain_azure::storage::channels::{ChannelError, ChannelStore, Loaded, Synced};
 use cvchain_core::chain::ExportTarget;
 use cvchain_core::channels::{
@@ -143,6 +143,31 @@ impl Lifecycle {
             }
         }
         Ok(())
+    }
+
+    /// Leaves the rows of one change (each unless it exists, with the events it emits) for the
+    /// notification's transaction.
+    fn defer_all(
+        &self,
+        rows: &[cvchain_core::history::HistoryRow],
+        project_name: &str,
+        tail: &mut Vec<TailWrite>,
+    ) {
+        let facts = cvchain_core::events::IterationFacts {
+            project_name: project_name.to_owned(),
+            ..Default::default()
+        };
+        for row in rows {
+            let outbox = match &self.events {
+                Some(events) => events.outbox_of(row, &facts, None, Vec::new()),
+                None => Vec::new(),
+            };
+            tail.push(TailWrite::Insert {
+                row: row.clone(),
+                outbox,
+                release: None,
+            });
+        }
     }
 
     async fn record_failures(
@@ -316,6 +341,35 @@ impl Lifecycle {
         complete: Complete<'_>,
         d: &Delivery,
     ) -> Result<String, ProcessError> {
+        self.move_channels_into(
+            project,
+            project_name,
+            iteration,
+            known,
+            complete,
+            d,
+            None,
+            None,
+        )
+        .await
+    }
+
+    /// As [`move_channels`](Self::move_channels), leaving the moves' rows (with their events)
+    /// in `tail` for the transaction that records the notification's row, when given;
+    /// `manifest`: the manifest as read a moment ago (its writes are conditional on its ETag,
+    /// so one read beside other work is as good as one read now).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn move_channels_into(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        iteration: &IterationRef,
+        known: Option<&[StepRow]>,
+        complete: Complete<'_>,
+        d: &Delivery,
+        tail: Option<&mut Vec<TailWrite>>,
+        manifest: Option<Result<Loaded, ChannelError>>,
+    ) -> Result<String, ProcessError> {
         let read;
         let steps = match known {
             Some(s) => s,
@@ -325,7 +379,16 @@ impl Lifecycle {
             }
         };
         match self
-            .try_moves(project, project_name, iteration, steps, complete, d)
+            .try_moves(
+                project,
+                project_name,
+                iteration,
+                steps,
+                complete,
+                d,
+                tail,
+                manifest,
+            )
             .await
         {
             Ok(status) => Ok(status),
@@ -351,6 +414,7 @@ impl Lifecycle {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn try_moves(
         &self,
         project: Uuid,
@@ -359,6 +423,8 @@ impl Lifecycle {
         steps: &[StepRow],
         complete: Complete<'_>,
         d: &Delivery,
+        tail: Option<&mut Vec<TailWrite>>,
+        manifest: Option<Result<Loaded, ChannelError>>,
     ) -> Result<String, ProcessError> {
         let (now, last) = (d.now, d.last);
         let (just_released, complete_held) = match complete {
@@ -379,7 +445,11 @@ impl Lifecycle {
                 reason: e,
                 transient: false,
             };
-        let loaded = match self.channels.load(project, project_name, now).await {
+        let loaded = match manifest {
+            Some(read) => read,
+            None => self.channels.load(project, project_name, now).await,
+        };
+        let loaded = match loaded {
             Ok(l) => l,
             Err(e) if e.is_transient() && !last => return Err(e.into()),
             Err(e) => {
@@ -452,14 +522,19 @@ impl Lifecycle {
                     && !refused.contains(&mv.target.key())
             })
             .collect();
-        // Each path is looked at on its own: together, one round trip.
-        let found = futures::future::join_all(new_entries.iter().map(|mv| {
+        // Their paths together: one listing of their folder, or one look each at once.
+        let wanted_paths: Vec<(Channel, ExportTarget)> = new_entries
+            .iter()
+            .map(|mv| (mv.channel, mv.target.clone()))
+            .collect();
+        let found = if wanted_paths.is_empty() {
+            Vec::new()
+        } else {
             self.channels
-                .channel_path(project, project_name, mv.channel, &mv.target)
-        }))
-        .await;
+                .channel_paths(project, project_name, &wanted_paths)
+                .await?
+        };
         for (mv, path) in new_entries.into_iter().zip(found) {
-            let path = path?;
             if path.is_none()
                 && let Some(r) = releases.iter().find(|r| r.target == mv.target)
             {
@@ -540,7 +615,10 @@ impl Lifecycle {
             .iter()
             .map(|mv| move_row(project, mv))
             .collect();
-        self.record_all(&rows, project_name).await?;
+        match tail {
+            Some(tail) => self.defer_all(&rows, project_name, tail),
+            None => self.record_all(&rows, project_name).await?,
+        }
         self.record_failures(project, project_name, &failed).await?;
         if let Some(e) = carried.retry {
             return Err(e);

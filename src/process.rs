@@ -9,8 +9,8 @@ use crate::settings::Settings;
 use azure_storage_queue::QueueClient;
 use cvchain_azure::customvision::TrainingApi;
 use cvchain_azure::history::{
-    claims::{Claim, Claims},
-    store::{HistoryStore, Recorded},
+    claims::{Claim, Claims, Kept},
+    store::{HistoryStore, Recorded, TailWrite},
 };
 use cvchain_azure::storage::{
     StorageError,
@@ -63,11 +63,21 @@ pub struct Outcome {
 }
 
 /// What one message's actions share: the iteration's step rows (read once, kept in line with
-/// what the message writes) and the lines for the invocation's log.
+/// what the message writes), the lines for the invocation's log, and the step row writes (with
+/// the claims they give back) left for the transaction that records the notification's row.
 #[derive(Default)]
 struct Scratch {
     steps: Option<Vec<StepRow>>,
     logs: Vec<String>,
+    tail: Vec<TailWrite>,
+    /// When set, the events of the tail's step row changes are told later (the chain run beside
+    /// the release): each change, by its place in the tail.
+    later: Option<Vec<(usize, StepWrite)>>,
+    /// The claims the tail gives back, renewed until it is written.
+    kept: Kept,
+    /// Not a redelivery: what the step rows do not record is taken not to exist yet (a
+    /// redelivery may follow a failure that left something behind, so it looks first).
+    first_delivery: bool,
 }
 
 /// What the reads before planning found: another message's row under this event's keys (this
@@ -76,6 +86,7 @@ struct Scratch {
 struct Found {
     first_row: Option<cvchain_core::history::HistoryRow>,
     steps: Option<Vec<StepRow>>,
+    first_delivery: bool,
 }
 
 /// The adapters the actions need.
@@ -269,7 +280,11 @@ impl Processor {
             &observed,
             &incoming.key,
             last,
-            Found { first_row, steps },
+            Found {
+                first_row,
+                steps,
+                first_delivery: incoming.received.dequeue_count <= 1,
+            },
         )
         .await
     }
@@ -459,12 +474,77 @@ impl Processor {
         last: bool,
         found: Found,
     ) -> Result<Outcome, ProcessError> {
-        let Found { first_row, steps } = found;
-        let now = OffsetDateTime::now_utc();
+        let Found {
+            first_row,
+            steps,
+            first_delivery,
+        } = found;
         let mut scratch = Scratch {
             steps,
-            logs: Vec::new(),
+            first_delivery,
+            ..Default::default()
         };
+        let kept = scratch.kept.clone();
+        // The claims the tail gives back stay renewed while the rest of the work runs.
+        let result = tokio::select! {
+            result = self.carry_out_actions(
+                decision,
+                actions,
+                observed,
+                message_key,
+                last,
+                first_row,
+                &mut scratch,
+            ) => result,
+            never = self.claims.keep_renewed(&kept) => match never {},
+        };
+        // What is left of the tail (the row was not recorded: an error, or no row) is written
+        // now: it records work done.
+        match self.flush(&mut scratch).await {
+            Err(e) if result.is_ok() => Err(e),
+            _ => result,
+        }
+    }
+
+    /// Writes the tail one write after another; when that fails, its claims are given back
+    /// (the next delivery finds the work and records it).
+    async fn flush(&self, scratch: &mut Scratch) -> Result<(), ProcessError> {
+        if scratch.tail.is_empty() {
+            return Ok(());
+        }
+        let _paused = scratch.kept.pause().await;
+        let tail = patched(&std::mem::take(&mut scratch.tail), &scratch.kept);
+        let flushed = self.history.flush_tail(&tail).await;
+        forget_all(&tail, &scratch.kept);
+        if let Err(e) = flushed {
+            for t in &tail {
+                if let TailWrite::Insert {
+                    release: Some(c), ..
+                }
+                | TailWrite::Merge {
+                    release: Some(c), ..
+                } = t
+                {
+                    self.give_back(c).await;
+                }
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn carry_out_actions(
+        &self,
+        decision: Decision,
+        actions: Vec<Action>,
+        observed: &Observed,
+        message_key: &str,
+        last: bool,
+        first_row: Option<cvchain_core::history::HistoryRow>,
+        scratch: &mut Scratch,
+    ) -> Result<Outcome, ProcessError> {
+        let now = OffsetDateTime::now_utc();
         let mut row_desc = String::new();
         let mut duplicate = false;
         let mut poison_already_sent = false;
@@ -482,13 +562,51 @@ impl Processor {
         // What this message released: the channel moves copy from it without reading it again.
         let mut released: Vec<Released> = Vec::new();
         let delivery = Delivery { now, last };
+        // The chain and the release share only the step rows this message read: the next
+        // export is requested beside the release and the channel moves (what each found is
+        // taken at its own action below, in the order they are listed).
+        let beside = actions.iter().find_map(|a| match a {
+            Action::Chain { project, iteration } => Some((*project, *iteration)),
+            _ => None,
+        });
+        let moves = actions.iter().find_map(|a| match a {
+            Action::Channels {
+                project,
+                project_name,
+                iteration,
+            } => Some((*project, project_name.clone(), iteration.clone())),
+            _ => None,
+        });
+        let mut chain_ran: Option<Result<Option<Next>, ProcessError>> = None;
+        let mut channels_ran: Option<Result<String, ProcessError>> = None;
         for action in actions {
             match action {
+                Action::Release {
+                    project,
+                    iteration,
+                    model_uri,
+                } if beside == Some((project, iteration)) => {
+                    let (done, chain, channels) = self
+                        .release_beside_chain(
+                            (project, iteration),
+                            &model_uri,
+                            moves.as_ref(),
+                            observed,
+                            &delivery,
+                            scratch,
+                        )
+                        .await;
+                    chain_ran = Some(chain);
+                    channels_ran = channels;
+                    released = done?;
+                }
                 Action::Promote {
                     project,
                     project_name,
                     iteration,
                 } => {
+                    // What the promotion reads of the history is written first.
+                    self.flush(scratch).await?;
                     let known = self
                         .steps(&mut scratch.steps, project, iteration.id)
                         .await?;
@@ -508,26 +626,34 @@ impl Processor {
                     project_name,
                     iteration,
                 } => {
-                    let known = self
-                        .steps(&mut scratch.steps, project, iteration.id)
-                        .await?;
-                    let status = self
-                        .lifecycle
-                        .move_channels(
-                            project,
-                            &project_name,
-                            &iteration,
-                            Some(known),
-                            Complete::Released(&released),
-                            &delivery,
-                        )
-                        .await?;
+                    let status = match channels_ran.take() {
+                        Some(ran) => ran?,
+                        None => {
+                            let known = self
+                                .steps(&mut scratch.steps, project, iteration.id)
+                                .await?;
+                            self.lifecycle
+                                .move_channels_into(
+                                    project,
+                                    &project_name,
+                                    &iteration,
+                                    Some(known),
+                                    Complete::Released(&released),
+                                    &delivery,
+                                    Some(&mut scratch.tail),
+                                    None,
+                                )
+                                .await?
+                        }
+                    };
                     scratch.logs.push(format!("channels: {status}"));
                     channel_status = Some(status);
                     // The chain ran first; its completion is told after the moves it released.
                     chain_ended_at = OffsetDateTime::now_utc();
                 }
                 Action::Retain { project, keep } => {
+                    // Retention reads the project's step rows: this message's are written first.
+                    self.flush(scratch).await?;
                     let status = if retention_due(chain_next.as_ref()) {
                         self.lifecycle.retain(project, keep, now).await?
                     } else {
@@ -542,13 +668,17 @@ impl Processor {
                     model_uri,
                 } => {
                     released = self
-                        .release(project, iteration, &model_uri, observed, now, &mut scratch)
+                        .release(project, iteration, &model_uri, observed, now, scratch)
                         .await?;
                 }
                 Action::Chain { project, iteration } => {
-                    let next = self
-                        .run_chain(project, iteration, observed, now, &mut scratch)
-                        .await?;
+                    let next = match chain_ran.take() {
+                        Some(ran) => ran?,
+                        None => {
+                            self.run_chain(project, iteration, observed, now, scratch)
+                                .await?
+                        }
+                    };
                     let status = next
                         .as_ref()
                         .map(describe_next)
@@ -575,6 +705,9 @@ impl Processor {
                     let known = first_row.as_ref().filter(|f| {
                         f.partition_key == row.partition_key && f.row_key == row.row_key
                     });
+                    // The tail goes with the row, its claims as last renewed (renewals wait).
+                    let paused = scratch.kept.pause().await;
+                    let tail = patched(&scratch.tail, &scratch.kept);
                     let mut recorded = match &self.events {
                         _ if known.is_some() => {
                             Recorded::AlreadyPresent(known.cloned().expect("just checked"))
@@ -591,11 +724,18 @@ impl Processor {
                                     now,
                                     chain_ended_at,
                                     scratch.steps.as_deref(),
+                                    &tail,
                                 )
                                 .await?
                         }
-                        None => self.history.record(&row).await?,
+                        None => self.history.record_with_tail(&row, &[], &tail).await?,
                     };
+                    // Written with the row (a failure leaves the tail to `flush`, which gives
+                    // its claims back when it cannot write it either).
+                    if known.is_none() {
+                        forget_all(&tail, &scratch.kept);
+                        scratch.tail.clear();
+                    }
                     // A row under this event's keys that another message wrote: this message
                     // gets its own row, and both say so. It tells no event of its own (the event
                     // was told when the first row was written), only the chain's completion
@@ -626,10 +766,17 @@ impl Processor {
                             }
                             None => Vec::new(),
                         };
+                        // The tail, unless the first write took it already.
+                        let rest: &[TailWrite] = match scratch.tail.is_empty() {
+                            true => &[],
+                            false => &tail,
+                        };
                         recorded = self
                             .history
-                            .record_apart(&row, &outbox, &first, &note)
+                            .record_apart(&row, &outbox, &first, &note, rest)
                             .await?;
+                        forget_all(rest, &scratch.kept);
+                        scratch.tail.clear();
                         if recorded == Recorded::Inserted {
                             tracing::warn!(
                                 row = %row_desc,
@@ -638,6 +785,7 @@ impl Processor {
                             );
                         }
                     }
+                    drop(paused);
                     match recorded {
                         Recorded::Inserted => {
                             // The gate's verdict counts once, when its row is written.
@@ -718,6 +866,111 @@ impl Processor {
         })
     }
 
+    /// The release, then the channel moves (`moves`, with the manifest read beside the
+    /// release), beside the chain's next request. The chain's step row changes join the tail
+    /// after the release's, their events told as if it had run after the release (from the
+    /// rows as the release left them, in that place in the order), so nothing a sink sees
+    /// changes; the chain only no longer waits.
+    #[allow(clippy::type_complexity)]
+    async fn release_beside_chain(
+        &self,
+        (project, iteration): (Uuid, Uuid),
+        model_uri: &ModelUri,
+        moves: Option<&(Uuid, String, cvchain_core::channels::IterationRef)>,
+        observed: &Observed,
+        delivery: &Delivery,
+        scratch: &mut Scratch,
+    ) -> (
+        Result<Vec<Released>, ProcessError>,
+        Result<Option<Next>, ProcessError>,
+        Option<Result<String, ProcessError>>,
+    ) {
+        let now = delivery.now;
+        let mut chain_scratch = Scratch {
+            steps: scratch.steps.clone(),
+            later: Some(Vec::new()),
+            kept: scratch.kept.clone(),
+            first_delivery: scratch.first_delivery,
+            ..Default::default()
+        };
+        let mut released_at = now;
+        // Where the release's changes end in the tail (the moves' rows follow them).
+        let mut release_end = scratch.tail.len();
+        let left = async {
+            let manifest = async {
+                match moves {
+                    Some((p, name, _)) => Some(self.lifecycle.channels.load(*p, name, now).await),
+                    None => None,
+                }
+            };
+            let (done, manifest) = tokio::join!(
+                self.release(project, iteration, model_uri, observed, now, scratch),
+                manifest
+            );
+            released_at = OffsetDateTime::now_utc();
+            release_end = scratch.tail.len();
+            let done = match done {
+                Ok(d) => d,
+                Err(e) => return (Err(e), None),
+            };
+            let Some((p, name, it)) = moves else {
+                return (Ok(done), None);
+            };
+            let moved = async {
+                let known = self.steps(&mut scratch.steps, *p, it.id).await?;
+                self.lifecycle
+                    .move_channels_into(
+                        *p,
+                        name,
+                        it,
+                        Some(known),
+                        Complete::Released(&done),
+                        delivery,
+                        Some(&mut scratch.tail),
+                        manifest,
+                    )
+                    .await
+            }
+            .await;
+            (Ok(done), Some(moved))
+        };
+        let right = self.run_chain(project, iteration, observed, now, &mut chain_scratch);
+        let ((done, moved), chain) = tokio::join!(left, right);
+        // The chain's changes, after the release's: their events from the rows as the release
+        // left them, at the moment it ended (before the moves' events), in their own order.
+        let Scratch {
+            logs,
+            mut tail,
+            later,
+            ..
+        } = chain_scratch;
+        for (k, (i, w)) in later.unwrap_or_default().into_iter().enumerate() {
+            if let Some(events) = &self.events {
+                let at = released_at + time::Duration::microseconds(k as i64);
+                let rows = events.step_outbox(
+                    &w,
+                    scratch.steps.as_deref().unwrap_or_default(),
+                    observed,
+                    at,
+                );
+                match &mut tail[i] {
+                    TailWrite::Insert { outbox, .. } | TailWrite::Merge { outbox, .. } => {
+                        *outbox = rows
+                    }
+                }
+            }
+            if let Some(steps) = scratch.steps.as_mut() {
+                apply_step_write(steps, &w);
+            }
+        }
+        // In the tail as one after another: the release's, the chain's, the moves'.
+        let mut moves_rows = scratch.tail.split_off(release_end.min(scratch.tail.len()));
+        scratch.logs.extend(logs);
+        scratch.tail.append(&mut tail);
+        scratch.tail.append(&mut moves_rows);
+        (done, chain, moved)
+    }
+
     /// Requests the next export of the chain. The decisions are the core's (`plan_chain`,
     /// `step_writes`, `request_outcome`); this loop only carries them out, and asks again when
     /// the service refuses an entry for good, so the chain moves on.
@@ -729,7 +982,14 @@ impl Processor {
         now: OffsetDateTime,
         scratch: &mut Scratch,
     ) -> Result<Option<Next>, ProcessError> {
-        let Scratch { steps: cache, logs } = scratch;
+        let Scratch {
+            steps: cache,
+            logs,
+            tail,
+            later,
+            kept,
+            ..
+        } = scratch;
         let chain = &self.config.chain.exports;
         let (Some(cv), Some(it)) = (&self.cv, observed.iteration.as_ref()) else {
             return Ok(None);
@@ -741,7 +1001,7 @@ impl Processor {
             let plan = plan_chain(chain, it, &exports, &refused);
             let steps = self.steps(cache, project, iteration).await?;
             for w in step_writes(project, iteration, &plan, steps, now) {
-                self.write_step(&w, cache, observed).await?;
+                self.defer_step(&w, cache, tail, later, kept, observed, None);
             }
             let Next::Request(target) = &plan.next else {
                 if let Next::NotReady(r) = &plan.next {
@@ -819,8 +1079,15 @@ impl Processor {
                             project, iteration, position, target, outcome, exists, now,
                         ) {
                             Some(w) => {
-                                self.write_step_releasing(&w, cache, observed, Some(&claim))
-                                    .await?;
+                                self.defer_step(
+                                    &w,
+                                    cache,
+                                    tail,
+                                    later,
+                                    kept,
+                                    observed,
+                                    Some(claim.clone()),
+                                );
                                 Ok::<_, ProcessError>(true)
                             }
                             None => Ok(false),
@@ -867,7 +1134,14 @@ impl Processor {
         now: OffsetDateTime,
         scratch: &mut Scratch,
     ) -> Result<Vec<Released>, ProcessError> {
-        let Scratch { steps: cache, logs } = scratch;
+        let Scratch {
+            steps: cache,
+            logs,
+            tail,
+            later,
+            kept,
+            first_delivery,
+        } = scratch;
         let exports = observed.exports.clone().unwrap_or_default();
         let plans = plan_releases(
             project,
@@ -887,7 +1161,13 @@ impl Processor {
             iteration,
             &self.config.chain.exports,
             &steps,
-        );
+        )
+        .into_iter()
+        .map(|mut p| {
+            p.expect_free &= *first_delivery;
+            p
+        })
+        .collect::<Vec<_>>();
         let facts = ReleaseFacts {
             precision: observed.performance.as_ref().and_then(|p| p.precision),
             recall: observed.performance.as_ref().and_then(|p| p.recall),
@@ -916,11 +1196,11 @@ impl Processor {
                 flavor: plan.flavor.clone(),
             };
             // One copier at a time per export; the store re-checks the destination inside.
-            let Some(claim) = self
-                .claims
-                .acquire(&ClaimKey::copy(project, iteration, &target))
-                .await?
-            else {
+            // The source is read beside taking the claim (a read changes nothing).
+            let key = ClaimKey::copy(project, iteration, &target);
+            let (claim, source) =
+                tokio::join!(self.claims.acquire(&key), self.releases.read_source(&plan));
+            let Some(claim) = claim? else {
                 return Err(ProcessError::NotReady(format!(
                     "{target} is being copied by another invocation"
                 )));
@@ -929,7 +1209,11 @@ impl Processor {
             // the work stops the moment the claim is lost.
             let (released, claim) = self
                 .claims
-                .hold_keep(claim, self.releases.release(&plan, &names, &facts))
+                .hold_keep(
+                    claim,
+                    self.releases
+                        .release_from(&plan, &names, &facts, Some(source)),
+                )
                 .await?;
             // The claim goes back with the step row's write (one transaction), or alone.
             let mut claim = Some(claim);
@@ -954,8 +1238,8 @@ impl Processor {
                         &steps,
                         now,
                     );
-                    self.write_steps_releasing(&writes, cache, observed, claim.take())
-                        .await?;
+                    self.defer_steps(&writes, cache, tail, later, kept, observed, claim.take())
+                        .await;
                     continue;
                 }
             };
@@ -979,41 +1263,105 @@ impl Processor {
                 &steps,
                 now,
             );
-            self.write_steps_releasing(&writes, cache, observed, claim.take())
-                .await?;
+            self.defer_steps(&writes, cache, tail, later, kept, observed, claim.take())
+                .await;
             done.push(released);
         }
         Ok(done)
     }
 
-    /// Writes step row changes in order, the first with `release` given back in its
-    /// transaction (or alone, when there is none or the write fails).
-    async fn write_steps_releasing(
+    /// Leaves step row changes for the notification's transaction, the first with `release`
+    /// given back in it (or now, alone, when there is none).
+    #[allow(clippy::too_many_arguments)]
+    async fn defer_steps(
         &self,
         writes: &[StepWrite],
         cache: &mut Option<Vec<StepRow>>,
+        tail: &mut Vec<TailWrite>,
+        later: &mut Option<Vec<(usize, StepWrite)>>,
+        kept: &Kept,
         observed: &Observed,
         release: Option<Claim>,
-    ) -> Result<(), ProcessError> {
+    ) {
         let mut release = release;
         for w in writes {
-            let result = self
-                .write_step_releasing(w, cache, observed, release.as_ref())
-                .await;
-            if result.is_ok() {
-                release = None;
-            }
-            if let Err(e) = result {
-                if let Some(c) = &release {
-                    self.give_back(c).await;
-                }
-                return Err(e);
+            self.defer_step(w, cache, tail, later, kept, observed, release.take());
+            // A release records what happened whatever the row says by then: a row another
+            // message wrote meanwhile (the chain's request, written at the end of its
+            // invocation) gets the release merged in, not lost to insert-if-absent. Its events
+            // are the insert's, as told from the rows this message read.
+            if let Some(last) = tail.last_mut()
+                && let TailWrite::Insert {
+                    row,
+                    outbox,
+                    release,
+                } = last
+            {
+                *last = TailWrite::Merge {
+                    partition_key: row.partition_key.clone(),
+                    row_key: row.row_key.clone(),
+                    properties: std::mem::take(&mut row.properties),
+                    outbox: std::mem::take(outbox),
+                    release: release.take(),
+                };
             }
         }
+        if let Some(c) = release {
+            self.give_back(&c).await;
+        }
+    }
+
+    /// Leaves a step row change (with the events it emits, told from the row as this message
+    /// knows it, and `release` given back with it) for the transaction that records the
+    /// notification's row, and keeps the message's step rows in line.
+    #[allow(clippy::too_many_arguments)]
+    fn defer_step(
+        &self,
+        w: &StepWrite,
+        cache: &mut Option<Vec<StepRow>>,
+        tail: &mut Vec<TailWrite>,
+        later: &mut Option<Vec<(usize, StepWrite)>>,
+        kept: &Kept,
+        observed: &Observed,
+        release: Option<Claim>,
+    ) {
         if let Some(c) = &release {
-            self.give_back(c).await;
+            kept.add(c.clone());
         }
-        Ok(())
+        let outbox = match (later.as_mut(), &self.events) {
+            (Some(later), _) => {
+                later.push((tail.len(), w.clone()));
+                Vec::new()
+            }
+            (None, Some(events)) => events.step_outbox(
+                w,
+                cache.as_deref().unwrap_or_default(),
+                observed,
+                OffsetDateTime::now_utc(),
+            ),
+            (None, None) => Vec::new(),
+        };
+        tail.push(match w {
+            StepWrite::Insert(row) => TailWrite::Insert {
+                row: row.clone(),
+                outbox,
+                release,
+            },
+            StepWrite::Merge {
+                partition_key,
+                row_key,
+                properties,
+            } => TailWrite::Merge {
+                partition_key: partition_key.clone(),
+                row_key: row_key.clone(),
+                properties: properties.clone(),
+                outbox,
+                release,
+            },
+        });
+        if let Some(steps) = cache.as_mut() {
+            apply_step_write(steps, w);
+        }
     }
 
     /// Gives a claim back; one not given back expires on its own.
@@ -1035,60 +1383,6 @@ impl Processor {
             *cache = Some(self.history.steps(project, iteration).await?);
         }
         Ok(cache.as_mut().expect("just read"))
-    }
-
-    /// Writes a step row change (with events configured, with the events it emits, told from
-    /// the row as this message knows it) and keeps the message's step rows in line.
-    async fn write_step(
-        &self,
-        w: &StepWrite,
-        cache: &mut Option<Vec<StepRow>>,
-        observed: &Observed,
-    ) -> Result<(), ProcessError> {
-        self.write_step_releasing(w, cache, observed, None).await
-    }
-
-    /// As [`write_step`](Self::write_step), giving `release` back in the same transaction.
-    async fn write_step_releasing(
-        &self,
-        w: &StepWrite,
-        cache: &mut Option<Vec<StepRow>>,
-        observed: &Observed,
-        release: Option<&Claim>,
-    ) -> Result<(), ProcessError> {
-        if let Some(events) = &self.events {
-            events
-                .write_step(w, cache.as_deref().unwrap_or_default(), observed, release)
-                .await?;
-        } else {
-            self.write_step_plain(w, release).await?;
-        }
-        if let Some(steps) = cache.as_mut() {
-            apply_step_write(steps, w);
-        }
-        Ok(())
-    }
-
-    async fn write_step_plain(
-        &self,
-        w: &StepWrite,
-        release: Option<&Claim>,
-    ) -> Result<(), ProcessError> {
-        match w {
-            StepWrite::Insert(row) => {
-                self.history.record_with(row, &[], release).await?;
-            }
-            StepWrite::Merge {
-                partition_key,
-                row_key,
-                properties,
-            } => {
-                self.history
-                    .merge_with(partition_key, row_key, properties, &[], release)
-                    .await?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -1142,5 +1436,34 @@ fn decision_ids(decision: &Decision) -> Option<(Uuid, Uuid)> {
     match decision {
         Decision::Accepted(n) => Some((n.project_id()?, n.iteration_id()?)),
         _ => None,
+    }
+}
+
+/// The tail with each claim as last renewed; one taken over meanwhile is not given back.
+fn patched(tail: &[TailWrite], kept: &Kept) -> Vec<TailWrite> {
+    tail.iter()
+        .cloned()
+        .map(|mut t| {
+            let (TailWrite::Insert { release, .. } | TailWrite::Merge { release, .. }) = &mut t;
+            if let Some(c) = release.take() {
+                *release = kept.current(&c);
+            }
+            t
+        })
+        .collect()
+}
+
+/// The tail's claims are no longer renewed: given back with it, or left to expire.
+fn forget_all(tail: &[TailWrite], kept: &Kept) {
+    for t in tail {
+        if let TailWrite::Insert {
+            release: Some(c), ..
+        }
+        | TailWrite::Merge {
+            release: Some(c), ..
+        } = t
+        {
+            kept.forget(c);
+        }
     }
 }

@@ -769,6 +769,7 @@ async fn a_copy_that_outlasts_its_delivery_is_resumed_not_restarted() {
         flavor: None,
         source: Source::Backup { blob_name: name },
         fallback: None,
+        expect_free: false,
     };
     let names = ReleaseNames {
         project_id: p,

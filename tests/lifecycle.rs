@@ -413,7 +413,8 @@ impl World {
         let pointer_moves = moves.len() - target_moves;
         assert_eq!((target_moves, pointer_moves), (12, 2), "{moves:#?}");
         // Nothing failed or was poisoned on the way.
-        assert!(self.rows_of("Failed").await.is_empty());
+        let failed = self.rows_of("Failed").await;
+        assert!(failed.is_empty(), "{failed:#?}");
         assert!(self.rows_of("Rejected").await.is_empty());
     }
 }

@@ -147,6 +147,7 @@ async fn a_backup_is_copied_tagged_and_left_alone_once_current() {
             blob_name: backup_name.clone(),
         },
         fallback: None,
+        expect_free: false,
     };
     let store = s.store();
     let done = store
@@ -234,6 +235,7 @@ async fn a_path_taken_by_another_project_or_a_stranger_is_never_overwritten() {
             blob_name: format!("{p} - {i}.TensorFlow"),
         },
         fallback: None,
+        expect_free: false,
     };
     let first = store
         .release(&plan(p1), &names(p1, i, "Widgets"), &facts())
@@ -319,6 +321,7 @@ async fn a_download_uri_with_a_sas_is_copied_server_side() {
         flavor: None,
         source: Source::Download { url: url.clone() },
         fallback: None,
+        expect_free: false,
     };
     let mut n = names(p, i, "Widgets");
     n.platform = "ONNX".into();
@@ -365,6 +368,7 @@ async fn a_missing_backup_falls_back_to_the_download_uri() {
             blob_name: format!("{p} - {i}.ONNX"),
         },
         fallback: Some(url),
+        expect_free: false,
     };
     let mut n = names(p, i, "Widgets");
     n.platform = "ONNX".into();
@@ -374,6 +378,7 @@ async fn a_missing_backup_falls_back_to_the_download_uri() {
     // Without a fallback, the missing backup is an error the message is retried for.
     let plan = ReleasePlan {
         fallback: None,
+        expect_free: false,
         ..plan
     };
     let mut n2 = n.clone();

@@ -481,3 +481,145 @@ async fn a_transaction_carries_any_unicode_in_its_values() {
     let got = table.get("p", "single").await.unwrap().unwrap();
     assert_eq!(got.entity["Name"], names.join("|"));
 }
+
+/// The tail of an invocation goes with the notification's row in one transaction: what
+/// another writer got to first is dropped alone (an insert whose row exists, with its outbox
+/// rows; an outbox row told already; a claim taken over), changes of one row are folded into
+/// one operation, and a notification row that exists already leaves the rest written and is
+/// returned as found.
+#[tokio::test]
+async fn the_tail_is_written_with_the_row_and_only_what_others_wrote_first_is_dropped() {
+    use cvchain_azure::history::claims::Claim;
+    use cvchain_azure::history::store::{HistoryStore, Recorded, TailWrite};
+    use cvchain_azure::storage::table::WriteOutcome;
+    use cvchain_core::history::{HistoryRow, Prop, Props};
+    let azurite = Azurite::start();
+    let table = clients(&azurite).table(&unique("Tail")).unwrap();
+    table.create_if_missing().await.unwrap();
+    let store = HistoryStore::new(table.clone());
+    let row = |rk: &str, reason: &str| {
+        let mut properties = Props::new();
+        properties.set(Prop::Reason, reason);
+        HistoryRow {
+            partition_key: "p".into(),
+            row_key: rk.into(),
+            properties,
+        }
+    };
+    let claim = |rk: &str, etag: String| Claim {
+        partition_key: "p".into(),
+        row_key: rk.into(),
+        etag,
+        owner: uuid::Uuid::new_v4(),
+        taken_over: false,
+    };
+    // Written by others first: a step row, an outbox row, a claim since taken over.
+    store.record(&row("step-theirs", "theirs")).await.unwrap();
+    store.record(&row("Outbox_told", "told")).await.unwrap();
+    let WriteOutcome::Written { etag: stale } = table
+        .insert(&entity("p", "claim-lost", json!({ "Owner": "me" })))
+        .await
+        .unwrap()
+    else {
+        panic!("the claim is new");
+    };
+    table
+        .upsert(
+            &entity("p", "claim-lost", json!({ "Owner": "another" })),
+            cvchain_azure::storage::table::UpdateMode::Replace,
+        )
+        .await
+        .unwrap();
+    let WriteOutcome::Written { etag: mine } = table
+        .insert(&entity("p", "claim-mine", json!({ "Owner": "me" })))
+        .await
+        .unwrap()
+    else {
+        panic!("the claim is new");
+    };
+    let mut merged = Props::new();
+    merged.set(Prop::Status, "Done");
+    let tail = vec![
+        TailWrite::Insert {
+            row: row("step-theirs", "mine"),
+            outbox: vec![row("Outbox_of-theirs", "dropped with it")],
+            release: Some(claim("claim-mine", mine)),
+        },
+        TailWrite::Insert {
+            row: row("step-new", "new"),
+            outbox: vec![row("Outbox_told", "again"), row("Outbox_new", "new")],
+            release: Some(claim("claim-lost", stale)),
+        },
+        TailWrite::Merge {
+            partition_key: "p".into(),
+            row_key: "step-new".into(),
+            properties: merged,
+            outbox: Vec::new(),
+            release: None,
+        },
+    ];
+    let recorded = store
+        .record_with_tail(
+            &row("notification", "first"),
+            &[row("Outbox_n", "n")],
+            &tail,
+        )
+        .await
+        .unwrap();
+    assert_eq!(recorded, Recorded::Inserted);
+    let get = |rk: &'static str| {
+        let store = store.clone();
+        async move { store.get("p", rk).await.unwrap() }
+    };
+    assert_eq!(
+        get("step-theirs")
+            .await
+            .unwrap()
+            .properties
+            .text(Prop::Reason),
+        "theirs"
+    );
+    assert!(get("Outbox_of-theirs").await.is_none());
+    assert_eq!(
+        get("Outbox_told")
+            .await
+            .unwrap()
+            .properties
+            .text(Prop::Reason),
+        "told"
+    );
+    let new = get("step-new").await.unwrap();
+    assert_eq!(
+        (
+            new.properties.text(Prop::Reason),
+            new.properties.text(Prop::Status)
+        ),
+        ("new", "Done")
+    );
+    assert!(get("Outbox_new").await.is_some());
+    assert!(get("Outbox_n").await.is_some());
+    assert!(get("notification").await.is_some());
+    // Our claim is given back; the one taken over is left to its holder.
+    assert!(get("claim-mine").await.is_none());
+    assert!(get("claim-lost").await.is_some());
+    // The notification's row exists already: the rest is written, the row left and returned.
+    let tail = vec![TailWrite::Insert {
+        row: row("step-later", "later"),
+        outbox: Vec::new(),
+        release: None,
+    }];
+    let recorded = store
+        .record_with_tail(
+            &row("notification", "second"),
+            &[row("Outbox_n2", "n2")],
+            &tail,
+        )
+        .await
+        .unwrap();
+    let Recorded::AlreadyPresent(existing) = recorded else {
+        panic!("the row was there");
+    };
+    assert_eq!(existing.properties.text(Prop::Reason), "first");
+    assert!(get("step-later").await.is_some());
+    assert!(get("Outbox_n2").await.is_none());
+}

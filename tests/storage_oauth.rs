@@ -94,6 +94,7 @@ async fn tables_queues_and_release_copies_work_with_tokens_over_https() {
             blob_name: name.clone(),
         },
         fallback: None,
+        expect_free: false,
     };
     let done = store
         .release(&plan, &names, &ReleaseFacts::default())

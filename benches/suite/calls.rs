@@ -17,6 +17,14 @@ pub fn entries_since(log: &Path, from: usize) -> (Vec<(String, String)>, usize) 
     let text = std::fs::read(log).unwrap_or_default();
     let end = text.len();
     let text = String::from_utf8_lossy(&text[from.min(end)..]).into_owned();
+    // An insert names its row only in its body: the requests that wrote the events' delivery
+    // claim are marked by it, so they count with the delivery, not the invocation.
+    let request_id = |l: &str| l.split_whitespace().nth(1).map(str::to_owned);
+    let delivery_claims: std::collections::HashSet<String> = text
+        .lines()
+        .filter(|l| l.contains("\"RowKey\":\"DeliveryClaim"))
+        .filter_map(request_id)
+        .collect();
     let entries = text
         .lines()
         .filter_map(|l| {
@@ -29,7 +37,11 @@ pub fn entries_since(log: &Path, from: usize) -> (Vec<(String, String)>, usize) 
                 .split_whitespace()
                 .next()?;
             let url = l.split("RequestURL=").nth(1)?.split_whitespace().next()?;
-            Some((kind(service, method, url), url.to_owned()))
+            let mut named = url.to_owned();
+            if request_id(l).is_some_and(|id| delivery_claims.contains(&id)) {
+                named.push_str("#DeliveryClaim");
+            }
+            Some((kind(service, method, url), named))
         })
         .collect();
     (entries, end)

@@ -804,11 +804,15 @@ pub fn releases_due(
     let named_waiting = plans.iter().any(|p| is_named(p) && unreleased(p));
     plans
         .into_iter()
-        .filter(|p| {
-            if is_named(p) && !named_waiting {
-                return true;
+        .filter_map(|mut p| {
+            let fresh = unreleased(&p);
+            // The export the message names is verified again when none of its flavors waits.
+            let named_again = is_named(&p) && !named_waiting;
+            if !fresh && !named_again {
+                return None;
             }
-            unreleased(p)
+            p.expect_free = fresh;
+            Some(p)
         })
         .collect()
 }

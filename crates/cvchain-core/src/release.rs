@@ -261,6 +261,10 @@ pub struct ReleasePlan {
     pub source: Source,
     /// GetExports' `downloadUri`, tried when the backup blob is not there.
     pub fallback: Option<String>,
+    /// Nothing recorded a release of this export: its destination is expected free, so the
+    /// copy goes out conditional on that (`If-None-Match: *`) without reading it first; a
+    /// destination that is there after all is read and judged as usual.
+    pub expect_free: bool,
 }
 
 /// The releases for an iteration's finished exports. The backup blob is used when it can only
@@ -311,6 +315,7 @@ pub fn plan_releases(
                 flavor: e.flavor.clone().filter(|f| !f.is_empty()),
                 source,
                 fallback,
+                expect_free: false,
             })
         })
         .collect()

@@ -180,11 +180,88 @@ impl Claims {
         }
     }
 
+    /// Renews the claims in `kept` every third of their lifetime, for as long as it runs (beside
+    /// the work that gives them back at its end; it never ends on its own). A claim found taken
+    /// over is marked lost, so it is not given back.
+    pub async fn keep_renewed(&self, kept: &Kept) -> std::convert::Infallible {
+        let period = (self.ttl / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(period).await;
+            let _gate = kept.gate.lock().await;
+            let held: Vec<Claim> = kept
+                .held
+                .lock()
+                .expect("no panic holds it")
+                .values()
+                .flatten()
+                .cloned()
+                .collect();
+            for claim in held {
+                let renewed = match self.renew(&claim).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, claim = %claim.row_key, "cannot renew a claim; retrying");
+                        continue;
+                    }
+                };
+                let mut map = kept.held.lock().expect("no panic holds it");
+                if let Some(slot) = map.get_mut(&claim.row_key) {
+                    *slot = renewed;
+                }
+            }
+        }
+    }
+
     /// Gives the claim back; a claim that expired and was taken over is left to its new holder.
     pub async fn release(&self, claim: &Claim) -> Result<(), StorageError> {
         self.table
             .delete(&claim.partition_key, &claim.row_key, &claim.etag)
             .await
             .map(|_| ())
+    }
+}
+
+/// Claims whose work is done, held until the transaction that records the work gives them
+/// back (see [`Claims::keep_renewed`]). Renewals and that transaction take turns (`gate`), so
+/// the transaction sends each claim's ETag as last renewed.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Option<Claim>>>>,
+    gate: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Kept {
+    /// Holds `claim` until it is given back.
+    pub fn add(&self, claim: Claim) {
+        self.held
+            .lock()
+            .expect("no panic holds it")
+            .insert(claim.row_key.clone(), Some(claim));
+    }
+
+    /// Waits for renewals to pause; they resume when the guard is dropped.
+    pub async fn pause(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.gate.lock().await
+    }
+
+    /// `claim` as last renewed (`None`: taken over meanwhile, not ours to give back).
+    pub fn current(&self, claim: &Claim) -> Option<Claim> {
+        match self
+            .held
+            .lock()
+            .expect("no panic holds it")
+            .get(&claim.row_key)
+        {
+            Some(slot) => slot.clone(),
+            None => Some(claim.clone()),
+        }
+    }
+
+    /// No longer held (given back, or left to expire).
+    pub fn forget(&self, claim: &Claim) {
+        self.held
+            .lock()
+            .expect("no panic holds it")
+            .remove(&claim.row_key);
     }
 }

@@ -24,6 +24,61 @@ pub enum Recorded {
     AlreadyPresent(HistoryRow),
 }
 
+/// A write an invocation made but did not send yet: it goes in the transaction that records
+/// the notification's row, so an export's work costs one request where it shares the
+/// project's partition (all of it does). Each keeps what it guaranteed alone: its outbox rows
+/// with it, and the claim that guarded it given back in the same transaction.
+#[derive(Debug, Clone)]
+pub enum TailWrite {
+    /// Insert unless present (a step row, a channel move's row), with its outbox rows.
+    Insert {
+        row: HistoryRow,
+        outbox: Vec<HistoryRow>,
+        release: Option<Claim>,
+    },
+    /// Insert-or-merge some properties of a row, with its outbox rows.
+    Merge {
+        partition_key: String,
+        row_key: String,
+        properties: Props,
+        outbox: Vec<HistoryRow>,
+        release: Option<Claim>,
+    },
+}
+
+impl TailWrite {
+    fn partition_key(&self) -> &str {
+        match self {
+            TailWrite::Insert { row, .. } => &row.partition_key,
+            TailWrite::Merge { partition_key, .. } => partition_key,
+        }
+    }
+
+    fn release(&self) -> Option<&Claim> {
+        match self {
+            TailWrite::Insert { release, .. } | TailWrite::Merge { release, .. } => {
+                release.as_ref()
+            }
+        }
+    }
+}
+
+/// What an operation of a tail transaction stands for, to drop what the service refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TailPart {
+    /// A tail entry's write (an insert refused 409 exists: it and its outbox rows go).
+    Write,
+    /// Several changes of one row folded into an insert: refused, only writes one after
+    /// another can judge it.
+    Folded,
+    /// An outbox row (refused 409: told already, dropped).
+    Outbox,
+    /// A claim given back (refused 404/412: no longer ours, left to its holder).
+    Release,
+    /// The notification's row (refused 409: recorded already).
+    Row,
+}
+
 #[derive(Debug, Clone)]
 pub struct HistoryStore {
     table: TableClient,
@@ -64,6 +119,130 @@ impl HistoryStore {
         }
     }
 
+    /// Records the notification's `row` with its `outbox` rows and the `tail` of writes the
+    /// invocation left for it, in one transaction where they fit (one partition, at most 100
+    /// operations). An insert of the tail whose row exists is dropped with its outbox rows, an
+    /// outbox row told already is dropped, a claim no longer ours is left to its holder; when
+    /// the row itself exists, the tail is written without it and the row found there returned.
+    /// Anything else the service refuses falls back to one write after another, in order.
+    pub async fn record_with_tail(
+        &self,
+        row: &HistoryRow,
+        outbox: &[HistoryRow],
+        tail: &[TailWrite],
+    ) -> Result<Recorded, StorageError> {
+        if tail.is_empty() {
+            return self.record_with(row, outbox, None).await;
+        }
+        let shared = tail.iter().all(|t| t.partition_key() == row.partition_key)
+            && tail
+                .iter()
+                .filter_map(TailWrite::release)
+                .all(|c| c.partition_key == row.partition_key);
+        if shared && let Some(mut ops) = tail_ops(tail) {
+            ops.push((TailPart::Row, BatchOp::Insert(to_entity(row))));
+            for r in outbox {
+                if !ops.iter().any(|(_, op)| same_row(op, &r.row_key)) {
+                    ops.push((TailPart::Outbox, BatchOp::Insert(to_entity(r))));
+                }
+            }
+            if let Some(recorded) = self.transact_tail(row, ops).await? {
+                return Ok(recorded);
+            }
+        }
+        self.flush_tail(tail).await?;
+        self.record_with(row, outbox, None).await
+    }
+
+    /// The tail transaction, dropping what the service refused and trying again; `None` when it
+    /// refused something this cannot judge (the caller writes one by one).
+    async fn transact_tail(
+        &self,
+        row: &HistoryRow,
+        mut ops: Vec<(TailPart, BatchOp)>,
+    ) -> Result<Option<Recorded>, StorageError> {
+        let mut created = false;
+        let mut row_exists = false;
+        // Each round drops at least one operation: bounded by their number.
+        for _ in 0..=ops.len() {
+            if ops.len() > 100 {
+                return Ok(None);
+            }
+            let batch: Vec<BatchOp> = ops.iter().map(|(_, op)| op.clone()).collect();
+            match self.table.transact(&batch).await? {
+                BatchOutcome::Committed => {
+                    if !row_exists {
+                        return Ok(Some(Recorded::Inserted));
+                    }
+                    let existing = self
+                        .get(&row.partition_key, &row.row_key)
+                        .await?
+                        .ok_or_else(|| StorageError::Other {
+                            service: "table",
+                            detail: format!("row {} vanished after a conflict", row.describe()),
+                        })?;
+                    return Ok(Some(Recorded::AlreadyPresent(existing)));
+                }
+                BatchOutcome::Refused { status: 404, .. } if !created => {
+                    self.table.create_if_missing().await?;
+                    created = true;
+                }
+                BatchOutcome::Refused {
+                    index: Some(i),
+                    status,
+                    ..
+                } if i < ops.len() => match (ops[i].0, status) {
+                    (TailPart::Outbox, 409) | (TailPart::Release, 404 | 412) => {
+                        ops.remove(i);
+                    }
+                    (TailPart::Write, 409) if matches!(ops[i].1, BatchOp::Insert(_)) => {
+                        // The row exists: it, its outbox rows and nothing else of it go.
+                        ops.remove(i);
+                        while i < ops.len() && ops[i].0 == TailPart::Outbox {
+                            ops.remove(i);
+                        }
+                    }
+                    (TailPart::Row, 409) => {
+                        row_exists = true;
+                        ops.truncate(i);
+                        if ops.is_empty() {
+                            return Ok(None);
+                        }
+                    }
+                    _ => return Ok(None),
+                },
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes a tail one write after another, as each would have been written alone.
+    pub async fn flush_tail(&self, tail: &[TailWrite]) -> Result<(), StorageError> {
+        for t in tail {
+            match t {
+                TailWrite::Insert {
+                    row,
+                    outbox,
+                    release,
+                } => {
+                    self.record_with(row, outbox, release.as_ref()).await?;
+                }
+                TailWrite::Merge {
+                    partition_key,
+                    row_key,
+                    properties,
+                    outbox,
+                    release,
+                } => {
+                    self.merge_with(partition_key, row_key, properties, outbox, release.as_ref())
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Inserts the row unless one with its keys exists, without reading the one that does:
     /// `false` when it was there already.
     pub async fn record_once(&self, row: &HistoryRow) -> Result<bool, StorageError> {
@@ -96,6 +275,18 @@ impl HistoryStore {
         match self.transact_with(first, outbox, release).await? {
             None => Ok(Recorded::Inserted),
             Some(_) => {
+                // The row is there (another writer's): the claim that guarded it is given back
+                // all the same, or it would stay held until it expires.
+                if let Some(c) = release {
+                    let _ = self
+                        .table
+                        .transact(&[BatchOp::Delete {
+                            partition_key: c.partition_key.clone(),
+                            row_key: c.row_key.clone(),
+                            etag: c.etag.clone(),
+                        }])
+                        .await;
+                }
                 let existing = self
                     .get(&row.partition_key, &row.row_key)
                     .await?
@@ -119,13 +310,19 @@ impl HistoryStore {
         outbox: &[HistoryRow],
         first_row_key: &str,
         note: &Props,
+        tail: &[TailWrite],
     ) -> Result<Recorded, StorageError> {
-        if !outbox.is_empty() {
-            let recorded = self.record_with(row, outbox, None).await?;
-            if recorded == Recorded::Inserted {
-                self.merge(&row.partition_key, first_row_key, note).await?;
-            }
-            return Ok(recorded);
+        if !outbox.is_empty() || !tail.is_empty() {
+            // The note goes with the tail, before the row: one transaction where they fit.
+            let mut tail = tail.to_vec();
+            tail.push(TailWrite::Merge {
+                partition_key: row.partition_key.clone(),
+                row_key: first_row_key.to_owned(),
+                properties: note.clone(),
+                outbox: Vec::new(),
+                release: None,
+            });
+            return self.record_with_tail(row, outbox, &tail).await;
         }
         let mut e = props_to_entity(note);
         e.insert("PartitionKey".into(), row.partition_key.clone().into());
@@ -584,4 +781,72 @@ impl HistoryStore {
         );
         self.query(Some(&filter), 1000).await
     }
+}
+
+/// The tail as one transaction's operations. A transaction may touch a row once: changes of
+/// one row are folded into one operation (a merge into the insert or merge before it), and an
+/// outbox row or a claim already in it is not added twice. `None` when two inserts (or an
+/// insert after a merge) meet on one row, which only writes one after another can judge.
+fn tail_ops(tail: &[TailWrite]) -> Option<Vec<(TailPart, BatchOp)>> {
+    let mut ops: Vec<(TailPart, BatchOp)> = Vec::new();
+    for t in tail {
+        let (op, rows) = match t {
+            TailWrite::Insert { row, outbox, .. } => (BatchOp::Insert(to_entity(row)), outbox),
+            TailWrite::Merge {
+                partition_key,
+                row_key,
+                properties,
+                outbox,
+                ..
+            } => {
+                let mut e = props_to_entity(properties);
+                e.insert("PartitionKey".into(), partition_key.clone().into());
+                e.insert("RowKey".into(), row_key.clone().into());
+                (BatchOp::Merge(e), outbox)
+            }
+        };
+        let key = op_row_key(&op).to_owned();
+        match ops.iter_mut().find(|(_, o)| same_row(o, &key)) {
+            None => ops.push((TailPart::Write, op)),
+            Some((part, existing)) => match (existing, op) {
+                // Folded: the insert's refusal can no longer drop it alone.
+                (BatchOp::Insert(a), BatchOp::Merge(b)) => {
+                    a.extend(b);
+                    *part = TailPart::Folded;
+                }
+                (BatchOp::Merge(a), BatchOp::Merge(b)) => a.extend(b),
+                _ => return None,
+            },
+        }
+        for r in rows {
+            if !ops.iter().any(|(_, o)| same_row(o, &r.row_key)) {
+                ops.push((TailPart::Outbox, BatchOp::Insert(to_entity(r))));
+            }
+        }
+        if let Some(c) = t.release()
+            && !ops.iter().any(|(_, o)| same_row(o, &c.row_key))
+        {
+            ops.push((
+                TailPart::Release,
+                BatchOp::Delete {
+                    partition_key: c.partition_key.clone(),
+                    row_key: c.row_key.clone(),
+                    etag: c.etag.clone(),
+                },
+            ));
+        }
+    }
+    Some(ops)
+}
+
+fn op_row_key(op: &BatchOp) -> &str {
+    match op {
+        BatchOp::Insert(e) | BatchOp::Merge(e) => e["RowKey"].as_str().unwrap_or_default(),
+        BatchOp::Delete { row_key, .. } => row_key,
+    }
+}
+
+/// Whether `op` touches the row `row_key` (all of a tail shares one partition).
+fn same_row(op: &BatchOp, row_key: &str) -> bool {
+    op_row_key(op) == row_key
 }

@@ -114,9 +114,37 @@ impl ReleaseStore {
         names: &ReleaseNames,
         facts: &ReleaseFacts,
     ) -> Result<Released, ReleaseError> {
-        // The source and the plain destination are read together (independent round trips).
+        self.release_from(plan, names, facts, None).await
+    }
+
+    /// What a release copies from, read ahead (beside taking the copy's claim, say) for
+    /// [`release_from`](Self::release_from).
+    pub async fn read_source(&self, plan: &ReleasePlan) -> Result<ReleaseSource, ReleaseError> {
+        self.source(plan).await.map(ReleaseSource)
+    }
+
+    /// As [`release`](Self::release), with the source read ahead when given.
+    pub async fn release_from(
+        &self,
+        plan: &ReleasePlan,
+        names: &ReleaseNames,
+        facts: &ReleaseFacts,
+        source: Option<Result<ReleaseSource, ReleaseError>>,
+    ) -> Result<Released, ReleaseError> {
+        // The source and the plain destination are read together (independent round trips);
+        // a destination expected free is not read: the copy is conditional on it.
         let mut path = self.template.render(names, false);
-        let (source, plain_destination) = tokio::join!(self.source(plan), self.destination(&path));
+        let read_source = async {
+            match source {
+                Some(read) => read.map(|s| s.0),
+                None => self.source(plan).await,
+            }
+        };
+        let (source, plain_destination) = if plan.expect_free {
+            (read_source.await, Ok(None))
+        } else {
+            tokio::join!(read_source, self.destination(&path))
+        };
         let (source_client, copy_source, backup, props) = source?;
         let source_etag = props
             .etag()
@@ -205,18 +233,54 @@ impl ReleaseStore {
         };
         // The container is created on the first 404 rather than before every copy: one request
         // fewer per release (the benchmark's request count showed it on every copy).
-        let started_copy = match dest
-            .start_copy_from_url(copy_source.clone(), Some(options.clone()))
-            .await
-        {
-            Err(e) if e.http_status() == Some(StatusCode::NotFound) && is_container_missing(&e) => {
-                self.ensure_container().await?;
-                dest.start_copy_from_url(copy_source, Some(options))
-                    .await
-                    .map_err(err)?
+        // `None`: the destination expected free is not.
+        let copying = async {
+            match dest
+                .start_copy_from_url(copy_source.clone(), Some(options.clone()))
+                .await
+            {
+                Err(e)
+                    if e.http_status() == Some(StatusCode::NotFound)
+                        && is_container_missing(&e) =>
+                {
+                    self.ensure_container().await?;
+                    Ok(Some(
+                        dest.start_copy_from_url(copy_source.clone(), Some(options))
+                            .await
+                            .map_err(err)?,
+                    ))
+                }
+                Err(e)
+                    if plan.expect_free
+                        && matches!(
+                            e.http_status(),
+                            Some(StatusCode::Conflict | StatusCode::PreconditionFailed)
+                        ) =>
+                {
+                    Ok(None)
+                }
+                other => other.map(Some).map_err(err),
             }
-            other => other.map_err(err)?,
         };
+        // The copy request sets the destination's tags (`x-ms-tags`); only the backup needs
+        // them, set beside the copy (nothing orders the two).
+        let tagging = async {
+            match backup {
+                true => self.ensure_tags(&source_client, &tags).await,
+                false => Ok(()),
+            }
+        };
+        let (started_copy, tagged) = tokio::join!(copying, tagging);
+        let Some(started_copy) = started_copy? else {
+            // Expected free, and something is there: read it and judge it as usual (current,
+            // a copy running, another project's, or stale).
+            let plan = ReleasePlan {
+                expect_free: false,
+                ..plan.clone()
+            };
+            return Box::pin(self.release(&plan, names, facts)).await;
+        };
+        tagged?;
         let header = |name: &'static str| {
             started_copy
                 .headers()
@@ -245,10 +309,6 @@ impl ReleaseStore {
                 ),
             }
             .into());
-        }
-        // The copy request set the destination's tags (`x-ms-tags`); only the backup needs them.
-        if backup {
-            self.ensure_tags(&source_client, &tags).await?;
         }
         Ok(Released {
             url: dest_url,
@@ -421,3 +481,17 @@ fn is_container_missing(e: &azure_core::Error) -> bool {
             if code == "ContainerNotFound"
     )
 }
+
+/// A release's source as read: its client, its URL for the copy, whether it is the backup
+/// blob, and its properties.
+pub struct ReleaseSource(
+    (
+        BlobClient,
+        String,
+        bool,
+        azure_core::http::Response<
+            azure_storage_blob::models::BlobClientGetPropertiesResult,
+            azure_core::http::NoFormat,
+        >,
+    ),
+);

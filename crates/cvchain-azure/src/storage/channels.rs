@@ -395,6 +395,96 @@ impl ChannelStore {
         Ok(None)
     }
 
+    /// As [`channel_path`](Self::channel_path) for several new entries at once. Their plain
+    /// paths share a folder (`{projectName}/channels/` by default): one listing of it, with
+    /// metadata, answers for all of them when it fits a page of [`LIST_PAGE`]; otherwise, or
+    /// for a single entry, each path is looked at on its own. An id-qualified path is looked
+    /// at only when its plain path is taken.
+    pub async fn channel_paths(
+        &self,
+        project: Uuid,
+        project_name: &str,
+        wanted: &[(Channel, ExportTarget)],
+    ) -> Result<Vec<Option<String>>, StorageError> {
+        let plains: Vec<String> = wanted
+            .iter()
+            .map(|(c, t)| self.paths.channel_path(project, project_name, *c, t, false))
+            .collect();
+        let listed = match folder_of(&plains) {
+            Some(folder) if plains.len() > 1 => self.list_folder(folder).await?,
+            _ => None,
+        };
+        let Some(listed) = listed else {
+            let found = futures::future::join_all(
+                wanted
+                    .iter()
+                    .map(|(c, t)| self.channel_path(project, project_name, *c, t)),
+            )
+            .await;
+            return found.into_iter().collect();
+        };
+        let mut out = Vec::with_capacity(wanted.len());
+        for ((c, t), plain) in wanted.iter().zip(plains) {
+            let free = match listed.get(&plain) {
+                None => true,
+                Some(meta) => owner(meta) == Some(project) && is_channel(meta),
+            };
+            if free {
+                out.push(Some(plain));
+                continue;
+            }
+            let qualified = self.paths.channel_path(project, project_name, *c, t, true);
+            out.push(
+                self.free_for(project, &qualified)
+                    .await?
+                    .then_some(qualified),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The blobs in `folder` with their metadata, when they fit one page; `None` otherwise.
+    async fn list_folder(
+        &self,
+        folder: &str,
+    ) -> Result<Option<HashMap<String, HashMap<String, String>>>, StorageError> {
+        use azure_storage_blob::models::{
+            BlobContainerClientListBlobsOptions, ListBlobsIncludeItem,
+        };
+        use futures::TryStreamExt as _;
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: Some(folder.to_owned()),
+            include: Some(vec![ListBlobsIncludeItem::Metadata]),
+            maxresults: Some(LIST_PAGE),
+            ..Default::default()
+        };
+        let mut pages = match self.container.list_blobs(Some(options)) {
+            Ok(p) => p.into_pages(),
+            Err(e) => return Err(err(e)),
+        };
+        let page = match pages.try_next().await {
+            Ok(Some(page)) => page.into_model().map_err(err)?,
+            Ok(None) => return Ok(Some(HashMap::new())),
+            // No container yet: nothing is in it.
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => {
+                return Ok(Some(HashMap::new()));
+            }
+            Err(e) => return Err(err(e)),
+        };
+        if page.next_marker.as_deref().is_some_and(|m| !m.is_empty()) {
+            return Ok(None);
+        }
+        Ok(Some(
+            page.blob_items
+                .into_iter()
+                .filter_map(|b| {
+                    let meta = b.metadata.and_then(|m| m.values).unwrap_or_default();
+                    Some((b.name?, meta))
+                })
+                .collect(),
+        ))
+    }
+
     /// Brings the channel copy of a move in line with it, unless the copy already holds this
     /// revision or a newer one. Copies are conditional on the copy's ETag as read, so of two
     /// writers the older revision can never land last.
@@ -674,4 +764,26 @@ fn owner(meta: &HashMap<String, String>) -> Option<Uuid> {
 
 fn is_channel(meta: &HashMap<String, String>) -> bool {
     meta.keys().any(|k| k.eq_ignore_ascii_case("channel"))
+}
+
+/// How many blobs a listing of a channel folder may hold to answer for its paths in one
+/// request (two channels of a ten-entry chain, with room to spare).
+pub const LIST_PAGE: i32 = 50;
+
+/// The folder all `paths` share (up to and including its last `/`), if any.
+fn folder_of(paths: &[String]) -> Option<&str> {
+    let first = paths.first()?;
+    let mut common = first.len();
+    for p in &paths[1..] {
+        common = common.min(
+            first
+                .bytes()
+                .zip(p.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    let folder = &first[..common];
+    let end = folder.rfind('/')? + 1;
+    Some(&first[..end])
 }

@@ -781,6 +781,7 @@ fn a_notification_releases_its_export_and_whatever_was_left_behind() {
             url: "https://x/y".into(),
         },
         fallback: None,
+        expect_free: false,
     };
     let plans = vec![
         plan("ONNX", None),
@@ -852,6 +853,7 @@ fn a_second_flavor_of_a_platform_releases_only_itself() {
             url: "https://x/y".into(),
         },
         fallback: None,
+        expect_free: false,
     };
     let plans = vec![plan(&lite), plan(&normal)];
     let mut first = step_row(pid(), iid(), 0, &lite, EntryState::Done);
