@@ -9,15 +9,18 @@
 //!
 //! - TrainingCompleted: [`redelivered`](Direct::redelivered); Custom Vision's four reads beside
 //!   the step rows; [`chain`](Direct::chain) (a step row for each export already there, the
-//!   next export requested under its claim); [`pointer`](Direct::pointer) (the production
-//!   pointer in the manifest, its row); [`notification_row`](Direct::notification_row).
+//!   next export requested under its claim), its rows written one after another
+//!   ([`flush`](Direct::flush)); [`pointer`](Direct::pointer) (the production pointer in the
+//!   manifest, its row); [`notification_row`](Direct::notification_row).
 //! - ExportCompleted: [`redelivered`](Direct::redelivered); the Training row then GetExports
 //!   (Custom Vision's three other reads too when the row is not there yet), beside the step
-//!   rows; [`release`](Direct::release) (each finished export not released
-//!   yet, and the one the message is about: claim, source and destination, copy, backup tags,
-//!   step row with the claim given back); [`chain`](Direct::chain) (nothing left to request in
-//!   this workload); [`channels`](Direct::channels) (manifest, free paths, manifest write,
-//!   channel copies, move rows); [`notification_row`](Direct::notification_row).
+//!   rows; [`release`](Direct::release) (each finished export not released yet, and the one the
+//!   message is about: claim and source together, the destination unless expected free, the
+//!   copy beside the backup's tags), the manifest read beside it, then
+//!   [`channels`](Direct::channels) (free paths, manifest write, channel copies); beside all
+//!   that, [`chain`](Direct::chain) (nothing left to request in this workload); then
+//!   [`notification_row`](Direct::notification_row): the step rows with their claims given
+//!   back, the move rows and the notification's row in one `$batch`.
 
 use crate::workload::{CHAIN, Env, Kind, Message};
 use azure_core::http::{RequestContent, StatusCode};
@@ -123,6 +126,54 @@ struct Released {
     etag: String,
 }
 
+/// Row writes left for the transaction that records the notification's row: one operation per
+/// row (changes of one row folded into one), each with the claim it gives back.
+struct Tail(Vec<(BatchOp, Option<BatchOp>)>);
+
+impl Tail {
+    fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    fn push(&mut self, op: BatchOp, release: Option<BatchOp>) {
+        let key = |op: &BatchOp| match op {
+            BatchOp::Insert(e) | BatchOp::Merge(e) => e["RowKey"].clone(),
+            BatchOp::Delete { row_key, .. } => json!(row_key),
+        };
+        let Some((held, held_release)) = self.0.iter_mut().find(|(o, _)| key(o) == key(&op)) else {
+            self.0.push((op, release));
+            return;
+        };
+        if let (
+            BatchOp::Insert(e) | BatchOp::Merge(e),
+            BatchOp::Insert(more) | BatchOp::Merge(more),
+        ) = (&mut *held, op)
+        {
+            let mut folded = std::mem::take(e);
+            folded.extend(more);
+            *held = BatchOp::Merge(folded);
+        }
+        if held_release.is_none() {
+            *held_release = release;
+        }
+    }
+
+    fn append(&mut self, other: Tail) {
+        for (op, release) in other.0 {
+            self.push(op, release);
+        }
+    }
+}
+
+/// A claim given back at the ETag it was taken with.
+fn give_back(pk: &str, rk: &str, etag: &str) -> BatchOp {
+    BatchOp::Delete {
+        partition_key: pk.to_owned(),
+        row_key: rk.to_owned(),
+        etag: etag.to_owned(),
+    }
+}
+
 impl Direct {
     pub async fn new(env: &Env, max_rps: u32) -> Self {
         let table = env.clients.table(&env.table).unwrap();
@@ -194,9 +245,12 @@ impl Direct {
             precision: perf.precision,
             recall: perf.recall,
         };
-        self.chain(m, &exports?, &steps?).await?;
+        // The chain's row writes go before the promotion, one after another.
+        let mut tail = Tail::new();
+        self.chain(m, &exports?, &steps?, &mut tail).await?;
+        self.flush(tail).await?;
         self.pointer(m, &facts).await?;
-        self.notification_row(m, &facts).await
+        self.notification_row(m, &facts, Tail::new()).await
     }
 
     async fn export(&self, m: &Msg<'_>) -> Result<(), Error> {
@@ -205,10 +259,25 @@ impl Direct {
         // its training); beside them, the step rows.
         let (observed, steps) = tokio::join!(self.observe_export(m), self.steps(m));
         let ((facts, exports), steps) = (observed?, steps?);
-        let released = self.release(m, &facts, &exports, &steps).await?;
-        self.chain(m, &exports, &steps).await?;
-        self.channels(m, &facts, &released).await?;
-        self.notification_row(m, &facts).await
+        // The release (the manifest read beside it), then the channel moves; beside them, the
+        // chain. Their row writes wait for the notification's row: one transaction.
+        let (mut release_tail, mut chain_tail, mut moves_tail) =
+            (Tail::new(), Tail::new(), Tail::new());
+        let left = async {
+            let (released, manifest) = tokio::join!(
+                self.release(m, &facts, &exports, &steps, &mut release_tail),
+                self.manifest(&facts)
+            );
+            self.channels(m, &facts, &released?, manifest?, &mut moves_tail)
+                .await
+        };
+        let right = self.chain(m, &exports, &steps, &mut chain_tail);
+        let (moved, chained) = tokio::join!(left, right);
+        moved?;
+        chained?;
+        release_tail.append(chain_tail);
+        release_tail.append(moves_tail);
+        self.notification_row(m, &facts, release_tail).await
     }
 
     /// The Training row's facts (or Custom Vision's, without it) and GetExports.
@@ -284,36 +353,35 @@ impl Direct {
         Err("claim held for 10 s".into())
     }
 
-    /// Writes `row` and gives the claim back in one transaction.
-    async fn write_releasing(
-        &self,
-        row: BatchOp,
-        pk: &str,
-        claim_rk: &str,
-        etag: &str,
-    ) -> Result<(), Error> {
-        let ops = [
-            row,
-            BatchOp::Delete {
-                partition_key: pk.to_owned(),
-                row_key: claim_rk.to_owned(),
-                etag: etag.to_owned(),
-            },
-        ];
-        match self.table.transact(&ops).await? {
-            BatchOutcome::Committed => Ok(()),
-            refused => Err(format!("{claim_rk}: {refused:?}").into()),
+    /// Writes a tail one write after another, each with the claim it gives back.
+    async fn flush(&self, tail: Tail) -> Result<(), Error> {
+        for (op, release) in tail.0 {
+            match (op, release) {
+                (BatchOp::Insert(e), None) => {
+                    self.table.insert(&e).await?;
+                }
+                (op, release) => {
+                    let ops: Vec<BatchOp> = std::iter::once(op).chain(release).collect();
+                    match self.table.transact(&ops).await? {
+                        BatchOutcome::Committed => {}
+                        refused => return Err(format!("step row: {refused:?}").into()),
+                    }
+                }
+            }
         }
+        Ok(())
     }
 
     /// Step: the export chain. Each entry Custom Vision exported already gets its step row; the
     /// first entry neither exported nor on a step row is requested, under its claim: the step
-    /// row read again inside it, the request, the new step row with the claim given back.
+    /// row read again inside it, the request, the new step row with the claim given back. The
+    /// rows are left in `tail`.
     async fn chain(
         &self,
         m: &Msg<'_>,
         exports: &[Export],
         steps: &[StoredEntity],
+        tail: &mut Tail,
     ) -> Result<(), Error> {
         for (position, platform) in CHAIN.split(',').enumerate() {
             let key = step_key(m.i, platform);
@@ -335,7 +403,7 @@ impl Direct {
                 )
             };
             if exports.iter().any(|e| e.platform == platform) {
-                self.table.insert(&step("Done")).await?;
+                tail.push(BatchOp::Insert(step("Done")), None);
                 continue;
             }
             let claim_rk = format!("Claim_{}_{platform}", m.i);
@@ -348,8 +416,10 @@ impl Direct {
                 break;
             }
             self.cv.export_iteration(m.p, m.i, platform, None).await?;
-            self.write_releasing(BatchOp::Insert(step("Requested")), &m.pk, &claim_rk, &claim)
-                .await?;
+            tail.push(
+                BatchOp::Insert(step("Requested")),
+                Some(give_back(&m.pk, &claim_rk, &claim)),
+            );
             break;
         }
         Ok(())
@@ -363,6 +433,7 @@ impl Direct {
         facts: &Facts,
         exports: &[Export],
         steps: &[StoredEntity],
+        tail: &mut Tail,
     ) -> Result<Vec<Released>, Error> {
         let mut out = Vec::new();
         for e in exports.iter().filter(|e| e.status == "Done") {
@@ -374,22 +445,29 @@ impl Direct {
             if released && e.platform != m.platform {
                 continue;
             }
-            out.push(self.release_copy(m, facts, &e.platform).await?);
+            // A first delivery expects the destination of an export no step row records a
+            // release of to be free: it copies without reading it.
+            out.push(
+                self.release_copy(m, facts, &e.platform, !released, tail)
+                    .await?,
+            );
         }
         Ok(out)
     }
 
-    /// One release copy: claim; source and destination together; the copy, unless the
-    /// destination is a copy of this source already; the backup's tags; the step row with the
-    /// claim given back (or the claim alone when the copy was current).
+    /// One release copy: claim and source together; the destination (unless expected free);
+    /// the copy, unless the destination is a copy of this source already, beside the backup's
+    /// tags; the step row with the claim given back, left in `tail` (or the claim alone, now,
+    /// when the copy was current). A destination expected free that is not is read and judged.
     async fn release_copy(
         &self,
         m: &Msg<'_>,
         facts: &Facts,
         platform: &str,
+        expect_free: bool,
+        tail: &mut Tail,
     ) -> Result<Released, Error> {
         let claim_rk = format!("ReleaseClaim_{}_{platform}", m.i);
-        let claim = self.claim(&m.pk, &claim_rk, "Copy").await?;
         let name = format!("{} - {}.{platform}", m.p, m.i);
         let source = self.env_clients.blob_at(&url::Url::parse(&format!(
             "{}/{}",
@@ -402,68 +480,90 @@ impl Direct {
             facts.iteration_path()
         );
         let dest = self.release.blob_client(&path);
-        let (props, existing) =
-            tokio::join!(source.get_properties(None), dest.get_properties(None));
-        let props = props?;
+        let (claim, props) = tokio::join!(
+            self.claim(&m.pk, &claim_rk, "Copy"),
+            source.get_properties(None)
+        );
+        let (claim, props) = (claim?, props?);
         let source_etag = props.etag()?.map(|e| e.to_string()).unwrap_or_default();
         let source_len = props.content_length()?.unwrap_or(0);
-        let existing = existing.ok();
-        let current = existing.as_ref().is_some_and(|d| {
-            d.metadata()
-                .ok()
-                .and_then(|md| md.get("sourceetag").cloned())
-                .is_some_and(|e| e == source_etag.trim_matches('"'))
-        });
-        if current {
-            self.table.delete(&m.pk, &claim_rk, &claim).await?;
-            let etag = existing
-                .and_then(|d| d.etag().ok().flatten())
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            return Ok(Released {
-                platform: platform.to_owned(),
-                path,
-                etag,
-            });
-        }
         let tags = HashMap::from([
             ("projectId".to_owned(), m.p.to_string()),
             ("iterationId".to_owned(), m.i.to_string()),
             ("platform".to_owned(), platform.to_owned()),
         ]);
-        let started = Instant::now();
-        let options = BlobClientStartCopyFromUrlOptions {
-            metadata: Some(HashMap::from([
-                ("projectid".to_owned(), m.p.to_string()),
-                ("iterationid".to_owned(), m.i.to_string()),
-                ("projectname".to_owned(), facts.project_path()),
-                ("iterationname".to_owned(), facts.iteration_path()),
-                ("platform".to_owned(), platform.to_owned()),
-                (
-                    "sourceetag".to_owned(),
-                    source_etag.trim_matches('"').to_owned(),
-                ),
-                ("sourcelength".to_owned(), source_len.to_string()),
-                ("exportedat".to_owned(), now()),
-            ])),
-            blob_tags_string: Some(tags_header(&tags)),
-            source_if_match: props.etag()?,
-            if_none_match: existing.is_none().then(|| "*".into()),
-            if_match: existing
-                .as_ref()
-                .and_then(|d| d.etag().ok().flatten())
-                .map(|e| e.to_string().into()),
-            ..Default::default()
+        let mut expect_free = expect_free;
+        let (copied, started) = loop {
+            let existing = match expect_free {
+                true => None,
+                false => dest.get_properties(None).await.ok(),
+            };
+            let current = existing.as_ref().is_some_and(|d| {
+                d.metadata()
+                    .ok()
+                    .and_then(|md| md.get("sourceetag").cloned())
+                    .is_some_and(|e| e == source_etag.trim_matches('"'))
+            });
+            if current {
+                self.table.delete(&m.pk, &claim_rk, &claim).await?;
+                let etag = existing
+                    .and_then(|d| d.etag().ok().flatten())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                return Ok(Released {
+                    platform: platform.to_owned(),
+                    path,
+                    etag,
+                });
+            }
+            let started = Instant::now();
+            let options = BlobClientStartCopyFromUrlOptions {
+                metadata: Some(HashMap::from([
+                    ("projectid".to_owned(), m.p.to_string()),
+                    ("iterationid".to_owned(), m.i.to_string()),
+                    ("projectname".to_owned(), facts.project_path()),
+                    ("iterationname".to_owned(), facts.iteration_path()),
+                    ("platform".to_owned(), platform.to_owned()),
+                    (
+                        "sourceetag".to_owned(),
+                        source_etag.trim_matches('"').to_owned(),
+                    ),
+                    ("sourcelength".to_owned(), source_len.to_string()),
+                    ("exportedat".to_owned(), now()),
+                ])),
+                blob_tags_string: Some(tags_header(&tags)),
+                source_if_match: props.etag()?,
+                if_none_match: existing.is_none().then(|| "*".into()),
+                if_match: existing
+                    .as_ref()
+                    .and_then(|d| d.etag().ok().flatten())
+                    .map(|e| e.to_string().into()),
+                ..Default::default()
+            };
+            // The backup's tags beside the copy.
+            let wanted: BlobTags = tags.clone().into();
+            let (copied, tagged) = tokio::join!(
+                dest.start_copy_from_url(source.url().to_string(), Some(options)),
+                async { source.set_tags(wanted.try_into()?, None).await }
+            );
+            tagged?;
+            match copied {
+                Err(e)
+                    if expect_free
+                        && matches!(
+                            e.http_status(),
+                            Some(StatusCode::PreconditionFailed | StatusCode::Conflict)
+                        ) =>
+                {
+                    expect_free = false;
+                }
+                copied => break (copied?, started),
+            }
         };
-        let copied = dest
-            .start_copy_from_url(source.url().to_string(), Some(options))
-            .await?;
         let etag = copied
             .headers()
             .get_optional_string(&azure_core::http::headers::HeaderName::from_static("etag"))
             .unwrap_or_default();
-        let wanted: BlobTags = tags.into();
-        source.set_tags(wanted.try_into()?, None).await?;
         let step = entity(
             &m.pk,
             &step_key(m.i, platform),
@@ -478,8 +578,10 @@ impl Direct {
                 ("EndedAt", json!(now())),
             ],
         );
-        self.write_releasing(BatchOp::Merge(step), &m.pk, &claim_rk, &claim)
-            .await?;
+        tail.push(
+            BatchOp::Merge(step),
+            Some(give_back(&m.pk, &claim_rk, &claim)),
+        );
         Ok(Released {
             platform: platform.to_owned(),
             path,
@@ -610,14 +712,16 @@ impl Direct {
 
     /// Step (ExportCompleted): the channels follow the releases. A `latest` or `production`
     /// entry this iteration holds already gets its copy brought in line; a new one needs a free
-    /// path (all looked at together), the manifest written under its ETag, and its copy (the
-    /// copies run together); then every move's row, in one transaction (a row there already
-    /// is left out and the rest sent again).
+    /// path (one listing of their folder for two or more, one look for one), the manifest (as
+    /// read beside the release) written under its ETag, and its copy (the copies run
+    /// together); every move's row is left in `tail`.
     async fn channels(
         &self,
         m: &Msg<'_>,
         facts: &Facts,
         released: &[Released],
+        manifest: (Value, Option<String>),
+        tail: &mut Tail,
     ) -> Result<(), Error> {
         let held = |manifest: &Value, channel: &str, platform: &str| {
             manifest["channels"][channel][platform]["iterationId"] == json!(m.i.to_string())
@@ -631,12 +735,16 @@ impl Direct {
         };
         // Read again and decided again while another message's write gets in between.
         let mut attempts = 0;
+        let mut read = Some(manifest);
         let (manifest, moves, revision) = loop {
             attempts += 1;
             if attempts > 8 {
                 return Err("the manifest kept changing".into());
             }
-            let (mut manifest, etag) = self.manifest(facts).await?;
+            let (mut manifest, etag) = match read.take() {
+                Some(read) => read,
+                None => self.manifest(facts).await?,
+            };
             let mut moves = Vec::new();
             for r in released {
                 for channel in CHANNELS {
@@ -645,17 +753,10 @@ impl Direct {
             }
             // Whether each new entry's path is free (or this project's channel copy).
             let new: Vec<_> = moves.iter().copied().filter(|(_, _, held)| !held).collect();
-            let free = futures::future::join_all(new.iter().map(|(channel, r, _)| {
-                let blob = self.release.blob_client(&path(channel, r));
-                async move { blob.get_properties(None).await }
-            }))
-            .await;
-            for (props, (channel, r, _)) in free.into_iter().zip(&new) {
-                match props {
-                    Err(e) if e.http_status() == Some(StatusCode::NotFound) => {}
-                    Err(e) => return Err(e.into()),
-                    Ok(p) if p.metadata()?.get("projectid") == Some(&m.pk) => {}
-                    Ok(_) => return Err(format!("{} is someone else's", path(channel, r)).into()),
+            let owners = self.path_owners(facts, &new, &path).await?;
+            for ((channel, r, _), owner) in new.iter().zip(owners) {
+                if owner.is_some_and(|o| o != m.pk) {
+                    return Err(format!("{} is someone else's", path(channel, r)).into());
                 }
             }
             let revision = manifest["revision"].as_u64().unwrap_or(0) + 1;
@@ -690,10 +791,9 @@ impl Direct {
             async move { self.channel_copy(m, facts, channel, r, &to, revision).await }
         }))
         .await;
-        let mut rows = Vec::new();
         for ((channel, r, _), copied) in moves.iter().zip(copies) {
             let revision = copied?;
-            rows.push(entity(
+            let row = entity(
                 &m.pk,
                 &format!("ChannelMove_{channel}_{}_r{revision:010}", r.platform),
                 &[
@@ -713,9 +813,58 @@ impl Direct {
                     ("Revision", json!(revision)),
                     ("PromotedAt", json!(now())),
                 ],
-            ));
+            );
+            tail.push(BatchOp::Insert(row), None);
         }
-        self.insert_all(rows).await
+        Ok(())
+    }
+
+    /// Who holds each new entry's path (`None`: free, or no owner said): with two or more, one
+    /// listing of their channel folder (with metadata, one page); with one, its properties.
+    async fn path_owners(
+        &self,
+        facts: &Facts,
+        new: &[(&str, &Released, bool)],
+        path: &impl Fn(&str, &Released) -> String,
+    ) -> Result<Vec<Option<String>>, Error> {
+        match new {
+            [] => Ok(Vec::new()),
+            [(channel, r, _)] => match self
+                .release
+                .blob_client(&path(channel, r))
+                .get_properties(None)
+                .await
+            {
+                Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(vec![None]),
+                Err(e) => Err(e.into()),
+                Ok(p) => Ok(vec![p.metadata()?.get("projectid").cloned()]),
+            },
+            _ => {
+                use azure_storage_blob::models::{
+                    BlobContainerClientListBlobsOptions, ListBlobsIncludeItem,
+                };
+                let options = BlobContainerClientListBlobsOptions {
+                    prefix: Some(format!("{}/channels/", facts.project_path())),
+                    include: Some(vec![ListBlobsIncludeItem::Metadata]),
+                    maxresults: Some(cvchain_azure::storage::channels::LIST_PAGE),
+                    ..Default::default()
+                };
+                let mut pages = self.release.list_blobs(Some(options))?.into_pages();
+                let mut owners: HashMap<String, Option<String>> = HashMap::new();
+                if let Some(page) = pages.next().await {
+                    for b in page?.into_model()?.blob_items {
+                        let meta = b.metadata.and_then(|m| m.values).unwrap_or_default();
+                        if let Some(name) = b.name {
+                            owners.insert(name, meta.get("projectid").cloned());
+                        }
+                    }
+                }
+                Ok(new
+                    .iter()
+                    .map(|(channel, r, _)| owners.get(&path(channel, r)).cloned().flatten())
+                    .collect())
+            }
+        }
     }
 
     /// One channel copy, conditional on the path being free; when it is not (a copy of this
@@ -773,29 +922,10 @@ impl Direct {
         }
     }
 
-    /// Inserts rows of one partition in one transaction; a row there already is left out and
-    /// the rest sent again.
-    async fn insert_all(&self, rows: Vec<Entity>) -> Result<(), Error> {
-        let mut live = rows;
-        while !live.is_empty() {
-            let ops: Vec<BatchOp> = live.iter().cloned().map(BatchOp::Insert).collect();
-            match self.table.transact(&ops).await? {
-                BatchOutcome::Committed => return Ok(()),
-                BatchOutcome::Refused {
-                    index: Some(i),
-                    status: 409,
-                    ..
-                } if i < live.len() => {
-                    live.remove(i);
-                }
-                refused => return Err(format!("move rows: {refused:?}").into()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Step: the notification's row, written last (the redelivery marker).
-    async fn notification_row(&self, m: &Msg<'_>, facts: &Facts) -> Result<(), Error> {
+    /// Step: the notification's row, written last (the redelivery marker), in one transaction
+    /// with the `tail` (a row of it there already is left out, a claim no longer held too, and
+    /// the rest sent again).
+    async fn notification_row(&self, m: &Msg<'_>, facts: &Facts, tail: Tail) -> Result<(), Error> {
         let event = match m.kind {
             Kind::TrainingCompleted => "TrainingCompleted",
             _ => "ExportCompleted",
@@ -815,7 +945,34 @@ impl Direct {
                 ("ReceivedAt", json!(now())),
             ],
         );
-        self.table.insert(&row).await?;
+        if tail.0.is_empty() {
+            self.table.insert(&row).await?;
+            return Ok(());
+        }
+        let mut ops: Vec<BatchOp> = tail
+            .0
+            .into_iter()
+            .flat_map(|(op, release)| std::iter::once(op).chain(release))
+            .collect();
+        ops.push(BatchOp::Insert(row));
+        while !ops.is_empty() {
+            match self.table.transact(&ops).await? {
+                BatchOutcome::Committed => return Ok(()),
+                BatchOutcome::Refused {
+                    index: Some(i),
+                    status,
+                    ..
+                } if i + 1 < ops.len()
+                    && matches!(
+                        (&ops[i], status),
+                        (BatchOp::Insert(_), 409) | (BatchOp::Delete { .. }, 404 | 412)
+                    ) =>
+                {
+                    ops.remove(i);
+                }
+                refused => return Err(format!("notification row: {refused:?}").into()),
+            }
+        }
         Ok(())
     }
 }
