@@ -517,16 +517,8 @@ impl Processor {
         let flushed = self.history.flush_tail(&tail).await;
         forget_all(&tail, &scratch.kept);
         if let Err(e) = flushed {
-            for t in &tail {
-                if let TailWrite::Insert {
-                    release: Some(c), ..
-                }
-                | TailWrite::Merge {
-                    release: Some(c), ..
-                } = t
-                {
-                    self.give_back(c).await;
-                }
+            for c in tail.iter().filter_map(TailWrite::release) {
+                self.give_back(c).await;
             }
             return Err(e.into());
         }
@@ -1455,15 +1447,7 @@ fn patched(tail: &[TailWrite], kept: &Kept) -> Vec<TailWrite> {
 
 /// The tail's claims are no longer renewed: given back with it, or left to expire.
 fn forget_all(tail: &[TailWrite], kept: &Kept) {
-    for t in tail {
-        if let TailWrite::Insert {
-            release: Some(c), ..
-        }
-        | TailWrite::Merge {
-            release: Some(c), ..
-        } = t
-        {
-            kept.forget(c);
-        }
+    for c in tail.iter().filter_map(TailWrite::release) {
+        kept.forget(c);
     }
 }

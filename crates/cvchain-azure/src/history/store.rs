@@ -54,7 +54,8 @@ impl TailWrite {
         }
     }
 
-    fn release(&self) -> Option<&Claim> {
+    /// The claim this write gives back, if any.
+    pub fn release(&self) -> Option<&Claim> {
         match self {
             TailWrite::Insert { release, .. } | TailWrite::Merge { release, .. } => {
                 release.as_ref()
@@ -106,15 +107,7 @@ impl HistoryStore {
         match outcome {
             WriteOutcome::Written { .. } => Ok(Recorded::Inserted),
             WriteOutcome::AlreadyExists | WriteOutcome::Conflict => {
-                let existing = self
-                    .table
-                    .get(&row.partition_key, &row.row_key)
-                    .await?
-                    .ok_or_else(|| StorageError::Other {
-                        service: "table",
-                        detail: format!("row {} vanished after a conflict", row.describe()),
-                    })?;
-                Ok(Recorded::AlreadyPresent(from_stored(&existing)))
+                self.found_after_conflict(row).await
             }
         }
     }
@@ -174,14 +167,7 @@ impl HistoryStore {
                     if !row_exists {
                         return Ok(Some(Recorded::Inserted));
                     }
-                    let existing = self
-                        .get(&row.partition_key, &row.row_key)
-                        .await?
-                        .ok_or_else(|| StorageError::Other {
-                            service: "table",
-                            detail: format!("row {} vanished after a conflict", row.describe()),
-                        })?;
-                    return Ok(Some(Recorded::AlreadyPresent(existing)));
+                    return self.found_after_conflict(row).await.map(Some);
                 }
                 BatchOutcome::Refused { status: 404, .. } if !created => {
                     self.table.create_if_missing().await?;
@@ -243,6 +229,18 @@ impl HistoryStore {
         Ok(())
     }
 
+    /// The row a write of `row` conflicted with, as it is there.
+    async fn found_after_conflict(&self, row: &HistoryRow) -> Result<Recorded, StorageError> {
+        let existing = self
+            .get(&row.partition_key, &row.row_key)
+            .await?
+            .ok_or_else(|| StorageError::Other {
+                service: "table",
+                detail: format!("row {} vanished after a conflict", row.describe()),
+            })?;
+        Ok(Recorded::AlreadyPresent(existing))
+    }
+
     /// Inserts the row unless one with its keys exists, without reading the one that does:
     /// `false` when it was there already.
     pub async fn record_once(&self, row: &HistoryRow) -> Result<bool, StorageError> {
@@ -287,14 +285,7 @@ impl HistoryStore {
                         }])
                         .await;
                 }
-                let existing = self
-                    .get(&row.partition_key, &row.row_key)
-                    .await?
-                    .ok_or_else(|| StorageError::Other {
-                        service: "table",
-                        detail: format!("row {} vanished after a conflict", row.describe()),
-                    })?;
-                Ok(Recorded::AlreadyPresent(existing))
+                self.found_after_conflict(row).await
             }
         }
     }
@@ -324,9 +315,7 @@ impl HistoryStore {
             });
             return self.record_with_tail(row, outbox, &tail).await;
         }
-        let mut e = props_to_entity(note);
-        e.insert("PartitionKey".into(), row.partition_key.clone().into());
-        e.insert("RowKey".into(), first_row_key.into());
+        let e = keyed(note, &row.partition_key, first_row_key);
         let ops = [BatchOp::Insert(to_entity(row)), BatchOp::Merge(e)];
         match self.table.transact(&ops).await? {
             BatchOutcome::Committed => Ok(Recorded::Inserted),
@@ -443,9 +432,7 @@ impl HistoryStore {
         if outbox.is_empty() && release.is_none() {
             return self.merge(partition_key, row_key, properties).await;
         }
-        let mut e = props_to_entity(properties);
-        e.insert("PartitionKey".into(), partition_key.into());
-        e.insert("RowKey".into(), row_key.into());
+        let e = keyed(properties, partition_key, row_key);
         match self
             .transact_with(BatchOp::Merge(e), outbox, release)
             .await?
@@ -580,9 +567,7 @@ impl HistoryStore {
         row_key: &str,
         properties: &Props,
     ) -> Result<(), StorageError> {
-        let mut e = props_to_entity(properties);
-        e.insert("PartitionKey".into(), partition_key.into());
-        e.insert("RowKey".into(), row_key.into());
+        let e = keyed(properties, partition_key, row_key);
         self.table.upsert(&e, UpdateMode::Merge).await.map(|_| ())
     }
 
@@ -600,9 +585,7 @@ impl HistoryStore {
         let ops: Vec<BatchOp> = rows
             .iter()
             .map(|(row_key, properties)| {
-                let mut e = props_to_entity(properties);
-                e.insert("PartitionKey".into(), partition_key.into());
-                e.insert("RowKey".into(), row_key.clone().into());
+                let e = keyed(properties, partition_key, row_key);
                 BatchOp::Merge(e)
             })
             .collect();
@@ -798,12 +781,10 @@ fn tail_ops(tail: &[TailWrite]) -> Option<Vec<(TailPart, BatchOp)>> {
                 properties,
                 outbox,
                 ..
-            } => {
-                let mut e = props_to_entity(properties);
-                e.insert("PartitionKey".into(), partition_key.clone().into());
-                e.insert("RowKey".into(), row_key.clone().into());
-                (BatchOp::Merge(e), outbox)
-            }
+            } => (
+                BatchOp::Merge(keyed(properties, partition_key, row_key)),
+                outbox,
+            ),
         };
         let key = op_row_key(&op).to_owned();
         match ops.iter_mut().find(|(_, o)| same_row(o, &key)) {
@@ -849,4 +830,12 @@ fn op_row_key(op: &BatchOp) -> &str {
 /// Whether `op` touches the row `row_key` (all of a tail shares one partition).
 fn same_row(op: &BatchOp, row_key: &str) -> bool {
     op_row_key(op) == row_key
+}
+
+/// `props` as the entity of row `row_key` in `partition_key`.
+fn keyed(props: &Props, partition_key: &str, row_key: &str) -> crate::storage::table::Entity {
+    let mut e = props_to_entity(props);
+    e.insert("PartitionKey".into(), partition_key.into());
+    e.insert("RowKey".into(), row_key.into());
+    e
 }

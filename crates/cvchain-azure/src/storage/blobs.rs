@@ -325,21 +325,7 @@ impl ReleaseStore {
     /// The release's source: its client, its URL for the copy, whether it is the backup blob,
     /// and its properties (ETag and length for the currency check). A missing backup falls back
     /// to GetExports' downloadUri.
-    async fn source(
-        &self,
-        plan: &ReleasePlan,
-    ) -> Result<
-        (
-            BlobClient,
-            String,
-            bool,
-            azure_core::http::Response<
-                azure_storage_blob::models::BlobClientGetPropertiesResult,
-                azure_core::http::NoFormat,
-            >,
-        ),
-        ReleaseError,
-    > {
+    async fn source(&self, plan: &ReleasePlan) -> Result<SourceRead, ReleaseError> {
         Ok(match &plan.source {
             Source::Backup { blob_name } => {
                 let c = self.backup_blob(blob_name)?;
@@ -483,15 +469,16 @@ fn is_container_missing(e: &azure_core::Error) -> bool {
 }
 
 /// A release's source as read: its client, its URL for the copy, whether it is the backup
-/// blob, and its properties.
-pub struct ReleaseSource(
-    (
-        BlobClient,
-        String,
-        bool,
-        azure_core::http::Response<
-            azure_storage_blob::models::BlobClientGetPropertiesResult,
-            azure_core::http::NoFormat,
-        >,
-    ),
+/// blob, and its properties (ETag and length for the currency check).
+type SourceRead = (
+    BlobClient,
+    String,
+    bool,
+    azure_core::http::Response<
+        azure_storage_blob::models::BlobClientGetPropertiesResult,
+        azure_core::http::NoFormat,
+    >,
 );
+
+/// A release's source, read ahead for [`ReleaseStore::release_from`].
+pub struct ReleaseSource(SourceRead);
