@@ -24,7 +24,7 @@ use cvchain_core::chain::{EntryState, ExportTarget, Next, plan_chain};
 use cvchain_core::claims::ClaimKey;
 use cvchain_core::customvision::CvError;
 use cvchain_core::history::{
-    Existing, PoisonCopy, Prop, Props, StepRow, TrainingRow, existing_row, failed_row,
+    Existing, PoisonCopy, Prop, Props, StepRow, TrainingRow, apart_key, existing_row, failed_row,
     step_row_key, table_datetime, training_row_key,
 };
 use cvchain_core::message::Incoming;
@@ -220,19 +220,25 @@ impl Processor {
     }
 
     async fn process_once(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
-        // A redelivery of a handled notification costs one read; two when another message
-        // recorded this event first and this one's row is the one recorded apart (two exports of
-        // one platform, see `carry_out`).
+        // A redelivery of a handled notification costs one read: the row and, when another
+        // message recorded this event first, this one's row apart (two exports of one
+        // platform, see `carry_out`), both in one range.
         // Another message's row found by the probe: recording this one's goes straight to the
         // row apart, without trying the first's keys again.
         let mut first_row = None;
         if let Ok(parsed) = &incoming.parsed
             && let Some(row) = redelivery_probe(incoming, parsed, &self.config)
-            && let Some(existing) = self.history.get(&row.partition_key, &row.row_key).await?
+            && let (Some(existing), mine) = self
+                .history
+                .get_with_apart(
+                    &row.partition_key,
+                    &row.row_key,
+                    &apart_key(&row.row_key, &incoming.key),
+                )
+                .await?
             && let Some(row) = match existing_row(&row, &existing, &incoming.key) {
                 Existing::Redelivery => Some(row),
                 Existing::Another { row: own, .. } => {
-                    let mine = self.history.get(&own.partition_key, &own.row_key).await?;
                     if mine.is_none() {
                         first_row = Some(existing);
                     }

@@ -552,6 +552,25 @@ async fn forged_exports_neither_replace_nor_displace_the_genuine_ones() {
             .is_some_and(|d| d.contains("forged-first")),
         "{genuine:#?}"
     );
+    // Each message's redelivery is told as one (the first's row, and the second's row apart
+    // beside it, read in one range) and writes nothing.
+    let genuine_id = genuine.entity["MessageId"].as_str().unwrap().to_owned();
+    for id in ["forged-first", genuine_id.as_str()] {
+        assert_eq!(w.deliver(&forged, id, 2).await, 200);
+        let answer = w.answers.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            answer.contains("already recorded: a redelivery, left unchanged"),
+            "{id}: {answer}"
+        );
+    }
+    let again = w.rows_with("EventType", "Export").await;
+    assert_eq!(
+        again
+            .iter()
+            .filter(|r| r.entity["IterationId"] == i.to_string())
+            .count(),
+        2
+    );
 
     // Blobs whose names differ from the genuine backup's only by case: never released.
     let step = w.step(p, i, "ONNX").await.unwrap();

@@ -619,6 +619,39 @@ impl HistoryStore {
             .map(from_stored))
     }
 
+    /// A notification's row and its message's row apart (see `existing_row`), in one range
+    /// read when the apart key extends the row's key (it does unless the message key made it
+    /// hashed): a second message about one event is told from its redelivery in one round trip.
+    /// Rows apart of other messages in the range are passed over.
+    pub async fn get_with_apart(
+        &self,
+        partition_key: &str,
+        row_key: &str,
+        apart_key: &str,
+    ) -> Result<(Option<HistoryRow>, Option<HistoryRow>), StorageError> {
+        if !apart_key.starts_with(row_key) {
+            let Some(first) = self.get(partition_key, row_key).await? else {
+                return Ok((None, None));
+            };
+            return Ok((Some(first), self.get(partition_key, apart_key).await?));
+        }
+        let filter = format!(
+            "{} and RowKey ge '{}' and RowKey le '{}'",
+            filter_eq("PartitionKey", partition_key),
+            row_key.replace('\'', "''"),
+            apart_key.replace('\'', "''"),
+        );
+        let (mut first, mut apart) = (None, None);
+        for row in self.query(Some(&filter), 1000).await? {
+            if row.row_key == row_key {
+                first = Some(row);
+            } else if row.row_key == apart_key {
+                apart = Some(row);
+            }
+        }
+        Ok((first, apart))
+    }
+
     /// The iteration's export step rows.
     pub async fn steps(
         &self,

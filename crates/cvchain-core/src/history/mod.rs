@@ -320,7 +320,7 @@ pub fn existing_row(row: &HistoryRow, existing: &HistoryRow, message_key: &str) 
         .map(|t| format!(", received {}", table_datetime(t)))
         .unwrap_or_default();
     let mut alternate = row.clone();
-    alternate.row_key = safe_key(format!("{}_{message_key}", row.row_key));
+    alternate.row_key = apart_key(&row.row_key, message_key);
     let p = &mut alternate.properties;
     p.set(Prop::SameEventAs, &existing.row_key);
     p.set(
@@ -350,6 +350,13 @@ pub fn existing_row(row: &HistoryRow, existing: &HistoryRow, message_key: &str) 
         row: alternate,
         note,
     }
+}
+
+/// The key of the row apart that a message gets when another message recorded its event first
+/// (see [`existing_row`]): the first row's key and the message's, so the two sort together and
+/// one range read finds both.
+pub fn apart_key(row_key: &str, message_key: &str) -> String {
+    safe_key(format!("{row_key}_{message_key}"))
 }
 
 /// `Edm.DateTime` holds 100 ns ticks: seven fractional digits at most, always UTC.
