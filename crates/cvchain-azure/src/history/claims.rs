@@ -181,32 +181,39 @@ impl Claims {
     }
 
     /// Renews the claims in `kept` every third of their lifetime, for as long as it runs (beside
-    /// the work that gives them back at its end; it never ends on its own). A claim found taken
-    /// over is marked lost, so it is not given back.
+    /// the work that gives them back at its end; it never ends on its own). A claim is renewed
+    /// first soon after it is added, since its holder may have renewed it last up to a third of
+    /// its life before; a renewal that fails is tried again soon. A claim found taken over is
+    /// marked lost, so it is not given back.
     pub async fn keep_renewed(&self, kept: &Kept) -> std::convert::Infallible {
         let period = (self.ttl / 3).max(Duration::from_millis(100));
+        let tick = period / 4;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::time::sleep(tick).await;
             let _gate = kept.gate.lock().await;
-            let held: Vec<Claim> = kept
+            let now = Instant::now();
+            let due: Vec<Claim> = kept
                 .held
                 .lock()
                 .expect("no panic holds it")
                 .values()
-                .flatten()
-                .cloned()
+                .filter(|k| k.due <= now)
+                .filter_map(|k| k.claim.clone())
                 .collect();
-            for claim in held {
-                let renewed = match self.renew(&claim).await {
-                    Ok(r) => r,
+            for claim in due {
+                let (renewed, next) = match self.renew(&claim).await {
+                    Ok(r) => (r, Instant::now() + period),
                     Err(e) => {
                         tracing::warn!(error = %e, claim = %claim.row_key, "cannot renew a claim; retrying");
-                        continue;
+                        (Some(claim.clone()), Instant::now() + tick)
                     }
                 };
                 let mut map = kept.held.lock().expect("no panic holds it");
                 if let Some(slot) = map.get_mut(&claim.row_key) {
-                    *slot = renewed;
+                    *slot = KeptClaim {
+                        claim: renewed,
+                        due: next,
+                    };
                 }
             }
         }
@@ -221,22 +228,32 @@ impl Claims {
     }
 }
 
+/// A kept claim as last renewed (`None`: taken over) and when its next renewal is due.
+#[derive(Debug, Clone)]
+struct KeptClaim {
+    claim: Option<Claim>,
+    due: Instant,
+}
+
 /// Claims whose work is done, held until the transaction that records the work gives them
 /// back (see [`Claims::keep_renewed`]). Renewals and that transaction take turns (`gate`), so
 /// the transaction sends each claim's ETag as last renewed.
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
-    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Option<Claim>>>>,
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, KeptClaim>>>,
     gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Kept {
-    /// Holds `claim` until it is given back.
+    /// Holds `claim` until it is given back; its first renewal is due at once.
     pub fn add(&self, claim: Claim) {
-        self.held
-            .lock()
-            .expect("no panic holds it")
-            .insert(claim.row_key.clone(), Some(claim));
+        self.held.lock().expect("no panic holds it").insert(
+            claim.row_key.clone(),
+            KeptClaim {
+                claim: Some(claim),
+                due: Instant::now(),
+            },
+        );
     }
 
     /// Waits for renewals to pause; they resume when the guard is dropped.
@@ -252,7 +269,7 @@ impl Kept {
             .expect("no panic holds it")
             .get(&claim.row_key)
         {
-            Some(slot) => slot.clone(),
+            Some(slot) => slot.claim.clone(),
             None => Some(claim.clone()),
         }
     }
