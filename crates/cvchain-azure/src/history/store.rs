@@ -8,7 +8,7 @@ use crate::storage::{
     StorageError,
     table::{
         BatchOp, BatchOutcome, Continuation, StoredEntity, TableClient, UpdateMode, WriteOutcome,
-        filter_eq,
+        filter_cmp, filter_eq,
     },
 };
 use cvchain_core::history::{HistoryRow, Prop, Props, StepRow, step_key_range};
@@ -636,10 +636,10 @@ impl HistoryStore {
             return Ok((Some(first), self.get(partition_key, apart_key).await?));
         }
         let filter = format!(
-            "{} and RowKey ge '{}' and RowKey le '{}'",
+            "{} and {} and {}",
             filter_eq("PartitionKey", partition_key),
-            row_key.replace('\'', "''"),
-            apart_key.replace('\'', "''"),
+            filter_cmp("RowKey", "ge", row_key),
+            filter_cmp("RowKey", "le", apart_key),
         );
         let (mut first, mut apart) = (None, None);
         for row in self.query(Some(&filter), 1000).await? {
@@ -792,8 +792,8 @@ impl HistoryStore {
         let filter = format!(
             "{} and {} and {}",
             filter_eq("PartitionKey", &project.to_string()),
-            format_args!("RowKey ge '{}'", from.replace('\'', "''")),
-            format_args!("RowKey lt '{}'", to.replace('\'', "''")),
+            filter_cmp("RowKey", "ge", &from),
+            filter_cmp("RowKey", "lt", &to),
         );
         self.query(Some(&filter), 1000).await
     }

@@ -507,7 +507,12 @@ fn entity_path(table: &str, pk: &str, rk: &str) -> String {
 
 /// An OData `eq` comparison with a string literal, quotes doubled so values cannot break out.
 pub fn filter_eq(property: &str, value: &str) -> String {
-    format!("{property} eq '{}'", value.replace('\'', "''"))
+    filter_cmp(property, "eq", value)
+}
+
+/// An OData comparison (`eq`, `ge`, `lt`, …) with a string literal, quoted as [`filter_eq`].
+pub fn filter_cmp(property: &str, op: &str, value: &str) -> String {
+    format!("{property} {op} '{}'", value.replace('\'', "''"))
 }
 
 /// Keys must be strings without the characters the service forbids.
