@@ -8,7 +8,9 @@
 //! as long as the round runs, and the round stops the moment it is lost; each event's state is
 //! saved as soon as its sink answered (each Event Grid request's together), so a crash or a
 //! takeover sends again at most the one event, or request, that was in flight. Within a project
-//! each sink takes events in order, and a sink that is down only holds up itself. Which events
+//! each sink takes events in order (a round here holds back what was written since a
+//! notification still in flight here began: its own events come first), and a sink that is
+//! down only holds up itself. Which events
 //! exist and what an answer means is the core's (`cvchain_core::events`).
 
 use crate::settings::Settings;
@@ -108,6 +110,51 @@ pub struct Events {
     retry: RetryPolicy,
     /// How often `cvchain worker` delivers what is pending.
     pub deliver_every: std::time::Duration,
+    /// The notifications this process is handling now, by project and when each began.
+    in_flight: InFlight,
+}
+
+/// Notifications being processed in this process: each one's own events are written when it
+/// ends but placed at its start, so until it ends a delivery round here sends none of its
+/// project's events placed after that start ([`delivery::settled`]). A round on another
+/// instance does not know of them (see `docs/events.md`, Order).
+#[derive(Debug, Default)]
+struct InFlight {
+    next: std::sync::atomic::AtomicU64,
+    began: std::sync::Mutex<Vec<(u64, String, OffsetDateTime)>>,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, String, OffsetDateTime)>> {
+        // A panic while holding it cannot leave the list half-changed (one push or remove).
+        self.began.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the earliest notification of `partition_key` still in flight begins the order.
+    fn horizon(&self, partition_key: &str) -> Option<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, pk, _)| pk == partition_key)
+            .map(|(_, _, at)| *at)
+            .min()
+            .map(|at| sequence(at, 0))
+    }
+}
+
+/// A notification in flight ([`Events::begin`]); dropping it ends it.
+#[must_use = "the notification is in flight only while this is held"]
+pub struct Handling {
+    events: Arc<Events>,
+    id: u64,
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.events
+            .in_flight
+            .lock()
+            .retain(|(id, _, _)| *id != self.id);
+    }
 }
 
 impl std::fmt::Debug for Events {
@@ -180,6 +227,7 @@ impl Events {
             ),
             retry: settings.events.retry,
             deliver_every: settings.events.deliver_every,
+            in_flight: InFlight::default(),
         })))
     }
 
@@ -390,6 +438,31 @@ impl Events {
         self.rows_for(pk, rk, &events, at)
     }
 
+    /// Marks a notification of `partition_key` in flight from now until the guard is dropped:
+    /// call it before the processing takes the moment its own events are placed at.
+    pub fn begin(self: &Arc<Self>, partition_key: &str) -> Handling {
+        let id = self
+            .in_flight
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .push((id, partition_key.to_owned(), OffsetDateTime::now_utc()));
+        Handling {
+            events: self.clone(),
+            id,
+        }
+    }
+
+    /// `partition_key`'s pending events a round may send now, in order.
+    async fn pending(&self, partition_key: &str) -> Result<Vec<OutboxRow>, StorageError> {
+        let mut rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+        let settled =
+            delivery::settled(&rows, self.in_flight.horizon(partition_key).as_deref()).len();
+        rows.truncate(settled);
+        Ok(rows)
+    }
+
     /// Delivers `partition_key`'s pending events in the background: the invocation that wrote
     /// them does not wait for a sink.
     pub fn deliver_later(self: &Arc<Self>, partition_key: String) {
@@ -485,7 +558,7 @@ impl Events {
         let mut report = DeliveryReport::default();
         for _ in 0..5 {
             // Nothing due (the usual case for a redelivery): one query, no claim.
-            let rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+            let rows = self.pending(partition_key).await?;
             let now = OffsetDateTime::now_utc();
             if Sink::ALL
                 .into_iter()
@@ -521,7 +594,7 @@ impl Events {
     /// One round: each sink, on its own (a slow or dead one holds up no other), takes its due
     /// events in order; each event's state is saved as soon as its sink answered.
     async fn round(&self, partition_key: &str) -> Result<DeliveryReport, StorageError> {
-        let rows = self.outbox.list(Some(partition_key), true, 10_000).await?;
+        let rows = self.pending(partition_key).await?;
         let now = OffsetDateTime::now_utc();
         // The rows as saved so far: every save writes a row's states for all sinks and whether
         // it is still pending, so saves of one row by two sinks go one after the other.

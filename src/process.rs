@@ -192,7 +192,17 @@ impl Processor {
     /// (`DequeueCount` at `CVCHAIN_MAX_DEQUEUE`), the final failure is recorded first, so every
     /// poison-queue entry has a matching row.
     pub async fn process(&self, incoming: &Incoming) -> Result<Outcome, ProcessError> {
+        // Its own events are placed at its start: deliveries here hold back what its project
+        // writes meanwhile until it ends, so no sink gets those first.
+        let handling = match (&self.events, &incoming.parsed) {
+            (Some(events), Ok(parsed)) => parsed
+                .notification
+                .project_id()
+                .map(|project| events.begin(&project.to_string())),
+            _ => None,
+        };
         let result = self.process_once(incoming).await;
+        drop(handling);
         // The events this message recorded (and any its project still owes) go out now, in the
         // background: the answer to the host does not wait for a sink.
         if let (Ok(_), Some(events), Ok(parsed)) = (&result, &self.events, &incoming.parsed)

@@ -841,6 +841,75 @@ async fn a_receiver_that_was_down_gets_every_event_and_the_others_go_on() {
     w.assert_no_secrets().await;
 }
 
+/// A notification's own events are placed at its start and written at its end: while it runs,
+/// a round in the same process sends none of its project's events placed after that start
+/// (written meanwhile: the export it requested), so no sink takes them first. Once it ends,
+/// they all go, in order.
+#[tokio::test]
+async fn a_round_holds_back_what_a_notification_in_flight_comes_before() {
+    use cvchain_core::events::IterationFacts;
+    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus};
+    use cvchain_core::notification::{EventStatus, Kind};
+    let mut w = world(false).await;
+    let events = events_of(&w.env);
+    let pk = w.project.to_string();
+    let training = |iteration: Uuid| {
+        let mut p = Props::new();
+        p.set(
+            Prop::EventType,
+            RowKind::Notification(Kind::Training).as_str(),
+        );
+        p.set(
+            Prop::Status,
+            RowStatus::Event(EventStatus::TrainingCompleted).as_str(),
+        );
+        p.set(Prop::ProjectId, pk.clone());
+        p.set(Prop::IterationId, iteration.to_string());
+        p.set(Prop::Confirmed, true);
+        HistoryRow {
+            partition_key: pk.clone(),
+            row_key: format!("Training_{iteration}_TrainingCompleted"),
+            properties: p,
+        }
+    };
+    let handling = events.begin(&pk);
+    let began = time::OffsetDateTime::now_utc();
+    // Written while it runs: placed after its start.
+    events
+        .record(
+            &training(Uuid::new_v4()),
+            &IterationFacts::default(),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let report = events.deliver(&pk).await.unwrap();
+    assert_eq!(report.delivered, 0, "{}", report.describe());
+    w.drain_events_queue().await;
+    assert!(w.queued.is_empty(), "{:?}", w.queued);
+    // Its own, written as it ends, placed at its start.
+    events
+        .record(
+            &training(Uuid::new_v4()),
+            &IterationFacts::default(),
+            Some(began),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    drop(handling);
+    events.deliver(&pk).await.unwrap();
+    w.drain_events_queue().await;
+    let ids = w.outbox_ids().await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(
+        w.queued_ids(),
+        ids,
+        "in their order, the one placed first first"
+    );
+}
+
 /// The `DeliverEvents` timer function as the host invokes it, and an event larger than a
 /// webhook should carry: sent to the webhook with its long string shortened (a `trimmed`
 /// member, the pointer to its history row, and the outbox row saying so), whole to the queue

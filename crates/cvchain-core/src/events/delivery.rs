@@ -368,6 +368,24 @@ pub fn after_attempt(
     s
 }
 
+/// The rows a delivery may send while a notification placed at `horizon` (the sequence of the
+/// moment its processing began) is still being processed: those placed before it. That
+/// notification writes its own events when it ends, in their place before anything written
+/// meanwhile; sending a later event first would put the sink's order out. `rows` are one
+/// project's, in order.
+pub fn settled<'a>(rows: &'a [OutboxRow], horizon: Option<&str>) -> &'a [OutboxRow] {
+    match horizon {
+        None => rows,
+        Some(h) => {
+            let end = rows
+                .iter()
+                .position(|r| r.sequence.as_str() >= h)
+                .unwrap_or(rows.len());
+            &rows[..end]
+        }
+    }
+}
+
 /// The events `sink` takes now, in order: the project's pending events for it, up to the first
 /// one still waiting for its retry (so a later event never overtakes an earlier one).
 pub fn due_for(rows: &[OutboxRow], sink: Sink, now: OffsetDateTime) -> Vec<&OutboxRow> {

@@ -1,5 +1,5 @@
 use super::delivery::{
-    Answer, RetryPolicy, State, after_attempt, batches, due_for, for_sink, still_pending,
+    Answer, RetryPolicy, State, after_attempt, batches, due_for, for_sink, settled, still_pending,
 };
 use super::webhook::{VerifyError, parse_secret, secret_text, sign, verify};
 use super::*;
@@ -478,6 +478,25 @@ fn backoff_grows_threefold_to_its_cap() {
     assert_eq!(p.backoff(30, "").as_secs(), 12 * 3600);
     let jittered = p.backoff(2, "some-event-id");
     assert!(jittered >= Duration::from_secs(15) && jittered <= Duration::from_millis(16_500));
+}
+
+#[test]
+fn a_notification_in_flight_holds_back_what_was_written_after_it_began() {
+    let rows = vec![
+        outbox("00000000000000000010-000", &[Sink::Queue]),
+        outbox("00000000000000000020-000", &[Sink::Queue]),
+        outbox("00000000000000000030-001", &[Sink::Queue]),
+    ];
+    let seqs =
+        |rows: &[OutboxRow]| -> Vec<String> { rows.iter().map(|r| r.sequence.clone()).collect() };
+    assert_eq!(settled(&rows, None).len(), 3, "nothing in flight");
+    // Began at 20: its own events go at 20, before the one written at 20 and the later ones.
+    assert_eq!(
+        seqs(settled(&rows, Some("00000000000000000020-000"))),
+        ["00000000000000000010-000"]
+    );
+    assert_eq!(settled(&rows, Some("00000000000000000005-000")).len(), 0);
+    assert_eq!(settled(&rows, Some("00000000000000000040-000")).len(), 3);
 }
 
 #[test]
