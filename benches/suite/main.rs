@@ -6,7 +6,8 @@
 //! Settings: CVCHAIN_BENCH_MESSAGES (5000), CVCHAIN_BENCH_COLD_RUNS (25),
 //! CVCHAIN_BENCH_SECTIONS (cold,cost,kinds,latency,calls,throughput,memory,rate,telemetry),
 //! CVCHAIN_BENCH_OUT (target/bench/results.md), CVCHAIN_BENCH_KIND_ROUNDS (20),
-//! CVCHAIN_BENCH_RATE_MESSAGES (480), CVCHAIN_BENCH_BEFORE_BIN,
+//! CVCHAIN_BENCH_RATE_MESSAGES (480), CVCHAIN_BENCH_BEFORE_BIN, CVCHAIN_BENCH_EXE (the cvchain
+//! measured; scripts/bench gives the release build, the one users run),
 //! CVCHAIN_BENCH_KINDS_DEBUG (a tally per invocation), CVCHAIN_BENCH_KINDS_DUMP=<dir> (each
 //! invocation's requests from Azurite's log). Needs Azurite in node_modules (`npm ci`).
 use cvchain_testkit::hot_path;
@@ -99,13 +100,18 @@ fn setting(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
+/// The cvchain measured: the release build `scripts/bench` gives (its symbols, which
+/// `build/startup-order.txt` names, are the release profile's, not the bench profile's), or
+/// the bench build beside this suite.
 fn cvchain_exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cvchain"))
+    std::env::var_os("CVCHAIN_BENCH_EXE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cvchain")))
 }
 
 /// The minimal axum server, built by `cargo build --release --example baseline_server`.
 fn baseline_exe() -> PathBuf {
-    let p = cvchain_exe()
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_cvchain"))
         .parent()
         .unwrap()
         .join("examples/baseline_server");
