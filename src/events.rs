@@ -10,8 +10,8 @@
 //! takeover sends again at most the one event, or request, that was in flight. Within a project
 //! each sink takes events in order (a round here holds back what was written since a
 //! notification still in flight here began: its own events come first), and a sink that is
-//! down only holds up itself. Which events
-//! exist and what an answer means is the core's (`cvchain_core::events`).
+//! down only holds up itself. Which events exist and what an answer means is the core's
+//! (`cvchain_core::events`).
 
 use crate::settings::Settings;
 use cvchain_azure::events::{
