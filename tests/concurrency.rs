@@ -53,6 +53,32 @@ async fn one_claim_at_a_time_and_an_expired_claim_is_taken_over_once() {
     assert!(claims.acquire(&key("Claim_y")).await.unwrap().is_none());
 }
 
+/// A claim taken well before its work begins (a copy reads its source beside taking its claim;
+/// taking a claim over takes three round trips) is renewed on its own clock, not the work's:
+/// its first renewal comes a third of its life after it was written, at once if that is past.
+#[tokio::test]
+async fn a_claim_taken_before_its_work_begins_is_renewed_in_time() {
+    let azurite = Azurite::start();
+    let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
+    let table = unique("Claims");
+    let claims = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(3));
+    let taken = tokio::time::Instant::now();
+    let claim = claims.acquire(&key("Claim_z")).await.unwrap().unwrap();
+    // Its work begins two and a half seconds into its three-second life.
+    tokio::time::sleep_until(taken + Duration::from_millis(2500)).await;
+    let contender = Claims::new(clients.table(&table).unwrap(), Duration::from_secs(60));
+    let work = async {
+        // Past the expiry the claim was written with: renewed by now, so not taken over.
+        tokio::time::sleep_until(taken + Duration::from_millis(3300)).await;
+        let rival = contender.acquire(&key("Claim_z")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rival
+    };
+    let (rival, held) = claims.hold_keep(claim, work).await.unwrap();
+    assert!(rival.is_none(), "a live holder's claim was taken over");
+    claims.release(&held).await.unwrap();
+}
+
 #[tokio::test]
 async fn two_instances_given_the_same_messages_request_and_copy_once() {
     let azurite = Azurite::start();

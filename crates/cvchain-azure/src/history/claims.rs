@@ -42,6 +42,10 @@ pub struct Claim {
     pub owner: Uuid,
     /// Taken over from a holder whose claim expired (it may have crashed mid-work).
     pub taken_over: bool,
+    /// Until when this holder may count on it: a lifetime after the moment its stored expiry
+    /// was computed from, which may be well before the claim is used (taking a claim over
+    /// takes three round trips; a copy reads its source beside taking its claim).
+    pub valid_until: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +62,7 @@ impl Claims {
     /// Takes the claim, or `None` while someone else holds it.
     pub async fn acquire(&self, key: &ClaimKey) -> Result<Option<Claim>, StorageError> {
         let owner = Uuid::new_v4();
+        let asked = Instant::now();
         let now = OffsetDateTime::now_utc();
         let expires =
             now + time::Duration::try_from(self.ttl).unwrap_or(time::Duration::minutes(2));
@@ -69,6 +74,7 @@ impl Claims {
             etag,
             owner,
             taken_over,
+            valid_until: asked + self.ttl,
         };
         let first = match self.table.insert(&entity).await {
             Err(StorageError::Service { status: 404, .. }) => {
@@ -104,6 +110,7 @@ impl Claims {
     /// Extends a held claim by another lifetime (ETag-conditional); `None` when it was taken
     /// over meanwhile.
     pub async fn renew(&self, claim: &Claim) -> Result<Option<Claim>, StorageError> {
+        let asked = Instant::now();
         let expires = OffsetDateTime::now_utc()
             + time::Duration::try_from(self.ttl).unwrap_or(time::Duration::minutes(2));
         let mut props = Props::new();
@@ -118,6 +125,7 @@ impl Claims {
         {
             WriteOutcome::Written { etag } => Ok(Some(Claim {
                 etag,
+                valid_until: asked + self.ttl,
                 ..claim.clone()
             })),
             _ => Ok(None),
@@ -150,26 +158,23 @@ impl Claims {
     ) -> Result<(T, Claim), HoldError> {
         let period = (self.ttl / 3).max(Duration::from_millis(100));
         let mut claim = claim;
-        // The claim was written just before: it lasts about a lifetime from now.
-        let mut valid_until = Instant::now() + self.ttl;
-        let mut next = Instant::now() + period;
+        // Renewed a third of its life after its expiry was set, which may be now already.
+        let mut next = claim.valid_until - self.ttl + period;
         tokio::pin!(work);
         loop {
             tokio::select! {
                 out = &mut work => return Ok((out, claim)),
                 _ = tokio::time::sleep_until(next) => {
-                    let asked = Instant::now();
                     match self.renew(&claim).await {
                         Ok(Some(renewed)) => {
                             claim = renewed;
-                            valid_until = asked + self.ttl;
                             next = Instant::now() + period;
                         }
                         Ok(None) => return Err(HoldError::Lost(claim.row_key.clone())),
                         Err(e) => {
                             tracing::warn!(error = %e, claim = %claim.row_key, "cannot renew a claim; retrying");
                             // Stop before the claim can lapse under the work.
-                            if Instant::now() + period / 2 >= valid_until {
+                            if Instant::now() + period / 2 >= claim.valid_until {
                                 return Err(HoldError::Lost(claim.row_key.clone()));
                             }
                             next = Instant::now() + (period / 4).max(Duration::from_millis(50));
