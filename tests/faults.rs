@@ -472,6 +472,11 @@ async fn the_worker_killed_mid_message_and_restarted() {
 #[tokio::test]
 async fn long_copies_pending_failing_and_aborted_across_two_instances() {
     use cvchain_testkit::{CopyEnd, CopyFaults, CopyProxy};
+    // A redelivery that finds a live invocation copying answers "not ready", and that costs a
+    // dequeue: the window before a message is given up (here some 8 × 3 s, the host's default
+    // being 5 × 30 s) has to outlast a copy that fails once and is redone with its claim held
+    // (two polled 2 s copies, some 7 s when idle, twice that on a loaded 2-core machine).
+    const MAX_DEQUEUE: i64 = 8;
     let _one = ONE_AT_A_TIME.lock().await;
     let azurite = Azurite::start();
     let clients = StorageClients::new(&azurite.storage_settings()).unwrap();
@@ -507,8 +512,10 @@ async fn long_copies_pending_failing_and_aborted_across_two_instances() {
         ("CVCHAIN_EXPORTS", "ONNX".into()),
         ("CVCHAIN_BACKUP_CONTAINER", backup.clone()),
         ("CVCHAIN_CV_MAX_RPS", "1000".into()),
-        ("CVCHAIN_CLAIM_SECONDS", "1".into()),
-        ("CVCHAIN_MAX_DEQUEUE", "6".into()),
+        // Short, so claims are renewed several times in each copy, with a margin for a storage
+        // round trip on a loaded machine (a renewal is due with two thirds of the life left).
+        ("CVCHAIN_CLAIM_SECONDS", "2".into()),
+        ("CVCHAIN_MAX_DEQUEUE", MAX_DEQUEUE.to_string()),
         ("RUST_LOG", "warn".into()),
     ];
     let handlers = [Handler::start(&env), Handler::start(&env)];
@@ -516,8 +523,8 @@ async fn long_copies_pending_failing_and_aborted_across_two_instances() {
         .iter()
         .map(|h| {
             let mut host = HostEmulator::new(&clients, &queue, h.url(""));
-            host.max_dequeue = 6;
-            host.visibility_seconds = 2;
+            host.max_dequeue = MAX_DEQUEUE;
+            host.visibility_seconds = 3;
             Arc::new(host)
         })
         .collect();
