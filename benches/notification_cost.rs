@@ -23,23 +23,13 @@ fn per_notification(c: &mut Criterion) {
 /// the events built, redacted and bounded (`events::shape`), the rows sealed.
 fn outbox_rows(c: &mut Criterion) {
     use cvchain_core::events::{EventContext, IterationFacts, Sink, insert_events, outbox_row};
-    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus, seal};
-    use cvchain_core::notification::{EventStatus, Kind};
+    use cvchain_core::history::{Prop, seal};
     let (project, iteration) = (
         "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f",
         "3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d",
     );
-    let mut p = Props::new();
-    p.set(
-        Prop::EventType,
-        RowKind::Notification(Kind::Training).as_str(),
-    );
-    p.set(
-        Prop::Status,
-        RowStatus::Event(EventStatus::TrainingCompleted).as_str(),
-    );
-    p.set(Prop::ProjectId, project);
-    p.set(Prop::IterationId, iteration);
+    let mut row = cvchain_testkit::training_completed_row(project, iteration);
+    let p = &mut row.properties;
     p.set(Prop::ReceivedAt, time::OffsetDateTime::UNIX_EPOCH);
     p.set(Prop::ProjectName, "Widget Detector");
     p.set(Prop::IterationName, "Iteration 2");
@@ -49,11 +39,6 @@ fn outbox_rows(c: &mut Criterion) {
     p.set(Prop::ExportableTo, "ONNX,TensorFlow,CoreML");
     p.set(Prop::GateVerdict, "passed");
     p.set(Prop::GateReasons, "map 0.85 >= 0.80; recall 0.80 >= 0.75");
-    let row = HistoryRow {
-        partition_key: project.into(),
-        row_key: format!("Training_{iteration}_TrainingCompleted"),
-        properties: p,
-    };
     let ctx = EventContext {
         source: "/cvchain/acct/CustomVisionHistory".into(),
         table: "CustomVisionHistory".into(),

@@ -848,29 +848,14 @@ async fn a_receiver_that_was_down_gets_every_event_and_the_others_go_on() {
 #[tokio::test]
 async fn a_round_holds_back_what_a_notification_in_flight_comes_before() {
     use cvchain_core::events::IterationFacts;
-    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus};
-    use cvchain_core::notification::{EventStatus, Kind};
+    use cvchain_core::history::Prop;
     let mut w = world(false).await;
     let events = events_of(&w.env);
     let pk = w.project.to_string();
     let training = |iteration: Uuid| {
-        let mut p = Props::new();
-        p.set(
-            Prop::EventType,
-            RowKind::Notification(Kind::Training).as_str(),
-        );
-        p.set(
-            Prop::Status,
-            RowStatus::Event(EventStatus::TrainingCompleted).as_str(),
-        );
-        p.set(Prop::ProjectId, pk.clone());
-        p.set(Prop::IterationId, iteration.to_string());
-        p.set(Prop::Confirmed, true);
-        HistoryRow {
-            partition_key: pk.clone(),
-            row_key: format!("Training_{iteration}_TrainingCompleted"),
-            properties: p,
-        }
+        let mut row = cvchain_testkit::training_completed_row(&pk, &iteration.to_string());
+        row.properties.set(Prop::Confirmed, true);
+        row
     };
     let handling = events.begin(&pk);
     let began = time::OffsetDateTime::now_utc();
@@ -1756,8 +1741,7 @@ async fn check_and_events_test_never_show_the_webhook_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_names_reach_every_sink_as_cloudevents() {
     use cvchain_core::events::{IterationFacts, OUTBOX_MAX_EVENT};
-    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus};
-    use cvchain_core::notification::{EventStatus, Kind};
+    use cvchain_core::history::Prop;
     let name = format!(
         "{}\u{2028}{}\u{2029} W \\u002573ig=X",
         "\"".repeat(100),
@@ -1811,28 +1795,15 @@ async fn hostile_names_reach_every_sink_as_cloudevents() {
         .unwrap();
     let long = "\"".repeat(10_000);
     let iteration = Uuid::new_v4();
-    let mut p = Props::new();
-    p.set(
-        Prop::EventType,
-        RowKind::Notification(Kind::Training).as_str(),
-    );
-    p.set(
-        Prop::Status,
-        RowStatus::Event(EventStatus::TrainingCompleted).as_str(),
-    );
-    p.set(Prop::ProjectId, w.project.to_string());
-    p.set(Prop::IterationId, iteration.to_string());
+    let mut row =
+        cvchain_testkit::training_completed_row(&w.project.to_string(), &iteration.to_string());
+    let p = &mut row.properties;
     // As Custom Vision confirmed it: only a confirmed training is told.
     p.set(Prop::Confirmed, true);
     p.set(Prop::ProjectName, "Widgets \u{2028}");
     p.set(Prop::IterationName, long.as_str());
     p.set(Prop::GateVerdict, "failed");
     p.set(Prop::GateReasons, format!("{long}; sig=abc"));
-    let row = HistoryRow {
-        partition_key: w.project.to_string(),
-        row_key: format!("Training_{iteration}_TrainingCompleted"),
-        properties: p,
-    };
     events
         .record(&row, &IterationFacts::default(), None, Vec::new())
         .await

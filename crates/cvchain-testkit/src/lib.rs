@@ -44,6 +44,29 @@ pub use tls::{AzuriteTokenCredential, RecordingCredential, TestCa};
 
 use std::path::PathBuf;
 
+/// A `TrainingCompleted` notification's history row as cvchain keys it, with only what names
+/// it (not yet confirmed by Custom Vision: a caller that wants it told sets `Confirmed`).
+pub fn training_completed_row(project: &str, iteration: &str) -> cvchain_core::history::HistoryRow {
+    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus};
+    use cvchain_core::notification::{EventStatus, Kind};
+    let mut p = Props::new();
+    p.set(
+        Prop::EventType,
+        RowKind::Notification(Kind::Training).as_str(),
+    );
+    p.set(
+        Prop::Status,
+        RowStatus::Event(EventStatus::TrainingCompleted).as_str(),
+    );
+    p.set(Prop::ProjectId, project);
+    p.set(Prop::IterationId, iteration);
+    HistoryRow {
+        partition_key: project.into(),
+        row_key: format!("Training_{iteration}_TrainingCompleted"),
+        properties: p,
+    }
+}
+
 /// The repository root (where `node_modules`, `host.json` and `tests/fixtures` are).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
