@@ -28,7 +28,10 @@ fn outbox_rows(c: &mut Criterion) {
         "b5f7e0a6-9d7e-4a51-9a64-0f6a1c2d3e4f",
         "3c2a1b0d-8e7f-4a6b-9c5d-1e2f3a4b5c6d",
     );
-    let mut row = cvchain_testkit::training_completed_row(project, iteration);
+    let mut row = cvchain_testkit::training_completed_row(
+        project.parse().expect("a UUID"),
+        iteration.parse().expect("a UUID"),
+    );
     let p = &mut row.properties;
     p.set(Prop::ReceivedAt, time::OffsetDateTime::UNIX_EPOCH);
     p.set(Prop::ProjectName, "Widget Detector");

@@ -852,8 +852,9 @@ async fn a_round_holds_back_what_a_notification_in_flight_comes_before() {
     let mut w = world(false).await;
     let events = events_of(&w.env);
     let pk = w.project.to_string();
+    let project = w.project;
     let training = |iteration: Uuid| {
-        let mut row = cvchain_testkit::training_completed_row(&pk, &iteration.to_string());
+        let mut row = cvchain_testkit::training_completed_row(project, iteration);
         row.properties.set(Prop::Confirmed, true);
         row
     };
@@ -1795,8 +1796,7 @@ async fn hostile_names_reach_every_sink_as_cloudevents() {
         .unwrap();
     let long = "\"".repeat(10_000);
     let iteration = Uuid::new_v4();
-    let mut row =
-        cvchain_testkit::training_completed_row(&w.project.to_string(), &iteration.to_string());
+    let mut row = cvchain_testkit::training_completed_row(w.project, iteration);
     let p = &mut row.properties;
     // As Custom Vision confirmed it: only a confirmed training is told.
     p.set(Prop::Confirmed, true);

@@ -512,7 +512,7 @@ async fn the_tail_is_written_with_the_row_and_only_what_others_wrote_first_is_dr
         etag,
         owner: uuid::Uuid::new_v4(),
         taken_over: false,
-        valid_until: tokio::time::Instant::now(),
+        set_at: tokio::time::Instant::now(),
     };
     // Written by others first: a step row, an outbox row, a claim since taken over.
     store.record(&row("step-theirs", "theirs")).await.unwrap();

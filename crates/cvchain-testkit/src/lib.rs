@@ -46,9 +46,12 @@ use std::path::PathBuf;
 
 /// A `TrainingCompleted` notification's history row as cvchain keys it, with only what names
 /// it (not yet confirmed by Custom Vision: a caller that wants it told sets `Confirmed`).
-pub fn training_completed_row(project: &str, iteration: &str) -> cvchain_core::history::HistoryRow {
-    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus};
-    use cvchain_core::notification::{EventStatus, Kind};
+pub fn training_completed_row(
+    project: uuid::Uuid,
+    iteration: uuid::Uuid,
+) -> cvchain_core::history::HistoryRow {
+    use cvchain_core::history::{HistoryRow, Prop, Props, RowKind, RowStatus, training_row_key};
+    use cvchain_core::notification::{EventStatus, Kind, TrainingStatus};
     let mut p = Props::new();
     p.set(
         Prop::EventType,
@@ -58,11 +61,11 @@ pub fn training_completed_row(project: &str, iteration: &str) -> cvchain_core::h
         Prop::Status,
         RowStatus::Event(EventStatus::TrainingCompleted).as_str(),
     );
-    p.set(Prop::ProjectId, project);
-    p.set(Prop::IterationId, iteration);
+    p.set(Prop::ProjectId, project.to_string());
+    p.set(Prop::IterationId, iteration.to_string());
     HistoryRow {
-        partition_key: project.into(),
-        row_key: format!("Training_{iteration}_TrainingCompleted"),
+        partition_key: project.to_string(),
+        row_key: training_row_key(iteration, TrainingStatus::Completed),
         properties: p,
     }
 }

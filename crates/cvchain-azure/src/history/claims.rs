@@ -42,10 +42,10 @@ pub struct Claim {
     pub owner: Uuid,
     /// Taken over from a holder whose claim expired (it may have crashed mid-work).
     pub taken_over: bool,
-    /// Until when this holder may count on it: a lifetime after the moment its stored expiry
-    /// was computed from, which may be well before the claim is used (taking a claim over
-    /// takes three round trips; a copy reads its source beside taking its claim).
-    pub valid_until: Instant,
+    /// When its stored expiry was computed (it lasts a lifetime from then), which may be well
+    /// before the claim is used: taking a claim over takes three round trips, and a copy reads
+    /// its source beside taking its claim.
+    pub set_at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -74,7 +74,7 @@ impl Claims {
             etag,
             owner,
             taken_over,
-            valid_until: asked + self.ttl,
+            set_at: asked,
         };
         let first = match self.table.insert(&entity).await {
             Err(StorageError::Service { status: 404, .. }) => {
@@ -125,7 +125,7 @@ impl Claims {
         {
             WriteOutcome::Written { etag } => Ok(Some(Claim {
                 etag,
-                valid_until: asked + self.ttl,
+                set_at: asked,
                 ..claim.clone()
             })),
             _ => Ok(None),
@@ -159,7 +159,7 @@ impl Claims {
         let period = (self.ttl / 3).max(Duration::from_millis(100));
         let mut claim = claim;
         // Renewed a third of its life after its expiry was set, which may be now already.
-        let mut next = claim.valid_until - self.ttl + period;
+        let mut next = claim.set_at + period;
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -174,7 +174,7 @@ impl Claims {
                         Err(e) => {
                             tracing::warn!(error = %e, claim = %claim.row_key, "cannot renew a claim; retrying");
                             // Stop before the claim can lapse under the work.
-                            if Instant::now() + period / 2 >= claim.valid_until {
+                            if Instant::now() + period / 2 >= claim.set_at + self.ttl {
                                 return Err(HoldError::Lost(claim.row_key.clone()));
                             }
                             next = Instant::now() + (period / 4).max(Duration::from_millis(50));
